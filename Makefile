@@ -1,0 +1,29 @@
+# Two entry points that work on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= ./data
+
+.PHONY: run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# The project and its test extras; re-run when the dependency lists change.
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(wildcard tests/requirements-*.txt)
+	$(BIN)/pip install -q -e '.[test]'
+	@for f in $(wildcard tests/requirements-*.txt); do echo "pip install -r $$f"; $(BIN)/pip install -q -r $$f || exit 1; done
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/shadowlens serve --data-dir $(DATA)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/ingest.py --duration 20 --runs 3
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,99 @@
+"""The ``shadowlens`` command. Each command parses flags, loads Config and calls one library function."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import config as config_mod
+from .errors import ConfigError, ShadowlensError
+
+
+def _load(config_file, overrides) -> config_mod.Config:
+    try:
+        return config_mod.load(config_file, overrides={k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+class _Group(click.Group):
+    def main(self, *args, **kwargs):
+        # One line for every usage error (click prints usage + hint by default), exit 2.
+        kwargs.setdefault("standalone_mode", True)
+        try:
+            return super().main(*args, standalone_mode=False, **{k: v for k, v in kwargs.items()
+                                                                  if k != "standalone_mode"})
+        except click.UsageError as exc:
+            click.echo(f"shadowlens: error: {exc.format_message()}", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            sys.exit(1)
+        except ShadowlensError as exc:
+            click.echo(f"shadowlens: error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="shadowlens")
+def main() -> None:
+    """shadowlens: an OTLP sidecar that compares a candidate LLM agent against its baseline, per cohort."""
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Where the store lives (store.data_dir).")
+@click.option("--print-config", is_flag=True, help="Print the effective configuration and exit.")
+def serve(config_file, data_dir, print_config) -> None:
+    """Run the sidecar: OTLP receivers, store, /metrics; until SIGTERM/SIGINT."""
+    cfg = _load(config_file, {("store", "data_dir"): data_dir})
+    if print_config:
+        click.echo(cfg.to_yaml(), nl=False)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .serve import run
+    try:
+        sys.exit(run(cfg))
+    except OSError as exc:
+        raise click.UsageError(f"cannot start: {exc}") from None
+
+
+def format_table(table, fmt: str) -> str:
+    rows = table.to_pylist()
+    cols = table.column_names
+    if fmt == "json":
+        return json.dumps(rows, default=str, ensure_ascii=False) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow(["" if r[c] is None else r[c] for c in cols])
+        return buf.getvalue()
+    cells = [[("NULL" if r[c] is None else str(r[c])) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    line = lambda vals: " | ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    out = [line(cols), "-+-".join("-" * w for w in widths)] + [line(r) for r in cells]
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out) + "\n"
+
+
+@main.command()
+@click.argument("sql")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="The store's directory (store.data_dir).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def query(sql, config_file, data_dir, fmt) -> None:
+    """Read-only SQL over the store (spans, traces, evals, logs); works while serve runs."""
+    cfg = _load(config_file, {("store", "data_dir"): data_dir})
+    from .store.reader import query as run_query
+    table = run_query(Path(cfg.store.data_dir), sql)
+    click.echo(format_table(table, fmt), nl=False)
+
+
+if __name__ == "__main__":
+    main()

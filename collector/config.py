@@ -1,0 +1,321 @@
+"""Configuration: defaults, YAML file, ``SHADOWLENS_*`` env overrides, validation.
+
+This is the only module that reads environment variables. Every key is optional;
+unknown keys are an error that names the key (exit status 2 from the CLI).
+
+>>> cfg = load(None, env={"SHADOWLENS_TRACES__IDLE_SECONDS": "9"})
+>>> cfg.traces.idle_seconds
+9.0
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+ENV_PREFIX = "SHADOWLENS_"
+
+# The contract's keys (CONTRACT §3) plus the developers' additions (documented in README).
+DEFAULTS: dict[str, Any] = {
+    "receivers": {
+        "grpc": {"endpoint": "127.0.0.1:4317", "max_message_mib": 64, "max_workers": 32},
+        "http": {"endpoint": "127.0.0.1:4318", "max_body_mib": 64},
+    },
+    "metrics": {"endpoint": "0.0.0.0:9464"},
+    "store": {
+        "data_dir": "./data",
+        "retention": "7d",
+        # developers' additions
+        "queue_max_spans": 262144,
+        "dedup_max_keys": 4_000_000,
+        "retention_check": "1m",
+    },
+    "traces": {"idle_seconds": 5, "max_seconds": 300},
+    "window": "15m",
+    "cohorts": {
+        "max_values": 50,
+        "labels": {
+            "intent": ["cohort.intent"],
+            "language": ["cohort.language"],
+            "tier": ["cohort.tier"],
+        },
+    },
+    "evals": {
+        "threshold": 0.5,
+        "thresholds": {},
+        "fail_labels": ["fail", "failed", "false", "incorrect", "unsafe"],
+    },
+    "prices": [],
+    "routes": {},
+    "gate": {"rules": []},
+}
+
+# Sections whose children are user data (names chosen by the user), not fixed keys.
+FREE_FORM = {("cohorts", "labels"), ("routes",), ("gate",), ("evals", "thresholds"), ("prices",)}
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def parse_duration(value: Any, key: str = "duration") -> float:
+    """'15m' -> 900.0; plain numbers are seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ConfigError(f"{key}: {value!r} is not a duration (use e.g. 30s, 15m, 7d)")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def parse_endpoint(value: str, key: str) -> tuple[str, int]:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
+        raise ConfigError(f"{key}: {value!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ReceiversConfig:
+    grpc: Endpoint
+    grpc_max_bytes: int
+    grpc_max_workers: int
+    http: Endpoint
+    http_max_bytes: int
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    data_dir: Path
+    retention_s: float
+    queue_max_spans: int
+    dedup_max_keys: int
+    retention_check_s: float
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    threshold: float
+    thresholds: Mapping[str, float]
+    fail_labels: frozenset[str]
+
+    def passed(self, name: str | None, passed: bool | None, label: str | None, score: float | None) -> bool | None:
+        """The eval outcome per CONTRACT §4: explicit flag, else fail label, else score threshold."""
+        if passed is not None:
+            return passed
+        if label is not None:
+            low = label.strip().lower()
+            if low in self.fail_labels:
+                return False
+            if score is None:
+                return True
+        if score is not None:
+            return score >= self.thresholds.get(name or "", self.threshold)
+        return None
+
+
+@dataclass(frozen=True)
+class TracesConfig:
+    idle_seconds: float
+    max_seconds: float
+
+
+@dataclass(frozen=True)
+class Config:
+    receivers: ReceiversConfig
+    metrics: Endpoint
+    store: StoreConfig
+    traces: TracesConfig
+    window_s: float
+    cohort_labels: Mapping[str, tuple[str, ...]]
+    cohort_max_values: int
+    evals: EvalConfig
+    prices: tuple[Mapping[str, Any], ...]
+    routes: Mapping[str, tuple[str, ...]]
+    gate: Mapping[str, Any]
+    raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.raw), sort_keys=False)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _merge(base: dict, override: Mapping, path: tuple[str, ...], source: str) -> None:
+    for key, value in override.items():
+        here = path + (str(key),)
+        dotted = ".".join(here)
+        if path in FREE_FORM or any(path[: len(f)] == f for f in FREE_FORM if len(path) >= len(f)):
+            base[key] = value
+            continue
+        if key not in base:
+            known = ", ".join(sorted(base)) or "none"
+            raise ConfigError(f"unknown config key '{dotted}' in {source} (known keys here: {known})")
+        if isinstance(base[key], dict) and here not in FREE_FORM:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key '{dotted}' in {source} must be a mapping, got {value!r}")
+            _merge(base[key], value, here, source)
+        else:
+            base[key] = value
+
+
+def _env_overrides(env: Mapping[str, str]) -> list[tuple[tuple[str, ...], Any, str]]:
+    out = []
+    for name, text in env.items():
+        if not name.startswith(ENV_PREFIX) or name in ("SHADOWLENS_CONFIG",):
+            continue
+        path = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
+        out.append((path, yaml.safe_load(text) if text != "" else "", name))
+    return sorted(out)
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value: Any, source: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        sub = path[: i + 1]
+        if part not in node or not isinstance(node[part], dict):
+            if sub in FREE_FORM or any(sub[: len(f)] == f for f in FREE_FORM):
+                node = node.setdefault(part, {})
+                continue
+            raise ConfigError(f"unknown config key '{'.'.join(sub)}' from environment variable {source}")
+        node = node[part]
+    leaf = path[-1]
+    parent = path[:-1]
+    if leaf not in node and not (parent in FREE_FORM or any(parent[: len(f)] == f for f in FREE_FORM)):
+        raise ConfigError(f"unknown config key '{'.'.join(path)}' from environment variable {source}")
+    node[leaf] = value
+
+
+def load(path: str | os.PathLike | None, env: Mapping[str, str] | None = None,
+         overrides: Mapping[tuple[str, ...], Any] | None = None) -> Config:
+    """Build the effective configuration: defaults <- file <- env <- explicit overrides (flags)."""
+    tree = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        p = Path(path)
+        try:
+            doc = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(p)!r} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(doc, Mapping):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+        _merge(tree, doc, (), f"config file {str(p)!r}")
+    for key_path, value, source in _env_overrides(os.environ if env is None else env):
+        _set_path(tree, key_path, value, source)
+    for key_path, value in (overrides or {}).items():
+        _set_path(tree, key_path, value, "command line")
+    return build(tree)
+
+
+def _int(tree: Mapping, *path: str, minimum: int = 0) -> int:
+    value = tree
+    for p in path:
+        value = value[p]
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{'.'.join(path)}: {value!r} is not an integer") from None
+    if out < minimum:
+        raise ConfigError(f"{'.'.join(path)}: must be >= {minimum}, got {out}")
+    return out
+
+
+def _float(value: Any, key: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {value!r} is not a number") from None
+
+
+def build(tree: dict) -> Config:
+    r = tree["receivers"]
+    receivers = ReceiversConfig(
+        grpc=Endpoint(*parse_endpoint(r["grpc"]["endpoint"], "receivers.grpc.endpoint")),
+        grpc_max_bytes=_int(tree, "receivers", "grpc", "max_message_mib", minimum=1) << 20,
+        grpc_max_workers=_int(tree, "receivers", "grpc", "max_workers", minimum=1),
+        http=Endpoint(*parse_endpoint(r["http"]["endpoint"], "receivers.http.endpoint")),
+        http_max_bytes=_int(tree, "receivers", "http", "max_body_mib", minimum=1) << 20,
+    )
+    s = tree["store"]
+    store = StoreConfig(
+        data_dir=Path(str(s["data_dir"])),
+        retention_s=parse_duration(s["retention"], "store.retention"),
+        queue_max_spans=_int(tree, "store", "queue_max_spans", minimum=1),
+        dedup_max_keys=_int(tree, "store", "dedup_max_keys", minimum=0),
+        retention_check_s=parse_duration(s["retention_check"], "store.retention_check"),
+    )
+    labels = tree["cohorts"]["labels"]
+    if not isinstance(labels, Mapping):
+        raise ConfigError("cohorts.labels must map a label name to a list of attribute keys")
+    cohort_labels = {}
+    for name, keys in labels.items():
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", str(name)):
+            raise ConfigError(f"cohorts.labels: {name!r} is not a valid label name (lower-case letters, digits, _)")
+        if isinstance(keys, str):
+            keys = [keys]
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ConfigError(f"cohorts.labels.{name} must be a list of attribute keys")
+        cohort_labels[str(name)] = tuple(keys)
+    ev = tree["evals"]
+    routes = tree["routes"] or {}
+    if not isinstance(routes, Mapping):
+        raise ConfigError("routes must map a route name to a list of model regexes")
+    route_map = {}
+    for name, pats in routes.items():
+        pats = [pats] if isinstance(pats, str) else pats
+        for pat in pats:
+            try:
+                re.compile(pat)
+            except re.error as exc:
+                raise ConfigError(f"routes.{name}: {pat!r} is not a valid regex ({exc})") from None
+        route_map[str(name)] = tuple(pats)
+    prices = tree["prices"] or []
+    if not isinstance(prices, list):
+        raise ConfigError("prices must be a list of {match, input, output, ...} entries")
+    return Config(
+        receivers=receivers,
+        metrics=Endpoint(*parse_endpoint(tree["metrics"]["endpoint"], "metrics.endpoint")),
+        store=store,
+        traces=TracesConfig(
+            idle_seconds=_float(tree["traces"]["idle_seconds"], "traces.idle_seconds"),
+            max_seconds=_float(tree["traces"]["max_seconds"], "traces.max_seconds"),
+        ),
+        window_s=parse_duration(tree["window"], "window"),
+        cohort_labels=cohort_labels,
+        cohort_max_values=_int(tree, "cohorts", "max_values", minimum=1),
+        evals=EvalConfig(
+            threshold=_float(ev["threshold"], "evals.threshold"),
+            thresholds={str(k): _float(v, f"evals.thresholds.{k}") for k, v in (ev["thresholds"] or {}).items()},
+            fail_labels=frozenset(str(x).lower() for x in ev["fail_labels"]),
+        ),
+        prices=tuple(prices),
+        routes=route_map,
+        gate=tree["gate"] or {},
+        raw=tree,
+    )
+
+
+def default_config() -> Config:
+    return build(copy.deepcopy(DEFAULTS))

@@ -1,0 +1,1 @@
+"""Decode OTLP requests (protobuf or JSON) and normalize spans into store columns."""

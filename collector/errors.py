@@ -1,0 +1,30 @@
+"""Error classes shared by every stage; ``receivers/status.py`` maps them to gRPC/HTTP once."""
+from __future__ import annotations
+
+
+class ShadowlensError(Exception):
+    """Base class for errors shadowlens raises on purpose."""
+
+
+class ConfigError(ShadowlensError):
+    """The configuration (file, env or flag) is wrong; the message names the key."""
+
+
+class PermanentError(ShadowlensError):
+    """The request itself is bad (undecodable, wrong content type); retrying cannot help."""
+
+
+class TooLarge(ShadowlensError):
+    """The request is over the configured size limit (before or after decompression)."""
+
+
+class Overloaded(ShadowlensError):
+    """The ingest queue is full; the client should retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(Overloaded):
+    """The server is draining; the client should retry against the restarted sidecar."""

@@ -1,0 +1,1 @@
+"""OTLP receivers (gRPC and HTTP) sharing one Export handler and one error->status table."""

@@ -1,0 +1,40 @@
+"""The Export handler both transports call: decode -> normalize -> store -> response bytes."""
+from __future__ import annotations
+
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from ..decode import codec
+from ..decode.normalize import Normalizer
+from ..errors import Overloaded
+from ..stats import IngestStats
+
+COMMIT_TIMEOUT_S = 60.0
+
+
+class ExportHandler:
+    """Returns the response body on success; raises a classified error otherwise (see status.py)."""
+
+    def __init__(self, normalizer: Normalizer, store, stats: IngestStats):
+        self.normalizer = normalizer
+        self.store = store
+        self.stats = stats
+
+    def export(self, signal: codec.Signal, content_type: str, body: bytes, receiver: str) -> bytes:
+        request, payload = codec.decode(signal, content_type, body)
+        if signal is codec.TRACES:
+            batch = self.normalizer.normalize_traces(request, payload)
+            self.stats.add("spans_received", receiver, batch.received)
+            if batch.rejected:
+                self.stats.add_many("spans_rejected", batch.reasons)
+        else:
+            batch = self.normalizer.normalize_logs(request, payload)
+            self.stats.add("logs_received", receiver, batch.received)
+            if batch.rejected:
+                self.stats.add_many("logs_rejected", batch.reasons)
+        if batch.accepted:
+            future = self.store.submit(batch)
+            try:
+                future.result(COMMIT_TIMEOUT_S)
+            except FutureTimeout:
+                raise Overloaded("the store did not commit within 60 s; retry (duplicates are stored once)", 5.0)
+        return codec.response_bytes(signal, content_type, batch.rejected, batch.message)

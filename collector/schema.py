@@ -1,0 +1,145 @@
+"""Store tables (CONTRACT §5) as data: the Arrow batch the normalizer produces and the DuckDB DDL.
+
+The narrow, typed columns live in DuckDB table ``spans_core``; each span's bulky part
+(attributes, events, resource) stays in the raw OTLP payload it arrived in, kept in
+append-only segment files and referenced by ``payload_id`` + indexes. The ``spans`` view
+decodes it to JSON on read, so ingest never pays DuckDB's cost for wide text columns.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Columns the normalizer fills for every span, in order (cohort columns are appended per config).
+SPAN_FIELDS: list[tuple[str, pa.DataType, str]] = [
+    ("trace_id", pa.string(), "VARCHAR"),
+    ("span_id", pa.string(), "VARCHAR"),
+    ("parent_span_id", pa.string(), "VARCHAR"),
+    ("name", pa.string(), "VARCHAR"),
+    ("kind", pa.string(), "VARCHAR"),
+    ("span_kind", pa.string(), "VARCHAR"),
+    ("service_name", pa.string(), "VARCHAR"),
+    ("scope_name", pa.string(), "VARCHAR"),
+    ("start_ns", pa.int64(), None),
+    ("end_ns", pa.int64(), None),
+    ("status_code", pa.string(), "VARCHAR"),
+    ("status_message", pa.string(), "VARCHAR"),
+    ("route", pa.string(), "VARCHAR"),
+    ("request_id", pa.string(), "VARCHAR"),
+    ("session_id", pa.string(), "VARCHAR"),
+    ("step", pa.int64(), "BIGINT"),
+    ("model", pa.string(), "VARCHAR"),
+    ("request_model", pa.string(), "VARCHAR"),
+    ("input_tokens", pa.int64(), "BIGINT"),
+    ("output_tokens", pa.int64(), "BIGINT"),
+    ("cache_read_tokens", pa.int64(), "BIGINT"),
+    ("cache_write_tokens", pa.int64(), "BIGINT"),
+    ("reasoning_tokens", pa.int64(), "BIGINT"),
+    ("reported_cost_usd", pa.float64(), "DOUBLE"),
+    ("finish_reason", pa.string(), "VARCHAR"),
+    ("refused", pa.bool_(), "BOOLEAN"),
+    ("escalated", pa.bool_(), "BOOLEAN"),
+    ("rs_idx", pa.int32(), "INTEGER"),
+    ("ss_idx", pa.int32(), "INTEGER"),
+    ("sp_idx", pa.int32(), "INTEGER"),
+]
+
+EVAL_FIELDS: list[tuple[str, pa.DataType, str]] = [
+    ("trace_id", pa.string(), "VARCHAR"),
+    ("span_id", pa.string(), "VARCHAR"),
+    ("name", pa.string(), "VARCHAR"),
+    ("score", pa.float64(), "DOUBLE"),
+    ("label", pa.string(), "VARCHAR"),
+    ("passed", pa.bool_(), "BOOLEAN"),
+    ("explanation", pa.string(), "VARCHAR"),
+    ("source", pa.string(), "VARCHAR"),
+]
+
+LOG_FIELDS: list[tuple[str, pa.DataType, str]] = [
+    ("trace_id", pa.string(), "VARCHAR"),
+    ("span_id", pa.string(), "VARCHAR"),
+    ("time_ns", pa.int64(), None),
+    ("event_name", pa.string(), "VARCHAR"),
+    ("severity_text", pa.string(), "VARCHAR"),
+    ("service_name", pa.string(), "VARCHAR"),
+    ("body", pa.string(), "JSON"),
+    ("attributes", pa.string(), "JSON"),
+    ("resource_attributes", pa.string(), "JSON"),
+]
+
+
+def span_schema(cohort_labels) -> pa.Schema:
+    fields = [pa.field(n, t) for n, t, _ in SPAN_FIELDS]
+    fields += [pa.field(label, pa.string()) for label in cohort_labels]
+    return pa.schema(fields)
+
+
+EVAL_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in EVAL_FIELDS])
+LOG_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in LOG_FIELDS])
+
+
+def _ts(col_ns: str) -> str:
+    return f"make_timestamp({col_ns} // 1000)"
+
+
+def spans_core_ddl(cohort_labels) -> str:
+    cols = []
+    for name, _, sql in SPAN_FIELDS:
+        if name == "start_ns":
+            cols += ["start_time TIMESTAMP", "end_time TIMESTAMP", "duration_seconds DOUBLE"]
+        elif name == "end_ns":
+            continue
+        else:
+            cols.append(f"{name} {sql}")
+    cols += [f'"{label}" VARCHAR' for label in cohort_labels]
+    cols += ["cost_usd DOUBLE", "payload_id BIGINT", "ingest_seq BIGINT", "received_at TIMESTAMP"]
+    return "CREATE TABLE IF NOT EXISTS spans_core (" + ", ".join(cols) + ")"
+
+
+def spans_insert_select(cohort_labels, source: str) -> str:
+    """INSERT INTO spans_core from an Arrow relation named ``source``; parameters ``$seq`` and ``$now``."""
+    targets, exprs = [], []
+    for name, _, _ in SPAN_FIELDS:
+        if name == "start_ns":
+            targets += ["start_time", "end_time", "duration_seconds"]
+            exprs += [_ts("start_ns"), _ts("end_ns"), "(end_ns - start_ns) / 1e9"]
+        elif name == "end_ns":
+            continue
+        else:
+            targets.append(name)
+            exprs.append(name)
+    for label in cohort_labels:
+        targets.append(f'"{label}"')
+        exprs.append(f'"{label}"')
+    targets += ["cost_usd", "payload_id", "ingest_seq", "received_at"]
+    exprs += ["reported_cost_usd", "payload_id", "$seq::BIGINT", "$now::TIMESTAMP"]
+    return f"INSERT INTO spans_core ({', '.join(targets)}) SELECT {', '.join(exprs)} FROM {source}"
+
+
+EVALS_DDL = ("CREATE TABLE IF NOT EXISTS evals (" + ", ".join(f"{n} {s}" for n, _, s in EVAL_FIELDS)
+             + ", ingest_seq BIGINT)")
+LOGS_DDL = ("CREATE TABLE IF NOT EXISTS logs (trace_id VARCHAR, span_id VARCHAR, time TIMESTAMP, event_name VARCHAR,"
+            " severity_text VARCHAR, service_name VARCHAR, body JSON, attributes JSON, resource_attributes JSON,"
+            " ingest_seq BIGINT, received_at TIMESTAMP)")
+PAYLOADS_DDL = ("CREATE TABLE IF NOT EXISTS payloads (payload_id BIGINT PRIMARY KEY, segment INTEGER, byte_offset BIGINT,"
+                " length INTEGER, signal VARCHAR, received_at TIMESTAMP, ingest_seq BIGINT)")
+META_DDL = "CREATE TABLE IF NOT EXISTS shadowlens_meta (key VARCHAR PRIMARY KEY, value VARCHAR)"
+
+
+def spans_view_ddl(cohort_labels) -> str:
+    """The contract's ``spans`` table: narrow columns plus JSON decoded from the raw payload."""
+    cohort = "".join(f', s."{label}"' for label in cohort_labels)
+    return (
+        "CREATE OR REPLACE VIEW spans AS SELECT s.trace_id, s.span_id, s.parent_span_id, s.name, s.kind, s.span_kind,"
+        " s.service_name, s.scope_name, s.start_time, s.end_time, s.duration_seconds, s.status_code, s.status_message,"
+        f" s.route, s.request_id{cohort}, s.session_id, s.step, s.model, s.request_model, s.input_tokens,"
+        " s.output_tokens, s.cache_read_tokens, s.cache_write_tokens, s.reasoning_tokens, s.cost_usd,"
+        " s.reported_cost_usd, s.finish_reason, s.refused, s.escalated,"
+        " CAST(shadowlens_span_json(p.segment, p.byte_offset, p.length, s.rs_idx, s.ss_idx, s.sp_idx, 'attributes') AS JSON)"
+        " AS attributes,"
+        " CAST(shadowlens_span_json(p.segment, p.byte_offset, p.length, s.rs_idx, s.ss_idx, s.sp_idx, 'resource') AS JSON)"
+        " AS resource_attributes,"
+        " CAST(shadowlens_span_json(p.segment, p.byte_offset, p.length, s.rs_idx, s.ss_idx, s.sp_idx, 'events') AS JSON)"
+        " AS events,"
+        " s.received_at, s.ingest_seq, s.payload_id"
+        " FROM spans_core s LEFT JOIN payloads p USING (payload_id)"
+    )

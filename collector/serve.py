@@ -1,0 +1,99 @@
+"""The composition root of ``shadowlens serve``: wires the stages, starts them downstream-first,
+stops them upstream-first on SIGTERM/SIGINT (stop accepting, drain, commit, exit 0).
+
+    receivers (gRPC, HTTP) -> ExportHandler(decode, normalize) -> StoreWriter -> DuckDB + segments
+                                                                          \\-> QueryServer, Retention
+    IngestStats ------------------------------------------------------------> /metrics
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+
+from prometheus_client.registry import CollectorRegistry
+
+from exporters.http import MetricsServer
+from exporters.prometheus import IngestCollector
+
+from .config import Config
+from .decode.normalize import Normalizer
+from .receivers.export import ExportHandler
+from .receivers.grpc import GrpcReceiver
+from .receivers.http import HttpReceiver
+from .stats import IngestStats
+from .store.reader import QueryServer
+from .store.retention import Retention, store_bytes
+from .store.writer import StoreWriter
+
+log = logging.getLogger("shadowlens.serve")
+
+
+@dataclass
+class App:
+    """The one explicit app context: every long-lived component, in start order."""
+    config: Config
+    stats: IngestStats
+    store: StoreWriter
+    components: list = field(default_factory=list)
+    metrics: MetricsServer | None = None
+    grpc: GrpcReceiver | None = None
+    http: HttpReceiver | None = None
+    ready: bool = False
+
+    def start(self) -> None:
+        started = []
+        try:
+            for c in self.components:
+                c.start()
+                started.append(c)
+        except BaseException:
+            for c in reversed(started):
+                c.shutdown()
+            raise
+        self.ready = True
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self.ready = False
+        for c in reversed(self.components):
+            try:
+                c.shutdown(timeout)
+            except Exception:  # noqa: BLE001 - keep stopping the rest
+                log.exception("error while stopping %s", type(c).__name__)
+
+
+def build_app(cfg: Config) -> App:
+    stats = IngestStats()
+    data_dir = cfg.store.data_dir
+    store = StoreWriter(data_dir, cfg.cohort_labels, stats, queue_max_spans=cfg.store.queue_max_spans,
+                        dedup_max_keys=cfg.store.dedup_max_keys)
+    app = App(config=cfg, stats=stats, store=store)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(IngestCollector(stats, lambda: store_bytes(data_dir)))
+    app.metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, registry,
+                                ready=lambda: (True, "ready") if app.ready else (False, "starting or stopping"))
+    handler = ExportHandler(Normalizer(cfg.cohort_labels, cfg.evals), store, stats)
+    app.grpc = GrpcReceiver(cfg.receivers.grpc, handler, cfg.receivers.grpc_max_bytes, cfg.receivers.grpc_max_workers)
+    app.http = HttpReceiver(cfg.receivers.http, handler, cfg.receivers.http_max_bytes)
+    retention = Retention(data_dir, store.cursor, cfg.store.retention_s, cfg.store.retention_check_s,
+                          current_segment=lambda: store.segments.segment)
+    # downstream first: the store must be open before anything can submit to it
+    app.components = [store, QueryServer(data_dir, store.cursor), retention, app.metrics, app.grpc, app.http]
+    return app
+
+
+def run(cfg: Config) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status."""
+    app = build_app(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    app.start()
+    log.info("shadowlens serving: OTLP/gRPC %s, OTLP/HTTP %s, metrics http://%s/metrics, store %s",
+             cfg.receivers.grpc, cfg.receivers.http, cfg.metrics, cfg.store.data_dir)
+    stop.wait()
+    log.info("shutting down: stop accepting, drain, commit")
+    app.shutdown()
+    log.info("stopped cleanly")
+    return 0

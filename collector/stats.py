@@ -1,0 +1,39 @@
+"""IngestStats: plain counters the stages bump and the Prometheus exporter reads at scrape time."""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Callable
+
+
+class IngestStats:
+    """Thread-safe counters by label; gauges are callbacks read when collected."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.spans_received: Counter = Counter()      # receiver -> spans
+        self.spans_rejected: Counter = Counter()      # reason -> spans
+        self.logs_received: Counter = Counter()
+        self.logs_rejected: Counter = Counter()
+        self.spans_duplicate = 0
+        self.requests_refused: Counter = Counter()    # reason (overloaded, too_large, invalid) -> requests
+        self.gauges: dict[str, Callable[[], float]] = {}
+
+    def add(self, counter: str, key: str | None = None, n: int = 1) -> None:
+        with self._lock:
+            if key is None:
+                setattr(self, counter, getattr(self, counter) + n)
+            else:
+                getattr(self, counter)[key] += n
+
+    def add_many(self, counter: str, counts: Counter) -> None:
+        with self._lock:
+            getattr(self, counter).update(counts)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "spans_received": dict(self.spans_received), "spans_rejected": dict(self.spans_rejected),
+                "logs_received": dict(self.logs_received), "logs_rejected": dict(self.logs_rejected),
+                "spans_duplicate": self.spans_duplicate, "requests_refused": dict(self.requests_refused),
+            }

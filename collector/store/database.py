@@ -1,0 +1,91 @@
+"""Opening the store: DDL, the ``spans`` view and the JSON-decoding function it needs."""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from .. import schema
+from ..decode.anyvalue import attributes_to_dict, to_python
+from .segments import SegmentReader
+
+DB_FILE = "shadowlens.duckdb"
+SEGMENTS_DIR = "segments"
+SOCKET_FILE = "serve.sock"
+
+def db_path(data_dir: Path) -> Path:
+    return Path(data_dir) / DB_FILE
+
+def migrate(con: duckdb.DuckDBPyConnection, cohort_labels) -> None:
+    con.execute(schema.META_DDL)
+    con.execute(schema.spans_core_ddl(cohort_labels))
+    existing = {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'spans_core'").fetchall()}
+    for label in cohort_labels:
+        if label not in existing:   # a cohort label added to the config later
+            con.execute(f'ALTER TABLE spans_core ADD COLUMN "{label}" VARCHAR')
+    con.execute(schema.EVALS_DDL)
+    con.execute(schema.LOGS_DDL)
+    con.execute(schema.PAYLOADS_DDL)
+    con.execute(schema.spans_view_ddl(cohort_labels))
+
+class PayloadDecoder:
+    """Decodes spans' bulky parts from segment files, caching recently decoded requests."""
+
+    def __init__(self, data_dir: Path, cache_requests: int = 64):
+        self.segments = SegmentReader(Path(data_dir) / SEGMENTS_DIR)
+        self._cache: OrderedDict[tuple[int, int], ExportTraceServiceRequest] = OrderedDict()
+        self._lock = threading.Lock()
+        self._size = cache_requests
+
+    def _request(self, seg: int, off: int, length: int) -> ExportTraceServiceRequest:
+        key = (seg, off)
+        with self._lock:
+            req = self._cache.get(key)
+            if req is not None:
+                self._cache.move_to_end(key)
+                return req
+        req = ExportTraceServiceRequest.FromString(self.segments.read(seg, off, length))
+        with self._lock:
+            self._cache[key] = req
+            while len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return req
+
+    def part_json(self, seg, off, length, rs, ss, sp, part) -> str | None:
+        if seg is None:
+            return None
+        try:
+            resource_spans = self._request(seg, off, length).resource_spans[rs]
+        except (OSError, IndexError, ValueError):
+            return None   # payload removed by retention, or never written
+        if part == "resource":
+            return json.dumps(attributes_to_dict(resource_spans.resource.attributes), ensure_ascii=False)
+        span = resource_spans.scope_spans[ss].spans[sp]
+        if part == "attributes":
+            return json.dumps(attributes_to_dict(span.attributes), ensure_ascii=False)
+        if part == "events":
+            return json.dumps([{
+                "name": e.name, "time_unix_nano": e.time_unix_nano,
+                "attributes": attributes_to_dict(e.attributes)} for e in span.events], ensure_ascii=False)
+        return None
+
+    def arrow_udf(self, seg, off, length, rs, ss, sp, part):
+        cols = [c.to_pylist() for c in (seg, off, length, rs, ss, sp, part)]
+        return pa.array([self.part_json(*row) for row in zip(*cols)], pa.string())
+
+    def close(self) -> None:
+        self.segments.close()
+
+def register_functions(con: duckdb.DuckDBPyConnection, decoder: PayloadDecoder) -> None:
+    from duckdb.sqltypes import BIGINT, INTEGER, VARCHAR
+    con.create_function("shadowlens_span_json", decoder.arrow_udf,
+                        [INTEGER, BIGINT, INTEGER, INTEGER, INTEGER, INTEGER, VARCHAR], VARCHAR,
+                        type="arrow", null_handling="special", side_effects=False)
+
+_ = to_python  # re-exported for callers decoding single values

@@ -1,0 +1,270 @@
+"""The only DuckDB writer: one thread, a bounded queue, group commit, deduplication.
+
+Many receiver threads ``submit`` batches and wait on a Future; the writer takes every batch
+waiting, appends their raw payloads to the segment log (one fdatasync), inserts their columns
+into DuckDB (one insert per table) and commits once. Only then are the Futures resolved, so an
+acknowledged span survives ``kill -9``: it is in DuckDB's committed WAL and its payload is synced.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import duckdb
+import pyarrow as pa
+
+from .. import schema
+from ..decode.normalize import NormalizedBatch
+from ..errors import Overloaded, ShuttingDown
+from ..stats import IngestStats
+from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions
+from .segments import SegmentLog, list_segments
+
+log = logging.getLogger("shadowlens.store")
+
+MAX_GROUP_SPANS = 65536
+DEDUP_SEED_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What the store promises a receiver: these rows are durable as of ``seq``."""
+    seq: int
+    stored: int
+    duplicates: int
+
+
+@dataclass
+class _Task:
+    batch: NormalizedBatch
+    future: Future
+
+
+class RecentKeys:
+    """Bounded memory of recently stored span keys: two generations of sets, O(1) per span.
+
+    Retries (a client re-sending after a lost response) arrive within seconds or minutes;
+    ``max_keys`` bounds memory, and older keys are forgotten a generation at a time.
+    """
+
+    def __init__(self, max_keys: int):
+        self.half = max(1, max_keys // 2)
+        self.current: set[str] = set()
+        self.previous: set[str] = set()
+
+    def seen_or_add(self, key: str) -> bool:
+        if key in self.current or key in self.previous:
+            return True
+        self.current.add(key)
+        if len(self.current) >= self.half:
+            self.previous, self.current = self.current, set()
+        return False
+
+
+class StoreWriter:
+    """Owns the DuckDB file for writing. ``submit`` from any thread; everything else runs on one thread."""
+
+    def __init__(self, data_dir: Path, cohort_labels, stats: IngestStats, *, queue_max_spans: int = 262144,
+                 dedup_max_keys: int = 4_000_000, now: Callable[[], float] = time.time):
+        self.data_dir = Path(data_dir)
+        self.cohort_labels = tuple(cohort_labels)
+        self.stats = stats
+        self.queue_max_spans = queue_max_spans
+        self.now = now
+        self._dedup = RecentKeys(dedup_max_keys) if dedup_max_keys else None
+        self._queue: deque[_Task] = deque()
+        self._queued_spans = 0
+        self._cond = threading.Condition()
+        self._commit_cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.committed_seq = 0
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.decoder: PayloadDecoder | None = None
+        self._insert_spans = schema.spans_insert_select(self.cohort_labels, "new_spans")
+        stats.gauges["ingest_queue_spans"] = lambda: float(self._queued_spans)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def open(self) -> None:
+        """Open or create the store (also rebuilds dedup memory); called before receivers start."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.con = duckdb.connect(str(db_path(self.data_dir)))
+        self.decoder = PayloadDecoder(self.data_dir)
+        register_functions(self.con, self.decoder)
+        migrate(self.con, self.cohort_labels)
+        row = self.con.execute("SELECT coalesce(max(payload_id), 0), coalesce(max(ingest_seq), 0) FROM payloads").fetchone()
+        self._next_payload_id = int(row[0]) + 1
+        self.committed_seq = int(row[1])
+        existing = list_segments(self.data_dir / SEGMENTS_DIR)
+        # A fresh segment per start: a torn tail from a crash is never appended to.
+        self.segments = SegmentLog(self.data_dir / SEGMENTS_DIR, (existing[-1] + 1) if existing else 1)
+        if self._dedup is not None:
+            cutoff = self.now() - DEDUP_SEED_SECONDS
+            keys = self.con.execute(
+                "SELECT trace_id || span_id FROM spans_core WHERE received_at >= make_timestamp(?::BIGINT) "
+                "ORDER BY received_at DESC LIMIT ?", [int(cutoff * 1e6), self._dedup.half]).fetchall()
+            self._dedup.current.update(k for (k,) in keys)
+
+    def start(self) -> None:
+        if self.con is None:
+            self.open()
+        self._thread = threading.Thread(target=self._run, name="shadowlens-store-writer", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Refuse new work, commit everything queued, checkpoint, close. Safe twice and without start."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self.con is not None:
+            try:
+                self.con.execute("CHECKPOINT")
+            except duckdb.Error as exc:
+                log.warning("checkpoint at shutdown failed: %s", exc)
+            self.con.close()
+            self.con = None
+            self.segments.close()
+            self.decoder.close()
+
+    # -- API for receivers -----------------------------------------------------------------
+    def submit(self, batch: NormalizedBatch) -> Future:
+        fut: Future = Future()
+        n = batch.accepted
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("shadowlens is shutting down; retry against the restarted sidecar", 1.0)
+            if self._queued_spans and self._queued_spans + n > self.queue_max_spans:
+                self.stats.add("requests_refused", "queue_full")
+                raise Overloaded(f"ingest queue is full ({self._queued_spans} spans waiting); retry shortly", 1.0)
+            self._queue.append(_Task(batch, fut))
+            self._queued_spans += n
+            self._cond.notify()
+        return fut
+
+    def wait_for_commit(self, seq: int, timeout: float) -> int:
+        """Block until a commit newer than ``seq`` exists (or timeout); returns the newest seq."""
+        with self._commit_cond:
+            self._commit_cond.wait_for(lambda: self.committed_seq > seq, timeout)
+            return self.committed_seq
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A connection for another thread (readers, retention); SQL functions are shared with it."""
+        return self.con.cursor()
+
+    # -- the writer thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue and self._stopping:
+                    return
+                group, spans = [], 0
+                while self._queue and spans < MAX_GROUP_SPANS:
+                    task = self._queue.popleft()
+                    group.append(task)
+                    spans += task.batch.accepted
+            try:
+                results = self._commit(group)
+            except BaseException as exc:  # the store failed: every waiting client gets an error, none an ack
+                log.exception("commit of %d requests failed", len(group))
+                try:
+                    self.con.rollback()
+                except duckdb.Error:
+                    pass
+                results = [exc] * len(group)
+            with self._cond:
+                self._queued_spans -= spans
+            for task, result in zip(group, results):
+                if isinstance(result, BaseException):
+                    task.future.set_exception(result)
+                else:
+                    task.future.set_result(result)
+
+    def _commit(self, group: list[_Task]) -> list[Commit]:
+        seq = self.committed_seq + 1
+        now_us = int(self.now() * 1e6)
+        span_tables, eval_tables, log_tables, payload_rows, results = [], [], [], [], []
+        dup_total = 0
+        for task in group:
+            b = task.batch
+            keep = None
+            dups = 0
+            if b.signal == "traces" and self._dedup is not None and b.keys:
+                seen = self._dedup.seen_or_add
+                keep = [not seen(k) for k in b.keys]
+                dups = keep.count(False)
+            stored = b.accepted - dups
+            dup_total += dups
+            results.append(Commit(seq, stored, dups))
+            if stored == 0 and b.logs is None and b.evals is None:
+                continue
+            payload_id = self._next_payload_id
+            self._next_payload_id += 1
+            seg, off = self.segments.append(b.payload)
+            payload_rows.append((payload_id, seg, off, len(b.payload), b.signal))
+            if b.spans is not None and stored:
+                t = b.spans if not dups else b.spans.filter(pa.array(keep))
+                span_tables.append(t.append_column("payload_id", pa.array([payload_id] * t.num_rows, pa.int64())))
+            if b.evals is not None:
+                ev = b.evals
+                if dups:
+                    dropped = {k for k, kp in zip(b.keys, keep) if not kp}
+                    mask = [(t_ + s_) not in dropped for t_, s_ in zip(ev.column(0).to_pylist(), ev.column(1).to_pylist())]
+                    ev = ev.filter(pa.array(mask))
+                if ev.num_rows:
+                    eval_tables.append(ev)
+            if b.logs is not None:
+                log_tables.append(b.logs)
+        if payload_rows:
+            self.segments.sync()
+        con = self.con
+        con.begin()
+        if span_tables:
+            new_spans = pa.Table.from_batches(span_tables)  # noqa: F841 (scanned by name)
+            con.register("new_spans", new_spans)
+            con.execute(self._insert_spans, {"seq": seq, "now": _ts_literal(now_us)})
+            con.unregister("new_spans")
+        if eval_tables:
+            new_evals = pa.Table.from_batches(eval_tables)
+            con.register("new_evals", new_evals)
+            con.execute("INSERT INTO evals SELECT *, ?::BIGINT FROM new_evals", [seq])
+            con.unregister("new_evals")
+        if log_tables:
+            new_logs = pa.Table.from_batches(log_tables)
+            con.register("new_logs", new_logs)
+            con.execute(
+                "INSERT INTO logs SELECT trace_id, span_id, make_timestamp(time_ns // 1000), event_name, severity_text,"
+                " service_name, body, attributes, resource_attributes, ?::BIGINT, make_timestamp(?::BIGINT)"
+                " FROM new_logs", [seq, now_us])
+            con.unregister("new_logs")
+        if payload_rows:
+            cols = list(zip(*payload_rows))
+            new_payloads = pa.table({  # noqa: F841 (scanned by name)
+                "payload_id": pa.array(cols[0], pa.int64()), "segment": pa.array(cols[1], pa.int32()),
+                "byte_offset": pa.array(cols[2], pa.int64()), "length": pa.array(cols[3], pa.int32()),
+                "signal": pa.array(cols[4], pa.string())})
+            con.register("new_payloads", new_payloads)
+            con.execute("INSERT INTO payloads SELECT *, make_timestamp(?::BIGINT), ?::BIGINT FROM new_payloads",
+                        [now_us, seq])
+            con.unregister("new_payloads")
+        con.commit()
+        if dup_total:
+            self.stats.add("spans_duplicate", None, dup_total)
+        with self._commit_cond:
+            self.committed_seq = seq
+            self._commit_cond.notify_all()
+        return results
+
+
+def _ts_literal(us: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(us // 1_000_000)) + f".{us % 1_000_000:06d}"

@@ -1,0 +1,68 @@
+"""The metrics endpoint: GET /metrics (text or OpenMetrics by Accept), /healthz, /readyz."""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import exposition
+from prometheus_client.registry import CollectorRegistry
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "shadowlens"
+    app: "MetricsServer"
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def _reply(self, status: int, ctype: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        app = self.app
+        if path == "/metrics":
+            encoder, ctype = exposition.choose_encoder(self.headers.get("Accept", ""))
+            self._reply(200, ctype, encoder(app.registry))
+        elif path == "/healthz":
+            self._reply(200, "text/plain; charset=utf-8", b"ok\n")
+        elif path == "/readyz":
+            ready, why = app.ready()
+            self._reply(200 if ready else 503, "text/plain; charset=utf-8", (why + "\n").encode())
+        elif path in app.json_routes:
+            status, doc = app.json_routes[path]()
+            self._reply(status, "application/json", json.dumps(doc, indent=2).encode() + b"\n")
+        else:
+            self._reply(404, "text/plain; charset=utf-8",
+                        b"not found; try /metrics, /healthz, /readyz" + b"".join(b", " + p.encode() for p in app.json_routes) + b"\n")
+
+
+class MetricsServer:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]):
+        self.host, self.port = host, port
+        self.registry = registry
+        self.ready = ready
+        self.json_routes: dict[str, Callable[[], tuple[int, object]]] = {}
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        handler = type("MetricsHandler", (_Handler,), {"app": self})
+        self._server = ThreadingHTTPServer((self.host, self.port), handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

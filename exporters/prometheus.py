@@ -1,0 +1,48 @@
+"""A prometheus_client Collector over IngestStats (and, later, the analysis snapshot).
+
+Values are read at scrape time from plain counters: a scrape never touches DuckDB.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from collector.stats import IngestStats
+
+from .catalog import SELF_METRICS
+
+_SPECS = {m.name: m for m in SELF_METRICS}
+
+
+def _counter(name: str, values) -> CounterMetricFamily:
+    spec = _SPECS[name]
+    fam = CounterMetricFamily(name, spec.help, labels=spec.labels)
+    if spec.labels:
+        for key, v in sorted(values.items()):
+            fam.add_metric([key], v)
+    else:
+        fam.add_metric([], values)
+    return fam
+
+
+class IngestCollector(Collector):
+    def __init__(self, stats: IngestStats, store_bytes: Callable[[], float]):
+        self.stats = stats
+        self.store_bytes = store_bytes
+
+    def collect(self) -> Iterable:
+        s = self.stats.snapshot()
+        yield _counter("shadowlens_spans_received", s["spans_received"])
+        yield _counter("shadowlens_spans_rejected", s["spans_rejected"])
+        yield _counter("shadowlens_spans_duplicate", s["spans_duplicate"])
+        yield _counter("shadowlens_log_records_received", s["logs_received"])
+        yield _counter("shadowlens_log_records_rejected", s["logs_rejected"])
+        yield _counter("shadowlens_requests_refused", s["requests_refused"])
+        q = GaugeMetricFamily("shadowlens_ingest_queue_spans", _SPECS["shadowlens_ingest_queue_spans"].help)
+        q.add_metric([], self.stats.gauges.get("ingest_queue_spans", lambda: 0.0)())
+        yield q
+        b = GaugeMetricFamily("shadowlens_store_bytes", _SPECS["shadowlens_store_bytes"].help)
+        b.add_metric([], self.store_bytes())
+        yield b
