@@ -279,6 +279,8 @@ def test_trace_rows(cases: dict[tuple[str, str], Case], serve: Any) -> None:
         pytest.skip("no case was driven")
     ids = [c.result["trace_id"] for c in done]
     deadline = time.monotonic() + TRACE_IDLE_S + 20
+    if not serve.query("SELECT table_name FROM information_schema.tables WHERE table_name = 'traces'"):
+        pytest.skip("this build's store has no traces table yet")
     while True:
         rows = {r["trace_id"]: r for r in serve.query(
             "SELECT trace_id, route, request_id, intent, language, tier, llm_calls, tool_calls, steps, "
