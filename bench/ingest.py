@@ -451,6 +451,7 @@ class WorkerStats:
     unavailable: int = 0         # UNAVAILABLE / RESOURCE_EXHAUSTED / HTTP 429/503 responses (each retried)
     dropped_spans: int = 0       # spans given up on (still refused when the time ran out)
     errors: Counter = field(default_factory=Counter)
+    error_samples: dict = field(default_factory=dict)   # first detail message per error code
     error_spans: int = 0
     partial_messages: Counter = field(default_factory=Counter)
     latencies: list = field(default_factory=list)   # seconds, OK exports only
@@ -462,6 +463,8 @@ class WorkerStats:
                   "error_spans"):
             setattr(self, k, getattr(self, k) + getattr(o, k))
         self.errors.update(o.errors)
+        for k, v in o.error_samples.items():
+            self.error_samples.setdefault(k, v)
         self.partial_messages.update(o.partial_messages)
         self.latencies.extend(o.latencies)
         self.buckets.update(o.buckets)
@@ -499,7 +502,7 @@ def _grpc_sender(channel, timeout):
             code = e.code()
             if code in retryable:
                 return "retry", _retry_delay_grpc(e)
-            return "error", code.name if code else "UNKNOWN"
+            return "error", (code.name if code else "UNKNOWN", e.details() or "")
     return send
 
 
@@ -524,7 +527,7 @@ def _http_sender(host, port, timeout):
             if conn[0] is not None:
                 conn[0].close()
                 conn[0] = None
-            return "error", f"http:{type(e).__name__}"
+            return "error", ("http:" + type(e).__name__, str(e))
         if r.status == 200:
             ctype = r.getheader("Content-Type", "")
             if body and "json" in ctype:
@@ -537,7 +540,7 @@ def _http_sender(host, port, timeout):
                 return "retry", float(ra) if ra else None
             except ValueError:
                 return "retry", None
-        return "error", f"HTTP_{r.status}"
+        return "error", (f"HTTP_{r.status}", body[:200].decode("utf-8", "replace"))
     return send
 
 
@@ -580,10 +583,12 @@ def _worker_loop(send, wid, nonce, start, deadline, st: WorkerStats):
                     break
                 time.sleep(delay)
                 continue
-            st.errors[val] += 1
+            name, detail = val
+            st.errors[name] += 1
+            st.error_samples.setdefault(name, detail[:200])
             st.error_spans += t.n_spans
             st.last_done = max(st.last_done, mono())
-            if val.startswith("http:"):
+            if name.startswith("http:"):
                 time.sleep(0.05)
             break
         i += 1
@@ -918,7 +923,8 @@ def one_run(run_no, args, exe, extra_env):
     if total.partial_messages:
         res["partial_success_messages"] = dict(total.partial_messages.most_common(5))
     if total.errors:
-        res["problems"].append(f"Export errors: {dict(total.errors)} ({total.error_spans:,} spans, outcome unknown)")
+        res["problems"].append(f"Export errors: {dict(total.errors)} ({total.error_spans:,} spans, outcome unknown); "
+                               f"first details: {total.error_samples}")
     if server:
         cpu1 = server.cpu()
         res["server_cpu_s"] = round(cpu1 - cpu0, 2)

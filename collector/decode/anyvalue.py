@@ -5,6 +5,8 @@ import json
 import math
 from typing import Any
 
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
 from .aliases import BOOL, FLOAT, INT, RAW, STR, STRS
 
 _TRUE = frozenset({"true", "1", "yes"})
@@ -36,52 +38,72 @@ def attributes_to_json(attrs) -> str:
     return json.dumps(attributes_to_dict(attrs), ensure_ascii=False, separators=(",", ":"))
 
 
-def typed(av, kind: str) -> Any:
-    """AnyValue -> the concept's type, or None when it cannot be read as that type."""
+def raw_value(av) -> Any:
+    """AnyValue -> the scanners' raw form: a scalar, or the serialized AnyValue for composites."""
     which = av.WhichOneof("value")
     if which is None:
         return None
-    v = getattr(av, which)
-    if kind == STR:
-        if which == "string_value":
-            return v
-        if which == "array_value":
+    if which in ("array_value", "kvlist_value", "bytes_value"):
+        return av.SerializeToString()
+    return getattr(av, which)
+
+
+def _composite(raw: bytes) -> Any:
+    return to_python(AnyValue.FromString(raw))
+
+
+def typed(raw: Any, kind: str) -> Any:
+    """A raw attribute value -> the concept's type, or None when it cannot be read as that type."""
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        raw = _composite(raw)
+        if raw is None:
             return None
-        return str(to_python(av))
+    if kind == STR:
+        if isinstance(raw, str):
+            return raw
+        if isinstance(raw, (list, dict)):
+            return None
+        return json.dumps(raw) if isinstance(raw, bool) else str(raw)
     if kind == INT:
-        if which == "int_value":
-            return v
-        if which == "double_value":
-            return int(v) if math.isfinite(v) else None
-        if which == "string_value":
+        if isinstance(raw, bool):
+            return None
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, float):
+            return int(raw) if math.isfinite(raw) else None
+        if isinstance(raw, str):
             try:
-                return int(float(v))
-            except ValueError:
+                return int(float(raw))
+            except (ValueError, OverflowError):
                 return None
         return None
     if kind == FLOAT:
-        if which in ("double_value", "int_value"):
-            return float(v)
-        if which == "string_value":
+        if isinstance(raw, bool):
+            return None
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        if isinstance(raw, str):
             try:
-                return float(v)
+                return float(raw)
             except ValueError:
                 return None
         return None
     if kind == BOOL:
-        if which == "bool_value":
-            return v
-        if which == "string_value":
-            low = v.strip().lower()
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str):
+            low = raw.strip().lower()
             return True if low in _TRUE else False if low in _FALSE else None
-        if which == "int_value":
-            return v != 0
+        if isinstance(raw, int):
+            return raw != 0
         return None
     if kind == STRS:
-        if which == "array_value":
-            return [str(to_python(x)) for x in v.values]
-        if which == "string_value":
-            text = v.strip()
+        if isinstance(raw, list):
+            return [str(x) for x in raw]
+        if isinstance(raw, str):
+            text = raw.strip()
             if text.startswith("["):
                 try:
                     parsed = json.loads(text)
@@ -89,8 +111,8 @@ def typed(av, kind: str) -> Any:
                         return [str(x) for x in parsed]
                 except ValueError:
                     pass
-            return [v]
+            return [raw]
         return None
     if kind == RAW:
-        return to_python(av)
+        return raw
     raise ValueError(f"unknown concept type {kind!r}")

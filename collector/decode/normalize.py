@@ -3,9 +3,10 @@
 Invalid spans (wrong-length or all-zero ids, end before start) are rejected with a reason
 and a message; the rest of the request is kept (OTLP partial success).
 
-The loop below is the ingest hot path: one pass over each span's attributes, looking up
-only the keys the alias table knows; the bulky attributes are not converted here at all
-(the raw payload is stored and decoded to JSON on read).
+The loop below is the ingest hot path. A scanner (C, with a pure-Python reference in
+scan.py) hands over each span's header and only the attributes whose key the alias table
+knows; the bulky attributes are never converted here (the raw payload is stored and
+decoded to JSON on read).
 """
 from __future__ import annotations
 
@@ -19,12 +20,18 @@ import pyarrow as pa
 from .. import schema
 from ..config import EvalConfig
 from . import aliases as A
-from .anyvalue import attributes_to_json, to_python, typed
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from ..errors import PermanentError
+from .anyvalue import attributes_to_json, raw_value, to_python, typed
+from .scan import scan_traces
 
 _KINDS = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
 _STATUS = ("UNSET", "OK", "ERROR")
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
+_PREFIXES = (A.OPENINFERENCE_EVAL_PREFIX.encode(),)
+_EVENT_NAMES = frozenset({A.EVAL_EVENT_NAME.encode()})
 
 
 @dataclass
@@ -52,8 +59,21 @@ class Normalizer:
     def __init__(self, cohort_labels: Mapping[str, tuple[str, ...]], evals: EvalConfig):
         self.cohort_labels = tuple(cohort_labels)
         extra = {f"cohort:{name}": tuple(keys) for name, keys in cohort_labels.items()}
-        self._index = A.key_index(extra)
+        index = A.key_index(extra)
+        # The scanner reports a slot per known key; a slot may feed several concepts.
+        self._key_slots = {key.encode(): i for i, key in enumerate(index)}
+        self._slot_hits = list(index.values())
+        self._concepts = tuple(A.SPAN_ALIASES) + tuple(extra)
+        by_concept: dict[str, list[tuple[int, int]]] = {c: [] for c in self._concepts}
+        for slot, hits in enumerate(self._slot_hits):
+            for concept, prio in hits:
+                by_concept[concept].append((prio, slot))
+        # lowest priority first: later (higher-priority) keys overwrite
+        self._concept_slots = {c: [slot for _, slot in sorted(v, reverse=True)] for c, v in by_concept.items()}
+        self._column_concepts = {name: f"cohort:{name}" for name in cohort_labels}
         self._types = dict(A.CONCEPT_TYPES, **{c: A.STR for c in extra})
+        self._converters = {c: _converter(t) for c, t in self._types.items()}
+        self._converters["span_kind"] = _span_kind
         self._cohort_concepts = tuple(extra)
         self._cohort_keys = {c: keys for c, keys in extra.items()}
         self._evals = evals
@@ -62,194 +82,227 @@ class Normalizer:
         self._inherit = A.TRACE_CONCEPTS + self._cohort_concepts
 
     # -- shared pieces ---------------------------------------------------------------------
-    def _scan(self, attrs) -> dict[str, Any]:
-        """One pass over attributes: concept -> typed value (first alias key wins)."""
-        index_get = self._index.get
-        best: dict[str, tuple[int, Any]] = {}
-        evals_oi = None
-        for kv in attrs:
-            hits = index_get(kv.key)
-            if hits is None:
-                if kv.key.startswith(A.OPENINFERENCE_EVAL_PREFIX):
-                    evals_oi = evals_oi or []
-                    evals_oi.append(kv)
-                continue
-            for concept, prio in hits:
-                cur = best.get(concept)
-                if cur is None or prio < cur[0]:
-                    best[concept] = (prio, kv.value)
-        types = self._types
-        out = {}
-        for concept, (_, av) in best.items():
-            value = typed(av, types[concept])
-            if value is not None:
-                out[concept] = value
-        if evals_oi:
-            out["_evals_oi"] = evals_oi
-        return out
-
-    def _from_metadata(self, found: dict, concept: str) -> Any:
-        meta = found.get("_metadata_obj")
-        if meta is None:
-            text = found.get("json_metadata")
-            meta = _loads_obj(text) if text else {}
-            found["_metadata_obj"] = meta
-        if not meta:
-            return None
-        keys = self._cohort_keys.get(concept) or A.SPAN_ALIASES.get(concept, ())
-        for key in keys:
-            if key in meta:
-                return meta[key]
-            # nested form {"shadow": {"route": ...}} and the bare label name {"intent": ...}
-            node: Any = meta
-            for part in key.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            if node is not None:
-                return node
-        if concept.startswith("cohort:") and concept[7:] in meta:
-            return meta[concept[7:]]
-        return None
-
     def _eval_row(self, trace_id, span_id, name, score, label, passed, explanation, source):
         ok = self._evals.passed(name, passed, label, score)
         return (trace_id, span_id, name, score, label, ok, explanation, source)
 
     # -- traces ----------------------------------------------------------------------------
-    def normalize_traces(self, request, payload: bytes = b"") -> NormalizedBatch:
-        rows: list[tuple] = []
-        keys: list[str] = []
-        evals: list[tuple] = []
-        reasons: Counter = Counter()
-        first_error = ""
-        received = 0
-        inherit = self._inherit
-        cohort_concepts = self._cohort_concepts
-        scan = self._scan
-        for rs_idx, rs in enumerate(request.resource_spans):
-            res = scan(rs.resource.attributes)
-            service = res.get("service_name")
-            for ss_idx, ss in enumerate(rs.scope_spans):
-                scope = ss.scope.name or None
-                traceai = bool(scope) and scope.startswith("traceai")
-                for sp_idx, span in enumerate(ss.spans):
-                    received += 1
-                    tid, sid, pid = span.trace_id, span.span_id, span.parent_span_id
-                    start, end = span.start_time_unix_nano, span.end_time_unix_nano
-                    bad = None
-                    if len(tid) != 16 or tid == _ZERO_TRACE:
-                        bad = "invalid_trace_id"
-                    elif len(sid) != 8 or sid == _ZERO_SPAN:
-                        bad = "invalid_span_id"
-                    elif pid and (len(pid) != 8 or pid == _ZERO_SPAN):
-                        bad = "invalid_parent_span_id"
-                    elif end < start:
-                        bad = "end_before_start"
-                    if bad:
-                        reasons[bad] += 1
-                        if not first_error:
-                            first_error = (f"span {received - 1} (name {span.name!r}) rejected: {bad.replace('_', ' ')}"
-                                           f" (trace_id {tid.hex() or 'empty'}, span_id {sid.hex() or 'empty'})")
-                        continue
-                    f = scan(span.attributes)
-                    for concept in inherit:
-                        if concept not in f:
-                            v = res.get(concept)
-                            if v is None and ("json_metadata" in f or "json_metadata" in res):
-                                v = self._from_metadata(f, concept)
-                                if v is None:
-                                    v = self._from_metadata(res, concept)
-                            if v is not None:
-                                f[concept] = str(v)
-                    model = f.get("model")
-                    request_model = f.get("request_model")
-                    if traceai or model is None or request_model is None:
-                        params = _loads_obj(f.get("json_params"))
-                        pm = params.get("model") if params else None
-                        if isinstance(pm, str):
-                            if traceai or request_model is None:
-                                request_model = pm   # traceAI puts the response model in gen_ai.request.model
-                            if model is None:
-                                model = pm
-                    kind_v = f.get("span_kind")
-                    span_kind = A.SPAN_KIND_VALUES.get(kind_v.strip().lower(), kind_v.upper()) if kind_v else None
-                    finish = f.get("finish_reason")
-                    refused = f.get("refused")
-                    if finish and A.REFUSAL_FINISH_REASONS.intersection(finish):
-                        refused = True
-                    tid_h, sid_h = tid.hex(), sid.hex()
-                    # evals carried by this span
-                    span_evals = None
-                    if "eval_name" in f:
-                        span_evals = [self._eval_row(tid_h, sid_h, f["eval_name"], f.get("eval_score"),
-                                                     f.get("eval_label"), f.get("eval_passed"),
-                                                     f.get("eval_explanation"), "span_attribute")]
-                    if "_evals_oi" in f:
-                        span_evals = (span_evals or []) + self._openinference_evals(f["_evals_oi"], tid_h, sid_h)
-                    if span.events:
-                        for ev in span.events:
-                            if ev.name == A.EVAL_EVENT_NAME:
-                                row = self._event_eval(ev.attributes, tid_h, sid_h, "span_event")
-                                if row:
-                                    span_evals = (span_evals or []) + [row]
-                    if span_evals:
-                        evals.extend(span_evals)
-                        if any(e[2] == "refusal" and e[5] is False for e in span_evals):
-                            refused = True
-                    keys.append(tid_h + sid_h)
-                    rows.append((
-                        tid_h, sid_h, pid.hex() if pid else None, span.name, _KINDS[span.kind] if span.kind < 6 else None,
-                        span_kind, f.get("service_name") or service, scope, start, end,
-                        _STATUS[span.status.code] if span.status.code < 3 else None, span.status.message or None,
-                        f.get("route"), f.get("request_id"), f.get("session_id"), f.get("step"), model, request_model,
-                        f.get("input_tokens"), f.get("output_tokens"), f.get("cache_read_tokens"),
-                        f.get("cache_write_tokens"), f.get("reasoning_tokens"), f.get("reported_cost_usd"),
-                        ",".join(finish) if finish else None, refused, f.get("escalated"),
-                        rs_idx, ss_idx, sp_idx,
-                        *[f.get(c) for c in cohort_concepts],
-                    ))
-        rejected = received - len(rows)
-        message = ""
-        if rejected:
-            summary = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in sorted(reasons.items()))
-            message = f"{rejected} of {received} spans rejected ({summary}); first: {first_error}"
-        return NormalizedBatch(
-            signal="traces",
-            spans=_to_batch(rows, self._schema) if rows else None,
-            evals=_to_batch(evals, schema.EVAL_SCHEMA) if evals else None,
-            logs=None, keys=keys, received=received, rejected=rejected, reasons=reasons,
-            message=message, payload=payload,
-        )
+    def _column(self, concept: str, slots, n: int) -> list | None:
+        """One concept's column from the scanner's sparse per-key lists; None if no span has it.
 
-    def _openinference_evals(self, kvs, tid_h, sid_h) -> list[tuple]:
+        Keys are applied from the lowest priority to the highest, so the first alias key wins
+        and a value that cannot be read as the concept's type falls back to the next key.
+        """
+        col = None
+        conv = self._converters[concept]
+        for slot in self._concept_slots[concept]:
+            idxs, vals = slots[slot]
+            if not idxs:
+                continue
+            if col is None:
+                col = [None] * n
+            for i, v in zip(idxs, vals):
+                v = conv(v)
+                if v is not None:
+                    col[i] = v
+        return col
+
+    def normalize_traces(self, payload: bytes) -> NormalizedBatch:
+        """``payload``: ExportTraceServiceRequest protobuf bytes. Raises PermanentError if malformed."""
+        try:
+            sc = scan_traces(payload, self._key_slots, len(self._slot_hits), _PREFIXES, _EVENT_NAMES)
+        except ValueError as exc:
+            raise PermanentError(f"body is not a valid OTLP traces protobuf request: {exc}") from None
+        tids, sids, pids = sc["trace_id"], sc["span_id"], sc["parent_span_id"]
+        starts, ends = sc["start"], sc["end"]
+        n = len(tids)
+        if n == 0:
+            return NormalizedBatch("traces", None, None, None, [], 0, 0, payload=payload)
+        slots = sc["slots"]
+        cols: dict[str, list | None] = {c: self._column(c, slots, n) for c in self._concepts}
+
+        # Trace-level concepts: the span, else its resource, else the metadata JSON (CONTRACT §4).
+        resources = [self._resource_values(r) for r in sc["resources"]]
+        rs_idx = sc["rs_idx"]
+        for concept in self._inherit + ("service_name",):
+            for r, values in enumerate(resources):
+                v = values.get(concept)
+                if v is None:
+                    continue
+                col = cols[concept]
+                if col is None:
+                    col = cols[concept] = [None] * n
+                if len(resources) == 1:
+                    cols[concept] = [v if x is None else x for x in col]
+                else:
+                    cols[concept] = [v if x is None and ri == r else x for x, ri in zip(col, rs_idx)]
+        meta = cols["json_metadata"]
+        res_meta = [_loads_obj(r.get("json_metadata")) for r in resources]
+        if meta is not None or any(res_meta):
+            span_meta = {i: _loads_obj(t) for i, t in enumerate(meta) if t} if meta is not None else {}
+            candidates = range(n) if any(res_meta) else sorted(span_meta)
+            for concept in self._inherit:
+                col = cols[concept]
+                for i in candidates:
+                    if col is not None and col[i] is not None:
+                        continue
+                    v = _meta_lookup(span_meta.get(i), concept, self._cohort_keys)
+                    if v is None:
+                        v = _meta_lookup(res_meta[rs_idx[i]], concept, self._cohort_keys)
+                    if v is not None:
+                        if col is None:
+                            col = cols[concept] = [None] * n
+                        col[i] = str(v)
+
+        # Model: traceAI writes the response model into gen_ai.request.model and keeps the
+        # requested one only in its parameters JSON (quirk 1); others may lack a model attribute.
+        model, request_model, params = cols["model"], cols["request_model"], cols["json_params"]
+        scopes = sc["scope"]
+        if params is not None:
+            for i, text in enumerate(params):
+                if text is None:
+                    continue
+                traceai = bool(scopes[i]) and scopes[i].startswith("traceai")
+                if not traceai and model is not None and model[i] is not None and request_model is not None \
+                        and request_model[i] is not None:
+                    continue
+                obj = _loads_obj(text)
+                pm = obj.get("model") if obj else None
+                if not isinstance(pm, str):
+                    continue
+                if request_model is None:
+                    request_model = cols["request_model"] = [None] * n
+                if model is None:
+                    model = cols["model"] = [None] * n
+                if traceai or request_model[i] is None:
+                    request_model[i] = pm
+                if model[i] is None:
+                    model[i] = pm
+
+        refused = cols["refused"]
+        finish = cols["finish_reason"]
+        if finish is not None:
+            for i, reasons_i in enumerate(finish):
+                if reasons_i:
+                    if A.REFUSAL_FINISH_REASONS.intersection(reasons_i):
+                        if refused is None:
+                            refused = cols["refused"] = [None] * n
+                        refused[i] = True
+                    finish[i] = ",".join(reasons_i)
+
+        hex_t = [t.hex() for t in tids]
+        hex_s = [s_.hex() for s_ in sids]
+        evals = self._span_evals(sc, cols, hex_t, hex_s, n)
+        for e_idx, row in evals:
+            if row[2] == "refusal" and row[5] is False:
+                if refused is None:
+                    refused = cols["refused"] = [None] * n
+                refused[e_idx] = True
+
+        # Validation last, as a mask: the invalid spans are dropped from every column at once.
+        bad = [i for i, (t, s_, p, a, b) in enumerate(zip(tids, sids, pids, starts, ends))
+               if len(t) != 16 or len(s_) != 8 or t == _ZERO_TRACE or s_ == _ZERO_SPAN
+               or (p and (len(p) != 8 or p == _ZERO_SPAN)) or b < a]
+        reasons: Counter = Counter()
+        message = ""
+        if bad:
+            for i in bad:
+                reasons[_reject_reason(tids[i], sids[i], pids[i], starts[i], ends[i])] += 1
+            i = bad[0]
+            first = (f"span {i} (name {sc['name'][i]!r}) rejected: "
+                     f"{_reject_reason(tids[i], sids[i], pids[i], starts[i], ends[i]).replace('_', ' ')}"
+                     f" (trace_id {tids[i].hex() or 'empty'}, span_id {sids[i].hex() or 'empty'})")
+            summary = ", ".join(f"{k} {r.replace('_', ' ')}" for r, k in sorted(reasons.items()))
+            message = f"{len(bad)} of {n} spans rejected ({summary}); first: {first}"
+
+        kinds = sc["kind"]
+        codes = sc["status_code"]
+        columns = {
+            "trace_id": hex_t, "span_id": hex_s, "parent_span_id": [p.hex() if p else None for p in pids],
+            "name": sc["name"], "kind": [_KINDS[k] if k < 6 else None for k in kinds],
+            "service_name": cols["service_name"], "scope_name": scopes,
+            "start_ns": starts, "end_ns": ends, "status_code": [_STATUS[c] if c < 3 else None for c in codes],
+            "status_message": sc["status_message"], "rs_idx": rs_idx, "ss_idx": sc["ss_idx"], "sp_idx": sc["sp_idx"],
+        }
+        arrays = []
+        for field_ in self._schema:
+            name = field_.name
+            if name in columns:
+                values = columns[name]
+            else:
+                values = cols[self._column_concepts.get(name, name)]
+            arrays.append(pa.nulls(n, field_.type) if values is None else pa.array(values, type=field_.type))
+        batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
+        keys = [t + s_ for t, s_ in zip(hex_t, hex_s)]
+        eval_rows = [row for _, row in evals]
+        if bad:
+            badset = set(bad)
+            keep = [i not in badset for i in range(n)]
+            batch = batch.filter(pa.array(keep))
+            keys = [k for k, ok in zip(keys, keep) if ok]
+            eval_rows = [row for i, row in evals if keep[i]]
+        return NormalizedBatch(
+            signal="traces", spans=batch if batch.num_rows else None,
+            evals=_to_batch(eval_rows, schema.EVAL_SCHEMA) if eval_rows else None,
+            logs=None, keys=keys, received=n, rejected=len(bad), reasons=reasons, message=message, payload=payload)
+
+    def _resource_values(self, matches) -> dict[str, Any]:
+        best: dict[str, tuple[int, Any]] = {}
+        for slot, raw in matches:
+            for concept, prio in self._slot_hits[slot]:
+                v = self._converters[concept](raw)
+                if v is not None and (concept not in best or prio < best[concept][0]):
+                    best[concept] = (prio, v)
+        return {c: v for c, (_, v) in best.items()}
+
+    def _span_evals(self, sc, cols, hex_t, hex_s, n) -> list[tuple[int, tuple]]:
+        """(span index, evals row) for every eval a span carries: attributes, OpenInference keys, events."""
+        out = []
+        names = cols["eval_name"]
+        if names is not None:
+            score, label, passed, expl = (cols[c] or [None] * n for c in
+                                          ("eval_score", "eval_label", "eval_passed", "eval_explanation"))
+            for i, name in enumerate(names):
+                if name:
+                    out.append((i, self._eval_row(hex_t[i], hex_s[i], name, score[i], label[i], passed[i], expl[i],
+                                                  "span_attribute")))
+        if sc["prefixed"]:
+            by_span: dict[int, list] = {}
+            for i, key, raw in sc["prefixed"]:
+                by_span.setdefault(i, []).append((key, raw))
+            for i, pairs in by_span.items():
+                out.extend((i, row) for row in self._openinference_evals(pairs, hex_t[i], hex_s[i]))
+        for i, raw in sc["events"]:
+            row = self._event_eval(Span.Event.FromString(raw).attributes, hex_t[i], hex_s[i], "span_event")
+            if row:
+                out.append((i, row))
+        return out
+
+    def _openinference_evals(self, pairs, tid_h, sid_h) -> list[tuple]:
         # evaluations.N.evaluation.{name,score,label,explanation}
         by_n: dict[str, dict[str, Any]] = {}
-        for kv in kvs:
-            parts = kv.key.split(".")
+        for key, raw in pairs:
+            parts = key.split(".")
             if len(parts) >= 4 and parts[2] == "evaluation":
-                by_n.setdefault(parts[1], {})[parts[3]] = kv.value
+                by_n.setdefault(parts[1], {})[parts[3]] = raw
         out = []
         for _, d in sorted(by_n.items()):
-            name = typed(d["name"], A.STR) if "name" in d else None
+            name = typed(d.get("name"), A.STR)
             if not name:
                 continue
-            out.append(self._eval_row(
-                tid_h, sid_h, name,
-                typed(d["score"], A.FLOAT) if "score" in d else None,
-                typed(d["label"], A.STR) if "label" in d else None, None,
-                typed(d["explanation"], A.STR) if "explanation" in d else None, "openinference"))
+            out.append(self._eval_row(tid_h, sid_h, name, typed(d.get("score"), A.FLOAT),
+                                      typed(d.get("label"), A.STR), None, typed(d.get("explanation"), A.STR),
+                                      "openinference"))
         return out
 
     def _event_eval(self, attrs, tid_h, sid_h, source) -> tuple | None:
-        d = {kv.key: kv.value for kv in attrs}
+        d = {kv.key: raw_value(kv.value) for kv in attrs}
         k = A.EVAL_EVENT_KEYS
-        name = typed(d[k["name"]], A.STR) if k["name"] in d else None
+        name = typed(d.get(k["name"]), A.STR)
         if not name:
             return None
-        return self._eval_row(
-            tid_h, sid_h, name,
-            typed(d[k["score"]], A.FLOAT) if k["score"] in d else None,
-            typed(d[k["label"]], A.STR) if k["label"] in d else None, None,
-            typed(d[k["explanation"]], A.STR) if k["explanation"] in d else None, source)
+        return self._eval_row(tid_h, sid_h, name, typed(d.get(k["score"]), A.FLOAT), typed(d.get(k["label"]), A.STR),
+                              None, typed(d.get(k["explanation"]), A.STR), source)
 
     # -- logs ------------------------------------------------------------------------------
     def normalize_logs(self, request, payload: bytes = b"") -> NormalizedBatch:
@@ -296,6 +349,46 @@ class Normalizer:
             logs=_to_batch(rows, schema.LOG_SCHEMA) if rows else None,
             keys=keys, received=received, rejected=rejected, reasons=reasons, message=message, payload=payload,
         )
+
+
+def _converter(kind: str):
+    """A fast per-value converter: the common case (already the right type) costs one type check."""
+    exact = {A.INT: int, A.FLOAT: float, A.STR: str, A.BOOL: bool}.get(kind)
+    if exact is None:
+        return lambda v: typed(v, kind)
+    return lambda v: v if type(v) is exact else typed(v, kind)
+
+
+def _span_kind(raw) -> str | None:
+    v = typed(raw, A.STR)
+    return A.SPAN_KIND_VALUES.get(v.strip().lower(), v.upper()) if v else None
+
+
+def _reject_reason(t: bytes, s: bytes, p: bytes, start: int, end: int) -> str:
+    if len(t) != 16 or t == _ZERO_TRACE:
+        return "invalid_trace_id"
+    if len(s) != 8 or s == _ZERO_SPAN:
+        return "invalid_span_id"
+    if p and (len(p) != 8 or p == _ZERO_SPAN):
+        return "invalid_parent_span_id"
+    return "end_before_start"
+
+
+def _meta_lookup(meta: dict | None, concept: str, cohort_keys: Mapping[str, tuple[str, ...]]) -> Any:
+    """A trace concept inside a ``metadata`` JSON object: by attribute key, nested path, or bare label."""
+    if not meta:
+        return None
+    for key in cohort_keys.get(concept) or A.SPAN_ALIASES.get(concept, ()):
+        if key in meta:
+            return meta[key]
+        node: Any = meta
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+    if concept.startswith("cohort:") and concept[7:] in meta:
+        return meta[concept[7:]]
+    return None
 
 
 def _loads_obj(text) -> dict | None:

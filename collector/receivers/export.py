@@ -20,13 +20,15 @@ class ExportHandler:
         self.stats = stats
 
     def export(self, signal: codec.Signal, content_type: str, body: bytes, receiver: str) -> bytes:
-        request, payload = codec.decode(signal, content_type, body)
         if signal is codec.TRACES:
-            batch = self.normalizer.normalize_traces(request, payload)
+            # protobuf bodies go straight to the scanner; JSON is re-encoded once to protobuf
+            payload = body if content_type == codec.PROTOBUF else codec.decode_json(signal, body).SerializeToString()
+            batch = self.normalizer.normalize_traces(payload)
             self.stats.add("spans_received", receiver, batch.received)
             if batch.rejected:
                 self.stats.add_many("spans_rejected", batch.reasons)
         else:
+            request, payload = codec.decode(signal, content_type, body)
             batch = self.normalizer.normalize_logs(request, payload)
             self.stats.add("logs_received", receiver, batch.received)
             if batch.rejected:

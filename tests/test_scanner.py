@@ -1,0 +1,102 @@
+"""The C wire scanner and the pure-Python reference agree on every request, and bad bytes never crash."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from collector.config import default_config
+from collector.decode import normalize as nm
+from collector.decode import scan
+from collector.decode.normalize import Normalizer
+from otlp_builders import T0, random_spans, set_attr, span_request
+
+pytestmark = pytest.mark.skipif(scan._wirescan is None, reason="C extension not built")
+
+
+def _norm_value(v):
+    # composites come back as raw AnyValue bytes; compare them decoded
+    return AnyValue.FromString(v) if isinstance(v, bytes) else v
+
+
+def _canonical(out: dict) -> dict:
+    out = dict(out)
+    out["slots"] = [[i, [_norm_value(v) for v in vals]] for i, vals in out["slots"]]
+    out["prefixed"] = [(i, k, _norm_value(v)) for i, k, v in out["prefixed"]]
+    out["resources"] = [[(s, _norm_value(v)) for s, v in r] for r in out["resources"]]
+    return out
+
+
+def _both(payload: bytes):
+    n = Normalizer(default_config().cohort_labels, default_config().evals)
+    args = (n._key_slots, len(n._slot_hits), nm._PREFIXES, nm._EVENT_NAMES)
+    return scan._wirescan.scan_traces(payload, *args), scan.python_scan(payload, *args)
+
+
+def _rich_request(rng: random.Random):
+    spans = random_spans(40, rng)
+    for d in spans:
+        d["attrs"].update({
+            "gen_ai.response.finish_reasons": ["stop", "content_filter"][: rng.randint(0, 2)],
+            "llm.token_count.prompt": rng.choice([5, "17", 3.0, True]),
+            "agent.trajectory.step": rng.randint(-3, 40),
+            "evaluations.0.evaluation.name": "hallucination", "evaluations.0.evaluation.score": rng.random(),
+            "metadata": '{"cohort.language": "de"}', "llm.cost.total": rng.random(),
+            "unicode.ключ": "значение ✓",
+        })
+        d["events"] = [("gen_ai.evaluation.result", {"gen_ai.evaluation.name": "task_completion",
+                                                      "gen_ai.evaluation.score.value": rng.random()}),
+                       ("exception", {"exception.message": "x"})]
+        d["kind"] = rng.randint(0, 5)
+    req = span_request(spans, resource={"service.name": "svc", "shadow.route": "candidate"})
+    kv = req.resource_spans[0].scope_spans[0].spans[0].attributes.add(key="llm.model_name")
+    kv.value.kvlist_value.values.add(key="nested").value.int_value = -5
+    req.resource_spans[0].scope_spans[0].spans[0].status.code = 2
+    req.resource_spans[0].scope_spans[0].spans[0].status.message = "failed"
+    second = req.resource_spans.add()
+    set_attr(second.resource.attributes, "cohort.tier", "free")
+    second.scope_spans.add().spans.add(trace_id=rng.randbytes(16), span_id=rng.randbytes(8), name="other",
+                                       start_time_unix_nano=T0, end_time_unix_nano=T0 + 5)
+    return req
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_c_scanner_equals_python_reference(seed):
+    payload = _rich_request(random.Random(seed)).SerializeToString()
+    c_out, py_out = _both(payload)
+    assert _canonical(c_out) == _canonical(py_out)
+    assert len(c_out["trace_id"]) == 41 and len(c_out["events"]) == 40
+
+
+def test_normalized_batches_equal_under_both_scanners(monkeypatch):
+    payload = _rich_request(random.Random(9)).SerializeToString()
+    n = Normalizer(default_config().cohort_labels, default_config().evals)
+    fast = n.normalize_traces(payload)
+    monkeypatch.setenv("SHADOWLENS_PURE_PYTHON", "1")
+    slow = n.normalize_traces(payload)
+    assert fast.spans.equals(slow.spans) and fast.evals.equals(slow.evals) and fast.keys == slow.keys
+
+
+def test_truncated_and_mutated_bytes_raise_value_error_or_scan_never_crash():
+    rng = random.Random(1)
+    payload = bytearray(_rich_request(rng).SerializeToString())
+    n = Normalizer(default_config().cohort_labels, default_config().evals)
+    args = (n._key_slots, len(n._slot_hits), nm._PREFIXES, nm._EVENT_NAMES)
+    for cut in range(0, len(payload), max(1, len(payload) // 300)):
+        try:
+            scan._wirescan.scan_traces(bytes(payload[:cut]), *args)
+        except ValueError as exc:
+            assert "malformed protobuf" in str(exc)
+    for _ in range(3000):
+        mutated = bytearray(payload)
+        for _ in range(rng.randint(1, 8)):
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        try:
+            scan._wirescan.scan_traces(bytes(mutated), *args)
+        except ValueError:
+            pass
+    with pytest.raises(ValueError, match="length past end"):
+        scan._wirescan.scan_traces(b"\x0a\xff\x01", *args)
+    with pytest.raises(ValueError, match="wire type"):
+        scan._wirescan.scan_traces(b"\x0b", *args)
