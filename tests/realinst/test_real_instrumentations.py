@@ -9,8 +9,7 @@ recorded by the fake server itself), NULL where the library does not carry a val
 the app root span's route / shadow request id / cohort columns.
 
 Needs the pinned libraries: ``pip install -r tests/requirements-realinst.txt``; skipped without
-them. Run: ``pytest -m realinst tests/realinst``. ``REALINST_SHADOWLENS=/path/to/shadowlens`` tests
-another build of the sidecar.
+them. Run: ``pytest -m realinst tests/realinst``.
 
 Quirks met with the pinned versions (what the expectations in ``QUIRKS`` encode, and more):
 
@@ -50,7 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import drive  # noqa: E402
 from fake_openai import FakeOpenAI, Record  # noqa: E402
-from serve_helper import LocalServe  # noqa: E402
 
 pytestmark = [pytest.mark.realinst, pytest.mark.timeout(240)]
 
@@ -145,15 +143,8 @@ def fake() -> Any:
 
 
 def _start_serve(data_dir: Path, env: dict[str, str]) -> Any:
-    """One serve for the module. ``serve_factory`` (tests/conftest.py) is function-scoped, so use the
-    ``Server`` helper behind it directly; fall back to serve_helper.LocalServe without it, or when
-    ``$REALINST_SHADOWLENS`` names another ``shadowlens`` executable to test."""
-    if os.environ.get("REALINST_SHADOWLENS"):
-        return LocalServe(data_dir, extra_env=env)
-    try:
-        from conftest import Server, free_port, server_env  # tests/conftest.py
-    except ImportError:
-        return LocalServe(data_dir, extra_env=env)
+    """One serve for the module (``serve_factory`` in tests/conftest.py is function-scoped)."""
+    from conftest import Server, free_port, server_env  # tests/conftest.py
     g, h, m = free_port(), free_port(), free_port()
     return Server(data_dir=data_dir, grpc_port=g, http_port=h, metrics_port=m,
                   env=server_env(g, h, m, **env)).start()
