@@ -508,6 +508,7 @@ def _grpc_sender(channel, timeout):
 
 def _http_sender(host, port, timeout):
     import http.client
+
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
     headers = {"Content-Type": "application/x-protobuf"}
     conn = [None]
@@ -917,6 +918,7 @@ def one_run(run_no, args, exe, extra_env):
         "client_sys_s": round(client_sys, 2),
     })
     full = [total.buckets.get(s, 0) for s in range(int(args.duration))]
+    res["per_second"] = full
     if full:
         res["per_second_min"], res["per_second_median"], res["per_second_max"] = \
             min(full), statistics.median(full), max(full)
@@ -936,6 +938,12 @@ def one_run(run_no, args, exe, extra_env):
         res["server_stop_s"] = round(server.stop_seconds, 2)
         res["server_exit"] = server.exit_code
         res["peak_rss_mb"] = round(server.sampler.peak_mb, 1)
+        rss_s: dict = {}
+        for ts_, kb in server.sampler.samples:
+            sec = int(ts_ - start)
+            if 0 <= sec < int(args.duration):
+                rss_s[sec] = max(rss_s.get(sec, 0), kb)
+        res["rss_mb_per_second"] = [round(rss_s.get(k, 0) / 1024) for k in range(int(args.duration))]
         if server.exit_code != 0:
             res["problems"].append(f"server exit code after SIGTERM: {server.exit_code}\n{server.log_tail()}")
         problems = server.log_problems()
@@ -954,7 +962,7 @@ def one_run(run_no, args, exe, extra_env):
     return res, data_dir
 
 
-def print_run(res, bar_grpc):
+def print_run(res, bar_grpc, timeline=False):
     p = print
     p(f"--- run {res['run']} ({res['transport']}, {res['clients']} clients x {res['concurrency']} in flight) ---")
     if res.get("fatal"):
@@ -970,6 +978,8 @@ def print_run(res, bar_grpc):
         p(f"  other errors        {res['errors']} ({res['error_spans']:,} spans)")
     p(f"  acked spans/s       {res['acked_per_s']:,.0f}   (per-second min/median/max "
       f"{res.get('per_second_min', 0):,}/{res.get('per_second_median', 0):,.0f}/{res.get('per_second_max', 0):,})")
+    if timeline:
+        p("  acked per second    " + " ".join(f"{v / 1000:.1f}k" for v in res.get("per_second", [])))
     p(f"  Export latency      p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, max {res['max_ms']:.1f} ms")
     p(f"  client CPU          {res['client_cpu_s']:.1f} s ({res['client_cores']:.2f} cores; user "
       f"{res['client_user_s']:.1f} s, sys {res['client_sys_s']:.1f} s)")
@@ -977,6 +987,8 @@ def print_run(res, bar_grpc):
         p(f"  server CPU          {res['server_cpu_s']:.1f} s during load ({res['server_cores']:.2f} cores); "
           f"{res['server_cpu_lifetime_s']} s over its lifetime; SIGTERM->exit {res['server_stop_s']:.1f} s, "
           f"exit {res['server_exit']}")
+        if timeline:
+            p("  server RSS MB/s     " + " ".join(str(v) for v in res.get("rss_mb_per_second", [])))
         p(f"  server peak RSS     {res['peak_rss_mb']:.0f} MB (sampled tree/VmHWM; wait4 maxrss "
           f"{res['server_maxrss_mb']} MB)")
         stored = res.get("stored")
@@ -1042,6 +1054,7 @@ def parse_args(argv=None):
     ap.add_argument("--tmp-dir", default=None, help="where the fresh data dirs go (default: system temp)")
     ap.add_argument("--keep-data", action="store_true", help="keep the data dirs and server logs")
     ap.add_argument("--json", action="store_true", help="print one machine-readable JSON line at the end")
+    ap.add_argument("--timeline", action="store_true", help="print acknowledged spans for every second of a run")
     ap.add_argument("--check", action="store_true", help="exit 1 when the median misses the bar")
     a = ap.parse_args(argv)
     if a.runs < 1 or a.clients < 1 or a.concurrency < 1 or a.duration <= 0 or a.pool_requests < 1:
@@ -1071,7 +1084,7 @@ def main(argv=None):
     runs, bad = [], False
     for n in range(1, args.runs + 1):
         res, data_dir = one_run(n, args, args.shadowlens, args.extra_env)
-        print_run(res, bar_grpc=True)
+        print_run(res, bar_grpc=True, timeline=args.timeline)
         sys.stdout.flush()
         runs.append(res)
         if res.get("fatal") or res.get("stored_ok") is False or (res.get("server_exit") not in (None, 0)):

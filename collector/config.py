@@ -37,8 +37,10 @@ DEFAULTS: dict[str, Any] = {
         "dedup_max_keys": 4_000_000,
         "retention_check": "1m",
     },
-    "traces": {"idle_seconds": 5, "max_seconds": 300},
+    "traces": {"idle_seconds": 5, "max_seconds": 300, "max_open": 100000},
     "window": "15m",
+    # developers' addition: the analyzers' own knobs
+    "analyzers": {"enabled": True, "window_refresh": "5s"},
     "cohorts": {
         "max_values": 50,
         "labels": {
@@ -133,6 +135,13 @@ class EvalConfig:
 class TracesConfig:
     idle_seconds: float
     max_seconds: float
+    max_open: int
+
+
+@dataclass(frozen=True)
+class AnalyzersConfig:
+    enabled: bool
+    window_refresh_s: float
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,7 @@ class Config:
     store: StoreConfig
     traces: TracesConfig
     window_s: float
+    analyzers: AnalyzersConfig
     cohort_labels: Mapping[str, tuple[str, ...]]
     cohort_max_values: int
     evals: EvalConfig
@@ -242,6 +252,16 @@ def _int(tree: Mapping, *path: str, minimum: int = 0) -> int:
     return out
 
 
+def _bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if str(value).strip().lower() in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{key}: {value!r} is not true or false")
+
+
 def _float(value: Any, key: str) -> float:
     try:
         return float(value)
@@ -301,8 +321,13 @@ def build(tree: dict) -> Config:
         traces=TracesConfig(
             idle_seconds=_float(tree["traces"]["idle_seconds"], "traces.idle_seconds"),
             max_seconds=_float(tree["traces"]["max_seconds"], "traces.max_seconds"),
+            max_open=_int(tree, "traces", "max_open", minimum=1),
         ),
         window_s=parse_duration(tree["window"], "window"),
+        analyzers=AnalyzersConfig(
+            enabled=_bool(tree["analyzers"]["enabled"], "analyzers.enabled"),
+            window_refresh_s=parse_duration(tree["analyzers"]["window_refresh"], "analyzers.window_refresh"),
+        ),
         cohort_labels=cohort_labels,
         cohort_max_values=_int(tree, "cohorts", "max_values", minimum=1),
         evals=EvalConfig(

@@ -143,3 +143,17 @@ def spans_view_ddl(cohort_labels) -> str:
         " s.received_at, s.ingest_seq, s.payload_id"
         " FROM spans_core s LEFT JOIN payloads p USING (payload_id)"
     )
+
+
+def traces_ddl(cohort_labels) -> str:
+    """One row per completed trace (CONTRACT §5); a late span replaces the row (``revision`` + 1)."""
+    cohort = "".join(f', "{label}" VARCHAR' for label in cohort_labels)
+    return (
+        "CREATE TABLE IF NOT EXISTS traces (trace_id VARCHAR, route VARCHAR, request_id VARCHAR"
+        f"{cohort}, start_time TIMESTAMP, end_time TIMESTAMP, duration_seconds DOUBLE, steps BIGINT,"
+        " llm_calls BIGINT, tool_calls BIGINT, input_tokens BIGINT, output_tokens BIGINT, cache_read_tokens BIGINT,"
+        " cache_write_tokens BIGINT, reasoning_tokens BIGINT, cost_usd DOUBLE, evals_total BIGINT,"
+        " evals_failed BIGINT, refused BOOLEAN, escalated BOOLEAN, model VARCHAR, models VARCHAR,"
+        " incomplete BOOLEAN, span_count BIGINT, session_id VARCHAR, service_name VARCHAR, root_name VARCHAR,"
+        " min_ingest_seq BIGINT, max_ingest_seq BIGINT, completed_at TIMESTAMP, revision INTEGER)"
+    )

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 
 from prometheus_client.registry import CollectorRegistry
 
+from analyzers.aggregates import StreamingAggregates
+from analyzers.assembly import TraceAssembler
+from analyzers.cohorts import CohortLimiter
+from analyzers.window import WindowRefresher, WindowStats
+from exporters.analysis import AnalysisCollector
 from exporters.http import MetricsServer
 from exporters.prometheus import IngestCollector
 
@@ -78,9 +83,28 @@ def build_app(cfg: Config) -> App:
     app.http = HttpReceiver(cfg.receivers.http, handler, cfg.receivers.http_max_bytes)
     retention = Retention(data_dir, store.cursor, cfg.store.retention_s, cfg.store.retention_check_s,
                           current_segment=lambda: store.segments.segment)
+    analyzers = _analyzers(cfg, store, registry) if cfg.analyzers.enabled else []
     # downstream first: the store must be open before anything can submit to it
-    app.components = [store, QueryServer(data_dir, store.cursor), retention, app.metrics, app.grpc, app.http]
+    app.components = [store, QueryServer(data_dir, store.cursor), retention, *analyzers, app.metrics, app.grpc,
+                      app.http]
     return app
+
+
+def _analyzers(cfg: Config, store: StoreWriter, registry: CollectorRegistry) -> list:
+    """store -> TraceAssembler -> StreamingAggregates; WindowRefresher; both exposed by AnalysisCollector."""
+    limiter = CohortLimiter(cfg.cohort_labels, cfg.cohort_max_values, forget_after_s=2 * cfg.window_s)
+    aggregates = StreamingAggregates(limiter)
+    assembler = TraceAssembler(store, cfg.cohort_labels, cfg.traces.idle_seconds, cfg.traces.max_seconds, cfg.routes,
+                               max_open=cfg.traces.max_open, sinks=[aggregates])
+
+    def forget(older_than_s: float) -> None:
+        aggregates.forget_stale(older_than_s)
+        limiter.forget_stale()
+
+    window = WindowRefresher(WindowStats(store.cursor, limiter, cfg.window_s), cfg.analyzers.window_refresh_s,
+                             on_refresh=lambda snap: None, forget=forget)
+    registry.register(AnalysisCollector(aggregates, lambda: window.latest, assembler.stats, limiter))
+    return [assembler, window]
 
 
 def run(cfg: Config) -> int:

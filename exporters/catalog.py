@@ -24,3 +24,53 @@ SELF_METRICS = (
     MetricSpec("shadowlens_ingest_queue_spans", "gauge", (), "Spans accepted and waiting for their commit."),
     MetricSpec("shadowlens_store_bytes", "gauge", (), "Bytes on disk: DuckDB file, its WAL and payload segments."),
 )
+
+# CONTRACT §6; <cohort> stands for the configured cohort labels (default intent, language, tier).
+STREAMING_METRICS = (
+    MetricSpec("shadowlens_traces", "counter", ("route", "<cohort>"), "Completed traces."),
+    MetricSpec("shadowlens_trace_duration_seconds", "histogram", ("route", "<cohort>"),
+               "Trace duration, first span start to last span end (exemplars: trace_id)."),
+    MetricSpec("shadowlens_trajectory_steps", "histogram", ("route", "<cohort>"),
+               "Trajectory length: distinct agent.trajectory.step values, else LLM + TOOL spans."),
+    MetricSpec("shadowlens_trace_cost_usd", "histogram", ("route", "<cohort>"),
+               "Cost per trace in USD (reported cost, else the price table); traces of unknown cost are left out."),
+    MetricSpec("shadowlens_evals", "counter", ("route", "<cohort>", "eval", "result"), "Eval results by outcome."),
+    MetricSpec("shadowlens_refusals", "counter", ("route", "<cohort>"), "Traces with a refusal."),
+    MetricSpec("shadowlens_escalations", "counter", ("route", "<cohort>"), "Traces escalated to a human."),
+    MetricSpec("shadowlens_tokens", "counter", ("route", "model", "type"), "Tokens of LLM spans (prompt|completion)."),
+    MetricSpec("shadowlens_cost_usd", "counter", ("route", "model"), "USD spent by LLM spans."),
+)
+WINDOW_METRICS = (
+    MetricSpec("shadowlens_window_traces", "gauge", ("route", "<cohort>"), "Traces completed in the window."),
+    MetricSpec("shadowlens_window_trace_duration_seconds", "gauge", ("route", "<cohort>", "quantile"),
+               "Exact trace duration quantiles over the window."),
+    MetricSpec("shadowlens_window_trajectory_steps_mean", "gauge", ("route", "<cohort>"), "Mean steps over the window."),
+    MetricSpec("shadowlens_window_cost_per_trace_usd", "gauge", ("route", "<cohort>"),
+               "Mean cost per trace over the window (traces of known cost)."),
+    MetricSpec("shadowlens_window_eval_fail_ratio", "gauge", ("route", "<cohort>", "eval"),
+               "Failed / all eval results over the window."),
+    MetricSpec("shadowlens_window_refusal_ratio", "gauge", ("route", "<cohort>"), "Refused / all traces over the window."),
+    MetricSpec("shadowlens_window_escalation_ratio", "gauge", ("route", "<cohort>"),
+               "Escalated / all traces over the window."),
+)
+ANALYZER_SELF_METRICS = (
+    MetricSpec("shadowlens_late_spans", "counter", (), "Spans that arrived after their trace completed."),
+    MetricSpec("shadowlens_open_traces", "gauge", (), "Traces waiting to complete."),
+    MetricSpec("shadowlens_traces_evicted", "counter", (),
+               "Open traces finalized early (as incomplete) because traces.max_open was reached."),
+    MetricSpec("shadowlens_cohort_overflow", "counter", ("label",),
+               "Traces whose cohort value became __overflow__ (cohorts.max_values reached)."),
+    MetricSpec("shadowlens_unpriced_spans", "counter", ("model",), "LLM spans with tokens but no price."),
+    MetricSpec("shadowlens_window_refresh_seconds", "gauge", (), "How long the last window refresh took."),
+)
+
+ALL_METRICS = SELF_METRICS + STREAMING_METRICS + WINDOW_METRICS + ANALYZER_SELF_METRICS
+
+
+def exposed_names(spec: MetricSpec) -> list[str]:
+    """The series names Prometheus sees for one metric (what dashboards and rules may use)."""
+    if spec.type == "counter":
+        return [spec.name + "_total"]
+    if spec.type == "histogram":
+        return [spec.name + s for s in ("_bucket", "_sum", "_count")]
+    return [spec.name]

@@ -40,8 +40,8 @@ class _Handler(BaseHTTPRequestHandler):
             status, doc = app.json_routes[path]()
             self._reply(status, "application/json", json.dumps(doc, indent=2).encode() + b"\n")
         else:
-            self._reply(404, "text/plain; charset=utf-8",
-                        b"not found; try /metrics, /healthz, /readyz" + b"".join(b", " + p.encode() for p in app.json_routes) + b"\n")
+            paths = ", ".join(["/metrics", "/healthz", "/readyz", *app.json_routes])
+            self._reply(404, "text/plain; charset=utf-8", f"not found; try {paths}\n".encode())
 
 
 class MetricsServer:

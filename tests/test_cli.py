@@ -5,7 +5,6 @@ import subprocess
 
 import pytest
 import yaml
-
 from conftest import REPO, SHADOWLENS, free_port, server_env
 
 

@@ -8,7 +8,6 @@ import time
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-
 from otlp_builders import random_spans, span_request
 from test_receivers import TRACE_METHOD, http_post
 

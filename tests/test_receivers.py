@@ -12,8 +12,7 @@ import grpc
 import pytest
 from google.rpc import code_pb2, status_pb2
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
-
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from otlp_builders import T0, log_request, random_spans, span_request
 
 TRACE_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"

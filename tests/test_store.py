@@ -7,6 +7,8 @@ import subprocess
 import time
 
 import pytest
+from conftest import REPO, SHADOWLENS
+from otlp_builders import random_spans, span_request
 
 from collector.config import default_config
 from collector.decode.normalize import Normalizer
@@ -16,8 +18,6 @@ from collector.store.reader import QueryError, query
 from collector.store.retention import Retention
 from collector.store.segments import list_segments
 from collector.store.writer import StoreWriter
-from conftest import REPO, SHADOWLENS
-from otlp_builders import random_spans, span_request
 
 HOUR_NS = 3600 * 10**9
 

@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import pyarrow as pa
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from .. import schema
 from ..config import EvalConfig
-from . import aliases as A
-from opentelemetry.proto.trace.v1.trace_pb2 import Span
-
 from ..errors import PermanentError
+from . import aliases as A
 from .anyvalue import attributes_to_json, raw_value, to_python, typed
 from .scan import scan_traces
 

@@ -18,8 +18,10 @@ DB_FILE = "shadowlens.duckdb"
 SEGMENTS_DIR = "segments"
 SOCKET_FILE = "serve.sock"
 
+
 def db_path(data_dir: Path) -> Path:
     return Path(data_dir) / DB_FILE
+
 
 def migrate(con: duckdb.DuckDBPyConnection, cohort_labels) -> None:
     con.execute(schema.META_DDL)
@@ -33,6 +35,13 @@ def migrate(con: duckdb.DuckDBPyConnection, cohort_labels) -> None:
     con.execute(schema.LOGS_DDL)
     con.execute(schema.PAYLOADS_DDL)
     con.execute(schema.spans_view_ddl(cohort_labels))
+    con.execute(schema.traces_ddl(cohort_labels))
+    existing = {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'traces'").fetchall()}
+    for label in cohort_labels:
+        if label not in existing:
+            con.execute(f'ALTER TABLE traces ADD COLUMN "{label}" VARCHAR')
+
 
 class PayloadDecoder:
     """Decodes spans' bulky parts from segment files, caching recently decoded requests."""
@@ -82,6 +91,7 @@ class PayloadDecoder:
     def close(self) -> None:
         self.segments.close()
 
+
 def register_functions(con: duckdb.DuckDBPyConnection, decoder: PayloadDecoder) -> None:
     from duckdb.sqltypes import BIGINT, INTEGER, VARCHAR
     con.create_function("shadowlens_span_json", decoder.arrow_udf,
@@ -89,3 +99,9 @@ def register_functions(con: duckdb.DuckDBPyConnection, decoder: PayloadDecoder) 
                         type="arrow", null_handling="special", side_effects=False)
 
 _ = to_python  # re-exported for callers decoding single values
+
+
+def frame(con: duckdb.DuckDBPyConnection, sql: str, params=None):
+    """Run a query and return a polars DataFrame (through Arrow, without the DB-API copy)."""
+    import polars as pl
+    return pl.from_arrow(con.sql(sql, params=params).to_arrow_table())

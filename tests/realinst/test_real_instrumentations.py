@@ -34,7 +34,6 @@ Quirks met with the pinned versions (what the expectations in ``QUIRKS`` encode,
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import time
 import uuid

@@ -1,0 +1,241 @@
+"""TraceAssembler: committed spans -> completed traces (CONTRACT §5).
+
+A trace completes when its root span has arrived and no span came for ``traces.idle_seconds``,
+or ``traces.max_seconds`` after its first span (then it is ``incomplete`` if the root never came).
+Times are arrival times at the sidecar, not the agent's clock. Memory is bounded by
+``traces.max_open``: beyond it the oldest open trace is finalized as incomplete and counted.
+
+Exactly-once: the ``traces`` table is the record of what completed. A trace whose row already
+exists when it completes again (late spans) gets its row replaced (``revision`` + 1) and is not
+handed to the metrics again; after a restart, open traces are rebuilt from spans that have no
+trace row, and late spans that were never processed from spans newer than their trace's row.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+
+from collector.store.database import frame
+
+from .rollup import RouteResolver, rollup_sql
+
+log = logging.getLogger("shadowlens.assembly")
+
+
+@dataclass
+class _Open:
+    first_seen: float
+    last_seen: float
+    root: bool
+    first_seq: int
+
+
+@dataclass(frozen=True)
+class CompletedTraces:
+    """One finalization round: ``traces`` rows completed for the first time, and their evals."""
+    traces: pl.DataFrame           # columns of the traces table
+    evals: pl.DataFrame            # trace_id, name, passed, n
+    models: pl.DataFrame | None    # trace_id, model, input_tokens, output_tokens, cost_usd (LLM spans)
+    late_spans: int
+    revised: int
+
+
+@dataclass
+class AssemblyStats:
+    late_spans: int = 0
+    evicted: int = 0
+    completed: int = 0
+    revised: int = 0
+    open_traces: int = 0
+
+
+class TraceAssembler:
+    def __init__(self, store, cohort_labels, idle_s: float, max_s: float, routes, *, max_open: int = 100_000,
+                 poll_s: float = 0.25, sinks: list[Callable[[CompletedTraces], None]] | None = None,
+                 now: Callable[[], float] = time.time):
+        self.store = store
+        self.cohort_labels = tuple(cohort_labels)
+        self.idle_s, self.max_s = idle_s, max_s
+        self.max_open = max_open
+        self.poll_s = poll_s
+        self.sinks = list(sinks or [])
+        self.now = now
+        self.routes = RouteResolver(routes)
+        self.stats = AssemblyStats()
+        self._sql = rollup_sql(self.cohort_labels)
+        self._open: dict[str, _Open] = {}                         # insertion order = first_seen order
+        self._by_last: OrderedDict[str, None] = OrderedDict()     # least recently updated first
+        self._seq = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._columns: list[str] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._con = self.store.cursor()
+        self._seq = self.store.committed_seq
+        self._rebuild()
+        self._thread = threading.Thread(target=self._run, name="shadowlens-assembler", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops; open traces stay open and are rebuilt from the store on the next start."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+    def _rebuild(self) -> None:
+        con = self._con
+        rows = con.execute("""
+            SELECT s.trace_id, bool_or(s.parent_span_id IS NULL), min(s.ingest_seq),
+                   epoch(min(s.received_at)), epoch(max(s.received_at))
+            FROM spans_core s ANTI JOIN traces t USING (trace_id)
+            GROUP BY s.trace_id ORDER BY 4""").fetchall()
+        late = con.execute("""
+            SELECT s.trace_id, true, min(t.min_ingest_seq), epoch(min(s.received_at)), epoch(max(s.received_at))
+            FROM spans_core s JOIN traces t USING (trace_id)
+            WHERE s.ingest_seq > t.max_ingest_seq GROUP BY s.trace_id ORDER BY 4""").fetchall()
+        for tid, root, first_seq, first, last in rows + late:
+            self._touch(tid, bool(root), int(first_seq), float(first), float(last))
+        self.stats.open_traces = len(self._open)
+        if rows or late:
+            log.info("rebuilt %d open traces (%d with late spans) from the store", len(rows) + len(late), len(late))
+
+    # -- the loop --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                seq = self.store.wait_for_commit(self._seq, self.poll_s)
+                if seq > self._seq:
+                    self._consume(self._seq, seq)
+                    self._seq = seq
+                self.complete_due()
+            except Exception:  # noqa: BLE001 - the assembler must outlive one bad round; it is logged
+                log.exception("trace assembly round failed; retrying")
+                time.sleep(self.poll_s)
+
+    def _touch(self, tid: str, root: bool, first_seq: int, first: float, last: float) -> None:
+        st = self._open.get(tid)
+        if st is None:
+            self._open[tid] = _Open(first, last, root, first_seq)
+        else:
+            st.last_seen = max(st.last_seen, last)
+            st.root = st.root or root
+            st.first_seq = min(st.first_seq, first_seq)
+        self._by_last[tid] = None
+        self._by_last.move_to_end(tid)
+
+    def _consume(self, after: int, upto: int) -> None:
+        now = self.now()
+        rows = self._con.execute(
+            "SELECT trace_id, bool_or(parent_span_id IS NULL), min(ingest_seq) FROM spans_core "
+            "WHERE ingest_seq > ? AND ingest_seq <= ? GROUP BY trace_id", [after, upto]).fetchall()
+        for tid, root, first_seq in rows:
+            self._touch(tid, bool(root), int(first_seq), now, now)
+        self.stats.open_traces = len(self._open)
+
+    def complete_due(self) -> int:
+        """Finalize every trace that is due now; returns how many were finalized."""
+        now = self.now()
+        due: dict[str, bool] = {}
+        for tid, st in self._open.items():              # max_seconds, in first_seen order
+            if now - st.first_seen < self.max_s:
+                break
+            due[tid] = False
+        for tid in self._by_last:                       # idle_seconds, least recently updated first
+            st = self._open[tid]
+            if now - st.last_seen < self.idle_s:
+                break
+            if st.root:
+                due[tid] = False
+        excess = len(self._open) - len(due) - self.max_open
+        if excess > 0:                                  # bounded memory: the oldest are finalized
+            for tid in self._open:
+                if tid not in due:
+                    due[tid] = True
+                    excess -= 1
+                    if excess <= 0:
+                        break
+        if not due:
+            return 0
+        self._finalize(due)
+        return len(due)
+
+    def _finalize(self, due: dict[str, bool]) -> None:
+        con = self._con
+        lo = min(self._open[t].first_seq for t in due)
+        done = pa.table({"trace_id": list(due), "evicted": list(due.values())})  # noqa: F841 (scanned by name)
+        con.register("done", done)
+        try:
+            con.begin()
+            old = dict(con.execute(
+                "SELECT trace_id, struct_pack(n := span_count, rev := revision, lo := min_ingest_seq) "
+                "FROM traces SEMI JOIN done USING (trace_id)").fetchall())
+            if old:
+                lo = min([lo] + [o["lo"] for o in old.values() if o["lo"] is not None])
+                con.execute("DELETE FROM traces WHERE trace_id IN (SELECT trace_id FROM done)")
+            now_us = int(self.now() * 1e6)
+            rows = frame(con, self._sql.replace("$now::TIMESTAMP", f"make_timestamp({now_us}::BIGINT)"), {"lo": lo})
+            rows = self._finish_rows(rows, old)
+            con.register("new_traces", rows.to_arrow())
+            con.execute(f"INSERT INTO traces ({', '.join(self._quoted(rows.columns))}) SELECT * FROM new_traces")
+            con.unregister("new_traces")
+            new_ids = [t for t in rows["trace_id"].to_list() if t not in old]
+            evals = models = pl.DataFrame()
+            if new_ids:
+                evals = frame(
+                    con, "SELECT trace_id, name, passed, count(*)::BIGINT AS n FROM evals SEMI JOIN done USING (trace_id) "
+                    "WHERE ingest_seq >= $lo GROUP BY ALL", {"lo": lo})
+                models = frame(
+                    con, "SELECT trace_id, model, sum(input_tokens)::BIGINT, sum(output_tokens)::BIGINT, sum(cost_usd) "
+                    "FROM spans_core SEMI JOIN done USING (trace_id) WHERE ingest_seq >= $lo AND span_kind = 'LLM' "
+                    "GROUP BY ALL", {"lo": lo})
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        finally:
+            con.unregister("done")
+        for tid in due:
+            self._open.pop(tid, None)
+            self._by_last.pop(tid, None)
+        late = int(sum(max(0, n - old[t]["n"]) for t, n in zip(rows["trace_id"], rows["span_count"]) if t in old))
+        self.stats.late_spans += late
+        self.stats.revised += len(old)
+        self.stats.completed += len(new_ids)
+        self.stats.evicted += sum(due.values())
+        self.stats.open_traces = len(self._open)
+        if new_ids:
+            fresh = rows.filter(pl.col("revision") == 0)
+            ev = evals.filter(pl.col("trace_id").is_in(new_ids)) if evals.height else evals
+            mo = models.filter(pl.col("trace_id").is_in(new_ids)) if models.height else models
+            result = CompletedTraces(fresh, ev, mo, late, len(old))
+            for sink in self.sinks:
+                sink(result)
+
+    def _finish_rows(self, rows: pl.DataFrame, old: dict) -> pl.DataFrame:
+        route_from_model = [self.routes.route(m) if r is None else r
+                            for r, m in zip(rows["route"].to_list(), rows["_request_model"].to_list())]
+        rows = rows.with_columns(
+            pl.Series("route", route_from_model, dtype=pl.Utf8),
+            pl.Series("revision", [old[t]["rev"] + 1 if t in old else 0 for t in rows["trace_id"].to_list()],
+                      dtype=pl.Int32),
+        ).drop("_request_model")
+        return rows
+
+    @staticmethod
+    def _quoted(cols) -> list[str]:
+        return [f'"{c}"' for c in cols]

@@ -1,0 +1,66 @@
+"""Cardinality safety for cohort labels: each label keeps at most ``cohorts.max_values`` values.
+
+The first values seen win; later new values become ``__overflow__`` and are counted per label in
+``shadowlens_cohort_overflow_total``. Values unseen for ``forget_after_s`` (two windows) free their
+place, so a cohort that disappears stops occupying a series.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Callable
+
+OVERFLOW = "__overflow__"
+
+
+class CohortLimiter:
+    def __init__(self, labels, max_values: int, forget_after_s: float, now: Callable[[], float] = time.time):
+        self.labels = tuple(labels)
+        self.max_values = max_values
+        self.forget_after_s = forget_after_s
+        self.now = now
+        self._seen: dict[str, dict[str, float]] = {label: {} for label in self.labels}
+        self.overflow = Counter()
+        self._lock = threading.Lock()
+
+    def map(self, label: str, values: list[str], count: bool = True) -> list[str]:
+        """Values of one label -> the values to use as metric labels (``__overflow__`` beyond the cap).
+
+        ``count`` adds the overflowed values to ``overflow`` (one per trace on the streaming path;
+        the window refresh maps distinct values and does not count them again).
+        """
+        now = self.now()
+        seen = self._seen[label]
+        out = []
+        overflowed = 0
+        with self._lock:
+            for v in values:
+                if v in seen:
+                    seen[v] = now
+                    out.append(v)
+                elif len(seen) < self.max_values:
+                    seen[v] = now
+                    out.append(v)
+                else:
+                    overflowed += 1
+                    out.append(OVERFLOW)
+            if overflowed and count:
+                self.overflow[label] += overflowed
+        return out
+
+    def allowed(self, label: str) -> list[str]:
+        with self._lock:
+            return list(self._seen[label])
+
+    def forget_stale(self) -> list[tuple[str, str]]:
+        """Drop values unseen for ``forget_after_s``; returns the (label, value) pairs dropped."""
+        cutoff = self.now() - self.forget_after_s
+        dropped = []
+        with self._lock:
+            for label, seen in self._seen.items():
+                for v, t in list(seen.items()):
+                    if t < cutoff:
+                        del seen[v]
+                        dropped.append((label, v))
+        return dropped
