@@ -41,7 +41,6 @@ import shutil
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -421,7 +420,9 @@ def _find_all(data: bytes, needle: bytes) -> list:
 
 def id_suffix(nonce: int, worker: int, cycle: int) -> bytes:
     """The 8 bytes that replace the marker: unique per (run nonce, worker, pass over the pool)."""
-    return struct.pack(">HHI", nonce & 0xFFFF, worker & 0xFFFF, cycle & 0xFFFFFFFF)
+    if worker > 0xFFFF or cycle > 0xFFFFFF:
+        raise ValueError("worker id or pool pass out of range for the 8-byte id suffix")
+    return ((nonce & 0xFFFFFF) << 40 | worker << 24 | cycle).to_bytes(8, "big")
 
 
 def materialize(t: Template, suffix: bytes) -> bytes:
@@ -863,7 +864,7 @@ def one_run(run_no, args, exe, extra_env):
             return res, data_dir
         port = server.http_port if args.http else server.grpc_port
         args.target = f"127.0.0.1:{port}"
-    nonce = int.from_bytes(os.urandom(2), "big")
+    nonce = int.from_bytes(os.urandom(3), "big")   # keeps ids unique across runs against one --endpoint
     ready_q, out_q = ctx.Queue(), ctx.Queue()
     go = ctx.Event()
     start_v = ctx.Value("d", 0.0, lock=False)

@@ -35,6 +35,7 @@ SPAN_FIELDS: list[tuple[str, pa.DataType, str]] = [
     ("cache_write_tokens", pa.int64(), "BIGINT"),
     ("reasoning_tokens", pa.int64(), "BIGINT"),
     ("reported_cost_usd", pa.float64(), "DOUBLE"),
+    ("cost_usd", pa.float64(), "DOUBLE"),
     ("finish_reason", pa.string(), "VARCHAR"),
     ("refused", pa.bool_(), "BOOLEAN"),
     ("escalated", pa.bool_(), "BOOLEAN"),
@@ -91,7 +92,7 @@ def spans_core_ddl(cohort_labels) -> str:
         else:
             cols.append(f"{name} {sql}")
     cols += [f'"{label}" VARCHAR' for label in cohort_labels]
-    cols += ["cost_usd DOUBLE", "payload_id BIGINT", "ingest_seq BIGINT", "received_at TIMESTAMP"]
+    cols += ["payload_id BIGINT", "ingest_seq BIGINT", "received_at TIMESTAMP"]
     return "CREATE TABLE IF NOT EXISTS spans_core (" + ", ".join(cols) + ")"
 
 
@@ -110,8 +111,8 @@ def spans_insert_select(cohort_labels, source: str) -> str:
     for label in cohort_labels:
         targets.append(f'"{label}"')
         exprs.append(f'"{label}"')
-    targets += ["cost_usd", "payload_id", "ingest_seq", "received_at"]
-    exprs += ["reported_cost_usd", "payload_id", "$seq::BIGINT", "$now::TIMESTAMP"]
+    targets += ["payload_id", "ingest_seq", "received_at"]
+    exprs += ["payload_id", "$seq::BIGINT", "$now::TIMESTAMP"]
     return f"INSERT INTO spans_core ({', '.join(targets)}) SELECT {', '.join(exprs)} FROM {source}"
 
 

@@ -17,6 +17,7 @@ from prometheus_client.registry import CollectorRegistry
 from analyzers.aggregates import StreamingAggregates
 from analyzers.assembly import TraceAssembler
 from analyzers.cohorts import CohortLimiter
+from analyzers.pricing import PriceTable
 from analyzers.window import WindowRefresher, WindowStats
 from exporters.analysis import AnalysisCollector
 from exporters.http import MetricsServer
@@ -78,7 +79,7 @@ def build_app(cfg: Config) -> App:
     registry.register(IngestCollector(stats, lambda: store_bytes(data_dir)))
     app.metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, registry,
                                 ready=lambda: (True, "ready") if app.ready else (False, "starting or stopping"))
-    handler = ExportHandler(Normalizer(cfg.cohort_labels, cfg.evals), store, stats)
+    handler = ExportHandler(Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices)), store, stats)
     app.grpc = GrpcReceiver(cfg.receivers.grpc, handler, cfg.receivers.grpc_max_bytes, cfg.receivers.grpc_max_workers)
     app.http = HttpReceiver(cfg.receivers.http, handler, cfg.receivers.http_max_bytes)
     retention = Retention(data_dir, store.cursor, cfg.store.retention_s, cfg.store.retention_check_s,

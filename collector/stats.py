@@ -16,6 +16,7 @@ class IngestStats:
         self.logs_received: Counter = Counter()
         self.logs_rejected: Counter = Counter()
         self.spans_duplicate = 0
+        self.unpriced_spans: Counter = Counter()      # model -> LLM spans with tokens but no price
         self.requests_refused: Counter = Counter()    # reason (overloaded, too_large, invalid) -> requests
         self.gauges: dict[str, Callable[[], float]] = {}
 
@@ -36,4 +37,5 @@ class IngestStats:
                 "spans_received": dict(self.spans_received), "spans_rejected": dict(self.spans_rejected),
                 "logs_received": dict(self.logs_received), "logs_rejected": dict(self.logs_rejected),
                 "spans_duplicate": self.spans_duplicate, "requests_refused": dict(self.requests_refused),
+                "unpriced_spans": dict(self.unpriced_spans),
             }

@@ -37,12 +37,11 @@ def _buckets(bounds, counts, exemplars):
 
 class AnalysisCollector(Collector):
     def __init__(self, aggregates: StreamingAggregates, window: Callable[[], WindowSnapshot | None],
-                 assembly_stats, limiter, unpriced: Callable[[], dict] = dict):
+                 assembly_stats, limiter):
         self.aggregates = aggregates
         self.window = window
         self.assembly_stats = assembly_stats
         self.limiter = limiter
-        self.unpriced = unpriced
         self.labels = list(aggregates.labels)
 
     def collect(self) -> Iterable:
@@ -133,7 +132,3 @@ class AnalysisCollector(Collector):
         for label in self.labels:
             of.add_metric([label], self.limiter.overflow.get(label, 0))
         yield of
-        up = CounterMetricFamily("shadowlens_unpriced_spans", _HELP["shadowlens_unpriced_spans"], labels=["model"])
-        for model, n in sorted(self.unpriced().items()):
-            up.add_metric([model], n)
-        yield up

@@ -22,6 +22,7 @@ SELF_METRICS = (
     MetricSpec("shadowlens_requests_refused", "counter", ("reason",),
                "Export requests refused whole (queue_full, too_large, invalid)."),
     MetricSpec("shadowlens_ingest_queue_spans", "gauge", (), "Spans accepted and waiting for their commit."),
+    MetricSpec("shadowlens_unpriced_spans", "counter", ("model",), "LLM spans with tokens but no price."),
     MetricSpec("shadowlens_store_bytes", "gauge", (), "Bytes on disk: DuckDB file, its WAL and payload segments."),
 )
 
@@ -60,7 +61,6 @@ ANALYZER_SELF_METRICS = (
                "Open traces finalized early (as incomplete) because traces.max_open was reached."),
     MetricSpec("shadowlens_cohort_overflow", "counter", ("label",),
                "Traces whose cohort value became __overflow__ (cohorts.max_values reached)."),
-    MetricSpec("shadowlens_unpriced_spans", "counter", ("model",), "LLM spans with tokens but no price."),
     MetricSpec("shadowlens_window_refresh_seconds", "gauge", (), "How long the last window refresh took."),
 )
 

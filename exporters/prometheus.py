@@ -40,6 +40,7 @@ class IngestCollector(Collector):
         yield _counter("shadowlens_log_records_received", s["logs_received"])
         yield _counter("shadowlens_log_records_rejected", s["logs_rejected"])
         yield _counter("shadowlens_requests_refused", s["requests_refused"])
+        yield _counter("shadowlens_unpriced_spans", s["unpriced_spans"])
         q = GaugeMetricFamily("shadowlens_ingest_queue_spans", _SPECS["shadowlens_ingest_queue_spans"].help)
         q.add_metric([], self.stats.gauges.get("ingest_queue_spans", lambda: 0.0)())
         yield q

@@ -46,6 +46,7 @@ class NormalizedBatch:
     reasons: Counter = field(default_factory=Counter)
     message: str = ""
     payload: bytes = b""              # the request as protobuf bytes (the bulky part's home)
+    unpriced: Counter = field(default_factory=Counter)   # model -> LLM spans with tokens but no price
 
     @property
     def accepted(self) -> int:
@@ -55,7 +56,9 @@ class NormalizedBatch:
 class Normalizer:
     """Turns ExportTraceServiceRequest / ExportLogsServiceRequest into store columns."""
 
-    def __init__(self, cohort_labels: Mapping[str, tuple[str, ...]], evals: EvalConfig):
+    def __init__(self, cohort_labels: Mapping[str, tuple[str, ...]], evals: EvalConfig, prices=None):
+        """``prices``: an ``analyzers.pricing.PriceTable``; without one, only reported costs are stored."""
+        self.prices = prices
         self.cohort_labels = tuple(cohort_labels)
         extra = {f"cohort:{name}": tuple(keys) for name, keys in cohort_labels.items()}
         index = A.key_index(extra)
@@ -189,6 +192,9 @@ class Normalizer:
                         refused[i] = True
                     finish[i] = ",".join(reasons_i)
 
+        cost, unpriced = self._costs(cols, sc, n)
+        cols["cost_usd"] = cost
+
         hex_t = [t.hex() for t in tids]
         hex_s = [s_.hex() for s_ in sids]
         evals = self._span_evals(sc, cols, hex_t, hex_s, n)
@@ -243,7 +249,31 @@ class Normalizer:
         return NormalizedBatch(
             signal="traces", spans=batch if batch.num_rows else None,
             evals=_to_batch(eval_rows, schema.EVAL_SCHEMA) if eval_rows else None,
-            logs=None, keys=keys, received=n, rejected=len(bad), reasons=reasons, message=message, payload=payload)
+            logs=None, keys=keys, received=n, rejected=len(bad), reasons=reasons, message=message, payload=payload,
+            unpriced=unpriced)
+
+    def _costs(self, cols, sc, n) -> tuple[list | None, Counter]:
+        """Cost of LLM spans: the reported cost, else tokens x the price table (CONTRACT §4)."""
+        reported = cols["reported_cost_usd"]
+        inp, out = cols["input_tokens"], cols["output_tokens"]
+        kinds = cols["span_kind"]
+        if self.prices is None or kinds is None or (inp is None and out is None):
+            return (list(reported) if reported is not None else None), Counter()
+        llm = [i for i, k in enumerate(kinds) if k == "LLM"]
+        if not llm:
+            return (list(reported) if reported is not None else None), Counter()
+        none = [None] * n
+
+        def pick(col):
+            col = col if col is not None else none
+            return [col[i] for i in llm]
+        costs, unpriced = self.prices.price_columns(
+            pick(cols["model"]), [sc["start"][i] for i in llm], pick(inp), pick(out), pick(cols["cache_read_tokens"]),
+            pick(cols["cache_write_tokens"]), pick(reported))
+        out_col = list(reported) if reported is not None else [None] * n
+        for i, c in zip(llm, costs):
+            out_col[i] = c
+        return out_col, unpriced
 
     def _resource_values(self, matches) -> dict[str, Any]:
         best: dict[str, tuple[int, Any]] = {}

@@ -27,6 +27,8 @@ class ExportHandler:
             self.stats.add("spans_received", receiver, batch.received)
             if batch.rejected:
                 self.stats.add_many("spans_rejected", batch.reasons)
+            if batch.unpriced:
+                self.stats.add_many("unpriced_spans", batch.unpriced)
         else:
             request, payload = codec.decode(signal, content_type, body)
             batch = self.normalizer.normalize_logs(request, payload)
