@@ -117,10 +117,10 @@ def spans_insert_select(cohort_labels, source: str) -> str:
 
 
 EVALS_DDL = ("CREATE TABLE IF NOT EXISTS evals (" + ", ".join(f"{n} {s}" for n, _, s in EVAL_FIELDS)
-             + ", ingest_seq BIGINT)")
+             + ", ingest_seq BIGINT, payload_id BIGINT)")
 LOGS_DDL = ("CREATE TABLE IF NOT EXISTS logs (trace_id VARCHAR, span_id VARCHAR, time TIMESTAMP, event_name VARCHAR,"
             " severity_text VARCHAR, service_name VARCHAR, body JSON, attributes JSON, resource_attributes JSON,"
-            " ingest_seq BIGINT, received_at TIMESTAMP)")
+            " ingest_seq BIGINT, received_at TIMESTAMP, payload_id BIGINT)")
 PAYLOADS_DDL = ("CREATE TABLE IF NOT EXISTS payloads (payload_id BIGINT PRIMARY KEY, segment INTEGER, byte_offset BIGINT,"
                 " length INTEGER, signal VARCHAR, received_at TIMESTAMP, ingest_seq BIGINT)")
 META_DDL = "CREATE TABLE IF NOT EXISTS shadowlens_meta (key VARCHAR PRIMARY KEY, value VARCHAR)"

@@ -17,6 +17,10 @@ class IngestStats:
         self.logs_rejected: Counter = Counter()
         self.spans_duplicate = 0
         self.unpriced_spans: Counter = Counter()      # model -> LLM spans with tokens but no price
+        self.store_commits = 0                        # group commits
+        self.store_commit_seconds = 0.0               # from taking a group to durable (insert ∥ sync)
+        self.store_insert_seconds = 0.0               # DuckDB insert + commit
+        self.store_sync_seconds = 0.0                 # payload fdatasync
         self.requests_refused: Counter = Counter()    # reason (overloaded, too_large, invalid) -> requests
         self.gauges: dict[str, Callable[[], float]] = {}
 
@@ -38,4 +42,6 @@ class IngestStats:
                 "logs_received": dict(self.logs_received), "logs_rejected": dict(self.logs_rejected),
                 "spans_duplicate": self.spans_duplicate, "requests_refused": dict(self.requests_refused),
                 "unpriced_spans": dict(self.unpriced_spans),
+                "store_commits": self.store_commits, "store_commit_seconds": self.store_commit_seconds,
+                "store_insert_seconds": self.store_insert_seconds, "store_sync_seconds": self.store_sync_seconds,
             }

@@ -24,6 +24,11 @@ SELF_METRICS = (
     MetricSpec("shadowlens_ingest_queue_spans", "gauge", (), "Spans accepted and waiting for their commit."),
     MetricSpec("shadowlens_unpriced_spans", "counter", ("model",), "LLM spans with tokens but no price."),
     MetricSpec("shadowlens_store_bytes", "gauge", (), "Bytes on disk: DuckDB file, its WAL and payload segments."),
+    MetricSpec("shadowlens_store_commits", "counter", (), "Group commits (each covers every Export waiting)."),
+    MetricSpec("shadowlens_store_commit_seconds", "counter", (),
+               "Time spent in group commits, from taking the group to durable (rate / commits = mean commit)."),
+    MetricSpec("shadowlens_store_insert_seconds", "counter", (), "Part of the commit time spent in DuckDB."),
+    MetricSpec("shadowlens_store_sync_seconds", "counter", (), "Time spent in fdatasync of payload segments."),
 )
 
 # CONTRACT §6; <cohort> stands for the configured cohort labels (default intent, language, tier).

@@ -41,6 +41,8 @@ class IngestCollector(Collector):
         yield _counter("shadowlens_log_records_rejected", s["logs_rejected"])
         yield _counter("shadowlens_requests_refused", s["requests_refused"])
         yield _counter("shadowlens_unpriced_spans", s["unpriced_spans"])
+        for name in ("store_commits", "store_commit_seconds", "store_insert_seconds", "store_sync_seconds"):
+            yield _counter(f"shadowlens_{name}", s[name])
         q = GaugeMetricFamily("shadowlens_ingest_queue_spans", _SPECS["shadowlens_ingest_queue_spans"].help)
         q.add_metric([], self.stats.gauges.get("ingest_queue_spans", lambda: 0.0)())
         yield q

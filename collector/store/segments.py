@@ -15,47 +15,81 @@ from pathlib import Path
 SEGMENT_BYTES = 256 << 20
 
 
+class _Segment:
+    def __init__(self, directory: Path, number: int):
+        self.number = number
+        self.fd = os.open(segment_path(directory, number), os.O_WRONLY | os.O_CREAT, 0o644)
+        self.size = os.fstat(self.fd).st_size
+        self.inflight = 0          # writes reserved but not finished
+        self.retired = False
+
+
 class SegmentLog:
-    """Writer side: append payloads, fsync once per group. Used by the writer thread only."""
+    """Writer side. ``append`` from any thread: space is reserved under a lock and the bytes are
+    written outside it (``pwrite``), so receivers copy their payloads in parallel while the
+    writer thread commits; ``sync`` (one ``fdatasync`` per group commit) covers every append that
+    returned before it was called.
+    """
 
     def __init__(self, directory: Path, start_segment: int, segment_bytes: int = SEGMENT_BYTES):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
-        self.segment = start_segment
-        self._open(start_segment)
-
-    def _open(self, segment: int) -> None:
-        self.segment = segment
-        self._fd = os.open(segment_path(self.dir, segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self.offset = os.fstat(self._fd).st_size
+        self._lock = threading.Lock()
+        self._current = _Segment(self.dir, start_segment)
+        self._retired: list[_Segment] = []
         _fsync_dir(self.dir)
 
+    @property
+    def segment(self) -> int:
+        return self._current.number
+
     def append(self, data: bytes) -> tuple[int, int]:
-        if self.offset and self.offset + len(data) > self.segment_bytes:
-            self.sync()
-            os.close(self._fd)
-            self._open(self.segment + 1)
-        seg, off = self.segment, self.offset
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        self.offset += len(data)
-        return seg, off
+        with self._lock:
+            seg = self._current
+            if seg.size and seg.size + len(data) > self.segment_bytes:
+                seg.retired = True
+                self._retired.append(seg)
+                seg = self._current = _Segment(self.dir, seg.number + 1)
+                _fsync_dir(self.dir)
+            off = seg.size
+            seg.size += len(data)
+            seg.inflight += 1
+        try:
+            view = memoryview(data)
+            pos = off
+            while view:
+                n = os.pwrite(seg.fd, view, pos)
+                view, pos = view[n:], pos + n
+        finally:
+            with self._lock:
+                seg.inflight -= 1
+        return seg.number, off
 
     def sync(self) -> None:
-        os.fdatasync(self._fd)
+        with self._lock:
+            segs = self._retired + [self._current]
+        for seg in segs:
+            os.fdatasync(seg.fd)
+        with self._lock:
+            for seg in [s for s in self._retired if s.inflight == 0]:
+                os.close(seg.fd)
+                self._retired.remove(seg)
 
     def close(self) -> None:
-        try:
-            self.sync()
-        finally:
-            os.close(self._fd)
+        self.sync()
+        with self._lock:
+            for seg in self._retired + [self._current]:
+                os.close(seg.fd)
+            self._retired = []
 
 
 def segment_path(directory: Path, segment: int) -> Path:
     return Path(directory) / f"{segment:08d}.seg"
+
+
+def segment_sizes(directory: Path) -> dict[int, int]:
+    return {n: segment_path(directory, n).stat().st_size for n in list_segments(directory)}
 
 
 def list_segments(directory: Path) -> list[int]:
