@@ -1,9 +1,10 @@
 """The composition root of ``shadowlens serve``: wires the stages, starts them downstream-first,
 stops them upstream-first on SIGTERM/SIGINT (stop accepting, drain, commit, exit 0).
 
-    receivers (gRPC, HTTP) -> ExportHandler(decode, normalize) -> StoreWriter -> DuckDB + segments
-                                                                          \\-> QueryServer, Retention
-    IngestStats ------------------------------------------------------------> /metrics
+    frontend process:  receivers (gRPC, HTTP) -> ExportHandler (decode, normalize) -> payload segments
+                                                   | NormalizedBatch over a pipe, acks back
+    this process:      StoreBridge -> StoreWriter (group commit) -> DuckDB -> TraceAssembler -> aggregates
+                       QueryServer, Retention, WindowRefresher;  /metrics reads stats and snapshots
 """
 from __future__ import annotations
 
@@ -25,12 +26,9 @@ from exporters.http import MetricsServer
 from exporters.prometheus import IngestCollector
 
 from .config import Config
-from .decode.normalize import Normalizer
-from .receivers.export import ExportHandler
-from .receivers.grpc import GrpcReceiver
-from .receivers.http import HttpReceiver
 from .stats import IngestStats
 from .store.reader import QueryServer
+from .store.remote import StoreBridge
 from .store.retention import Retention, store_bytes
 from .store.writer import StoreWriter
 
@@ -45,8 +43,7 @@ class App:
     store: StoreWriter
     components: list = field(default_factory=list)
     metrics: MetricsServer | None = None
-    grpc: GrpcReceiver | None = None
-    http: HttpReceiver | None = None
+    frontend: StoreBridge | None = None
     ready: bool = False
 
     def start(self) -> None:
@@ -79,18 +76,17 @@ def build_app(cfg: Config) -> App:
                             "checkpoint_threshold": cfg.store.checkpoint_threshold})
     app = App(config=cfg, stats=stats, store=store)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(IngestCollector(stats, lambda: store_bytes(data_dir)))
+    frontend_stats: dict = {}
+    registry.register(IngestCollector(stats, lambda: store_bytes(data_dir), frontend_stats))
     app.metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, registry,
                                 ready=lambda: (True, "ready") if app.ready else (False, "starting or stopping"))
-    handler = ExportHandler(Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices)), store, stats)
-    app.grpc = GrpcReceiver(cfg.receivers.grpc, handler, cfg.receivers.grpc_max_bytes, cfg.receivers.grpc_max_workers)
-    app.http = HttpReceiver(cfg.receivers.http, handler, cfg.receivers.http_max_bytes)
+    PriceTable.load(cfg.prices)        # a bad user price entry fails here, before anything starts
+    app.frontend = StoreBridge(store, dict(cfg.raw), frontend_stats)
     retention = Retention(data_dir, store.cursor, cfg.store.retention_s, cfg.store.retention_check_s,
-                          current_segment=lambda: store.segments.segment)
+                          current_segment=store.current_segment)
     analyzers = _analyzers(cfg, store, registry) if cfg.analyzers.enabled else []
     # downstream first: the store must be open before anything can submit to it
-    app.components = [store, QueryServer(data_dir, store.cursor), retention, *analyzers, app.metrics, app.grpc,
-                      app.http]
+    app.components = [store, QueryServer(data_dir, store.cursor), retention, *analyzers, app.metrics, app.frontend]
     return app
 
 

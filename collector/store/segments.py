@@ -84,6 +84,34 @@ class SegmentLog:
             self._retired = []
 
 
+class SegmentSyncer:
+    """Makes appended payloads durable: ``fdatasync`` of the segments a group commit references.
+
+    It opens the segment files itself, so the appender may be another process (the ingest
+    frontend): an fdatasync on any descriptor of a file flushes all of its dirty pages.
+    """
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self._fds: dict[int, int] = {}
+        self.highest = 0
+
+    def sync(self, segments) -> None:
+        for seg in sorted(set(segments)):
+            fd = self._fds.get(seg)
+            if fd is None:
+                fd = self._fds[seg] = os.open(segment_path(self.dir, seg), os.O_RDONLY)
+            os.fdatasync(fd)
+            self.highest = max(self.highest, seg)
+        for seg in [s for s in self._fds if s < self.highest]:   # older segments get no more appends
+            os.close(self._fds.pop(seg))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 def segment_path(directory: Path, segment: int) -> Path:
     return Path(directory) / f"{segment:08d}.seg"
 

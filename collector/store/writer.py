@@ -24,7 +24,7 @@ from ..decode.normalize import NormalizedBatch
 from ..errors import Overloaded, ShuttingDown
 from ..stats import IngestStats
 from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions
-from .segments import SegmentLog, list_segments, segment_sizes
+from .segments import SegmentLog, SegmentSyncer, list_segments, segment_sizes
 
 log = logging.getLogger("shadowlens.store")
 
@@ -44,7 +44,7 @@ class Commit:
 class _Task:
     batch: NormalizedBatch
     future: Future
-    payload_ref: tuple[int, int]     # (segment, offset) where the receiver appended the payload
+    payload_ref: tuple[int, int, int]   # (segment, offset, length) where the payload was appended
 
 
 class RecentKeys:
@@ -112,7 +112,9 @@ class StoreWriter:
         existing = list_segments(self.data_dir / SEGMENTS_DIR)
         # A fresh segment per start: a torn tail from a crash is never appended to.
         self._drop_torn_payloads()
-        self.segments = SegmentLog(self.data_dir / SEGMENTS_DIR, (existing[-1] + 1) if existing else 1)
+        self.first_segment = (existing[-1] + 1) if existing else 1
+        self._segments: SegmentLog | None = None       # created on the first local append
+        self._syncer = SegmentSyncer(self.data_dir / SEGMENTS_DIR)
         self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="shadowlens-fsync")
         if self._dedup is not None:
             cutoff = self.now() - DEDUP_SEED_SECONDS
@@ -162,16 +164,32 @@ class StoreWriter:
                 log.warning("checkpoint at shutdown failed: %s", exc)
             self.con.close()
             self.con = None
-            self.segments.close()
+            if self._segments is not None:
+                self._segments.close()
+            self._syncer.close()
             self._sync_pool.shutdown()
             self.decoder.close()
 
     # -- API for receivers -----------------------------------------------------------------
-    def submit(self, batch: NormalizedBatch) -> Future:
+    @property
+    def segments(self) -> SegmentLog:
+        """This process's appender (in-process receivers and tests); serve's frontend has its own."""
+        with self._cond:
+            if self._segments is None:
+                self._segments = SegmentLog(self.data_dir / SEGMENTS_DIR, self.first_segment)
+            return self._segments
+
+    def current_segment(self) -> int:
+        """The newest segment appended to (retention never deletes it)."""
+        local = self._segments.segment if self._segments is not None else 0
+        return max(local, self._syncer.highest, self.first_segment)
+
+    def submit(self, batch: NormalizedBatch, payload_ref: tuple[int, int, int] | None = None) -> Future:
         """Queue a batch for the next group commit; the Future resolves once it is durable.
 
-        The payload is appended to the segment log here, on the caller's thread, so that many
-        receivers copy their bytes in parallel; the writer thread only syncs and commits.
+        Without ``payload_ref`` the payload is appended to the segment log here, on the caller's
+        thread, so that many receivers copy their bytes in parallel; the writer thread only syncs
+        and commits. With it, the caller (the ingest frontend process) has appended it already.
         """
         fut: Future = Future()
         n = batch.accepted
@@ -182,12 +200,14 @@ class StoreWriter:
                 self.stats.add("requests_refused", "queue_full")
                 raise Overloaded(f"ingest queue is full ({self._queued_spans} spans waiting); retry shortly", 1.0)
             self._queued_spans += n          # reserved before the (slower) payload write
-        try:
-            ref = self.segments.append(batch.payload)
-        except BaseException:
-            with self._cond:
-                self._queued_spans -= n
-            raise
+        ref = payload_ref
+        if ref is None:
+            try:
+                ref = (*self.segments.append(batch.payload), len(batch.payload))
+            except BaseException:
+                with self._cond:
+                    self._queued_spans -= n
+                raise
         with self._cond:
             self._queue.append(_Task(batch, fut, ref))
             self._cond.notify()
@@ -219,7 +239,7 @@ class StoreWriter:
             try:
                 # the payloads' fdatasync runs while DuckDB inserts and commits; both before any ack
                 t0 = time.perf_counter()
-                synced = self._sync_pool.submit(self._timed_sync)
+                synced = self._sync_pool.submit(self._timed_sync, {t.payload_ref[0] for t in group})
                 try:
                     results = self._commit(group)
                     self.stats.add("store_insert_seconds", None, time.perf_counter() - t0)
@@ -242,9 +262,9 @@ class StoreWriter:
                 else:
                     task.future.set_result(result)
 
-    def _timed_sync(self) -> None:
+    def _timed_sync(self, segments) -> None:
         t0 = time.perf_counter()
-        self.segments.sync()
+        self._syncer.sync(segments)
         self.stats.add("store_sync_seconds", None, time.perf_counter() - t0)
 
     def _commit(self, group: list[_Task]) -> list[Commit]:
@@ -267,8 +287,8 @@ class StoreWriter:
                 continue
             payload_id = self._next_payload_id
             self._next_payload_id += 1
-            seg, off = task.payload_ref
-            payload_rows.append((payload_id, seg, off, len(b.payload), b.signal))
+            seg, off, length = task.payload_ref
+            payload_rows.append((payload_id, seg, off, length, b.signal))
             if b.spans is not None and stored:
                 t = b.spans if not dups else b.spans.filter(pa.array(keep))
                 span_tables.append(t.append_column("payload_id", _const(payload_id, t.num_rows)))

@@ -1,0 +1,89 @@
+"""The ingest frontend process: OTLP receivers and decoding, feeding the store process.
+
+Started by ``serve`` (collector/store/remote.py explains why it is a process of its own). It
+ignores SIGINT/SIGTERM: the store process decides when it stops, and it exits by itself when
+the store process's end of the pipe closes (e.g. after ``kill -9``), acknowledging nothing more.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+
+def main(conn, config_tree: dict, first_segment: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.setswitchinterval(0.001)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from analyzers.pricing import PriceTable
+
+    from .config import build
+    from .decode.normalize import Normalizer
+    from .receivers.export import ExportHandler
+    from .receivers.grpc import GrpcReceiver
+    from .receivers.http import HttpReceiver
+    from .stats import IngestStats
+    from .store.database import SEGMENTS_DIR
+    from .store.remote import RemoteStore
+    from .store.segments import SegmentLog
+
+    cfg = build(config_tree)
+    stats = IngestStats()
+    segments = SegmentLog(cfg.store.data_dir / SEGMENTS_DIR, first_segment)
+    store = RemoteStore(conn, segments, stats, cfg.store.queue_max_spans)
+    handler = ExportHandler(Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices)), store, stats)
+    receivers = [GrpcReceiver(cfg.receivers.grpc, handler, cfg.receivers.grpc_max_bytes, cfg.receivers.grpc_max_workers),
+                 HttpReceiver(cfg.receivers.http, handler, cfg.receivers.http_max_bytes)]
+    started = []
+    try:
+        for r in receivers:
+            r.start()
+            started.append(r)
+    except OSError as exc:
+        store.send(("failed", f"cannot start the OTLP receivers: {exc}"))
+        os._exit(2)
+    stop = threading.Event()
+
+    def report_stats() -> None:
+        while not stop.wait(0.5):
+            store.send(("stats", stats.snapshot()))
+
+    threading.Thread(target=report_stats, name="stats", daemon=True).start()
+    store.send(("ready",))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            # The store process is gone (crash, kill -9): nothing more can be acknowledged.
+            store.fail_all(ConnectionError("the store process is gone"))
+            os._exit(1)
+        if msg[0] == "stop":
+            break
+        store.on_message(msg)
+    # Stop accepting, let in-flight Exports get their acks, then leave.
+    store.stopping = True
+    drain = threading.Thread(target=_drain, args=(conn, store), daemon=True)
+    drain.start()
+    for r in started:
+        r.shutdown(25.0)
+    stop.set()
+    deadline = time.monotonic() + 30
+    while not store.drained() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    segments.close()
+    store.send(("stats", stats.snapshot()))
+    store.send(("stopped",))
+    os._exit(0)
+
+
+def _drain(conn, store) -> None:
+    """Keeps reading acks while the receivers stop (they wait for them)."""
+    while True:
+        try:
+            store.on_message(conn.recv())
+        except (EOFError, OSError):
+            return
