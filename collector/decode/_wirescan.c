@@ -18,7 +18,8 @@
  *   prefixed:  [(span_index, key, value)] for keys starting with one of `prefixes`
  *   events:    [(span_index, raw Event bytes)] for events whose name is in `event_names`
  *   resources: per ResourceSpans, [(slot, value)] of its resource attributes
- *   value: str | int | float | bool | None, or the raw AnyValue bytes for arrays, kvlists, bytes
+ *   value: str | int | float | bool | None, a list for an array of scalars, or the raw AnyValue
+ *          bytes for kvlists, bytes and nested arrays
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -30,8 +31,17 @@ typedef struct {
     const uint8_t *end;
 } Buf;
 
+#define KEY_TABLE 1024 /* open addressing, power of two; the alias table has well under 200 keys */
+
+typedef struct {
+    const char *key;       /* borrowed from the keys dict (alive for the call) */
+    Py_ssize_t len;
+    PyObject *slot;        /* borrowed int */
+} KeyEntry;
+
 typedef struct {
     PyObject *keys;        /* dict: bytes -> int */
+    KeyEntry table[KEY_TABLE];
     PyObject *prefixes;    /* tuple of bytes */
     PyObject *event_names; /* set/frozenset of bytes */
     const uint8_t *base;
@@ -44,6 +54,45 @@ typedef struct {
 
 static const char *COLUMN_NAMES[13] = {"trace_id", "span_id", "parent_span_id", "name", "kind", "start", "end",
                                        "status_code", "status_message", "scope", "rs_idx", "ss_idx", "sp_idx"};
+
+static uint32_t fnv1a(const uint8_t *p, Py_ssize_t n) {
+    uint32_t h = 2166136261u;
+    for (Py_ssize_t i = 0; i < n; i++) h = (h ^ p[i]) * 16777619u;
+    return h;
+}
+
+/* Builds the lookup table from the keys dict: no allocation per attribute afterwards. */
+static int build_table(PyObject *keys, KeyEntry *table) {
+    memset(table, 0, sizeof(KeyEntry) * KEY_TABLE);
+    if (PyDict_Size(keys) > KEY_TABLE / 2) {
+        PyErr_SetString(PyExc_ValueError, "too many alias keys");
+        return -1;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(keys, &pos, &k, &v)) {
+        if (!PyBytes_Check(k) || !PyLong_Check(v)) {
+            PyErr_SetString(PyExc_TypeError, "keys must map bytes to int");
+            return -1;
+        }
+        Py_ssize_t n = PyBytes_GET_SIZE(k);
+        uint32_t i = fnv1a((const uint8_t *)PyBytes_AS_STRING(k), n) & (KEY_TABLE - 1);
+        while (table[i].key) i = (i + 1) & (KEY_TABLE - 1);
+        table[i].key = PyBytes_AS_STRING(k);
+        table[i].len = n;
+        table[i].slot = v;
+    }
+    return 0;
+}
+
+static PyObject *lookup(const KeyEntry *table, const uint8_t *p, Py_ssize_t n) {
+    uint32_t i = fnv1a(p, n) & (KEY_TABLE - 1);
+    while (table[i].key) {
+        if (table[i].len == n && memcmp(table[i].key, p, n) == 0) return table[i].slot;
+        i = (i + 1) & (KEY_TABLE - 1);
+    }
+    return NULL;
+}
 
 static int fail(Ctx *c, const uint8_t *at, const char *what) {
     PyErr_Format(PyExc_ValueError, "malformed protobuf at byte %zd: %s", (Py_ssize_t)(at - c->base), what);
@@ -145,6 +194,31 @@ static PyObject *any_value(Ctx *c, Buf v) {
         memcpy(&d, &last_scalar, 8);
         return PyFloat_FromDouble(d);
     }
+    case 5: {
+        /* an array of scalars becomes a list; anything nested stays raw AnyValue bytes */
+        PyObject *list = PyList_New(0);
+        if (!list) return NULL;
+        Buf arr = last_sub;
+        while (arr.p && arr.p < arr.end) {
+            uint32_t f;
+            int wt;
+            Buf item = {NULL, NULL};
+            uint64_t sc;
+            if (read_field(c, &arr, &f, &wt, &item, &sc) < 0) { Py_DECREF(list); return NULL; }
+            if (f != 1 || wt != 2) continue;
+            PyObject *v = any_value(c, item);
+            if (!v) { Py_DECREF(list); return NULL; }
+            if (PyBytes_Check(v)) { /* nested composite: give up, keep the whole value raw */
+                Py_DECREF(v);
+                Py_DECREF(list);
+                return bytes_of(&whole);
+            }
+            int rc = PyList_Append(list, v);
+            Py_DECREF(v);
+            if (rc < 0) { Py_DECREF(list); return NULL; }
+        }
+        return list;
+    }
     default:
         return bytes_of(&whole);
     }
@@ -165,11 +239,7 @@ static int key_value(Ctx *c, Buf kv, Py_ssize_t span_idx, PyObject *out) {
         else if (f == 2 && wt == 2) { val = sub; has_val = 1; }
     }
     if (key.p == NULL) return 0;
-    PyObject *kb = PyBytes_FromStringAndSize((const char *)key.p, key.end - key.p);
-    if (!kb) return -1;
-    PyObject *slot = PyDict_GetItemWithError(c->keys, kb); /* borrowed */
-    Py_DECREF(kb);
-    if (slot == NULL && PyErr_Occurred()) return -1;
+    PyObject *slot = lookup(c->table, key.p, key.end - key.p); /* borrowed */
     if (slot != NULL) {
         Py_ssize_t si = PyLong_AsSsize_t(slot);
         if (si < 0 || si >= c->nslots) {
@@ -386,6 +456,7 @@ static PyObject *scan_traces(PyObject *self, PyObject *args) {
     }
     for (int i = 0; i < 13; i++)
         if (!(c.cols[i] = PyList_New(0))) goto err;
+    if (build_table(c.keys, c.table) < 0) goto err;
     c.base = (const uint8_t *)view.buf;
     Buf req = {c.base, c.base + view.len};
     Py_ssize_t rs_idx = 0;

@@ -38,12 +38,27 @@ def attributes_to_json(attrs) -> str:
     return json.dumps(attributes_to_dict(attrs), ensure_ascii=False, separators=(",", ":"))
 
 
+_SCALARS = ("string_value", "bool_value", "int_value", "double_value")
+
+
 def raw_value(av) -> Any:
-    """AnyValue -> the scanners' raw form: a scalar, or the serialized AnyValue for composites."""
+    """AnyValue -> the scanners' raw form: a scalar, a list for an array of scalars, or the
+    serialized AnyValue for other composites."""
     which = av.WhichOneof("value")
     if which is None:
         return None
-    if which in ("array_value", "kvlist_value", "bytes_value"):
+    if which == "array_value":
+        items = []
+        for v in av.array_value.values:
+            w = v.WhichOneof("value")
+            if w is None:
+                items.append(None)
+            elif w in _SCALARS:
+                items.append(getattr(v, w))
+            else:
+                return av.SerializeToString()
+        return items
+    if which in ("kvlist_value", "bytes_value"):
         return av.SerializeToString()
     return getattr(av, which)
 
@@ -55,6 +70,8 @@ def _composite(raw: bytes) -> Any:
 def typed(raw: Any, kind: str) -> Any:
     """A raw attribute value -> the concept's type, or None when it cannot be read as that type."""
     if raw is None:
+        return None
+    if isinstance(raw, list) and kind != STRS:
         return None
     if isinstance(raw, bytes):
         raw = _composite(raw)

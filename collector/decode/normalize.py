@@ -11,6 +11,7 @@ decoded to JSON on read).
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -76,12 +77,17 @@ class Normalizer:
         self._types = dict(A.CONCEPT_TYPES, **{c: A.STR for c in extra})
         self._converters = {c: _converter(t) for c, t in self._types.items()}
         self._converters["span_kind"] = _span_kind
+        self._exact = {c: {A.INT: int, A.FLOAT: float, A.STR: str, A.BOOL: bool}.get(t) for c, t in self._types.items()}
+        self._exact["span_kind"] = None
         self._cohort_concepts = tuple(extra)
         self._cohort_keys = {c: keys for c, keys in extra.items()}
         self._evals = evals
         self._schema = schema.span_schema(self.cohort_labels)
         # Trace-level concepts inherit from the resource, then the metadata JSON.
         self._inherit = A.TRACE_CONCEPTS + self._cohort_concepts
+        self._meta_keys = frozenset(
+            [k for c in self._inherit for k in (self._cohort_keys.get(c) or A.SPAN_ALIASES.get(c, ()))]
+            + [c[7:] for c in self._cohort_concepts])
 
     # -- shared pieces ---------------------------------------------------------------------
     def _eval_row(self, trace_id, span_id, name, score, label, passed, explanation, source):
@@ -97,16 +103,27 @@ class Normalizer:
         """
         col = None
         conv = self._converters[concept]
+        exact = self._exact.get(concept)
         for slot in self._concept_slots[concept]:
             idxs, vals = slots[slot]
             if not idxs:
                 continue
             if col is None:
                 col = [None] * n
-            for i, v in zip(idxs, vals):
-                v = conv(v)
-                if v is not None:
-                    col[i] = v
+            if exact is not None:
+                # the common case (already the concept's type) without a function call
+                for i, v in zip(idxs, vals):
+                    if type(v) is exact:
+                        col[i] = v
+                    else:
+                        v = conv(v)
+                        if v is not None:
+                            col[i] = v
+            else:
+                for i, v in zip(idxs, vals):
+                    v = conv(v)
+                    if v is not None:
+                        col[i] = v
         return col
 
     def normalize_traces(self, payload: bytes) -> NormalizedBatch:
@@ -142,19 +159,24 @@ class Normalizer:
         res_meta = [_loads_obj(r.get("json_metadata")) for r in resources]
         if meta is not None or any(res_meta):
             span_meta = {i: _loads_obj(t) for i, t in enumerate(meta) if t} if meta is not None else {}
-            candidates = range(n) if any(res_meta) else sorted(span_meta)
             for concept in self._inherit:
                 col = cols[concept]
-                for i in candidates:
-                    if col is not None and col[i] is not None:
-                        continue
-                    v = _meta_lookup(span_meta.get(i), concept, self._cohort_keys)
+                for i, obj in span_meta.items():           # the span's own metadata JSON
+                    if obj and (col is None or col[i] is None):
+                        v = _meta_lookup(obj, concept, self._cohort_keys, self._meta_keys)
+                        if v is not None:
+                            if col is None:
+                                col = cols[concept] = [None] * n
+                            col[i] = str(v)
+                for r, obj in enumerate(res_meta):          # then its resource's, once per resource
+                    v = _meta_lookup(obj, concept, self._cohort_keys)
                     if v is None:
-                        v = _meta_lookup(res_meta[rs_idx[i]], concept, self._cohort_keys)
-                    if v is not None:
-                        if col is None:
-                            col = cols[concept] = [None] * n
-                        col[i] = str(v)
+                        continue
+                    v = str(v)
+                    if col is None:
+                        col = cols[concept] = [None] * n
+                    cols[concept] = col = [v if x is None and (len(res_meta) == 1 or ri == r) else x
+                                           for x, ri in zip(col, rs_idx)]
 
         # Model: traceAI writes the response model into gen_ai.request.model and keeps the
         # requested one only in its parameters JSON (quirk 1); others may lack a model attribute.
@@ -168,9 +190,8 @@ class Normalizer:
                 if not traceai and model is not None and model[i] is not None and request_model is not None \
                         and request_model[i] is not None:
                     continue
-                obj = _loads_obj(text)
-                pm = obj.get("model") if obj else None
-                if not isinstance(pm, str):
+                pm = _param_model(text)
+                if pm is None:
                     continue
                 if request_model is None:
                     request_model = cols["request_model"] = [None] * n
@@ -388,9 +409,19 @@ def _converter(kind: str):
     return lambda v: v if type(v) is exact else typed(v, kind)
 
 
+_KIND_CACHE: dict = {}
+
+
 def _span_kind(raw) -> str | None:
+    if type(raw) is str:
+        hit = _KIND_CACHE.get(raw)
+        if hit is not None:
+            return hit
     v = typed(raw, A.STR)
-    return A.SPAN_KIND_VALUES.get(v.strip().lower(), v.upper()) if v else None
+    out = A.SPAN_KIND_VALUES.get(v.strip().lower(), v.upper()) if v else None
+    if out is not None and type(raw) is str and len(_KIND_CACHE) < 1024:
+        _KIND_CACHE[raw] = out
+    return out
 
 
 def _reject_reason(t: bytes, s: bytes, p: bytes, start: int, end: int) -> str:
@@ -403,9 +434,16 @@ def _reject_reason(t: bytes, s: bytes, p: bytes, start: int, end: int) -> str:
     return "end_before_start"
 
 
-def _meta_lookup(meta: dict | None, concept: str, cohort_keys: Mapping[str, tuple[str, ...]]) -> Any:
-    """A trace concept inside a ``metadata`` JSON object: by attribute key, nested path, or bare label."""
+def _meta_lookup(meta: dict | None, concept: str, cohort_keys: Mapping[str, tuple[str, ...]],
+                 meta_keys: frozenset | None = None) -> Any:
+    """A trace concept inside a ``metadata`` JSON object: by attribute key, nested path, or bare label.
+
+    ``meta_keys`` (every top-level key any lookup could use) lets an object with none of them and
+    no nested object be skipped at once, which is the common case.
+    """
     if not meta:
+        return None
+    if meta_keys is not None and meta_keys.isdisjoint(meta) and not any(type(v) is dict for v in meta.values()):
         return None
     for key in cohort_keys.get(concept) or A.SPAN_ALIASES.get(concept, ()):
         if key in meta:
@@ -418,6 +456,27 @@ def _meta_lookup(meta: dict | None, concept: str, cohort_keys: Mapping[str, tupl
     if concept.startswith("cohort:") and concept[7:] in meta:
         return meta[concept[7:]]
     return None
+
+
+_MODEL_KEY = re.compile(r'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _param_model(text: str) -> str | None:
+    """``model`` of a parameters JSON string (OpenInference, traceAI), without parsing the rest.
+
+    These objects are flat (model, temperature, stream, ...), so the first ``"model": "..."`` is it;
+    a string with escapes is decoded properly.
+    """
+    m = _MODEL_KEY.search(text)
+    if m is None:
+        return None
+    raw = m.group(1)
+    if "\\" not in raw:
+        return raw
+    try:
+        return json.loads(f'"{raw}"')
+    except ValueError:
+        return None
 
 
 def _loads_obj(text) -> dict | None:
