@@ -29,6 +29,8 @@ from .segments import SegmentLog, SegmentSyncer, list_segments, segment_sizes
 log = logging.getLogger("shadowlens.store")
 
 MAX_GROUP_SPANS = 65536
+MIN_GROUP_SPANS = 4096
+GROUP_LINGER_S = 0.02
 DEDUP_SEED_SECONDS = 3600
 
 
@@ -231,6 +233,12 @@ class StoreWriter:
                     self._cond.wait()
                 if not self._queue and self._stopping:
                     return
+                # Linger briefly for a bigger group: DuckDB appends 1k rows at ~30k rows/s but 8k
+                # at ~60k (measured), so under load a few ms of waiting buys throughput.
+                deadline = time.monotonic() + GROUP_LINGER_S
+                while (self._queued_spans < MIN_GROUP_SPANS and not self._stopping
+                       and (left := deadline - time.monotonic()) > 0):
+                    self._cond.wait(left)
                 group, spans = [], 0
                 while self._queue and spans < MAX_GROUP_SPANS:
                     task = self._queue.popleft()
