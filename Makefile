@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ./data
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean prometheus
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(wildcard tests/requirements-*
 run: $(VENV)/.installed
 	$(BIN)/shadowlens serve --data-dir $(DATA)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed prometheus
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# A real Prometheus server for tests/test_prometheus_e2e.py (Debian's package; a no-op when installed).
+prometheus:
+	@sh scripts/install-prometheus.sh
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/ingest.py --duration 20 --runs 3

@@ -29,6 +29,8 @@ from .rollup import RouteResolver, rollup_sql
 
 log = logging.getLogger("shadowlens.assembly")
 
+RECENT_COMPLETED = 200_000
+
 
 @dataclass
 class _Open:
@@ -73,6 +75,9 @@ class TraceAssembler:
         self._sql = rollup_sql(self.cohort_labels)
         self._open: dict[str, _Open] = {}                         # insertion order = first_seen order
         self._by_last: OrderedDict[str, None] = OrderedDict()     # least recently updated first
+        # Recently completed traces and whether they had a root: a late span re-opens its trace
+        # with that root, so it completes after idle_seconds again, not after max_seconds.
+        self._recent: OrderedDict[str, bool] = OrderedDict()
         self._seq = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -143,7 +148,10 @@ class TraceAssembler:
         rows = self._con.execute(
             "SELECT trace_id, bool_or(parent_span_id IS NULL), min(ingest_seq) FROM spans_core "
             "WHERE ingest_seq > ? AND ingest_seq <= ? GROUP BY trace_id", [after, upto]).fetchall()
+        recent = self._recent
         for tid, root, first_seq in rows:
+            if tid not in self._open and recent.get(tid):
+                root = True
             self._touch(tid, bool(root), int(first_seq), now, now)
         self.stats.open_traces = len(self._open)
 
@@ -209,9 +217,14 @@ class TraceAssembler:
             raise
         finally:
             con.unregister("done")
+        roots = dict(zip(rows["trace_id"].to_list(), (~rows["incomplete"]).to_list()))
         for tid in due:
-            self._open.pop(tid, None)
+            st = self._open.pop(tid, None)
             self._by_last.pop(tid, None)
+            self._recent[tid] = bool(roots.get(tid, st.root if st else False))
+            self._recent.move_to_end(tid)
+        while len(self._recent) > RECENT_COMPLETED:
+            self._recent.popitem(last=False)
         late = int(sum(max(0, n - old[t]["n"]) for t, n in zip(rows["trace_id"], rows["span_count"]) if t in old))
         self.stats.late_spans += late
         self.stats.revised += len(old)

@@ -36,7 +36,7 @@ SELECT s.trace_id,
     coalesce(max(s.request_id) FILTER (WHERE s.parent_span_id IS NULL), max(s.request_id)) AS request_id
     {cohort_cols},
     min(s.start_time) AS start_time, max(s.end_time) AS end_time,
-    epoch_us(max(s.end_time)) / 1e6 - epoch_us(min(s.start_time)) / 1e6 AS duration_seconds,
+    (epoch_ns(max(s.end_time)) - epoch_ns(min(s.start_time))) / 1e9 AS duration_seconds,
     CASE WHEN count(s.step) > 0 THEN count(DISTINCT s.step)
          ELSE count(*) FILTER (WHERE s.span_kind IN ('LLM', 'TOOL')) END AS steps,
     count(*) FILTER (WHERE s.span_kind = 'LLM') AS llm_calls,

@@ -79,14 +79,14 @@ LOG_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in LOG_FIELDS])
 
 
 def _ts(col_ns: str) -> str:
-    return f"make_timestamp({col_ns} // 1000)"
+    return f"make_timestamp_ns({col_ns})"
 
 
 def spans_core_ddl(cohort_labels) -> str:
     cols = []
     for name, _, sql in SPAN_FIELDS:
         if name == "start_ns":
-            cols += ["start_time TIMESTAMP", "end_time TIMESTAMP", "duration_seconds DOUBLE"]
+            cols += ["start_time TIMESTAMP_NS", "end_time TIMESTAMP_NS", "duration_seconds DOUBLE"]
         elif name == "end_ns":
             continue
         else:
@@ -151,7 +151,7 @@ def traces_ddl(cohort_labels) -> str:
     cohort = "".join(f', "{label}" VARCHAR' for label in cohort_labels)
     return (
         "CREATE TABLE IF NOT EXISTS traces (trace_id VARCHAR, route VARCHAR, request_id VARCHAR"
-        f"{cohort}, start_time TIMESTAMP, end_time TIMESTAMP, duration_seconds DOUBLE, steps BIGINT,"
+        f"{cohort}, start_time TIMESTAMP_NS, end_time TIMESTAMP_NS, duration_seconds DOUBLE, steps BIGINT,"
         " llm_calls BIGINT, tool_calls BIGINT, input_tokens BIGINT, output_tokens BIGINT, cache_read_tokens BIGINT,"
         " cache_write_tokens BIGINT, reasoning_tokens BIGINT, cost_usd DOUBLE, evals_total BIGINT,"
         " evals_failed BIGINT, refused BOOLEAN, escalated BOOLEAN, model VARCHAR, models VARCHAR,"

@@ -1,0 +1,284 @@
+"""Trace assembly and per-cohort metrics, end to end through a real `serve`.
+
+Every expected value is computed here from the generated spans, never by calling shadowlens code.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from otlp_builders import span_request
+from prometheus_client.parser import text_string_to_metric_families
+from test_receivers import grpc_export
+
+NS = 1_000_000_000
+T0 = int(time.time()) * NS - 3600 * NS          # an hour ago: inside the default retention
+FAST = {"SHADOWLENS_TRACES__IDLE_SECONDS": "1", "SHADOWLENS_ANALYZERS__WINDOW_REFRESH": "0.5s"}
+PRICE_CONFIG = """
+prices:
+  - {match: "test-model-a", input: 1.0, output: 2.0, cache_read: 0.5}
+  - {match: "test-model-b", input: 3.0, output: 15.0}
+"""
+PRICES = {"test-model-a": (1.0, 2.0, 0.5), "test-model-b": (3.0, 15.0, 3.0)}
+INTENTS, LANGS, TIERS = ["billing", "refund", "shipping"], ["en", "de"], ["free", "enterprise"]
+
+
+def make_trace(rng: random.Random, i: int) -> tuple[list[dict], dict]:
+    """One agent trace (root + LLM/tool spans) and what it must count as."""
+    tid = rng.randbytes(16)
+    root = rng.randbytes(8)
+    route = rng.choice(["baseline", "candidate"])
+    cohort = (rng.choice(INTENTS), rng.choice(LANGS), rng.choice(TIERS))
+    start = T0 + i * 10 * NS
+    duration = float(rng.lognormvariate(1.0, 1.0))          # seconds
+    n_llm, n_tool = rng.randint(1, 6), rng.randint(0, 3)
+    use_steps = rng.random() < 0.7
+    refused = rng.random() < 0.1
+    escalated = rng.random() < 0.05
+    eval_pass = rng.random() < 0.8
+    root_attrs = {"shadow.route": route, "shadow.request_id": f"req-{i}", "cohort.intent": cohort[0],
+                  "cohort.language": cohort[1], "cohort.tier": cohort[2],
+                  "eval.name": "task_completion", "eval.passed": eval_pass}
+    if refused:
+        root_attrs["agent.refused"] = True
+    if escalated:
+        root_attrs["agent.escalated"] = True
+    spans = [{"trace_id": tid, "span_id": root, "name": "agent.run", "start": start,
+              "end": start + int(duration * NS), "attrs": root_attrs}]
+    steps, cost, tokens_in, tokens_out = set(), 0.0, 0, 0
+    cost_known = False
+    for k in range(n_llm):
+        model = rng.choice(["test-model-a", "test-model-b"])
+        inp, out = rng.randint(100, 5000), rng.randint(10, 800)
+        cache = rng.randint(0, inp // 2) if model == "test-model-a" else 0
+        attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": model, "gen_ai.response.model": model,
+                 "gen_ai.usage.input_tokens": inp, "gen_ai.usage.output_tokens": out}
+        if cache:
+            attrs["gen_ai.usage.cache_read.input_tokens"] = cache
+        if rng.random() < 0.2:                  # a reported cost is used as is
+            reported = round(rng.random() / 100, 6)
+            attrs["llm.cost.total"] = reported
+            cost += reported
+        else:
+            pin, pout, pcache = PRICES[model]
+            cost += ((inp - cache) * pin + cache * pcache + out * pout) / 1e6
+        cost_known = True
+        step = k + 1
+        if use_steps:
+            attrs["agent.trajectory.step"] = step
+            steps.add(step)
+        tokens_in += inp
+        tokens_out += out
+        s0 = start + int(duration * NS * k / (n_llm + n_tool + 1))
+        spans.append({"trace_id": tid, "span_id": rng.randbytes(8), "parent": root, "name": "chat",
+                      "start": s0, "end": s0 + NS // 10, "attrs": attrs})
+    for k in range(n_tool):
+        attrs = {"openinference.span.kind": "TOOL", "tool.name": "lookup"}
+        if use_steps:
+            attrs["agent.trajectory.step"] = n_llm                # shares the step of the last LLM call
+        spans.append({"trace_id": tid, "span_id": rng.randbytes(8), "parent": root, "name": "tool",
+                      "start": start + NS // 100, "end": start + NS // 50, "attrs": attrs})
+    expect = {
+        "trace_id": tid.hex(), "route": route, "cohort": cohort, "duration": int(duration * NS) / NS,
+        "steps": len(steps) if use_steps else n_llm + n_tool, "cost": cost if cost_known else None,
+        "refused": refused, "escalated": escalated, "eval_fail": not eval_pass,
+        "tokens_in": tokens_in, "tokens_out": tokens_out,
+    }
+    return spans, expect
+
+
+def send_shuffled(server, spans: list[dict], rng: random.Random, per_request: int = 200) -> None:
+    """Children and roots in random order across many requests: assembly must not care."""
+    spans = list(spans)
+    rng.shuffle(spans)
+    for i in range(0, len(spans), per_request):
+        resp = grpc_export(server.grpc_endpoint, span_request(spans[i:i + per_request]).SerializeToString())
+        assert resp.partial_success.rejected_spans == 0
+
+
+def scrape(server) -> dict:
+    """{(sample name, frozenset(labels)): value} from /metrics."""
+    out = {}
+    for fam in text_string_to_metric_families(server.metrics_text()):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
+
+
+def wait_for(pred, timeout=60.0, interval=0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def series_labels(route, cohort):
+    return {"route": route, "intent": cohort[0], "language": cohort[1], "tier": cohort[2]}
+
+
+@pytest.fixture
+def priced_server(serve_factory, tmp_path):
+    cfg = tmp_path / "prices.yaml"
+    cfg.write_text(PRICE_CONFIG)
+    return serve_factory(env=FAST, args=["--config", str(cfg)])
+
+
+def test_streaming_and_window_metrics_match_the_generated_workload(priced_server):
+    server = priced_server
+    rng = random.Random(42)
+    traces = [make_trace(rng, i) for i in range(400)]
+    send_shuffled(server, [s for spans, _ in traces for s in spans], rng)
+    expected = [e for _, e in traces]
+    wait_for(lambda: total(scrape(server), "shadowlens_traces_total") == len(expected))
+    wait_for(lambda: total(scrape(server), "shadowlens_window_traces") == len(expected))
+    m = scrape(server)
+
+    by_series = defaultdict(list)
+    for e in expected:
+        by_series[(e["route"], e["cohort"])].append(e)
+    for (route, cohort), es in by_series.items():
+        lab = series_labels(route, cohort)
+        assert total(m, "shadowlens_traces_total", **lab) == len(es)
+        assert total(m, "shadowlens_trajectory_steps_sum", **lab) == sum(e["steps"] for e in es)
+        assert total(m, "shadowlens_trace_cost_usd_sum", **lab) == pytest.approx(
+            sum(e["cost"] for e in es if e["cost"] is not None), rel=1e-9)
+        assert total(m, "shadowlens_refusals_total", **lab) == sum(e["refused"] for e in es)
+        assert total(m, "shadowlens_escalations_total", **lab) == sum(e["escalated"] for e in es)
+        assert total(m, "shadowlens_evals_total", **lab, eval="task_completion", result="fail") == \
+            sum(e["eval_fail"] for e in es)
+        assert total(m, "shadowlens_trace_duration_seconds_count", **lab) == len(es)
+        # windowed, exact
+        durations = np.array([e["duration"] for e in es])
+        assert total(m, "shadowlens_window_traces", **lab) == len(es)
+        assert total(m, "shadowlens_window_trace_duration_seconds", **lab, quantile="0.99") == pytest.approx(
+            float(np.percentile(durations, 99)), rel=1e-6)
+        assert total(m, "shadowlens_window_trace_duration_seconds", **lab, quantile="0.5") == pytest.approx(
+            float(np.percentile(durations, 50)), rel=1e-6)
+        assert total(m, "shadowlens_window_trajectory_steps_mean", **lab) == pytest.approx(
+            np.mean([e["steps"] for e in es]))
+        assert total(m, "shadowlens_window_refusal_ratio", **lab) == pytest.approx(
+            np.mean([e["refused"] for e in es]))
+        assert total(m, "shadowlens_window_eval_fail_ratio", **lab, eval="task_completion") == pytest.approx(
+            np.mean([e["eval_fail"] for e in es]))
+    for route in ("baseline", "candidate"):
+        es = [e for e in expected if e["route"] == route]
+        assert total(m, "shadowlens_tokens_total", route=route, type="prompt") == sum(e["tokens_in"] for e in es)
+        assert total(m, "shadowlens_tokens_total", route=route, type="completion") == sum(e["tokens_out"] for e in es)
+    # the store agrees, one row per trace
+    rows = server.query("select trace_id, steps, cost_usd, refused, duration_seconds, incomplete from traces")
+    assert len(rows) == len(expected) == len({r["trace_id"] for r in rows})
+    want = {e["trace_id"]: e for e in expected}
+    for r in rows:
+        e = want[r["trace_id"]]
+        assert r["steps"] == e["steps"] and r["refused"] == e["refused"] and r["incomplete"] is False
+        assert r["cost_usd"] == pytest.approx(e["cost"], rel=1e-9)
+        assert r["duration_seconds"] == pytest.approx(e["duration"], abs=1e-6)
+    # exemplars carry trace ids on the duration histogram (OpenMetrics)
+    import urllib.request
+    req = urllib.request.Request(server.metrics_url + "/metrics", headers={"Accept": "application/openmetrics-text"})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    assert '# {trace_id="' in text and text.rstrip().endswith("# EOF")
+
+
+def test_late_span_updates_the_row_and_counts_once(serve_factory):
+    server = serve_factory(env=FAST)
+    rng = random.Random(7)
+    spans, e = make_trace(rng, 0)
+    send_shuffled(server, spans, rng)
+    wait_for(lambda: total(scrape(server), "shadowlens_traces_total") == 1)
+    late = {"trace_id": bytes.fromhex(e["trace_id"]), "span_id": rng.randbytes(8), "parent": spans[0]["span_id"],
+            "name": "chat", "start": T0, "end": T0 + NS,
+            "attrs": {"gen_ai.operation.name": "chat", "gen_ai.usage.input_tokens": 5, "agent.trajectory.step": 99}}
+    grpc_export(server.grpc_endpoint, span_request([late]).SerializeToString())
+    wait_for(lambda: total(scrape(server), "shadowlens_late_spans_total") == 1)
+    m = scrape(server)
+    assert total(m, "shadowlens_traces_total") == 1          # not counted twice
+    (row,) = server.query(f"select span_count, revision, llm_calls from traces where trace_id = '{e['trace_id']}'")
+    assert row["span_count"] == len(spans) + 1 and row["revision"] == 1
+
+
+def test_cardinality_is_bounded_with_10000_cohort_values(serve_factory):
+    server = serve_factory(env=FAST)
+    rng = random.Random(3)
+    spans = []
+    for i in range(10_000):
+        tid = rng.randbytes(16)
+        spans.append({"trace_id": tid, "span_id": rng.randbytes(8), "name": "agent.run", "start": T0, "end": T0 + NS,
+                      "attrs": {"shadow.route": "baseline", "cohort.intent": f"intent-{i}"}})
+    for i in range(0, len(spans), 1000):
+        grpc_export(server.grpc_endpoint, span_request(spans[i:i + 1000]).SerializeToString())
+    wait_for(lambda: total(scrape(server), "shadowlens_traces_total") == 10_000, timeout=90)
+    m = scrape(server)
+    intents = {dict(lab)["intent"] for (n, lab) in m if n == "shadowlens_traces_total"}
+    assert len(intents) == 51 and "__overflow__" in intents      # cohorts.max_values = 50 (+ overflow)
+    assert total(m, "shadowlens_traces_total", intent="__overflow__") == 10_000 - 50
+    assert total(m, "shadowlens_cohort_overflow_total", label="intent") == 10_000 - 50
+    assert len([k for k in m if k[0] == "shadowlens_trace_duration_seconds_bucket"]) <= 51 * 24
+
+
+def test_restart_mid_stream_counts_every_trace_once(serve_factory, tmp_path):
+    data = tmp_path / "d"
+    rng = random.Random(11)
+    traces = [make_trace(rng, i) for i in range(120)]
+    first = serve_factory(data_dir=data, env=FAST)
+    # all of the first 60 traces, and the children (no root) of the next 60: those stay open
+    send_shuffled(first, [s for spans, _ in traces[:60] for s in spans], rng)
+    send_shuffled(first, [s for spans, _ in traces[60:] for s in spans[1:]], rng)
+    wait_for(lambda: total(scrape(first), "shadowlens_traces_total") == 60)
+    counted_before = total(scrape(first), "shadowlens_traces_total")
+    assert first.stop() == 0
+    second = serve_factory(data_dir=data, env=FAST)
+    send_shuffled(second, [spans[0] for spans, _ in traces[60:]], rng)        # the roots arrive now
+    wait_for(lambda: total(scrape(second), "shadowlens_traces_total") == 60)
+    time.sleep(2)                                                            # nothing more may complete
+    assert counted_before + total(scrape(second), "shadowlens_traces_total") == 120
+    rows = second.query("select trace_id, span_count, incomplete from traces")
+    assert len(rows) == 120 == len({r["trace_id"] for r in rows})
+    want = {e["trace_id"]: len(spans) for spans, e in traces}
+    assert {r["trace_id"]: r["span_count"] for r in rows} == want
+    assert not any(r["incomplete"] for r in rows)
+
+
+def test_open_traces_beyond_the_cap_are_finalized_as_incomplete(serve_factory):
+    server = serve_factory(env={**FAST, "SHADOWLENS_TRACES__MAX_OPEN": "5"})
+    rng = random.Random(5)
+    spans = [{"trace_id": rng.randbytes(16), "span_id": rng.randbytes(8), "parent": rng.randbytes(8), "name": "chat",
+              "start": T0, "end": T0 + NS, "attrs": {"gen_ai.operation.name": "chat"}} for _ in range(12)]
+    grpc_export(server.grpc_endpoint, span_request(spans).SerializeToString())
+    wait_for(lambda: total(scrape(server), "shadowlens_traces_evicted_total") >= 7)
+    rows = server.query("select incomplete from traces")
+    assert len(rows) >= 7 and all(r["incomplete"] for r in rows)
+    assert total(scrape(server), "shadowlens_open_traces") <= 5
+
+
+def test_route_from_request_model_and_unpriced_models(serve_factory, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text('routes: {baseline: ["gpt-4o"], candidate: ["my-rlaif-.*"]}\n')
+    server = serve_factory(env=FAST, args=["--config", str(cfg)])
+    rng = random.Random(9)
+    spans = []
+    for model in ("gpt-4o", "my-rlaif-7b", "gpt-4o"):
+        tid, root = rng.randbytes(16), rng.randbytes(8)
+        spans += [{"trace_id": tid, "span_id": root, "name": "agent.run", "start": T0, "end": T0 + NS},
+                  {"trace_id": tid, "span_id": rng.randbytes(8), "parent": root, "name": "chat", "start": T0,
+                   "end": T0 + NS, "attrs": {"gen_ai.operation.name": "chat", "gen_ai.request.model": model,
+                                             "gen_ai.response.model": model + "-2024-08-06",
+                                             "gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 5}}]
+    grpc_export(server.grpc_endpoint, span_request(spans).SerializeToString())
+    wait_for(lambda: total(scrape(server), "shadowlens_traces_total") == 3)
+    m = scrape(server)
+    assert total(m, "shadowlens_traces_total", route="baseline") == 2
+    assert total(m, "shadowlens_traces_total", route="candidate") == 1
+    assert total(m, "shadowlens_unpriced_spans_total", model="my-rlaif-7b-2024-08-06") == 1
+    assert total(m, "shadowlens_unpriced_spans_total", model="gpt-4o-2024-08-06") == 0   # the shipped table prices it
