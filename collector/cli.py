@@ -62,7 +62,17 @@ def serve(config_file, data_dir, print_config) -> None:
         raise click.UsageError(f"cannot start: {exc}") from None
 
 
+def _printable(table):
+    """Nanosecond timestamps (span times) have no Python datetime: print them as ISO text."""
+    import pyarrow as pa
+    for i, f in enumerate(table.schema):
+        if pa.types.is_timestamp(f.type) and f.type.unit == "ns":
+            table = table.set_column(i, f.name, table.column(i).cast(pa.string()))
+    return table
+
+
 def format_table(table, fmt: str) -> str:
+    table = _printable(table)
     rows = table.to_pylist()
     cols = table.column_names
     if fmt == "json":

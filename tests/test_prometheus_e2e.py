@@ -41,7 +41,7 @@ pytestmark = pytest.mark.timeout(180)
 
 # -- the workload ----------------------------------------------------------------------------------
 def generate(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Trace durations in whole microseconds (the store keeps microseconds), per route."""
+    """Trace durations in whole microseconds, per route (exact on the wire and in the store)."""
     out = {}
     for route, (median, sigma) in DISTRIBUTIONS.items():
         d = np.clip(rng.lognormal(math.log(median), sigma, TRACES_PER_ROUTE), 0.2, 60.0)
