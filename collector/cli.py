@@ -105,5 +105,38 @@ def query(sql, config_file, data_dir, fmt) -> None:
     click.echo(format_table(table, fmt), nl=False)
 
 
+@main.command("reprice")
+@click.option("--since", "since", help="Only spans that started within this duration (e.g. 7d); default: all.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file (its prices).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="The store's directory (store.data_dir).")
+def reprice_cmd(since, config_file, data_dir) -> None:
+    """Recompute stored span and trace costs from the current price table."""
+    cfg = _load(config_file, {("store", "data_dir"): data_dir})
+    try:
+        since_s = config_mod.parse_duration(since, "--since") if since else None
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    from .store.reader import call_server
+    table = call_server(Path(cfg.store.data_dir), {"op": "reprice", "since_s": since_s, "prices": list(cfg.prices)})
+    if table is None:   # no server running: open the store ourselves
+        import duckdb
+
+        from analyzers.pricing import PriceTable
+
+        from .serve import reprice_table
+        from .store.database import db_path
+        path = db_path(Path(cfg.store.data_dir))
+        if not path.exists():
+            raise click.UsageError(f"no store at {path}")
+        con = duckdb.connect(str(path))
+        try:
+            table = reprice_table(con, PriceTable.load(cfg.prices), since_s)
+        finally:
+            con.close()
+    row = table.to_pylist()[0]
+    click.echo(f"repriced {row['spans']} LLM spans in {row['traces']} traces"
+               f" ({row['unpriced_spans']} spans have no price)")
+
+
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ from analyzers.aggregates import StreamingAggregates
 from analyzers.assembly import TraceAssembler
 from analyzers.cohorts import CohortLimiter
 from analyzers.pricing import PriceTable
+from analyzers.reprice import reprice
 from analyzers.window import WindowRefresher, WindowStats
 from exporters.analysis import AnalysisCollector
 from exporters.http import MetricsServer
@@ -86,8 +87,20 @@ def build_app(cfg: Config) -> App:
                           current_segment=store.current_segment)
     analyzers = _analyzers(cfg, store, registry) if cfg.analyzers.enabled else []
     # downstream first: the store must be open before anything can submit to it
-    app.components = [store, QueryServer(data_dir, store.cursor), retention, *analyzers, app.metrics, app.frontend]
+    # reprice uses the price entries of the config the *command* was given (the current table),
+    # which may be newer than what this server loaded at start
+    operations = {"reprice": lambda con, req: reprice_table(con, PriceTable.load(req.get("prices") or []),
+                                                            req.get("since_s"))}
+    app.components = [store, QueryServer(data_dir, store.cursor, operations), retention, *analyzers, app.metrics,
+                      app.frontend]
     return app
+
+
+def reprice_table(con, prices, since_s):
+    """``shadowlens reprice`` as one result row (for the query socket and the direct path)."""
+    import pyarrow as pa
+    r = reprice(con, prices, since_s)
+    return pa.table({"spans": [r.spans], "traces": [r.traces], "unpriced_spans": [sum(r.unpriced.values())]})
 
 
 def _analyzers(cfg: Config, store: StoreWriter, registry: CollectorRegistry) -> list:

@@ -282,3 +282,53 @@ def test_route_from_request_model_and_unpriced_models(serve_factory, tmp_path):
     assert total(m, "shadowlens_traces_total", route="candidate") == 1
     assert total(m, "shadowlens_unpriced_spans_total", model="my-rlaif-7b-2024-08-06") == 1
     assert total(m, "shadowlens_unpriced_spans_total", model="gpt-4o-2024-08-06") == 0   # the shipped table prices it
+
+
+def test_reprice_recomputes_span_and_trace_costs(priced_server, tmp_path):
+    import subprocess
+
+    from conftest import REPO, SHADOWLENS
+    server = priced_server
+    rng = random.Random(21)
+    traces = [make_trace(rng, i) for i in range(30)]
+    send_shuffled(server, [s for spans, _ in traces for s in spans], rng)
+    wait_for(lambda: total(scrape(server), "shadowlens_traces_total") == 30)
+    new_prices = {"test-model-a": (2.0, 4.0, 1.0), "test-model-b": (6.0, 30.0, 6.0)}   # everything doubles
+    cfg = tmp_path / "new.yaml"
+    cfg.write_text("prices:\n" + "".join(
+        f"  - {{match: '{m}', input: {p[0]}, output: {p[1]}, cache_read: {p[2]}}}\n" for m, p in new_prices.items()))
+
+    def expected_costs():
+        out = {}
+        for spans, e in traces:
+            cost = 0.0
+            for s in spans[1:]:
+                a = s["attrs"]
+                if "gen_ai.usage.input_tokens" not in a:
+                    continue
+                if "llm.cost.total" in a:
+                    cost += a["llm.cost.total"]
+                    continue
+                pin, pout, pcache = new_prices[a["gen_ai.request.model"]]
+                cache = a.get("gen_ai.usage.cache_read.input_tokens", 0)
+                cost += ((a["gen_ai.usage.input_tokens"] - cache) * pin + cache * pcache
+                         + a["gen_ai.usage.output_tokens"] * pout) / 1e6
+            out[e["trace_id"]] = cost
+        return out
+
+    def run(*args):
+        return subprocess.run(SHADOWLENS + ["reprice", "--data-dir", str(server.data_dir), "--config", str(cfg), *args],
+                              capture_output=True, text=True, cwd=REPO, env=server.env, timeout=120)
+
+    out = run()                                     # through the running server
+    assert out.returncode == 0, out.stderr
+    n_llm = sum(1 for spans, _ in traces for s in spans[1:] if "gen_ai.usage.input_tokens" in s["attrs"])
+    assert f"repriced {n_llm} LLM spans in 30 traces" in out.stdout
+    got = {r["trace_id"]: r["cost_usd"] for r in server.query("select trace_id, cost_usd from traces")}
+    want = expected_costs()
+    assert got.keys() == want.keys()
+    assert {t: round(got[t], 12) for t in want} == {t: round(want[t], 12) for t in want}
+    assert server.stop() == 0
+    out = run("--since", "30d")                     # and straight from the file
+    assert out.returncode == 0 and f"repriced {n_llm} LLM spans" in out.stdout, out.stderr
+    assert run("--since", "soon").returncode == 2

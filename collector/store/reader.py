@@ -74,11 +74,26 @@ def query(data_dir: Path, sql: str, timeout: float = 300.0) -> pa.Table:
         decoder.close()
 
 
+def call_server(data_dir: Path, request: dict, timeout: float = 300.0) -> pa.Table | None:
+    """Send an operation to a running server; None when no server is running."""
+    sock_path = Path(data_dir) / SOCKET_FILE
+    if not sock_path.exists():
+        return None
+    try:
+        return _call_socket(sock_path, request, timeout)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None
+
+
 def _query_socket(path: Path, sql: str, timeout: float) -> pa.Table:
+    return _call_socket(path, {"sql": sql}, timeout)
+
+
+def _call_socket(path: Path, request: dict, timeout: float) -> pa.Table:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
-        s.sendall(json.dumps({"sql": sql}).encode() + b"\n")
+        s.sendall(json.dumps(request).encode() + b"\n")
         f = s.makefile("rb")
         head = json.loads(f.readline() or b'{"ok": false, "error": "server closed the connection"}')
         if not head.get("ok"):
@@ -89,9 +104,11 @@ def _query_socket(path: Path, sql: str, timeout: float) -> pa.Table:
 class QueryServer:
     """Serves read-only SQL on ``<data_dir>/serve.sock`` from a running ``serve``."""
 
-    def __init__(self, data_dir: Path, cursor_factory):
+    def __init__(self, data_dir: Path, cursor_factory, operations: dict | None = None):
         self.path = Path(data_dir) / SOCKET_FILE
         self.cursor_factory = cursor_factory
+        # op name -> fn(connection, request) -> pa.Table: maintenance that must run in the owning process
+        self.operations = dict(operations or {})
         self._server: socketserver.ThreadingUnixStreamServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -106,7 +123,13 @@ class QueryServer:
                     req = json.loads(self.rfile.readline() or b"{}")
                     con = outer.cursor_factory()
                     try:
-                        table = run_query(con, str(req.get("sql", "")))
+                        op = req.get("op", "query")
+                        if op == "query":
+                            table = run_query(con, str(req.get("sql", "")))
+                        elif op in outer.operations:
+                            table = outer.operations[op](con, req)
+                        else:
+                            raise QueryError(f"unknown operation {op!r}")
                     finally:
                         con.close()
                 except Exception as exc:  # noqa: BLE001 - the client gets every failure as a message
