@@ -22,7 +22,7 @@ from analyzers.cohorts import CohortLimiter
 from analyzers.pricing import PriceTable
 from analyzers.reprice import reprice
 from analyzers.window import WindowRefresher, WindowStats
-from exporters.analysis import AnalysisCollector
+from exporters.analysis import AnalysisMetrics
 from exporters.http import MetricsServer
 from exporters.prometheus import IngestCollector
 
@@ -85,7 +85,7 @@ def build_app(cfg: Config) -> App:
     app.frontend = StoreBridge(store, dict(cfg.raw), frontend_stats)
     retention = Retention(data_dir, store.cursor, cfg.store.retention_s, cfg.store.retention_check_s,
                           current_segment=store.current_segment)
-    analyzers = _analyzers(cfg, store, registry) if cfg.analyzers.enabled else []
+    analyzers = _analyzers(cfg, store, app.metrics) if cfg.analyzers.enabled else []
     # downstream first: the store must be open before anything can submit to it
     # reprice uses the price entries of the config the *command* was given (the current table),
     # which may be newer than what this server loaded at start
@@ -103,8 +103,8 @@ def reprice_table(con, prices, since_s):
     return pa.table({"spans": [r.spans], "traces": [r.traces], "unpriced_spans": [sum(r.unpriced.values())]})
 
 
-def _analyzers(cfg: Config, store: StoreWriter, registry: CollectorRegistry) -> list:
-    """store -> TraceAssembler -> StreamingAggregates; WindowRefresher; both exposed by AnalysisCollector."""
+def _analyzers(cfg: Config, store: StoreWriter, metrics: MetricsServer) -> list:
+    """store -> TraceAssembler -> StreamingAggregates; WindowRefresher; both exposed by AnalysisMetrics."""
     limiter = CohortLimiter(cfg.cohort_labels, cfg.cohort_max_values, forget_after_s=2 * cfg.window_s)
     aggregates = StreamingAggregates(limiter)
     assembler = TraceAssembler(store, cfg.cohort_labels, cfg.traces.idle_seconds, cfg.traces.max_seconds, cfg.routes,
@@ -116,7 +116,7 @@ def _analyzers(cfg: Config, store: StoreWriter, registry: CollectorRegistry) -> 
 
     window = WindowRefresher(WindowStats(store.cursor, limiter, cfg.window_s), cfg.analyzers.window_refresh_s,
                              on_refresh=lambda snap: None, forget=forget)
-    registry.register(AnalysisCollector(aggregates, lambda: window.latest, assembler.stats, limiter))
+    metrics.extra = AnalysisMetrics(aggregates, lambda: window.latest, assembler.stats, limiter).render
     return [assembler, window]
 
 

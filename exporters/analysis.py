@@ -4,16 +4,14 @@ Everything is read from in-memory snapshots: a scrape never touches DuckDB.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
-from prometheus_client.samples import Exemplar
+from operator import add
+from typing import Callable
 
 from analyzers.aggregates import COST_BUCKETS, DURATION_BUCKETS, STEPS_BUCKETS, StreamingAggregates
 from analyzers.window import QUANTILES, WindowSnapshot
 
 from .catalog import ALL_METRICS
+from .exposition import Family, escape, fmt_value, label_string, render
 
 _HELP = {m.name: m.help for m in ALL_METRICS}
 
@@ -22,113 +20,119 @@ def _bound(b: float) -> str:
     return repr(float(b)) if not float(b).is_integer() else f"{float(b):.1f}"
 
 
-def _buckets(bounds, counts, exemplars):
-    out, cum = [], 0
-    for i, b in enumerate(list(bounds) + [float("inf")]):
-        cum += int(counts[i])
-        le = "+Inf" if b == float("inf") else _bound(b)
-        ex = exemplars[i] if exemplars is not None else None
-        if ex is not None:
-            out.append((le, cum, Exemplar({"trace_id": ex[0]}, ex[1], ex[2])))
-        else:
-            out.append((le, cum))
-    return out
+class AnalysisMetrics:
+    """Renders the analyzer families from the aggregates, the window snapshot and assembly stats."""
 
-
-class AnalysisCollector(Collector):
     def __init__(self, aggregates: StreamingAggregates, window: Callable[[], WindowSnapshot | None],
                  assembly_stats, limiter):
         self.aggregates = aggregates
         self.window = window
         self.assembly_stats = assembly_stats
         self.limiter = limiter
-        self.labels = list(aggregates.labels)
+        self.labels = ["route", *aggregates.labels]
+        self._label_cache: dict[tuple, str] = {}
+        self._prefix_cache: dict[tuple, list[str]] = {}
+        self._le = {b: {name: [f'le="{_bound(x)}"' for x in bounds] + ['le="+Inf"'] for name, bounds in b}
+                    for b in [(("duration", DURATION_BUCKETS), ("steps", STEPS_BUCKETS), ("cost", COST_BUCKETS))]}
+        self._bounds = {"duration": DURATION_BUCKETS, "steps": STEPS_BUCKETS, "cost": COST_BUCKETS}
 
-    def collect(self) -> Iterable:
-        lab = ["route", *self.labels]
+    def _labels(self, key: tuple) -> str:
+        s = self._label_cache.get(key)
+        if s is None:
+            if len(self._label_cache) > 100_000:
+                self._label_cache.clear()
+            s = self._label_cache[key] = label_string(self.labels, key)
+        return s
+
+    def _bucket_prefixes(self, key: tuple, hist: str, name: str, lab: str) -> list[str]:
+        """'name_bucket{labels,le="x"} ' per bucket, built once per series (the values change, these don't)."""
+        ck = (key, hist)
+        p = self._prefix_cache.get(ck)
+        if p is None:
+            if len(self._prefix_cache) > 30_000:
+                self._prefix_cache.clear()
+            les = next(iter(self._le.values()))[hist]
+            p = self._prefix_cache[ck] = [f"{name}_bucket{{{lab},{le}}} " for le in les]
+        return p
+
+    def render(self, openmetrics: bool) -> str:
+        return render(self.families(openmetrics), openmetrics)
+
+    def families(self, openmetrics: bool = False) -> list[Family]:
         series, evals, tokens, cost_total = self.aggregates.snapshot()
-        fams = {
-            "traces": CounterMetricFamily("shadowlens_traces", _HELP["shadowlens_traces"], labels=lab),
-            "refusals": CounterMetricFamily("shadowlens_refusals", _HELP["shadowlens_refusals"], labels=lab),
-            "escalations": CounterMetricFamily("shadowlens_escalations", _HELP["shadowlens_escalations"], labels=lab),
-        }
-        hist = {
-            "duration": HistogramMetricFamily("shadowlens_trace_duration_seconds",
-                                              _HELP["shadowlens_trace_duration_seconds"], labels=lab),
-            "steps": HistogramMetricFamily("shadowlens_trajectory_steps", _HELP["shadowlens_trajectory_steps"], labels=lab),
-            "cost": HistogramMetricFamily("shadowlens_trace_cost_usd", _HELP["shadowlens_trace_cost_usd"], labels=lab),
-        }
+        fam = {name: Family(name, "counter", _HELP[name]) for name in (
+            "shadowlens_traces", "shadowlens_refusals", "shadowlens_escalations")}
+        hist = {"duration": Family("shadowlens_trace_duration_seconds", "histogram",
+                                   _HELP["shadowlens_trace_duration_seconds"]),
+                "steps": Family("shadowlens_trajectory_steps", "histogram", _HELP["shadowlens_trajectory_steps"]),
+                "cost": Family("shadowlens_trace_cost_usd", "histogram", _HELP["shadowlens_trace_cost_usd"])}
         for key, (n, refusals, escalations, dur, steps, cost) in series.items():
-            values = list(key)
-            fams["traces"].add_metric(values, n)
-            fams["refusals"].add_metric(values, refusals)
-            fams["escalations"].add_metric(values, escalations)
-            for name, bounds, (counts, total, exemplars) in (("duration", DURATION_BUCKETS, dur),
-                                                             ("steps", STEPS_BUCKETS, steps),
-                                                             ("cost", COST_BUCKETS, cost)):
-                hist[name].add_metric(values, _buckets(bounds, counts, exemplars if name == "duration" else None),
-                                      total)
-        yield from fams.values()
-        yield from hist.values()
-        ev = CounterMetricFamily("shadowlens_evals", _HELP["shadowlens_evals"], labels=lab + ["eval", "result"])
+            lab = self._labels(key)
+            fam["shadowlens_traces"].add("_total", lab, n)
+            fam["shadowlens_refusals"].add("_total", lab, refusals)
+            fam["shadowlens_escalations"].add("_total", lab, escalations)
+            for name, (counts, total_, exemplars) in (("duration", dur), ("steps", steps), ("cost", cost)):
+                f = hist[name]
+                prefixes = self._bucket_prefixes(key, name, f.name, lab)
+                cum = counts.cumsum().tolist()
+                if openmetrics and name == "duration":
+                    f.chunks.append("".join(
+                        f'{p}{c} # {{trace_id="{ex[0]}"}} {fmt_value(ex[1])} {ex[2]:.3f}\n' if ex else f"{p}{c}\n"
+                        for p, c, ex in zip(prefixes, cum, exemplars)))
+                else:
+                    f.chunks.append("\n".join(map(add, prefixes, map(str, cum))) + "\n")
+                f.chunks.append(f"{f.name}_count{{{lab}}} {cum[-1]}\n{f.name}_sum{{{lab}}} {fmt_value(total_)}\n")
+        out = list(fam.values()) + list(hist.values())
+        ev = Family("shadowlens_evals", "counter", _HELP["shadowlens_evals"])
         for (key, name, result), n in sorted(evals.items()):
-            ev.add_metric([*key, name, result], n)
-        yield ev
-        tok = CounterMetricFamily("shadowlens_tokens", _HELP["shadowlens_tokens"], labels=["route", "model", "type"])
+            ev.add("_total", f'{self._labels(key)},eval="{escape(name)}",result="{result}"', n)
+        tok = Family("shadowlens_tokens", "counter", _HELP["shadowlens_tokens"])
         for k, n in sorted(tokens.items()):
-            tok.add_metric(list(k), n)
-        yield tok
-        cst = CounterMetricFamily("shadowlens_cost_usd", _HELP["shadowlens_cost_usd"], labels=["route", "model"])
+            tok.add("_total", label_string(("route", "model", "type"), k), n)
+        cst = Family("shadowlens_cost_usd", "counter", _HELP["shadowlens_cost_usd"])
         for k, v in sorted(cost_total.items()):
-            cst.add_metric(list(k), v)
-        yield cst
-        yield from self._window(lab)
-        yield from self._self()
+            cst.add("_total", label_string(("route", "model"), k), v)
+        out += [ev, tok, cst]
+        out += self._window()
+        out += self._self()
+        return out
 
-    def _window(self, lab) -> Iterable:
+    def _window(self) -> list[Family]:
         snap = self.window()
-        g = {name: GaugeMetricFamily(name, _HELP[name], labels=lab) for name in (
-            "shadowlens_window_traces", "shadowlens_window_trajectory_steps_mean",
-            "shadowlens_window_cost_per_trace_usd", "shadowlens_window_refusal_ratio",
-            "shadowlens_window_escalation_ratio")}
-        q = GaugeMetricFamily("shadowlens_window_trace_duration_seconds",
-                              _HELP["shadowlens_window_trace_duration_seconds"], labels=lab + ["quantile"])
-        fail = GaugeMetricFamily("shadowlens_window_eval_fail_ratio", _HELP["shadowlens_window_eval_fail_ratio"],
-                                 labels=lab + ["eval"])
+        names = ("shadowlens_window_traces", "shadowlens_window_trajectory_steps_mean",
+                 "shadowlens_window_cost_per_trace_usd", "shadowlens_window_refusal_ratio",
+                 "shadowlens_window_escalation_ratio")
+        g = {name: Family(name, "gauge", _HELP[name]) for name in names}
+        q = Family("shadowlens_window_trace_duration_seconds", "gauge", _HELP["shadowlens_window_trace_duration_seconds"])
+        fail = Family("shadowlens_window_eval_fail_ratio", "gauge", _HELP["shadowlens_window_eval_fail_ratio"])
         if snap is not None:
+            cols = {"shadowlens_window_traces": "n", "shadowlens_window_trajectory_steps_mean": "steps_mean",
+                    "shadowlens_window_cost_per_trace_usd": "cost_mean", "shadowlens_window_refusal_ratio": "refusal_ratio",
+                    "shadowlens_window_escalation_ratio": "escalation_ratio"}
             for row in snap.traces.iter_rows(named=True):
-                values = [row[c] for c in lab]
-                g["shadowlens_window_traces"].add_metric(values, row["n"])
+                lab = self._labels(tuple(row[c] for c in self.labels))
+                for name, col in cols.items():
+                    if row[col] is not None:
+                        g[name].add("", lab, row[col])
                 for quantile, v in zip(QUANTILES, row["q"] or []):
                     if v is not None:
-                        q.add_metric(values + [str(quantile)], v)
-                for name, col in (("shadowlens_window_trajectory_steps_mean", "steps_mean"),
-                                  ("shadowlens_window_cost_per_trace_usd", "cost_mean"),
-                                  ("shadowlens_window_refusal_ratio", "refusal_ratio"),
-                                  ("shadowlens_window_escalation_ratio", "escalation_ratio")):
-                    if row[col] is not None:
-                        g[name].add_metric(values, row[col])
+                        q.add("", f'{lab},quantile="{quantile}"', v)
             for row in snap.evals.iter_rows(named=True):
-                fail.add_metric([row[c] for c in lab] + [row["eval"]], row["fail_ratio"])
-        yield from g.values()
-        yield q
-        yield fail
-        took = GaugeMetricFamily("shadowlens_window_refresh_seconds", _HELP["shadowlens_window_refresh_seconds"])
-        took.add_metric([], snap.seconds if snap is not None else 0.0)
-        yield took
+                lab = self._labels(tuple(row[c] for c in self.labels))
+                fail.add("", f'{lab},eval="{escape(row["eval"])}"', row["fail_ratio"])
+        took = Family("shadowlens_window_refresh_seconds", "gauge", _HELP["shadowlens_window_refresh_seconds"])
+        took.add("", "", snap.seconds if snap is not None else 0.0)
+        return [*g.values(), q, fail, took]
 
-    def _self(self) -> Iterable:
+    def _self(self) -> list[Family]:
         st = self.assembly_stats
-        late = CounterMetricFamily("shadowlens_late_spans", _HELP["shadowlens_late_spans"])
-        late.add_metric([], st.late_spans)
-        yield late
-        open_ = GaugeMetricFamily("shadowlens_open_traces", _HELP["shadowlens_open_traces"])
-        open_.add_metric([], st.open_traces)
-        yield open_
-        ev = CounterMetricFamily("shadowlens_traces_evicted", _HELP["shadowlens_traces_evicted"])
-        ev.add_metric([], st.evicted)
-        yield ev
-        of = CounterMetricFamily("shadowlens_cohort_overflow", _HELP["shadowlens_cohort_overflow"], labels=["label"])
-        for label in self.labels:
-            of.add_metric([label], self.limiter.overflow.get(label, 0))
-        yield of
+        late = Family("shadowlens_late_spans", "counter", _HELP["shadowlens_late_spans"])
+        late.add("_total", "", st.late_spans)
+        open_ = Family("shadowlens_open_traces", "gauge", _HELP["shadowlens_open_traces"])
+        open_.add("", "", st.open_traces)
+        ev = Family("shadowlens_traces_evicted", "counter", _HELP["shadowlens_traces_evicted"])
+        ev.add("_total", "", st.evicted)
+        of = Family("shadowlens_cohort_overflow", "counter", _HELP["shadowlens_cohort_overflow"])
+        for label in self.labels[1:]:
+            of.add("_total", f'label="{label}"', self.limiter.overflow.get(label, 0))
+        return [late, open_, ev, of]

@@ -30,7 +30,15 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.app
         if path == "/metrics":
             encoder, ctype = exposition.choose_encoder(self.headers.get("Accept", ""))
-            self._reply(200, ctype, encoder(app.registry))
+            body = encoder(app.registry)
+            if app.extra is not None:
+                openmetrics = ctype.startswith("application/openmetrics-text")
+                extra = app.extra(openmetrics).encode()
+                if openmetrics and body.endswith(b"# EOF\n"):
+                    body = body[:-len(b"# EOF\n")] + extra + b"# EOF\n"
+                else:
+                    body += extra
+            self._reply(200, ctype, body)
         elif path == "/healthz":
             self._reply(200, "text/plain; charset=utf-8", b"ok\n")
         elif path == "/readyz":
@@ -50,6 +58,8 @@ class MetricsServer:
         self.registry = registry
         self.ready = ready
         self.json_routes: dict[str, Callable[[], tuple[int, object]]] = {}
+        # fast-rendered families appended after the registry's (exporters/exposition.py)
+        self.extra: Callable[[bool], str] | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
