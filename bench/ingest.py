@@ -1057,6 +1057,8 @@ def parse_args(argv=None):
     ap.add_argument("--json", action="store_true", help="print one machine-readable JSON line at the end")
     ap.add_argument("--timeline", action="store_true", help="print acknowledged spans for every second of a run")
     ap.add_argument("--check", action="store_true", help="exit 1 when the median misses the bar")
+    ap.add_argument("--compare-analyzers", action="store_true",
+                    help="alternate runs with the analyzers off and on; print both and their ratio")
     a = ap.parse_args(argv)
     if a.runs < 1 or a.clients < 1 or a.concurrency < 1 or a.duration <= 0 or a.pool_requests < 1:
         ap.error("--runs, --clients, --concurrency, --pool-requests and --duration must be positive")
@@ -1082,6 +1084,8 @@ def main(argv=None):
           f"{'HTTP/1.1 keep-alive' if args.http else 'gRPC (one channel per process)'}, {args.duration:g} s per run, "
           f"{args.runs} run(s); server: {args.endpoint or args.shadowlens}"
           + (f" env {args.extra_env}" if args.extra_env else ""), flush=True)
+    if args.compare_analyzers:
+        return compare_analyzers(args)
     runs, bad = [], False
     for n in range(1, args.runs + 1):
         res, data_dir = one_run(n, args, args.shadowlens, args.extra_env)
@@ -1117,6 +1121,36 @@ def main(argv=None):
     if args.check and not bar_ok:
         return 1
     return 0
+
+
+def compare_analyzers(args) -> int:
+    """Alternating runs with the analyzers off and on (same traffic, fresh data dirs): the issue's
+    "with analyzers on, >= 80 % of the ingest-only throughput", both reported in one run."""
+    modes = {"ingest only": {**args.extra_env, "SHADOWLENS_ANALYZERS__ENABLED": "false"},
+             "analyzers on": {**args.extra_env, "SHADOWLENS_ANALYZERS__ENABLED": "true"}}
+    results = {m: [] for m in modes}
+    bad = False
+    for n in range(1, args.runs + 1):
+        for mode, env in modes.items():
+            print(f"--- {mode} ---")
+            res, data_dir = one_run(n, args, args.shadowlens, env)
+            print_run(res, bar_grpc=True, timeline=args.timeline)
+            sys.stdout.flush()
+            results[mode].append(res)
+            bad |= bool(res.get("fatal") or res.get("stored_ok") is False or res.get("server_exit") not in (None, 0))
+            if data_dir and not args.keep_data:
+                shutil.rmtree(data_dir, ignore_errors=True)
+    meds = {m: median_of([r for r in rs if not r.get("fatal")]) for m, rs in results.items()}
+    print(f"=== median of {args.runs} run(s) per mode ===")
+    for m, med in meds.items():
+        print(f"  {m:13s} acked spans/s {med.get('acked_per_s', 0):,.0f}; p99 {med.get('p99_ms', 0):.0f} ms; "
+              f"server {med.get('server_cores', 0):.2f} cores, peak RSS {med.get('peak_rss_mb', 0):.0f} MB")
+    base = meds["ingest only"].get("acked_per_s") or 0
+    ratio = (meds["analyzers on"].get("acked_per_s") or 0) / base if base else 0
+    print(f"  analyzers on / ingest only = {ratio:.0%}  (bar >= 80 %: {'PASS' if ratio >= 0.8 else 'MISS'})")
+    if args.json:
+        print(json.dumps({"runs": results, "median": meds, "ratio": ratio}, default=str))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -92,3 +92,25 @@ def test_store_bytes_metric_reports_disk_use(server):
     from prometheus_client.parser import text_string_to_metric_families
     fams = {f.name: f for f in text_string_to_metric_families(server.metrics_text())}
     assert fams["shadowlens_store_bytes"].samples[0].value > 0
+
+
+def test_dedup_keys_match_between_python_and_sql(tmp_path):
+    """The key a restart reloads with SQL equals the one ingest computes from the raw ids."""
+    import duckdb
+    import numpy as np
+
+    from collector.decode.normalize import span_keys
+    from collector.store.writer import KEY_SQL, RecentKeys
+    rng = random.Random(8)
+    tids = [rng.randbytes(16) for _ in range(50)]
+    sids = [rng.randbytes(8) for _ in range(50)]
+    con = duckdb.connect()
+    con.execute("CREATE TABLE spans_core (trace_id VARCHAR, span_id VARCHAR)")
+    con.executemany("INSERT INTO spans_core VALUES (?, ?)", [(t.hex(), s.hex()) for t, s in zip(tids, sids)])
+    sql_keys = [r[0] for r in con.execute(f"SELECT {KEY_SQL} FROM spans_core").fetchall()]
+    assert sql_keys == span_keys(tids, sids).tolist()
+    keys = RecentKeys(4 * RecentKeys.GENERATION)
+    first = span_keys(tids, sids)
+    assert keys.filter_new(first).all()
+    again = np.concatenate([first[:5], span_keys([rng.randbytes(16)], [rng.randbytes(8)])])
+    assert keys.filter_new(again).tolist() == [False] * 5 + [True]

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
 import pyarrow as pa
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -36,12 +37,12 @@ _EVENT_NAMES = frozenset({A.EVAL_EVENT_NAME.encode()})
 
 @dataclass
 class NormalizedBatch:
-    """What decode hands to the store. ``keys`` (trace_id+span_id) align with ``spans`` rows."""
+    """What decode hands to the store. ``keys`` (64-bit span keys, see ``span_keys``) align with ``spans`` rows."""
     signal: str                       # "traces" | "logs"
     spans: pa.RecordBatch | None
     evals: pa.RecordBatch | None
     logs: pa.RecordBatch | None
-    keys: list[str]
+    keys: Any                         # numpy uint64 array (traces); a list for logs
     received: int                     # spans or log records in the request
     rejected: int
     reasons: Counter = field(default_factory=Counter)
@@ -259,13 +260,13 @@ class Normalizer:
                 values = cols[self._column_concepts.get(name, name)]
             arrays.append(pa.nulls(n, field_.type) if values is None else pa.array(values, type=field_.type))
         batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
-        keys = [t + s_ for t, s_ in zip(hex_t, hex_s)]
+        keys = span_keys(tids, sids) if not bad else None
         eval_rows = [row for _, row in evals]
         if bad:
             badset = set(bad)
             keep = [i not in badset for i in range(n)]
             batch = batch.filter(pa.array(keep))
-            keys = [k for k, ok in zip(keys, keep) if ok]
+            keys = span_keys([t for t, ok in zip(tids, keep) if ok], [x for x, ok in zip(sids, keep) if ok])
             eval_rows = [row for i, row in evals if keep[i]]
         return NormalizedBatch(
             signal="traces", spans=batch if batch.num_rows else None,
@@ -399,6 +400,17 @@ class Normalizer:
             logs=_to_batch(rows, schema.LOG_SCHEMA) if rows else None,
             keys=keys, received=received, rejected=rejected, reasons=reasons, message=message, payload=payload,
         )
+
+
+def span_keys(trace_ids: list[bytes], span_ids: list[bytes]):
+    """64-bit dedup keys, columnar: span_id XOR both halves of trace_id (big-endian).
+
+    Ids are random, so the XOR is as good as a hash; SQL computes the same value from the hex
+    columns (``store.writer.KEY_SQL``) to reload recent keys after a restart.
+    """
+    t = np.frombuffer(b"".join(trace_ids), dtype=">u8").reshape(-1, 2)
+    s = np.frombuffer(b"".join(span_ids), dtype=">u8")
+    return (s ^ t[:, 0] ^ t[:, 1]).astype(np.uint64)
 
 
 def _converter(kind: str):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from .. import schema
@@ -49,25 +50,49 @@ class _Task:
     payload_ref: tuple[int, int, int]   # (segment, offset, length) where the payload was appended
 
 
-class RecentKeys:
-    """Bounded memory of recently stored span keys: two generations of sets, O(1) per span.
+# the dedup key of a stored span, as normalize.span_keys computes it from the raw ids
+KEY_SQL = ("xor(xor(('0x' || span_id)::UBIGINT, ('0x' || substr(trace_id, 1, 16))::UBIGINT),"
+           " ('0x' || substr(trace_id, 17, 16))::UBIGINT)")
 
-    Retries (a client re-sending after a lost response) arrive within seconds or minutes;
-    ``max_keys`` bounds memory, and older keys are forgotten a generation at a time.
+
+class RecentKeys:
+    """Bounded memory of recently stored span keys (64-bit), about 8 bytes a key.
+
+    Retries (a client re-sending after a lost response) arrive within seconds or minutes. New keys
+    go to a set; every ``GENERATION`` keys the set is frozen into a sorted numpy array, and the
+    oldest arrays are dropped beyond ``max_keys``. Lookups are one ``searchsorted`` per array.
     """
 
-    def __init__(self, max_keys: int):
-        self.half = max(1, max_keys // 2)
-        self.current: set[str] = set()
-        self.previous: set[str] = set()
+    GENERATION = 262_144
 
-    def seen_or_add(self, key: str) -> bool:
-        if key in self.current or key in self.previous:
-            return True
-        self.current.add(key)
-        if len(self.current) >= self.half:
-            self.previous, self.current = self.current, set()
-        return False
+    def __init__(self, max_keys: int):
+        self.max_generations = max(1, max_keys // self.GENERATION)
+        self.frozen: deque[np.ndarray] = deque()
+        self.current: set[int] = set()
+
+    def filter_new(self, keys: np.ndarray) -> np.ndarray:
+        """True for keys not seen before (and remembers them); duplicates within ``keys`` count too."""
+        keep = np.ones(len(keys), dtype=bool)
+        for arr in self.frozen:
+            idx = np.searchsorted(arr, keys)
+            idx[idx == len(arr)] = 0
+            keep &= arr[idx] != keys
+        cur = self.current
+        for i, k in enumerate(keys.tolist()):
+            if keep[i]:
+                if k in cur:
+                    keep[i] = False
+                else:
+                    cur.add(k)
+        if len(cur) >= self.GENERATION:
+            self.frozen.append(np.sort(np.fromiter(cur, dtype=np.uint64, count=len(cur))))
+            self.current = set()
+            while len(self.frozen) > self.max_generations:
+                self.frozen.popleft()
+        return keep
+
+    def seed(self, keys: np.ndarray) -> None:
+        self.filter_new(keys.astype(np.uint64))
 
 
 class StoreWriter:
@@ -120,10 +145,12 @@ class StoreWriter:
         self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="shadowlens-fsync")
         if self._dedup is not None:
             cutoff = self.now() - DEDUP_SEED_SECONDS
-            keys = self.con.execute(
-                "SELECT trace_id || span_id FROM spans_core WHERE received_at >= make_timestamp(?::BIGINT) "
-                "ORDER BY received_at DESC LIMIT ?", [int(cutoff * 1e6), self._dedup.half]).fetchall()
-            self._dedup.current.update(k for (k,) in keys)
+            keys = self.con.sql(
+                f"SELECT {KEY_SQL} AS k FROM spans_core WHERE received_at >= make_timestamp($cutoff::BIGINT) "
+                "ORDER BY received_at DESC LIMIT $n",
+                params={"cutoff": int(cutoff * 1e6), "n": self._dedup.max_generations * RecentKeys.GENERATION}
+            ).to_arrow_table().column("k").to_numpy()
+            self._dedup.seed(keys[::-1].copy())
 
     def _drop_torn_payloads(self) -> None:
         """After a crash, rows may reference payload bytes whose fdatasync never finished (DuckDB
@@ -284,10 +311,9 @@ class StoreWriter:
             b = task.batch
             keep = None
             dups = 0
-            if b.signal == "traces" and self._dedup is not None and b.keys:
-                seen = self._dedup.seen_or_add
-                keep = [not seen(k) for k in b.keys]
-                dups = keep.count(False)
+            if b.signal == "traces" and self._dedup is not None and b.accepted:
+                keep = self._dedup.filter_new(b.keys)
+                dups = int(len(keep) - keep.sum())
             stored = b.accepted - dups
             dup_total += dups
             results.append(Commit(seq, stored, dups))
@@ -303,7 +329,9 @@ class StoreWriter:
             if b.evals is not None:
                 ev = b.evals
                 if dups:
-                    dropped = {k for k, kp in zip(b.keys, keep) if not kp}
+                    gone = b.spans.filter(pa.array(~keep))
+                    dropped = {t_ + s_ for t_, s_ in zip(gone.column("trace_id").to_pylist(),
+                                                         gone.column("span_id").to_pylist())}
                     mask = [(t_ + s_) not in dropped for t_, s_ in zip(ev.column(0).to_pylist(), ev.column(1).to_pylist())]
                     ev = ev.filter(pa.array(mask))
                 if ev.num_rows:
