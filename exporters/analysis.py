@@ -109,17 +109,20 @@ class AnalysisMetrics:
             cols = {"shadowlens_window_traces": "n", "shadowlens_window_trajectory_steps_mean": "steps_mean",
                     "shadowlens_window_cost_per_trace_usd": "cost_mean", "shadowlens_window_refusal_ratio": "refusal_ratio",
                     "shadowlens_window_escalation_ratio": "escalation_ratio"}
-            for row in snap.traces.iter_rows(named=True):
-                lab = self._labels(tuple(row[c] for c in self.labels))
-                for name, col in cols.items():
-                    if row[col] is not None:
-                        g[name].add("", lab, row[col])
-                for quantile, v in zip(QUANTILES, row["q"] or []):
-                    if v is not None:
-                        q.add("", f'{lab},quantile="{quantile}"', v)
-            for row in snap.evals.iter_rows(named=True):
-                lab = self._labels(tuple(row[c] for c in self.labels))
-                fail.add("", f'{lab},eval="{escape(row["eval"])}"', row["fail_ratio"])
+            t = snap.traces
+            labs = [self._labels(k) for k in zip(*(t[c].to_list() for c in self.labels))]
+            for name, col in cols.items():
+                fam = g[name]
+                fam.chunks.extend(f"{name}{{{lab}}} {fmt_value(v)}\n"
+                                  for lab, v in zip(labs, t[col].to_list()) if v is not None)
+            for lab, qs in zip(labs, t["q"].to_list()):
+                q.chunks.extend(f'{q.name}{{{lab},quantile="{quantile}"}} {fmt_value(v)}\n'
+                                for quantile, v in zip(QUANTILES, qs or []) if v is not None)
+            e = snap.evals
+            if e.height:
+                elabs = [self._labels(k) for k in zip(*(e[c].to_list() for c in self.labels))]
+                fail.chunks.extend(f'{fail.name}{{{lab},eval="{escape(ev)}"}} {fmt_value(v)}\n'
+                                   for lab, ev, v in zip(elabs, e["eval"].to_list(), e["fail_ratio"].to_list()))
         took = Family("shadowlens_window_refresh_seconds", "gauge", _HELP["shadowlens_window_refresh_seconds"])
         took.add("", "", snap.seconds if snap is not None else 0.0)
         return [*g.values(), q, fail, took]
