@@ -157,7 +157,7 @@ def _serve_log(srv: Any) -> str:
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Any:
     data_dir = tmp_path_factory.mktemp("realinst") / "data"
-    srv = _start_serve(data_dir, {"SHADOWLENS_TRACES__IDLE_SECONDS": str(TRACE_IDLE_S)})
+    srv = _start_serve(data_dir, {"SHADOWLENS_TRACES__IDLE_SECONDS": str(TRACE_IDLE_S), "SHADOWLENS_PRICES": TEST_PRICES})
     try:
         yield srv
     finally:
@@ -302,6 +302,24 @@ def test_app_spans(cases: dict[tuple[str, str], Case], lib: str, scenario: str) 
             assert r["parent_span_id"], r
 
 
+# User prices for the fake's models (USD per 1M tokens), so expected costs do not depend on the shipped table.
+PRICE = {"gpt-4o-mini": (0.15, 0.60, 0.075), "o4-mini": (1.10, 4.40, 0.275)}
+TEST_PRICES = "[" + ", ".join(f"{{match: '{m}(-\\d{{4}}-\\d{{2}}-\\d{{2}})?', input: {p[0]}, output: {p[1]}, "
+                              f"cache_read: {p[2]}}}" for m, p in PRICE.items()) + "]"
+
+
+def _expected_cost(lib: str, scenario: str, recs) -> float:
+    """Tokens as the library reports them x PRICE; cached tokens only where the library carries them."""
+    q = QUIRKS[lib]
+    carries_cache = q.cache_read_stream if scenario.endswith("stream") else q.cache_read
+    total = 0.0
+    for r in recs:
+        pin, pout, pcache = PRICE[r.request_model]
+        cached = (r.cached_tokens or 0) if carries_cache else 0
+        total += ((r.prompt_tokens - cached) * pin + cached * pcache + r.completion_tokens * pout) / 1e6
+    return total
+
+
 def test_trace_rows(cases: dict[tuple[str, str], Case], serve: Any) -> None:
     """Completed trace rows: trace-level columns and token sums over the LLM spans (never double counted)."""
     done = [c for c in cases.values() if c.result is not None]
@@ -314,7 +332,7 @@ def test_trace_rows(cases: dict[tuple[str, str], Case], serve: Any) -> None:
     while True:
         rows = {r["trace_id"]: r for r in serve.query(
             "SELECT trace_id, route, request_id, intent, language, tier, llm_calls, tool_calls, steps, "
-            f"input_tokens, output_tokens, model, incomplete FROM traces WHERE trace_id IN ({_sql_list(ids)})")}
+            f"input_tokens, output_tokens, model, incomplete, cost_usd FROM traces WHERE trace_id IN ({_sql_list(ids)})")}
         if len(rows) >= len(ids) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -338,6 +356,9 @@ def test_trace_rows(cases: dict[tuple[str, str], Case], serve: Any) -> None:
         models = {r.response_model for r in recs} | {r.request_model for r in recs}
         if t.get("model") not in models:
             problems.append(f"{c.lib}/{c.scenario}: traces.model = {t.get('model')!r}, expected one of {models}")
+        cost = _expected_cost(c.lib, c.scenario, recs)
+        if t.get("cost_usd") is None or abs(t["cost_usd"] - cost) > 1e-12 + 1e-9 * cost:
+            problems.append(f"{c.lib}/{c.scenario}: traces.cost_usd = {t.get('cost_usd')!r}, expected {cost!r}")
         if t.get("incomplete") not in (False, 0, None):
             problems.append(f"{c.lib}/{c.scenario}: traces.incomplete = {t.get('incomplete')!r}")
     assert not problems, "\n".join(problems)
