@@ -23,7 +23,7 @@ from ..decode.normalize import NormalizedBatch
 from ..errors import Overloaded, ShuttingDown
 from ..stats import IngestStats
 from .segments import SegmentLog
-from .writer import Commit, StoreWriter
+from .writer import Commit, StoreWriter, admit
 
 log = logging.getLogger("shadowlens.bridge")
 
@@ -51,11 +51,7 @@ class RemoteStore:
     def submit(self, batch: NormalizedBatch) -> Future:
         n = batch.accepted
         with self._lock:
-            if self.stopping:
-                raise ShuttingDown("shadowlens is shutting down; retry against the restarted sidecar", 1.0)
-            if self._inflight_spans and self._inflight_spans + n > self.queue_max_spans:
-                self.stats.add("requests_refused", "queue_full")
-                raise Overloaded(f"ingest queue is full ({self._inflight_spans} spans waiting); retry shortly", 1.0)
+            admit(self.stopping, self._inflight_spans, n, self.queue_max_spans, self.stats)
             self._inflight_spans += n
             rid = next(self._ids)
             fut: Future = Future()

@@ -50,6 +50,16 @@ class _Task:
     payload_ref: tuple[int, int, int]   # (segment, offset, length) where the payload was appended
 
 
+def admit(stopping: bool, waiting: int, n: int, limit: int, stats: IngestStats) -> None:
+    """Refuse new work while draining, or when ``n`` more spans would overfill the queue (a lone
+    request larger than the limit is still taken: it could never fit otherwise)."""
+    if stopping:
+        raise ShuttingDown("shadowlens is shutting down; retry against the restarted sidecar", 1.0)
+    if waiting and waiting + n > limit:
+        stats.add("requests_refused", "queue_full")
+        raise Overloaded(f"ingest queue is full ({waiting} spans waiting); retry shortly", 1.0)
+
+
 # the dedup key of a stored span, as normalize.span_keys computes it from the raw ids
 KEY_SQL = ("xor(xor(('0x' || span_id)::UBIGINT, ('0x' || substr(trace_id, 1, 16))::UBIGINT),"
            " ('0x' || substr(trace_id, 17, 16))::UBIGINT)")
@@ -223,11 +233,7 @@ class StoreWriter:
         fut: Future = Future()
         n = batch.accepted
         with self._cond:
-            if self._stopping:
-                raise ShuttingDown("shadowlens is shutting down; retry against the restarted sidecar", 1.0)
-            if self._queued_spans and self._queued_spans + n > self.queue_max_spans:
-                self.stats.add("requests_refused", "queue_full")
-                raise Overloaded(f"ingest queue is full ({self._queued_spans} spans waiting); retry shortly", 1.0)
+            admit(self._stopping, self._queued_spans, n, self.queue_max_spans, self.stats)
             self._queued_spans += n          # reserved before the (slower) payload write
         ref = payload_ref
         if ref is None:
