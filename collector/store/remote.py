@@ -22,8 +22,8 @@ from concurrent.futures import Future
 from ..decode.normalize import NormalizedBatch
 from ..errors import Overloaded, ShuttingDown
 from ..stats import IngestStats
+from .commit import Commit, admit
 from .segments import SegmentLog
-from .writer import Commit, StoreWriter, admit
 
 log = logging.getLogger("shadowlens.bridge")
 
@@ -101,7 +101,8 @@ class RemoteStore:
 class StoreBridge:
     """Store side, a Component: starts the frontend process and commits what it sends."""
 
-    def __init__(self, store: StoreWriter, config_tree: dict, child_stats: dict, start_timeout: float = 60.0):
+    def __init__(self, store, config_tree: dict, child_stats: dict, start_timeout: float = 60.0):
+        """``store``: the StoreWriter of this process."""
         self.store = store
         self.config_tree = config_tree
         self.child_stats = child_stats          # updated in place with the frontend's counters

@@ -22,8 +22,8 @@ import pyarrow as pa
 
 from .. import schema
 from ..decode.normalize import NormalizedBatch
-from ..errors import Overloaded, ShuttingDown
 from ..stats import IngestStats
+from .commit import Commit, admit  # noqa: F401 (Commit is part of this module's API)
 from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions
 from .segments import SegmentLog, SegmentSyncer, list_segments, segment_sizes
 
@@ -35,29 +35,11 @@ GROUP_LINGER_S = 0.02
 DEDUP_SEED_SECONDS = 3600
 
 
-@dataclass(frozen=True)
-class Commit:
-    """What the store promises a receiver: these rows are durable as of ``seq``."""
-    seq: int
-    stored: int
-    duplicates: int
-
-
 @dataclass
 class _Task:
     batch: NormalizedBatch
     future: Future
     payload_ref: tuple[int, int, int]   # (segment, offset, length) where the payload was appended
-
-
-def admit(stopping: bool, waiting: int, n: int, limit: int, stats: IngestStats) -> None:
-    """Refuse new work while draining, or when ``n`` more spans would overfill the queue (a lone
-    request larger than the limit is still taken: it could never fit otherwise)."""
-    if stopping:
-        raise ShuttingDown("shadowlens is shutting down; retry against the restarted sidecar", 1.0)
-    if waiting and waiting + n > limit:
-        stats.add("requests_refused", "queue_full")
-        raise Overloaded(f"ingest queue is full ({waiting} spans waiting); retry shortly", 1.0)
 
 
 # the dedup key of a stored span, as normalize.span_keys computes it from the raw ids

@@ -1,0 +1,26 @@
+"""What the store promises a receiver, and when it refuses work. No DuckDB here: the ingest
+frontend process imports this without loading the database."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import Overloaded, ShuttingDown
+from ..stats import IngestStats
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What the store promises a receiver: these rows are durable as of ``seq``."""
+    seq: int
+    stored: int
+    duplicates: int
+
+
+def admit(stopping: bool, waiting: int, n: int, limit: int, stats: IngestStats) -> None:
+    """Refuse new work while draining, or when ``n`` more spans would overfill the queue (a lone
+    request larger than the limit is still taken: it could never fit otherwise)."""
+    if stopping:
+        raise ShuttingDown("shadowlens is shutting down; retry against the restarted sidecar", 1.0)
+    if waiting and waiting + n > limit:
+        stats.add("requests_refused", "queue_full")
+        raise Overloaded(f"ingest queue is full ({waiting} spans waiting); retry shortly", 1.0)
