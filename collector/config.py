@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "receivers": {
         "grpc": {"endpoint": "127.0.0.1:4317", "max_message_mib": 64, "max_workers": 32},
         "http": {"endpoint": "127.0.0.1:4318", "max_body_mib": 64},
+        "scanner": "auto",          # auto | c | python: the OTLP wire scanner (decode/scan.py)
     },
     "metrics": {"endpoint": "0.0.0.0:9464"},
     "store": {
@@ -103,6 +104,7 @@ class ReceiversConfig:
     grpc_max_workers: int
     http: Endpoint
     http_max_bytes: int
+    scanner: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,12 @@ def _size(value: Any, key: str) -> str:
     return f"{m.group(1)}{m.group(2).upper().replace('I', 'i')}"
 
 
+def _choice(value: Any, allowed: tuple[str, ...], key: str) -> str:
+    if str(value) not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    return str(value)
+
+
 def _bool(value: Any, key: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -295,6 +303,7 @@ def build(tree: dict) -> Config:
         grpc_max_workers=_int(tree, "receivers", "grpc", "max_workers", minimum=1),
         http=Endpoint(*parse_endpoint(r["http"]["endpoint"], "receivers.http.endpoint")),
         http_max_bytes=_int(tree, "receivers", "http", "max_body_mib", minimum=1) << 20,
+        scanner=_choice(r["scanner"], ("auto", "c", "python"), "receivers.scanner"),
     )
     s = tree["store"]
     store = StoreConfig(

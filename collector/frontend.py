@@ -35,7 +35,8 @@ def main(conn, config_tree: dict, first_segment: int) -> None:
     stats = IngestStats()
     segments = SegmentLog(cfg.store.data_dir / SEGMENTS_DIR, first_segment)
     store = RemoteStore(conn, segments, stats, cfg.store.queue_max_spans)
-    handler = ExportHandler(Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices)), store, stats)
+    normalizer = Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices), cfg.receivers.scanner)
+    handler = ExportHandler(normalizer, store, stats)
     receivers = [GrpcReceiver(cfg.receivers.grpc, handler, cfg.receivers.grpc_max_bytes, cfg.receivers.grpc_max_workers),
                  HttpReceiver(cfg.receivers.http, handler, cfg.receivers.http_max_bytes)]
     started = []

@@ -281,3 +281,14 @@ def test_span_eval_sources_and_refusal(server):
         "refusal": (False, "a"), "hallucination": (False, "b"), "toxicity": (True, "b"), "task_completion": (True, "c")}
     flags = {r["name"]: (r["refused"], r["escalated"]) for r in server.query("select name, refused, escalated from spans_core")}
     assert flags["a"][0] is True and flags["d"][1] is True and flags["b"] == (None, None)
+
+
+def test_pure_python_scanner_serves_the_same(serve_factory):
+    """receivers.scanner: python (the fallback without a compiler) stores what the C scanner stores."""
+    server = serve_factory(env={"SHADOWLENS_RECEIVERS__SCANNER": "python"})
+    spans = random_spans(12, random.Random(12))
+    grpc_export(server.grpc_endpoint, span_request(spans).SerializeToString())
+    rows = server.query("select span_id, input_tokens from spans_core where input_tokens is not null order by span_id")
+    want = sorted((d["span_id"].hex(), d["attrs"]["gen_ai.usage.input_tokens"]) for d in spans
+                  if "gen_ai.usage.input_tokens" in d.get("attrs", {}))
+    assert [(r["span_id"], r["input_tokens"]) for r in rows] == want

@@ -69,12 +69,11 @@ def test_c_scanner_equals_python_reference(seed):
     assert len(c_out["trace_id"]) == 41 and len(c_out["events"]) == 40
 
 
-def test_normalized_batches_equal_under_both_scanners(monkeypatch):
+def test_normalized_batches_equal_under_both_scanners():
     payload = _rich_request(random.Random(9)).SerializeToString()
-    n = Normalizer(default_config().cohort_labels, default_config().evals)
-    fast = n.normalize_traces(payload)
-    monkeypatch.setenv("SHADOWLENS_PURE_PYTHON", "1")
-    slow = n.normalize_traces(payload)
+    cfg = default_config()
+    fast = Normalizer(cfg.cohort_labels, cfg.evals, scanner_choice="c").normalize_traces(payload)
+    slow = Normalizer(cfg.cohort_labels, cfg.evals, scanner_choice="python").normalize_traces(payload)
     assert fast.spans.equals(slow.spans) and fast.evals.equals(slow.evals) and (fast.keys == slow.keys).all()
 
 

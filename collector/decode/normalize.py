@@ -25,7 +25,7 @@ from ..config import EvalConfig
 from ..errors import PermanentError
 from . import aliases as A
 from .anyvalue import attributes_to_json, raw_value, to_python, typed
-from .scan import scan_traces
+from .scan import scanner
 
 _KINDS = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
 _STATUS = ("UNSET", "OK", "ERROR")
@@ -58,9 +58,12 @@ class NormalizedBatch:
 class Normalizer:
     """Turns ExportTraceServiceRequest / ExportLogsServiceRequest into store columns."""
 
-    def __init__(self, cohort_labels: Mapping[str, tuple[str, ...]], evals: EvalConfig, prices=None):
-        """``prices``: an ``analyzers.pricing.PriceTable``; without one, only reported costs are stored."""
+    def __init__(self, cohort_labels: Mapping[str, tuple[str, ...]], evals: EvalConfig, prices=None,
+                 scanner_choice: str = "auto"):
+        """``prices``: an ``analyzers.pricing.PriceTable``; without one, only reported costs are stored.
+        ``scanner_choice``: auto (the C scanner when built), c or python (the reference)."""
         self.prices = prices
+        self._scan = scanner(scanner_choice)
         self.cohort_labels = tuple(cohort_labels)
         extra = {f"cohort:{name}": tuple(keys) for name, keys in cohort_labels.items()}
         index = A.key_index(extra)
@@ -130,7 +133,7 @@ class Normalizer:
     def normalize_traces(self, payload: bytes) -> NormalizedBatch:
         """``payload``: ExportTraceServiceRequest protobuf bytes. Raises PermanentError if malformed."""
         try:
-            sc = scan_traces(payload, self._key_slots, len(self._slot_hits), _PREFIXES, _EVENT_NAMES)
+            sc = self._scan(payload, self._key_slots, len(self._slot_hits), _PREFIXES, _EVENT_NAMES)
         except ValueError as exc:
             raise PermanentError(f"body is not a valid OTLP traces protobuf request: {exc}") from None
         tids, sids, pids = sc["trace_id"], sc["span_id"], sc["parent_span_id"]

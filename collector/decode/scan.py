@@ -2,11 +2,9 @@
 
 Two implementations with one output (documented in ``_wirescan.c``): the C extension, used
 when it was built, and this module's pure-Python reference over the protobuf API. Tests hold
-them equal; ``SHADOWLENS_PURE_PYTHON=1`` forces the reference.
+them equal; the config key ``receivers.scanner: python`` forces the reference.
 """
 from __future__ import annotations
-
-import os
 
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -60,12 +58,10 @@ def python_scan(payload: bytes, keys: dict, nslots: int, prefixes: tuple, event_
     return dict(cols, slots=slots, prefixed=prefixed, events=events, resources=resources)
 
 
-def scan_traces(payload: bytes, keys: dict, nslots: int, prefixes: tuple, event_names) -> dict:
-    """Raises ValueError on malformed protobuf."""
-    if _wirescan is not None and not os.environ.get("SHADOWLENS_PURE_PYTHON"):
-        return _wirescan.scan_traces(payload, keys, nslots, prefixes, event_names)
-    return python_scan(payload, keys, nslots, prefixes, event_names)
-
-
-def implementation() -> str:
-    return "c" if _wirescan is not None and not os.environ.get("SHADOWLENS_PURE_PYTHON") else "python"
+def scanner(choice: str = "auto"):
+    """The scan function for ``receivers.scanner``: auto (C when built), c, or python."""
+    if choice == "python" or (choice == "auto" and _wirescan is None):
+        return python_scan
+    if _wirescan is None:
+        raise RuntimeError("receivers.scanner is 'c' but the C scanner was not built (no compiler at install time?)")
+    return _wirescan.scan_traces
