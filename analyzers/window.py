@@ -86,11 +86,9 @@ class WindowStats:
 class WindowRefresher:
     """Component: refreshes the window on an interval and forgets cohorts unseen for two windows."""
 
-    def __init__(self, stats: WindowStats, interval_s: float, on_refresh: Callable[[WindowSnapshot], None],
-                 forget: Callable[[float], object] | None = None):
+    def __init__(self, stats: WindowStats, interval_s: float, forget: Callable[[float], object] | None = None):
         self.stats = stats
         self.interval_s = interval_s
-        self.on_refresh = on_refresh
         self.forget = forget
         self.latest: WindowSnapshot | None = None
         self._stop = threading.Event()
@@ -99,7 +97,6 @@ class WindowRefresher:
     def refresh_now(self) -> WindowSnapshot:
         snap = self.stats.refresh()
         self.latest = snap
-        self.on_refresh(snap)
         if self.forget is not None:
             self.forget(2 * self.stats.window_s)
         return snap

@@ -115,7 +115,7 @@ def _analyzers(cfg: Config, store: StoreWriter, metrics: MetricsServer) -> list:
         limiter.forget_stale()
 
     window = WindowRefresher(WindowStats(store.cursor, limiter, cfg.window_s), cfg.analyzers.window_refresh_s,
-                             on_refresh=lambda snap: None, forget=forget)
+                             forget=forget)
     metrics.extra = AnalysisMetrics(aggregates, lambda: window.latest, assembler.stats, limiter).render
     return [assembler, window]
 

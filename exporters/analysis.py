@@ -32,9 +32,8 @@ class AnalysisMetrics:
         self.labels = ["route", *aggregates.labels]
         self._label_cache: dict[tuple, str] = {}
         self._prefix_cache: dict[tuple, list[str]] = {}
-        self._le = {b: {name: [f'le="{_bound(x)}"' for x in bounds] + ['le="+Inf"'] for name, bounds in b}
-                    for b in [(("duration", DURATION_BUCKETS), ("steps", STEPS_BUCKETS), ("cost", COST_BUCKETS))]}
-        self._bounds = {"duration": DURATION_BUCKETS, "steps": STEPS_BUCKETS, "cost": COST_BUCKETS}
+        self._le = {name: [f'le="{_bound(x)}"' for x in bounds] + ['le="+Inf"'] for name, bounds in
+                    (("duration", DURATION_BUCKETS), ("steps", STEPS_BUCKETS), ("cost", COST_BUCKETS))}
 
     def _labels(self, key: tuple) -> str:
         s = self._label_cache.get(key)
@@ -51,8 +50,7 @@ class AnalysisMetrics:
         if p is None:
             if len(self._prefix_cache) > 30_000:
                 self._prefix_cache.clear()
-            les = next(iter(self._le.values()))[hist]
-            p = self._prefix_cache[ck] = [f"{name}_bucket{{{lab},{le}}} " for le in les]
+            p = self._prefix_cache[ck] = [f"{name}_bucket{{{lab},{le}}} " for le in self._le[hist]]
         return p
 
     def render(self, openmetrics: bool) -> str:
