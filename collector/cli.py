@@ -138,5 +138,49 @@ def reprice_cmd(since, config_file, data_dir) -> None:
                f" ({row['unpriced_spans']} spans have no price)")
 
 
+SCENARIO_NAMES = ("healthy", "regression", "noisy")   # collector.generate.SCENARIOS (tested to match)
+
+
+def _traffic_options(rate_default: float, duration_default: float, scenario_default: str):
+    def wrap(f):
+        f = click.option("--seed", type=int, default=1, show_default=True, help="Random seed.")(f)
+        f = click.option("--scenario", type=click.Choice(SCENARIO_NAMES), default=scenario_default,
+                         show_default=True, help="healthy, regression (planted candidate regressions) or noisy.")(f)
+        f = click.option("--duration", type=click.FloatRange(min=0), default=duration_default, show_default=True,
+                         help="Seconds to run; 0 = until interrupted.")(f)
+        return click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=rate_default,
+                            show_default=True, help="Requests per second (each request = a baseline and a candidate trace).")(f)
+    return wrap
+
+
+@main.command()
+@click.option("--endpoint", default="127.0.0.1:4317", show_default=True, help="OTLP receiver HOST:PORT.")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True,
+              help="grpc (OTLP/gRPC) or http (OTLP/HTTP protobuf to /v1/traces).")
+@_traffic_options(20.0, 60.0, "healthy")
+def generate(endpoint, protocol, rate, duration, scenario, seed) -> None:
+    """Send synthetic shadow traffic (baseline + candidate traces) through the OTel SDK OTLP exporter."""
+    try:
+        host, port = config_mod.parse_endpoint(endpoint, "--endpoint")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    from .generate import GenerateOptions, main_generate
+    sys.exit(main_generate(GenerateOptions(endpoint=f"{host}:{port}", protocol=protocol, rate=rate,
+                                           duration=duration, scenario=scenario, seed=seed)))
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file for serve.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default="./data-demo", show_default=True,
+              help="Where the demo's store lives.")
+@_traffic_options(50.0, 0.0, "regression")
+def demo(config_file, data_dir, rate, duration, scenario, seed) -> None:
+    """Run serve plus the synthetic generator (a planted regression) and print the gate every 5 s."""
+    cfg = _load(config_file, {("store", "data_dir"): data_dir})
+    from .demo import run_demo
+    sys.exit(run_demo(cfg, config_file=config_file, data_dir=data_dir, rate=rate, duration=duration,
+                      scenario=scenario, seed=seed))
+
+
 if __name__ == "__main__":
     main()

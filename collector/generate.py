@@ -142,7 +142,7 @@ def sample_request(rng: np.random.Generator, scenario: Scenario, m: Model = MODE
     """Draw one request: its cohort, latent difficulty and one trace plan per route."""
     cohort = _cohort(rng)
     z = float(rng.standard_normal())
-    u_pass, u_refuse, u_escalate = rng.random(3)
+    u_pass, u_refuse, u_escalate = rng.random(3).tolist()
     p_pass = 1.0 / (1.0 + math.exp(-(m.pass_intercept - m.pass_z * z)))
     request_id = None if rng.random() < scenario.drop_request_id else uuid.UUID(bytes=rng.bytes(16), version=4).hex
     traces = []
@@ -161,9 +161,9 @@ def sample_request(rng: np.random.Generator, scenario: Scenario, m: Model = MODE
         calls = [LLMCall(i, o, i * price_in + o * price_out, t) for i, o, t in zip(tin, tout, tools)]
         traces.append(TracePlan(
             route=route, duration_s=duration, steps=calls,
-            passed=_shared(rng, u_pass, m) < p_pass,
-            refused=_shared(rng, u_refuse, m) < m.refusal_rate * f("refusal_rate"),
-            escalated=_shared(rng, u_escalate, m) < m.escalation_rate * f("escalation_rate"),
+            passed=bool(_shared(rng, u_pass, m) < p_pass),
+            refused=bool(_shared(rng, u_refuse, m) < m.refusal_rate * f("refusal_rate")),
+            escalated=bool(_shared(rng, u_escalate, m) < m.escalation_rate * f("escalation_rate")),
         ))
     if rng.random() < scenario.drop_candidate:
         traces.pop()
