@@ -6,8 +6,6 @@ the background; a scrape only reads the last result. Quantiles are exact and int
 """
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,8 +16,7 @@ from collector.store.database import frame
 
 from .aggregates import ROUTES
 from .cohorts import OVERFLOW, CohortLimiter
-
-log = logging.getLogger("shadowlens.window")
+from .periodic import Periodic
 
 QUANTILES = (0.5, 0.9, 0.99)
 
@@ -83,16 +80,15 @@ class WindowStats:
         return WindowSnapshot(traces, evals, now, time.perf_counter() - t0)
 
 
-class WindowRefresher:
+class WindowRefresher(Periodic):
     """Component: refreshes the window on an interval and forgets cohorts unseen for two windows."""
+    thread_name = "shadowlens-window"
 
     def __init__(self, stats: WindowStats, interval_s: float, forget: Callable[[float], object] | None = None):
         self.stats = stats
         self.interval_s = interval_s
         self.forget = forget
         self.latest: WindowSnapshot | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def refresh_now(self) -> WindowSnapshot:
         snap = self.stats.refresh()
@@ -100,22 +96,3 @@ class WindowRefresher:
         if self.forget is not None:
             self.forget(2 * self.stats.window_s)
         return snap
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="shadowlens-window", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                self.refresh_now()
-            except Exception:  # noqa: BLE001 - keep refreshing; the error is logged
-                log.exception("window refresh failed")
-            if self._stop.wait(self.interval_s):
-                return
-
-    def shutdown(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None

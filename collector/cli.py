@@ -138,6 +138,124 @@ def reprice_cmd(since, config_file, data_dir) -> None:
                f" ({row['unpriced_spans']} spans have no price)")
 
 
+def _gate_settings(cfg: config_mod.Config, rules_file: str | None):
+    """The config's gate section, or the one in --rules (a list of rules, or a mapping with `rules:`)."""
+    from analyzers.rules import RuleError, parse_gate
+    section = dict(cfg.gate)
+    if rules_file:
+        import yaml
+        try:
+            loaded = yaml.safe_load(Path(rules_file).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise click.UsageError(f"--rules {rules_file}: {str(exc).splitlines()[0]}") from None
+        if isinstance(loaded, list):
+            section["rules"] = loaded
+        elif isinstance(loaded, dict):
+            section.update(loaded.get("gate", loaded))
+        else:
+            raise click.UsageError(f"--rules {rules_file}: expected a list of rules or a mapping with `rules:`")
+    try:
+        return parse_gate(section)
+    except RuleError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _judge_store(cfg: config_mod.Config, settings, window: str | None):
+    """(Verdict, trace frame) from the store: through a running serve's socket, else the file itself."""
+    import time
+
+    from analyzers.compare import compare
+    from analyzers.gate import frame_from_arrow, trace_frame_sql
+
+    from .store.reader import query as run_query
+    window_s = None
+    if window:
+        try:
+            window_s = config_mod.parse_duration(window, "--window")
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
+    now = time.time()
+    labels = tuple(cfg.cohort_labels)
+    try:
+        table = run_query(Path(cfg.store.data_dir), trace_frame_sql(settings, labels, now, window_s))
+    except ShadowlensError as exc:
+        raise click.UsageError(str(exc)) from None
+    frame = frame_from_arrow(table, settings, labels)
+    if window_s is not None:
+        from dataclasses import replace
+        settings = replace(settings, window_s=window_s)
+    return compare(frame, settings, labels, now), frame, settings
+
+
+def _fetch_gate(url: str) -> dict:
+    import urllib.error
+    import urllib.request
+    target = url.rstrip("/")
+    if not target.endswith("/gate"):
+        target += "/gate"
+    try:
+        with urllib.request.urlopen(target, timeout=30) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:       # 409 on block, 503 before the first evaluation: still JSON
+        try:
+            return json.loads(exc.read())
+        except ValueError:
+            raise click.UsageError(f"--url {target}: HTTP {exc.code} without a gate answer") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise click.UsageError(f"--url {target}: {getattr(exc, 'reason', exc)}") from None
+
+
+@main.command("gate")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Judge the store in this directory (store.data_dir).")
+@click.option("--url", help="Ask a running sidecar instead, e.g. http://127.0.0.1:9464 (its /gate).")
+@click.option("--rules", "rules_file", type=click.Path(dir_okay=False),
+              help="YAML with gate rules (a list, or a mapping with `rules:` and gate settings); default: the config's.")
+@click.option("--window", help="Judge traces that started within this duration (default: gate.window).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def gate_cmd(data_dir, url, rules_file, window, config_file, fmt) -> None:
+    """May the candidate be promoted? Exit 0 promote, 1 block, 3 inconclusive or insufficient data, 2 usage error."""
+    from exporters.verdict_json import EXIT_CODES, verdict_text, verdict_to_json
+    if url and (data_dir or rules_file or window):
+        raise click.UsageError("--url asks a running sidecar, which judges with its own gate config;"
+                               " do not combine it with --data-dir, --rules or --window")
+    if url:
+        doc = _fetch_gate(url)
+    else:
+        cfg = _load(config_file, {("store", "data_dir"): data_dir})
+        verdict, _, _ = _judge_store(cfg, _gate_settings(cfg, rules_file), window)
+        doc = verdict_to_json(verdict)
+    click.echo(json.dumps(doc, indent=2) if fmt == "json" else verdict_text(doc), nl=fmt == "json")
+    sys.exit(EXIT_CODES.get(doc.get("verdict"), 3))
+
+
+@main.command("report")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="The store's directory (store.data_dir).")
+@click.option("--window", help="Traces that started within this duration (default: gate.window).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown", "html"]), default="table",
+              show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Write to this file (html defaults to shadowlens-report.html; the others print).")
+@click.option("--rules", "rules_file", type=click.Path(dir_okay=False), help="YAML with gate rules (as for gate).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file.")
+def report_cmd(data_dir, window, fmt, out, rules_file, config_file) -> None:
+    """Per-cohort baseline-vs-candidate table with verdicts and reasons."""
+    from analyzers.compare import route_summary
+    from exporters.report import render
+    cfg = _load(config_file, {("store", "data_dir"): data_dir})
+    settings = _gate_settings(cfg, rules_file)
+    verdict, frame, settings = _judge_store(cfg, settings, window)
+    bars = route_summary(frame, tuple(cfg.cohort_labels), settings.eval_names)
+    text = render(verdict, fmt, bars)
+    if fmt == "html" and not out:
+        out = "shadowlens-report.html"
+    if out:
+        Path(out).write_text(text)
+        click.echo(f"report: {verdict.verdict}; wrote {out}")
+    else:
+        click.echo(text, nl=False)
+
+
 SCENARIO_NAMES = ("healthy", "regression", "noisy")   # collector.generate.SCENARIOS (tested to match)
 
 

@@ -169,6 +169,14 @@ class Config:
     gate: Mapping[str, Any]
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
+    def gate_settings(self):
+        """The ``gate`` section as analyzers.rules.GateSettings; a bad rule raises ConfigError naming it."""
+        from analyzers.rules import RuleError, parse_gate  # noqa: PLC0415 - config stays importable alone
+        try:
+            return parse_gate(self.gate)
+        except RuleError as exc:
+            raise ConfigError(str(exc)) from None
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(_plain(self.raw), sort_keys=False)
 
@@ -344,7 +352,7 @@ def build(tree: dict) -> Config:
     prices = tree["prices"] or []
     if not isinstance(prices, list):
         raise ConfigError("prices must be a list of {match, input, output, ...} entries")
-    return Config(
+    cfg = Config(
         receivers=receivers,
         metrics=Endpoint(*parse_endpoint(tree["metrics"]["endpoint"], "metrics.endpoint")),
         store=store,
@@ -370,6 +378,8 @@ def build(tree: dict) -> Config:
         gate=tree["gate"] or {},
         raw=tree,
     )
+    cfg.gate_settings()      # validates gate.rules and the gate settings (names the bad key)
+    return cfg
 
 
 def default_config() -> Config:

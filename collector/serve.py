@@ -4,7 +4,9 @@ stops them upstream-first on SIGTERM/SIGINT (stop accepting, drain, commit, exit
     frontend process:  receivers (gRPC, HTTP) -> ExportHandler (decode, normalize) -> payload segments
                                                    | NormalizedBatch over a pipe, acks back
     this process:      StoreBridge -> StoreWriter (group commit) -> DuckDB -> TraceAssembler -> aggregates
-                       QueryServer, Retention, WindowRefresher;  /metrics reads stats and snapshots
+                                                                               -> PairingSink (pairs, sums)
+                       QueryServer, Retention, WindowRefresher, GateRefresher (compare -> Verdict);
+                       /metrics and /gate read stats and the latest snapshots
 """
 from __future__ import annotations
 
@@ -19,12 +21,16 @@ from prometheus_client.registry import CollectorRegistry
 from analyzers.aggregates import StreamingAggregates
 from analyzers.assembly import TraceAssembler
 from analyzers.cohorts import CohortLimiter
+from analyzers.gate import GateRefresher
+from analyzers.pairing import PairingSink
 from analyzers.pricing import PriceTable
 from analyzers.reprice import reprice
+from analyzers.rules import GateSettings
 from analyzers.window import WindowRefresher, WindowStats
-from exporters.analysis import AnalysisMetrics
+from exporters.analysis import AnalysisMetrics, GateMetrics
 from exporters.http import MetricsServer
 from exporters.prometheus import IngestCollector
+from exporters.verdict_json import http_status, verdict_to_json
 
 from .config import Config
 from .stats import IngestStats
@@ -69,6 +75,7 @@ class App:
 
 
 def build_app(cfg: Config) -> App:
+    gate = cfg.gate_settings()           # a bad gate rule fails here, before anything starts
     stats = IngestStats()
     data_dir = cfg.store.data_dir
     store = StoreWriter(data_dir, cfg.cohort_labels, stats, queue_max_spans=cfg.store.queue_max_spans,
@@ -85,7 +92,7 @@ def build_app(cfg: Config) -> App:
     app.frontend = StoreBridge(store, dict(cfg.raw), frontend_stats)
     retention = Retention(data_dir, store.cursor, cfg.store.retention_s, cfg.store.retention_check_s,
                           current_segment=store.current_segment)
-    analyzers = _analyzers(cfg, store, app.metrics) if cfg.analyzers.enabled else []
+    analyzers = _analyzers(cfg, gate, store, app.metrics) if cfg.analyzers.enabled else []
     # downstream first: the store must be open before anything can submit to it
     # reprice uses the price entries of the config the *command* was given (the current table),
     # which may be newer than what this server loaded at start
@@ -103,12 +110,14 @@ def reprice_table(con, prices, since_s):
     return pa.table({"spans": [r.spans], "traces": [r.traces], "unpriced_spans": [sum(r.unpriced.values())]})
 
 
-def _analyzers(cfg: Config, store: StoreWriter, metrics: MetricsServer) -> list:
-    """store -> TraceAssembler -> StreamingAggregates; WindowRefresher; both exposed by AnalysisMetrics."""
+def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: MetricsServer) -> list:
+    """store -> TraceAssembler -> StreamingAggregates, PairingSink; WindowRefresher, GateRefresher;
+    all exposed by AnalysisMetrics / GateMetrics, the verdict also at /gate."""
     limiter = CohortLimiter(cfg.cohort_labels, cfg.cohort_max_values, forget_after_s=2 * cfg.window_s)
     aggregates = StreamingAggregates(limiter)
+    pairing = PairingSink(gate, limiter)
     assembler = TraceAssembler(store, cfg.cohort_labels, cfg.traces.idle_seconds, cfg.traces.max_seconds, cfg.routes,
-                               max_open=cfg.traces.max_open, sinks=[aggregates])
+                               max_open=cfg.traces.max_open, sinks=[aggregates, pairing])
 
     def forget(older_than_s: float) -> None:
         aggregates.forget_stale(older_than_s)
@@ -116,8 +125,21 @@ def _analyzers(cfg: Config, store: StoreWriter, metrics: MetricsServer) -> list:
 
     window = WindowRefresher(WindowStats(store.cursor, limiter, cfg.window_s), cfg.analyzers.window_refresh_s,
                              forget=forget)
-    metrics.extra = AnalysisMetrics(aggregates, lambda: window.latest, assembler.stats, limiter).render
-    return [assembler, window]
+    verdicts = GateRefresher(store.cursor, gate, cfg.cohort_labels)
+    analysis = AnalysisMetrics(aggregates, lambda: window.latest, assembler.stats, limiter)
+    gate_metrics = GateMetrics(lambda: verdicts.latest, pairing, cfg.cohort_labels, lambda: verdicts.last_seconds)
+    metrics.extra = lambda openmetrics: analysis.render(openmetrics) + gate_metrics.render(openmetrics)
+
+    def gate_route(query: dict) -> tuple[int, object]:
+        v = verdicts.latest
+        if v is None:
+            return 503, {"verdict": "inconclusive", "reasons": ["the first gate evaluation is still running"],
+                         "rules": []}
+        flag = lambda name: query.get(name, "").lower() in ("1", "true", "yes")  # noqa: E731
+        return http_status(v.verdict, strict=flag("strict"), always_ok=flag("always_ok")), verdict_to_json(v)
+
+    metrics.json_routes["/gate"] = gate_route
+    return [assembler, window, verdicts]
 
 
 def run(cfg: Config) -> int:

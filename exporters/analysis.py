@@ -1,4 +1,4 @@
-"""Prometheus families for the analyzers: streaming aggregates, window gauges, analyzer self metrics.
+"""Prometheus families for the analyzers: streaming aggregates, window gauges, analyzer self metrics, gate.
 
 Everything is read from in-memory snapshots: a scrape never touches DuckDB.
 """
@@ -8,9 +8,11 @@ from operator import add
 from typing import Callable
 
 from analyzers.aggregates import COST_BUCKETS, DURATION_BUCKETS, STEPS_BUCKETS, StreamingAggregates
+from analyzers.compare import GATE_STATES, PAIR_STATUSES, STATES, cohort_label_values
+from analyzers.pairing import STAT_NAMES
 from analyzers.window import QUANTILES, WindowSnapshot
 
-from .catalog import ALL_METRICS
+from .catalog import ALL_METRICS, COMPARE_METRICS
 from .exposition import Family, escape, fmt_value, label_string, render
 
 _HELP = {m.name: m.help for m in ALL_METRICS}
@@ -137,3 +139,43 @@ class AnalysisMetrics:
         for label in self.labels[1:]:
             of.add("_total", f'label="{label}"', self.limiter.overflow.get(label, 0))
         return [late, open_, ev, of]
+
+
+class GateMetrics:
+    """The comparison families: verdicts and effects from the latest gate evaluation, pair counters."""
+
+    def __init__(self, verdict: Callable[[], object], pairing, labels, refresh_seconds: Callable[[], float]):
+        self.verdict = verdict
+        self.pairing = pairing
+        self.labels = tuple(labels)
+        self.refresh_seconds = refresh_seconds
+
+    def render(self, openmetrics: bool) -> str:
+        return render(self.families(), openmetrics)
+
+    def families(self) -> list[Family]:
+        fam = {m.name: Family(m.name, m.type, m.help) for m in COMPARE_METRICS}
+        v = self.verdict()
+        names = ("rule", *self.labels)
+        if v is not None:
+            for state in GATE_STATES:
+                fam["shadowlens_gate_state"].add("", f'state="{state}"', 1 if v.verdict == state else 0)
+            for r in v.results:
+                lab = label_string(names, (r.rule, *cohort_label_values(r.cohort, self.labels)))
+                for state in STATES:
+                    fam["shadowlens_verdict"].add("", f'{lab},state="{state}"', 1 if r.state == state else 0)
+                for bound, x in (("estimate", r.effect), ("lower", r.lower), ("upper", r.upper)):
+                    if x is not None:
+                        fam["shadowlens_compare_effect"].add("", f'{lab},bound="{bound}"', x)
+                fam["shadowlens_compare_samples"].add("", f'{lab},route="baseline"', r.n_baseline)
+                fam["shadowlens_compare_samples"].add("", f'{lab},route="candidate"', r.n_candidate)
+        if self.pairing is not None:
+            pairs, stats = self.pairing.snapshot()
+            for status in PAIR_STATUSES:
+                fam["shadowlens_pairs"].add("_total", f'status="{status}"', pairs.get(status, 0))
+            for (rule, cohort), acc in sorted(stats.items()):
+                lab = label_string(names, (rule, *cohort))
+                for stat, value in acc.items():
+                    fam["shadowlens_compare_stat"].add("_total", f'{lab},stat="{STAT_NAMES[stat]}"', value)
+        fam["shadowlens_gate_refresh_seconds"].add("", "", self.refresh_seconds())
+        return list(fam.values())

@@ -69,7 +69,26 @@ ANALYZER_SELF_METRICS = (
     MetricSpec("shadowlens_window_refresh_seconds", "gauge", (), "How long the last window refresh took."),
 )
 
-ALL_METRICS = SELF_METRICS + STREAMING_METRICS + WINDOW_METRICS + ANALYZER_SELF_METRICS
+# CONTRACT §6 comparison and gate. A per-cohort result sets one cohort label and leaves the
+# others "__all__"; the all-traffic result has every cohort label "__all__".
+COMPARE_METRICS = (
+    MetricSpec("shadowlens_compare_effect", "gauge", ("rule", "<cohort>", "bound"),
+               "Candidate effect per rule (ratio, or difference for max_drop/max_increase rules): estimate and the"
+               " bounds of its confidence sequence."),
+    MetricSpec("shadowlens_verdict", "gauge", ("rule", "<cohort>", "state"),
+               "1 for the rule's current state (pass|fail|inconclusive|insufficient_data), 0 otherwise."),
+    MetricSpec("shadowlens_gate_state", "gauge", ("state",), "1 for the gate's state (promote|block|inconclusive)."),
+    MetricSpec("shadowlens_compare_samples", "gauge", ("rule", "<cohort>", "route"),
+               "Traces (or pairs) per route behind each rule result in the gate window."),
+    MetricSpec("shadowlens_pairs", "counter", ("status",),
+               "Shadow pairs by request id: matched, or a trace whose partner never came (unmatched_<route>)."),
+    MetricSpec("shadowlens_compare_stat", "counter", ("rule", "<cohort>", "stat"),
+               "Mergeable sufficient statistics of matched pairs per mean/rate rule: pairs, sum_baseline,"
+               " sum_candidate, sumsq_baseline, sumsq_candidate, sum_product."),
+    MetricSpec("shadowlens_gate_refresh_seconds", "gauge", (), "How long the last gate evaluation took."),
+)
+
+ALL_METRICS = SELF_METRICS + STREAMING_METRICS + WINDOW_METRICS + ANALYZER_SELF_METRICS + COMPARE_METRICS
 
 
 def exposed_names(spec: MetricSpec) -> list[str]:

@@ -1,8 +1,10 @@
-"""The metrics endpoint: GET /metrics (text or OpenMetrics by Accept), /healthz, /readyz."""
+"""The metrics endpoint: GET /metrics (text or OpenMetrics by Accept), /healthz, /readyz, and JSON
+routes such as /gate (GET, and POST for webhook callers like Flagger that post a JSON body)."""
 from __future__ import annotations
 
 import json
 import threading
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -45,11 +47,27 @@ class _Handler(BaseHTTPRequestHandler):
             ready, why = app.ready()
             self._reply(200 if ready else 503, "text/plain; charset=utf-8", (why + "\n").encode())
         elif path in app.json_routes:
-            status, doc = app.json_routes[path]()
-            self._reply(status, "application/json", json.dumps(doc, indent=2).encode() + b"\n")
+            self._json(path)
         else:
             paths = ", ".join(["/metrics", "/healthz", "/readyz", *app.json_routes])
             self._reply(404, "text/plain; charset=utf-8", f"not found; try {paths}\n".encode())
+
+
+    def _json(self, path: str) -> None:
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+        status, doc = self.app.json_routes[path](query)
+        self._reply(status, "application/json", json.dumps(doc, indent=2).encode() + b"\n")
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(min(length, 1 << 20))     # a webhook's payload; the answer does not depend on it
+        if path in self.app.json_routes:
+            self._json(path)
+        else:
+            self._reply(405 if path in ("/metrics", "/healthz", "/readyz") else 404, "text/plain; charset=utf-8",
+                        b"POST is accepted only on JSON routes such as /gate\n")
 
 
 class MetricsServer:
@@ -57,7 +75,7 @@ class MetricsServer:
         self.host, self.port = host, port
         self.registry = registry
         self.ready = ready
-        self.json_routes: dict[str, Callable[[], tuple[int, object]]] = {}
+        self.json_routes: dict[str, Callable[[dict], tuple[int, object]]] = {}   # path -> f(query) -> (status, doc)
         # fast-rendered families appended after the registry's (exporters/exposition.py)
         self.extra: Callable[[bool], str] | None = None
         self._server: ThreadingHTTPServer | None = None

@@ -1,0 +1,124 @@
+"""Streaming shadow pairs: mergeable sufficient statistics per rule and cohort, as counters.
+
+Each completed trace with a ``shadow.request_id`` waits here for the other route's trace of the
+same request. A matched pair adds to n, Σb, Σc, Σb², Σc², Σbc of every mean/rate rule, on all
+traffic and on each cohort value; a trace whose partner does not come within ``gate.pairing_window``
+is counted as unmatched (a candidate that crashed or timed out never produces its trace).
+
+The sums only grow, so they are Prometheus counters: summed over a fleet of sidecars they give the
+same paired estimates the gate computes (analyzers/compare.py documents the formulas).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, OrderedDict
+from typing import Callable
+
+import polars as pl
+
+from .assembly import CompletedTraces
+from .cohorts import CohortLimiter
+from .compare import ANY_VALUE, measure_column, paired_sums
+from .rules import GateSettings
+
+STATS = ("n", "sb", "sc", "sbb", "scc", "sbc")
+# the names exposed in shadowlens_compare_stat_total{stat}
+STAT_NAMES = {"n": "pairs", "sb": "sum_baseline", "sc": "sum_candidate", "sbb": "sumsq_baseline",
+              "scc": "sumsq_candidate", "sbc": "sum_product"}
+ROUTE_OTHER = {"baseline": "candidate", "candidate": "baseline"}
+
+
+def completed_frame(done: CompletedTraces, settings: GateSettings, labels) -> pl.DataFrame:
+    """Completed traces → trace-frame rows (the columns analyzers/compare.py reads)."""
+    t = done.traces
+    cols = [pl.col("route"), pl.col("request_id"), pl.col("trace_id"),
+            *[pl.col(label).fill_null("unknown") for label in labels],
+            pl.col("duration_seconds").cast(pl.Float64).alias("duration"), pl.col("cost_usd").cast(pl.Float64).alias("cost"),
+            pl.col("steps").cast(pl.Float64).alias("steps"),
+            (pl.col("input_tokens") + pl.col("output_tokens")).cast(pl.Float64).alias("tokens"),
+            pl.col("refused").cast(pl.Float64).alias("refused"), pl.col("escalated").cast(pl.Float64).alias("escalated")]
+    frame = t.select(cols)
+    for name in settings.eval_names:
+        ev = done.evals.filter(pl.col("name") == name).group_by("trace_id").agg(
+            pl.col("passed").drop_nulls().all().cast(pl.Float64).alias(f"eval_pass:{name}"),
+            pl.col("passed").drop_nulls().len().alias("_n"))
+        ev = ev.filter(pl.col("_n") > 0).drop("_n").with_columns(
+            (1.0 - pl.col(f"eval_pass:{name}")).alias(f"eval_fail:{name}"))
+        frame = frame.join(ev, on="trace_id", how="left")
+    return frame
+
+
+class PairingSink:
+    """A sink of the TraceAssembler: pairs traces by request id and keeps the mergeable counters."""
+
+    def __init__(self, settings: GateSettings, limiter: CohortLimiter, max_pending: int = 500_000,
+                 now: Callable[[], float] = time.time):
+        self.settings = settings
+        self.limiter = limiter
+        self.labels = limiter.labels
+        self.max_pending = max_pending
+        self.now = now
+        self.rules = [r for r in settings.rules if r.quantile is None]
+        self.columns = sorted({measure_column(r) for r in self.rules})
+        self.pairs = Counter({"matched": 0, "unmatched_baseline": 0, "unmatched_candidate": 0})
+        # (rule, cohort values tuple) -> {stat: value}
+        self.stats: dict[tuple, dict[str, float]] = {}
+        self._pending: OrderedDict[str, tuple[float, str, dict]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, done: CompletedTraces) -> None:
+        if done.traces.height == 0:
+            return
+        frame = completed_frame(done, self.settings, self.labels)
+        frame = frame.filter(pl.col("request_id").is_not_null() & pl.col("route").is_in(["baseline", "candidate"]))
+        now = self.now()
+        matched = []
+        with self._lock:
+            for row in frame.iter_rows(named=True):
+                rid = row["request_id"]
+                waiting = self._pending.get(rid)
+                if waiting is not None and waiting[1] == ROUTE_OTHER[row["route"]]:
+                    del self._pending[rid]
+                    b, c = (waiting[2], row) if row["route"] == "candidate" else (row, waiting[2])
+                    matched.append({**b, **{k + "_c": v for k, v in c.items()}})
+                elif waiting is None:
+                    self._pending[rid] = (now, row["route"], row)
+            self._expire(now)
+            self.pairs["matched"] += len(matched)
+        if matched:
+            self._add(pl.DataFrame(matched, infer_schema_length=None))
+
+    def _expire(self, now: float) -> None:
+        cutoff = now - self.settings.pairing_window_s
+        while self._pending:
+            rid, (t, route, _) = next(iter(self._pending.items()))
+            if t >= cutoff and len(self._pending) <= self.max_pending:
+                break
+            del self._pending[rid]
+            self.pairs[f"unmatched_{route}"] += 1
+
+    def _add(self, pairs: pl.DataFrame) -> None:
+        labels = self.labels
+        mapped = {label: self.limiter.map(label, pairs[label].to_list(), count=False) for label in labels}
+        pairs = pairs.with_columns([pl.Series(label, mapped[label]) for label in labels])
+        aggs = [e for col in self.columns for e in paired_sums(col)]
+        updates = []
+        for label in (None, *labels):
+            out = pairs.group_by(label).agg(aggs) if label else pairs.select(aggs)
+            for row in out.iter_rows(named=True):
+                key = tuple(row[label] if lab == label else ANY_VALUE for lab in labels)
+                for rule in self.rules:
+                    col = measure_column(rule)
+                    updates.append(((rule.name, key), {s: row[f"{col}|{s}"] or 0 for s in STATS}))
+        with self._lock:
+            for key, add in updates:
+                acc = self.stats.setdefault(key, dict.fromkeys(STATS, 0))
+                for s, v in add.items():
+                    acc[s] += v
+
+    def snapshot(self) -> tuple[dict, dict]:
+        with self._lock:
+            now = self.now()
+            self._expire(now)
+            return dict(self.pairs), {k: dict(v) for k, v in self.stats.items()}
