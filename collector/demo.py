@@ -112,7 +112,7 @@ def run_demo(cfg: Config, *, config_file: str | None, data_dir: str, rate: float
     gen: threading.Thread | None = None
     status: dict = {}
     try:
-        say(f"demo: starting shadowlens serve (data {data_dir}, log {log_path}) ...")
+        say(f"demo: starting shadowlens serve (pid {proc.pid}, data {data_dir}, log {log_path}) ...")
         if not _wait_ready(proc, metrics + "/readyz", 60.0, stop):
             if stop.is_set():
                 return 0

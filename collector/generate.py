@@ -335,6 +335,8 @@ def run_generate(opts: GenerateOptions, out: TextIO | None = sys.stderr,
     try:
         while not stop.is_set() and (total is None or res.requests < total):
             now = time.monotonic()
+            if opts.duration > 0 and now - t0 >= opts.duration:
+                break   # slower than --rate: stop on time rather than run long
             due = int((now - t0) * opts.rate) + 1
             if total is not None:
                 due = min(due, total)
