@@ -34,11 +34,19 @@ def _fmt_effect(rule: dict) -> str:
     return text + (f", margin {margin * 100:g} pts)" if isinstance(margin, (int, float)) else ")")
 
 
+def _severity(rule: dict) -> float:
+    effect, margin = rule.get("effect"), rule.get("margin")
+    if isinstance(effect, (int, float)) and isinstance(margin, (int, float)) and margin:
+        return abs(effect / margin)
+    return 0.0
+
+
 def gate_summary(doc: dict) -> str:
     """One line for a ``GET /gate`` document (CONTRACT §7)."""
     verdict = doc.get("verdict", "?")
     rules = doc.get("rules") or []
-    failing = [r for r in rules if r.get("state") == "fail"]
+    # Largest effect relative to its margin first: the planted regressions before their echoes in "all".
+    failing = sorted((r for r in rules if r.get("state") == "fail"), key=_severity, reverse=True)
     if failing:
         parts = [f"{r.get('rule')} fails for {r.get('cohort')}{_fmt_effect(r)}" for r in failing[:4]]
         more = f"; +{len(failing) - 4} more" if len(failing) > 4 else ""

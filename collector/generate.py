@@ -27,11 +27,12 @@ MODELS = {"baseline": "gpt-4o-2024-08-06", "candidate": "my-rlaif-7b"}
 # like for like; every LLM span carries its cost as ``llm.cost.total`` so stored cost ignores the price table.
 PRICE_PER_TOKEN = {"gpt-4o-2024-08-06": (2.5e-6, 10e-6), "my-rlaif-7b": (2.5e-6, 10e-6)}
 
-# Cohort values and their fixed sampling weights.
+# Cohort values and their fixed sampling weights. The cohorts that carry planted effects are 15-20 % of
+# traffic, so a planted effect shows in its own cohort far more than in all traffic or in overlapping cohorts.
 COHORTS: dict[str, tuple[tuple[str, ...], tuple[float, ...]]] = {
-    "intent": (("billing", "support", "search", "booking", "smalltalk"), (0.25, 0.30, 0.20, 0.15, 0.10)),
+    "intent": (("billing", "support", "search", "booking", "smalltalk"), (0.15, 0.35, 0.20, 0.15, 0.15)),
     "language": (("en", "de", "fr", "es", "ja"), (0.45, 0.20, 0.12, 0.13, 0.10)),
-    "tier": (("free", "pro", "enterprise"), (0.50, 0.30, 0.20)),
+    "tier": (("free", "pro", "enterprise"), (0.55, 0.30, 0.15)),
 }
 
 
