@@ -154,6 +154,21 @@ def test_every_generated_trace_is_stored(serve_factory, protocol, scenario):
     assert bad["n"] == 0                                                        # children lie within the root
 
 
+def test_ctrl_c_stops_generate_cleanly_and_flushes(serve_factory):
+    srv = serve_factory()
+    proc = subprocess.Popen(SHADOWLENS + ["generate", "--endpoint", srv.grpc_endpoint, "--rate", "50", "--duration", "0"],
+                            env=srv.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    traces, requests, spans, failed = map(int, SUMMARY.search(err).groups())
+    assert requests >= 50 and traces == 2 * requests and failed == 0
+    time.sleep(0.5)
+    [row] = srv.query("select count(distinct trace_id) as t, count(*) as s from spans")
+    assert (row["t"], row["s"]) == (traces, spans)
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--rate", "0"], "--rate"), (["--duration", "-1"], "--duration"), (["--scenario", "nope"], "--scenario"),
     (["--endpoint", "nohost"], "--endpoint"), (["--protocol", "udp"], "--protocol"), (["--bogus"], "--bogus")])
