@@ -234,10 +234,10 @@ def _exporter(opts: GenerateOptions):
         raise ValueError(f"--endpoint: {opts.endpoint!r} is not HOST:PORT")
     if opts.protocol == "http":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        return OTLPSpanExporter(endpoint=f"http://{host}:{port}/v1/traces", timeout=30)
+        return OTLPSpanExporter(endpoint=f"http://{host}:{port}/v1/traces", timeout=10)
     if opts.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        return OTLPSpanExporter(endpoint=f"{host}:{port}", insecure=True, timeout=30)
+        return OTLPSpanExporter(endpoint=f"{host}:{port}", insecure=True, timeout=10)
     raise ValueError(f"--protocol: {opts.protocol!r} is not grpc or http")
 
 
