@@ -28,11 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-import polars as pl
-
 from .rules import GateSettings, Rule
-from .sequential import anytime_p_one_sided, ebh, quantile_and_log_se, radius
+from .sequential import anytime_p_one_sided, ebh, log_se_from_grid, radius
 
 ALL = "all"
 OTHER = "__other__"
@@ -156,10 +153,13 @@ def _judge_moments(rule: Rule, s: dict, paired: bool, alpha: float) -> _Estimate
                      p, d, d + r * se_d, n_eff)
 
 
-def _judge_quantile(rule: Rule, b: np.ndarray, c: np.ndarray, alpha: float) -> _Estimate:
-    qb, se_b = quantile_and_log_se(b, rule.quantile)
-    qc, se_c = quantile_and_log_se(c, rule.quantile)
-    n = min(len(b), len(c))
+def _judge_quantile(rule: Rule, b: tuple, c: tuple, alpha: float) -> _Estimate:
+    """b, c: (n, quantiles on quantile_grid(rule)) per route."""
+    grid = quantile_grid(rule)
+    (nb, gb), (nc, gc) = b, c
+    qb, se_b = log_se_from_grid(grid, gb, rule.quantile, nb)
+    qc, se_c = log_se_from_grid(grid, gc, rule.quantile, nc)
+    n = min(nb, nc)
     if not (qb > 0 and qc > 0) or not math.isfinite(se_b + se_c):
         return _Estimate(None, None, None, 1.0, qc - qb, math.inf, n)
     log_ratio = math.log(qc / qb)
@@ -175,97 +175,138 @@ def _fmt(rule: Rule, x: float | None) -> str:
     return f"x{x:.3g}" if rule.kind == "ratio" else f"{x * 100:+.2f} points"
 
 
-# ---------------------------------------------------------------- frame → sufficient statistics
+# ---------------------------------------------------------------- trace relation → sufficient statistics
+#
+# One DuckDB statement over a relation ``t`` with the trace-frame columns (the store's traces table
+# in analyzers/gate.py, or a polars frame registered as ``t``): pool small cohorts, pair, and
+# aggregate with GROUPING SETS (all traffic and each label). 1M traces take well under a second.
 
-def _pool_small_cohorts(frame: pl.DataFrame, labels, min_samples: int) -> pl.DataFrame:
-    """Cohort values with fewer than min_samples traces on either route become ``__other__``."""
-    exprs = []
-    for label in labels:
-        counts = frame.group_by(label).agg((pl.col("route") == "baseline").sum().alias("b"),
-                                           (pl.col("route") == "candidate").sum().alias("c"))
-        small = counts.filter(pl.min_horizontal("b", "c") < min_samples)[label]
-        exprs.append(pl.when(pl.col(label).is_in(small.implode()) | pl.col(label).is_null()).then(pl.lit(OTHER))
-                     .otherwise(pl.col(label)).alias(label))
-    return frame.with_columns(exprs) if exprs else frame
+def sql_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
-def pair(frame: pl.DataFrame, pairing_window_s: float) -> tuple[pl.DataFrame, dict]:
-    """Baseline and candidate traces of one request id whose starts lie within the pairing window.
-
-    Returns the pairs (baseline columns as they are, candidate columns suffixed ``_c``; cohort values
-    from the baseline) and the counts per PAIR_STATUSES.
-    """
-    keyed = frame.filter(pl.col("request_id").is_not_null())
-    b = keyed.filter(pl.col("route") == "baseline").unique("request_id", keep="first", maintain_order=False)
-    c = keyed.filter(pl.col("route") == "candidate").unique("request_id", keep="first", maintain_order=False)
-    pairs = b.join(c, on="request_id", how="inner", suffix="_c").filter(
-        (pl.col("start_s") - pl.col("start_s_c")).abs() <= pairing_window_s)
-    counts = {"matched": pairs.height, "unmatched_baseline": b.height - pairs.height,
-              "unmatched_candidate": c.height - pairs.height}
-    return pairs, counts
+def sql_literal(text: str) -> str:
+    return "'" + str(text).replace("'", "''") + "'"
 
 
-def _groupings(labels):
-    return [None, *labels]
+_q, _lit = sql_ident, sql_literal   # short forms for the SQL builders below
+
+def quantile_grid(rule: Rule) -> list[float]:
+    """Probabilities around the rule's quantile wide enough for its smallest sample (see log_se_from_grid)."""
+    q = rule.quantile
+    d = min(math.sqrt(q * (1 - q) / rule.min_samples) * 1.05, q * 0.999, (1 - q) * 0.999)
+    return [q - d, q - d / 2, q, q + d / 2, q + d]
 
 
-def _cohort_name(label, value) -> str:
-    return ALL if label is None else f"{label}={value}"
+def stats_sql(settings: GateSettings, labels, source: str = "t") -> str:
+    """The statement computing every rule's sufficient statistics from ``source`` (a relation or a subquery)."""
+    labels = tuple(labels)
+    moment_cols = sorted({measure_column(r) for r in settings.rules if r.quantile is None})
+    quantile_rules = {measure_column(r): r for r in settings.rules if r.quantile is not None}
+    cohort = " ".join(f"WHEN GROUPING({_q(lab)}) = 0 THEN {_lit(lab + '=')} || {_q(lab)}" for lab in labels)
+    cohort = f"CASE {cohort} ELSE 'all' END" if labels else "'all'"
+    sets = ", ".join(["()", *[f"({_q(lab)})" for lab in labels]])
+    route_sets = ", ".join(["(route)", *[f"(route, {_q(lab)})" for lab in labels]])
+    n = settings.min_samples
+    small = ", ".join(
+        f"{_q('small_' + lab)} AS (SELECT {_q(lab)} AS v FROM t0 GROUP BY {_q(lab)} HAVING least("
+        f"count(*) FILTER (WHERE route = 'baseline'), count(*) FILTER (WHERE route = 'candidate')) < {n})"
+        for lab in labels)
+    pooled = ", ".join(
+        f"CASE WHEN {_q(lab)} IN (SELECT v FROM {_q('small_' + lab)}) THEN '{OTHER}' ELSE {_q(lab)} END AS {_q(lab)}"
+        for lab in labels)
+    fill = ", ".join(f"coalesce({_q(lab)}, 'unknown') AS {_q(lab)}" for lab in labels)
+    ctes = [f"t0 AS (SELECT * {'REPLACE (' + fill + ')' if labels else ''}"
+            f" FROM {source} WHERE route IN ('baseline', 'candidate'))"]
+    if labels:
+        ctes.append(small)
+    ctes.append(f"tp AS MATERIALIZED (SELECT * {'REPLACE (' + pooled + ')' if labels else ''} FROM t0)")
+    # pairing as one hash aggregate by request id (cheaper than two de-duplications and a join); a request
+    # id seen twice on one route keeps one of its traces
+    keep = [*labels, "start_s", *moment_cols]
+    per_route = ", ".join(f"any_value({_q(col)}) FILTER (WHERE route = '{route}') AS {_q(col + suffix)}"
+                          for route, suffix in (("baseline", ""), ("candidate", "_c")) for col in keep)
+    # grouping on hash(request_id) (64 bits; a collision among a million ids has odds ~1e-8) is much
+    # cheaper than grouping on the text
+    ctes.append("k AS (SELECT hash(request_id) AS rid, count(*) FILTER (WHERE route = 'baseline') AS nb,"
+                f" count(*) FILTER (WHERE route = 'candidate') AS nc, {per_route}"
+                " FROM tp WHERE request_id IS NOT NULL GROUP BY rid)")
+    ctes.append(f"p AS (SELECT * FROM k WHERE nb > 0 AND nc > 0"
+                f" AND abs(start_s - start_s_c) <= {float(settings.pairing_window_s)!r})")
+    paired = []
+    for col in moment_cols:
+        both = f"{_q(col)} IS NOT NULL AND {_q(col + '_c')} IS NOT NULL"
+        bb, cc = f"CASE WHEN {both} THEN {_q(col)} END", f"CASE WHEN {both} THEN {_q(col + '_c')} END"
+        paired += [f"count(*) FILTER (WHERE {both}) AS {_q(col + '|n')}", f"sum({bb}) AS {_q(col + '|sb')}",
+                   f"sum({cc}) AS {_q(col + '|sc')}", f"sum({bb} * {bb}) AS {_q(col + '|sbb')}",
+                   f"sum({cc} * {cc}) AS {_q(col + '|scc')}", f"sum({bb} * {cc}) AS {_q(col + '|sbc')}"]
+    unpaired = ["count(*) AS traces", "min(start_s) AS first_start"]
+    for col in moment_cols:
+        unpaired += [f"count({_q(col)}) AS {_q(col + '|n')}", f"sum({_q(col)}) AS {_q(col + '|s')}",
+                     f"sum({_q(col)} * {_q(col)}) AS {_q(col + '|ss')}"]
+    for col, rule in quantile_rules.items():
+        grid = ", ".join(repr(x) for x in quantile_grid(rule))
+        unpaired += [f"count({_q(col)}) FILTER (WHERE {_q(col)} > 0) AS {_q(col + '|qn')}",
+                     f"quantile_cont({_q(col)}, [{grid}]) FILTER (WHERE {_q(col)} > 0) AS {_q(col + '|qs')}"]
+    selects = [f"SELECT 'paired' AS kind, NULL AS route, {cohort} AS cohort, count(*) AS pairs"
+               f"{''.join(', ' + x for x in paired)} FROM p GROUP BY GROUPING SETS ({sets})",
+               f"SELECT 'route' AS kind, route, {cohort} AS cohort, {', '.join(unpaired)}"
+               f" FROM tp GROUP BY GROUPING SETS ({route_sets})",
+               "SELECT 'keyed' AS kind, NULL AS route, 'all' AS cohort, count(*) FILTER (WHERE nb > 0) AS keyed_b,"
+               " count(*) FILTER (WHERE nc > 0) AS keyed_c FROM k"]
+    return "WITH " + ", ".join(ctes) + " " + " UNION ALL BY NAME ".join(selects)
 
 
-def _aggregate(df: pl.DataFrame, label, aggs: list[pl.Expr], by_route: bool) -> list[dict]:
-    keys = ([label] if label else []) + (["route"] if by_route else [])
-    out = df.group_by(keys).agg(aggs) if keys else df.select(aggs)
-    rows = out.to_dicts()
-    for r in rows:
-        r["cohort"] = _cohort_name(label, r.get(label))
-    return rows
-
-
-def paired_sums(col: str) -> list[pl.Expr]:
-    ok = pl.col(col).is_not_null() & pl.col(col + "_c").is_not_null()
-    b, c = pl.when(ok).then(pl.col(col)), pl.when(ok).then(pl.col(col + "_c"))
-    return [ok.sum().alias(f"{col}|n"), b.sum().alias(f"{col}|sb"), c.sum().alias(f"{col}|sc"),
-            (b * b).sum().alias(f"{col}|sbb"), (c * c).sum().alias(f"{col}|scc"), (b * c).sum().alias(f"{col}|sbc")]
-
-
-def _route_aggs(col: str) -> list[pl.Expr]:
-    x = pl.col(col)
-    return [x.count().alias(f"{col}|n"), x.sum().alias(f"{col}|s"), (x * x).sum().alias(f"{col}|ss")]
-
-
-def sufficient_stats(frame: pl.DataFrame, pairs: pl.DataFrame, settings: GateSettings, labels) -> dict:
-    """(rule name, cohort) -> {"paired": {...}, "unpaired": {...}} or {"quantile": (b, c)}."""
+def sufficient_stats(rows: list[dict], settings: GateSettings) -> dict:
+    """stats_sql's rows → {"paired": {(col, cohort): {n, sb, ...}}, "unpaired": {...}, "quantiles": {...}, ...}."""
     moment_cols = sorted({measure_column(r) for r in settings.rules if r.quantile is None})
     quantile_cols = sorted({measure_column(r) for r in settings.rules if r.quantile is not None})
-    paired: dict = {}
-    unpaired: dict = {}
-    sorted_values: dict = {}
-    for label in _groupings(labels):
-        if moment_cols and pairs.height:
-            for row in _aggregate(pairs, label, [e for col in moment_cols for e in paired_sums(col)], False):
-                for col in moment_cols:
-                    paired[(col, row["cohort"])] = {k: row[f"{col}|{k}"] or 0 for k in ("n", "sb", "sc", "sbb", "scc", "sbc")}
-        if moment_cols:
-            for row in _aggregate(frame, label, [e for col in moment_cols for e in _route_aggs(col)], True):
-                for col in moment_cols:
-                    side = "b" if row["route"] == "baseline" else "c"
-                    d = unpaired.setdefault((col, row["cohort"]), {"nb": 0, "nc": 0, "sb": 0, "sc": 0, "sbb": 0, "scc": 0})
-                    d["n" + side] = row[f"{col}|n"] or 0
-                    d["s" + side] = row[f"{col}|s"] or 0
-                    d["s" + side * 2] = row[f"{col}|ss"] or 0
-        if quantile_cols:
-            aggs = [pl.col(col).filter(pl.col(col) > 0).sort().alias(col) for col in quantile_cols]
-            for row in _aggregate(frame, label, aggs, True):
-                for col in quantile_cols:
-                    sorted_values.setdefault((col, row["cohort"]), {})[row["route"]] = np.asarray(row[col], dtype=float)
-    return {"paired": paired, "unpaired": unpaired, "sorted": sorted_values}
+    out: dict = {"paired": {}, "unpaired": {}, "quantiles": {}, "routes": {}, "keyed": {}, "first_candidate": None}
+    for row in rows:
+        cohort, kind = row["cohort"], row["kind"]
+        if kind == "keyed":
+            out["keyed"] = {"baseline": row["keyed_b"], "candidate": row["keyed_c"]}
+        elif kind == "paired":
+            out["paired"][(None, cohort)] = row["pairs"]
+            for col in moment_cols:
+                out["paired"][(col, cohort)] = {k: row[f"{col}|{k}"] or 0 for k in ("n", "sb", "sc", "sbb", "scc", "sbc")}
+        else:
+            route = row["route"]
+            side = "b" if route == "baseline" else "c"
+            if cohort == ALL:
+                out["routes"][route] = row["traces"]
+                if route == "candidate":
+                    out["first_candidate"] = row["first_start"]
+            for col in moment_cols:
+                d = out["unpaired"].setdefault((col, cohort), dict.fromkeys(("nb", "nc", "sb", "sc", "sbb", "scc"), 0))
+                d["n" + side], d["s" + side], d["s" + side * 2] = (row[f"{col}|n"] or 0, row[f"{col}|s"] or 0,
+                                                                   row[f"{col}|ss"] or 0)
+            for col in quantile_cols:
+                out["quantiles"].setdefault((col, cohort), {})[route] = (row[f"{col}|qn"] or 0, row[f"{col}|qs"])
+    return out
+
+
+def statistics(run_sql, settings: GateSettings, labels, source: str = "t") -> dict:
+    """Run stats_sql through ``run_sql(sql) -> pyarrow.Table`` (a store cursor, the query socket, or a
+    connection with the frame registered as ``t``)."""
+    return sufficient_stats(run_sql(stats_sql(settings, labels, source)).to_pylist(), settings)
+
+
+def frame_statistics(frame, settings: GateSettings, labels) -> dict:
+    """The same statistics for an in-memory trace frame (a polars DataFrame or Arrow table; simulations, tests)."""
+    import duckdb
+    con = duckdb.connect(config={"threads": 1})     # small frames: one thread is faster than two
+    try:
+        con.register("t", frame.to_arrow() if hasattr(frame, "to_arrow") else frame)
+        return statistics(lambda sql: con.sql(sql).to_arrow_table(), settings, labels)
+    finally:
+        con.close()
 
 
 # ---------------------------------------------------------------- judging
 
 def _cohorts(stats: dict) -> list[str]:
-    names = {c for (_, c) in stats["unpaired"]} | {c for (_, c) in stats["sorted"]}
+    names = {c for (_, c) in stats["unpaired"]} | {c for (_, c) in stats["quantiles"]}
     return [ALL] + sorted(n for n in names if n != ALL)
 
 
@@ -274,11 +315,11 @@ def _judge(rule: Rule, cohort: str, stats: dict, alpha: float):
     col = measure_column(rule)
     need = rule.min_samples
     if rule.quantile is not None:
-        sides = stats["sorted"].get((col, cohort), {})
-        b, c = sides.get("baseline", np.empty(0)), sides.get("candidate", np.empty(0))
-        if min(len(b), len(c)) < need:
-            return None, len(b), len(c), False, f"needs {need} traces per route for p{rule.quantile * 100:g}"
-        return _judge_quantile(rule, b, c, alpha), len(b), len(c), False, ""
+        sides = stats["quantiles"].get((col, cohort), {})
+        (nb, gb), (nc, gc) = sides.get("baseline", (0, None)), sides.get("candidate", (0, None))
+        if min(nb, nc) < need:
+            return None, nb, nc, False, f"needs {need} traces per route for p{rule.quantile * 100:g}"
+        return _judge_quantile(rule, (nb, gb), (nc, gc), alpha), nb, nc, False, ""
     p = stats["paired"].get((col, cohort))
     if p and p["n"] >= need:
         return _judge_moments(rule, p, True, alpha), p["n"], p["n"], True, ""
@@ -289,16 +330,14 @@ def _judge(rule: Rule, cohort: str, stats: dict, alpha: float):
     return None, nb, nc, False, f"needs {need} traces per route"
 
 
-def compare(frame: pl.DataFrame, settings: GateSettings, labels, now: float) -> Verdict:
-    """The gate's whole computation over one trace frame."""
-    labels = tuple(labels)
-    routes = dict(frame.group_by("route").len().iter_rows()) if frame.height else {}
-    frame = frame.filter(pl.col("route").is_in(["baseline", "candidate"]))
-    frame = _pool_small_cohorts(frame, labels, settings.min_samples)
-    pairs, pair_counts = pair(frame, settings.pairing_window_s)
-    stats = sufficient_stats(frame, pairs, settings, labels)
-    cohorts = _cohorts(stats)
+def compare(frame, settings: GateSettings, labels, now: float) -> Verdict:
+    """The gate over an in-memory trace frame (simulations and tests; the store path is judge())."""
+    return judge(frame_statistics(frame, settings, labels), settings, now)
 
+
+def judge(stats: dict, settings: GateSettings, now: float) -> Verdict:
+    """Sufficient statistics → every rule on every cohort → the gate's Verdict."""
+    cohorts = _cohorts(stats)
     judged = []
     for rule in settings.rules:
         for cohort in cohorts:
@@ -317,9 +356,11 @@ def compare(frame: pl.DataFrame, settings: GateSettings, labels, now: float) -> 
         results.append(Comparison(rule.name, cohort, state, est.effect, est.lower, est.upper, nb, nc, rule.margin,
                                   reason + f" ({'paired' if paired else 'unpaired'}, n={est.n})", paired, est.p_worse,
                                   rule.critical, rule.kind))
-    first_candidate = frame.filter(pl.col("route") == "candidate")["start_s"].min() if frame.height else None
-    verdict, reasons = _gate(results, settings, now, first_candidate)
-    return Verdict(verdict, tuple(results), tuple(reasons), now, settings.window_s, routes, pair_counts)
+    verdict, reasons = _gate(results, settings, now, stats["first_candidate"])
+    matched = stats["paired"].get((None, ALL), 0)
+    pairs = {"matched": matched, **{f"unmatched_{r}": stats["keyed"].get(r, 0) - matched
+                                    for r in ("baseline", "candidate")}}
+    return Verdict(verdict, tuple(results), tuple(reasons), now, settings.window_s, dict(stats["routes"]), pairs)
 
 
 def _significance(judged: list, settings: GateSettings) -> dict[int, bool]:
@@ -371,16 +412,17 @@ def _gate(results: list[Comparison], settings: GateSettings, now: float, first_c
     return "inconclusive", waiting or ["no baseline and candidate traces in the window"]
 
 
-def route_summary(frame: pl.DataFrame, labels, eval_names=()) -> list[dict]:
-    """Per cohort (all, then each label value) and route: traces and each measure's mean (p99 for duration),
-    for the report's side-by-side charts."""
-    aggs = [pl.len().alias("traces"), pl.col("duration").quantile(0.99, "linear").alias("p99_duration_s"),
-            pl.col("cost").mean().alias("cost_per_trace_usd"), pl.col("steps").mean().alias("steps_mean"),
-            pl.col("refused").mean().alias("refusal_rate"), pl.col("escalated").mean().alias("escalation_rate"),
-            *[pl.col(f"eval_pass:{n}").mean().alias(f"{n}_pass_rate") for n in eval_names]]
-    frame = frame.filter(pl.col("route").is_in(["baseline", "candidate"]))
-    out = []
-    for label in _groupings(labels):
-        out += sorted(_aggregate(frame, label, aggs, True), key=lambda r: (r["cohort"], r["route"]))
-    return [{"cohort": r["cohort"], "route": r["route"],
-             **{k: v for k, v in r.items() if k not in ("cohort", "route", *labels)}} for r in out]
+def route_summary_sql(labels, eval_names=(), source: str = "t") -> str:
+    """Per cohort (all, then each label value) and route over relation ``t``: traces and each measure's
+    mean (p99 for duration), for the report's side-by-side charts."""
+    labels = tuple(labels)
+    cohort = " ".join(f"WHEN GROUPING({_q(lab)}) = 0 THEN {_lit(lab + '=')} || coalesce({_q(lab)}, 'unknown')"
+                      for lab in labels)
+    cohort = f"CASE {cohort} ELSE 'all' END" if labels else "'all'"
+    sets = ", ".join(["(route)", *[f"(route, {_q(lab)})" for lab in labels]])
+    evals = "".join(f", avg({_q('eval_pass:' + n)}) AS {_q(n + '_pass_rate')}" for n in eval_names)
+    return (f"SELECT {cohort} AS cohort, route, count(*) AS traces,"
+            " quantile_cont(duration, 0.99) AS p99_duration_s, avg(cost) AS cost_per_trace_usd,"
+            " avg(steps) AS steps_mean, avg(refused) AS refusal_rate, avg(escalated) AS escalation_rate"
+            f"{evals} FROM {source} WHERE route IN ('baseline', 'candidate') GROUP BY GROUPING SETS ({sets})"
+            " ORDER BY cohort <> 'all', cohort, route")

@@ -19,7 +19,7 @@ import polars as pl
 
 from .assembly import CompletedTraces
 from .cohorts import CohortLimiter
-from .compare import ANY_VALUE, measure_column, paired_sums
+from .compare import ANY_VALUE, measure_column
 from .rules import GateSettings
 
 STATS = ("n", "sb", "sc", "sbb", "scc", "sbc")
@@ -47,6 +47,28 @@ def completed_frame(done: CompletedTraces, settings: GateSettings, labels) -> pl
             (1.0 - pl.col(f"eval_pass:{name}")).alias(f"eval_fail:{name}"))
         frame = frame.join(ev, on="trace_id", how="left")
     return frame
+
+
+def pair(frame: pl.DataFrame, pairing_window_s: float) -> tuple[pl.DataFrame, dict]:
+    """Baseline and candidate traces of one request id whose starts lie within the pairing window
+    (polars; the gate itself pairs in SQL, see stats_sql). Returns the pairs (candidate columns
+    suffixed ``_c``) and the counts per PAIR_STATUSES."""
+    keyed = frame.filter(pl.col("request_id").is_not_null())
+    b = keyed.filter(pl.col("route") == "baseline").unique("request_id", keep="first", maintain_order=False)
+    c = keyed.filter(pl.col("route") == "candidate").unique("request_id", keep="first", maintain_order=False)
+    pairs = b.join(c, on="request_id", how="inner", suffix="_c").filter(
+        (pl.col("start_s") - pl.col("start_s_c")).abs() <= pairing_window_s)
+    counts = {"matched": pairs.height, "unmatched_baseline": b.height - pairs.height,
+              "unmatched_candidate": c.height - pairs.height}
+    return pairs, counts
+
+
+def paired_sums(col: str) -> list[pl.Expr]:
+    """n, Σb, Σc, Σb², Σc², Σbc of one measure over pairs (polars; used by the streaming counters)."""
+    ok = pl.col(col).is_not_null() & pl.col(col + "_c").is_not_null()
+    b, c = pl.when(ok).then(pl.col(col)), pl.when(ok).then(pl.col(col + "_c"))
+    return [ok.sum().alias(f"{col}|n"), b.sum().alias(f"{col}|sb"), c.sum().alias(f"{col}|sc"),
+            (b * b).sum().alias(f"{col}|sbb"), (c * c).sum().alias(f"{col}|scc"), (b * c).sum().alias(f"{col}|sbc")]
 
 
 class PairingSink:

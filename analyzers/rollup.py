@@ -28,7 +28,9 @@ WITH s AS (
     SELECT sc.* FROM spans_core sc SEMI JOIN done USING (trace_id) WHERE sc.ingest_seq >= $lo
 ), e AS (
     SELECT ev.trace_id, count(*) AS total, count(*) FILTER (WHERE ev.passed = false) AS failed,
-           bool_or(ev.name = 'refusal' AND ev.passed = false) AS refusal_failed
+           bool_or(ev.name = 'refusal' AND ev.passed = false) AS refusal_failed,
+           list_sort(list(DISTINCT ev.name) FILTER (WHERE ev.passed IS NOT NULL)) AS eval_names,
+           list_sort(list(DISTINCT ev.name) FILTER (WHERE ev.passed = false)) AS failed_evals
     FROM evals ev SEMI JOIN done USING (trace_id) WHERE ev.ingest_seq >= $lo GROUP BY ev.trace_id
 )
 SELECT s.trace_id,
@@ -50,6 +52,8 @@ SELECT s.trace_id,
              max(s.cost_usd) FILTER (WHERE s.parent_span_id IS NULL)) AS cost_usd,
     coalesce(any_value(e.total), 0) AS evals_total,
     coalesce(any_value(e.failed), 0) AS evals_failed,
+    coalesce(any_value(e.eval_names), []) AS eval_names,
+    coalesce(any_value(e.failed_evals), []) AS failed_evals,
     coalesce(bool_or(s.refused), false) OR coalesce(any_value(e.refusal_failed), false) AS refused,
     coalesce(bool_or(s.escalated), false) AS escalated,
     mode(s.model) FILTER (WHERE s.span_kind = 'LLM') AS model,

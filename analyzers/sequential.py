@@ -100,23 +100,25 @@ def min_samples_for_quantile(q: float, alpha: float = 0.05) -> int:
     return int(math.ceil(math.log(alpha / 2.0) / math.log(q)))
 
 
-def quantile_and_log_se(sorted_values: np.ndarray, q: float) -> tuple[float, float]:
-    """The q-quantile (linear interpolation, as DuckDB's quantile_cont) and the standard error of its log.
+def log_se_from_grid(probs, values, q: float, n: int) -> tuple[float, float]:
+    """The q-quantile and the standard error of its log, from quantiles on a grid of probabilities around q.
 
-    The standard error comes from the order statistics that bracket the quantile's rank by one
-    binomial standard deviation, sqrt(n q (1-q)): the analytic limit of the bootstrap of a sample
-    quantile, with no resampling noise and no cost per resample.
+    A sample quantile's rank has a binomial spread of sqrt(n q (1-q)), so its standard error is half
+    the distance between the quantiles at q -+ sqrt(q (1-q) / n) (the order-statistic interval; the
+    analytic limit of bootstrapping the quantile). Those two probabilities are read off the grid by
+    linear interpolation of log(quantile), so one quantile_cont(x, grid) per cohort and route serves
+    every n; the grid (compare.quantile_grid) is wide enough for the smallest n allowed.
+
+    >>> probs = [0.98, 0.985, 0.99, 0.995, 1.0]
+    >>> est, se = log_se_from_grid(probs, [8.0, 9.0, 10.0, 12.0, 20.0], 0.99, 396)
+    >>> est, round(se, 4)          # q -+ 0.005: quantiles 9 and 12
+    (10.0, 0.1438)
     """
-    n = len(sorted_values)
-    if n == 0:
-        return math.nan, math.inf
-    pos = (n - 1) * q
-    lo_i, frac = int(math.floor(pos)), pos - math.floor(pos)
-    hi_i = min(lo_i + 1, n - 1)
-    estimate = float(sorted_values[lo_i] * (1 - frac) + sorted_values[hi_i] * frac)
-    sd_rank = math.sqrt(n * q * (1 - q))
-    lo = sorted_values[max(0, int(math.floor(pos - sd_rank)))]
-    hi = sorted_values[min(n - 1, int(math.ceil(pos + sd_rank)))]
-    if lo <= 0 or hi <= 0:
+    p = np.asarray(probs, dtype=float)
+    v = np.asarray(values, dtype=float)
+    estimate = float(np.interp(q, p, v))
+    if n <= 0 or np.any(v <= 0):
         return estimate, math.inf
-    return estimate, max((math.log(hi) - math.log(lo)) / 2.0, 1e-9)
+    d = math.sqrt(q * (1 - q) / n)
+    lo, hi = np.interp([q - d, q + d], p, np.log(v))
+    return estimate, max((hi - lo) / 2.0, 1e-9)

@@ -160,31 +160,29 @@ def _gate_settings(cfg: config_mod.Config, rules_file: str | None):
         raise click.UsageError(str(exc)) from None
 
 
-def _judge_store(cfg: config_mod.Config, settings, window: str | None):
-    """(Verdict, trace frame) from the store: through a running serve's socket, else the file itself."""
+def _judge_store(cfg: config_mod.Config, settings, window: str | None, summary: bool = False):
+    """(Verdict, per-cohort route figures or None) from the store: through a running serve's socket,
+    else the file itself (read-only)."""
     import time
+    from dataclasses import replace
 
-    from analyzers.compare import compare
-    from analyzers.gate import frame_from_arrow, trace_frame_sql
+    from analyzers.gate import evaluate, route_summary
 
     from .store.reader import query as run_query
-    window_s = None
     if window:
         try:
-            window_s = config_mod.parse_duration(window, "--window")
+            settings = replace(settings, window_s=config_mod.parse_duration(window, "--window"))
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from None
     now = time.time()
     labels = tuple(cfg.cohort_labels)
+    run_sql = lambda sql: run_query(Path(cfg.store.data_dir), sql)  # noqa: E731
     try:
-        table = run_query(Path(cfg.store.data_dir), trace_frame_sql(settings, labels, now, window_s))
+        verdict = evaluate(run_sql, settings, labels, now)
+        bars = route_summary(run_sql, settings, labels, now) if summary else None
     except ShadowlensError as exc:
         raise click.UsageError(str(exc)) from None
-    frame = frame_from_arrow(table, settings, labels)
-    if window_s is not None:
-        from dataclasses import replace
-        settings = replace(settings, window_s=window_s)
-    return compare(frame, settings, labels, now), frame, settings
+    return verdict, bars
 
 
 def _fetch_gate(url: str) -> dict:
@@ -223,7 +221,7 @@ def gate_cmd(data_dir, url, rules_file, window, config_file, fmt) -> None:
         doc = _fetch_gate(url)
     else:
         cfg = _load(config_file, {("store", "data_dir"): data_dir})
-        verdict, _, _ = _judge_store(cfg, _gate_settings(cfg, rules_file), window)
+        verdict, _ = _judge_store(cfg, _gate_settings(cfg, rules_file), window)
         doc = verdict_to_json(verdict)
     click.echo(json.dumps(doc, indent=2) if fmt == "json" else verdict_text(doc), nl=fmt == "json")
     sys.exit(EXIT_CODES.get(doc.get("verdict"), 3))
@@ -240,12 +238,9 @@ def gate_cmd(data_dir, url, rules_file, window, config_file, fmt) -> None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file.")
 def report_cmd(data_dir, window, fmt, out, rules_file, config_file) -> None:
     """Per-cohort baseline-vs-candidate table with verdicts and reasons."""
-    from analyzers.compare import route_summary
     from exporters.report import render
     cfg = _load(config_file, {("store", "data_dir"): data_dir})
-    settings = _gate_settings(cfg, rules_file)
-    verdict, frame, settings = _judge_store(cfg, settings, window)
-    bars = route_summary(frame, tuple(cfg.cohort_labels), settings.eval_names)
+    verdict, bars = _judge_store(cfg, _gate_settings(cfg, rules_file), window, summary=True)
     text = render(verdict, fmt, bars)
     if fmt == "html" and not out:
         out = "shadowlens-report.html"

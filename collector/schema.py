@@ -146,6 +146,14 @@ def spans_view_ddl(cohort_labels) -> str:
     )
 
 
+# Columns added to ``traces`` after the first release: (name, type); migrate() adds them to old stores.
+TRACES_ADDED_COLUMNS = (
+    ("eval_names", "VARCHAR[]"),      # evals with a known outcome on the trace (the gate reads these
+    ("failed_evals", "VARCHAR[]"),    # instead of joining the evals table)
+)
+TRACES_ADDED_COLUMNS_DDL = "".join(f", {n} {t}" for n, t in TRACES_ADDED_COLUMNS)
+
+
 def traces_ddl(cohort_labels) -> str:
     """One row per completed trace (CONTRACT §5); a late span replaces the row (``revision`` + 1)."""
     cohort = "".join(f', "{label}" VARCHAR' for label in cohort_labels)
@@ -156,5 +164,6 @@ def traces_ddl(cohort_labels) -> str:
         " cache_write_tokens BIGINT, reasoning_tokens BIGINT, cost_usd DOUBLE, evals_total BIGINT,"
         " evals_failed BIGINT, refused BOOLEAN, escalated BOOLEAN, model VARCHAR, models VARCHAR,"
         " incomplete BOOLEAN, span_count BIGINT, session_id VARCHAR, service_name VARCHAR, root_name VARCHAR,"
-        " min_ingest_seq BIGINT, max_ingest_seq BIGINT, completed_at TIMESTAMP, revision INTEGER)"
+        " min_ingest_seq BIGINT, max_ingest_seq BIGINT, completed_at TIMESTAMP, revision INTEGER"
+        f"{TRACES_ADDED_COLUMNS_DDL})"
     )

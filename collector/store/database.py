@@ -41,6 +41,9 @@ def migrate(con: duckdb.DuckDBPyConnection, cohort_labels) -> None:
     for label in cohort_labels:
         if label not in existing:
             con.execute(f'ALTER TABLE traces ADD COLUMN "{label}" VARCHAR')
+    for name, type_ in schema.TRACES_ADDED_COLUMNS:
+        if name not in existing:
+            con.execute(f"ALTER TABLE traces ADD COLUMN {name} {type_}")
 
 
 class PayloadDecoder:
