@@ -205,7 +205,9 @@ def stats_sql(settings: GateSettings, labels, source: str = "t") -> str:
     quantile_rules = {measure_column(r): r for r in settings.rules if r.quantile is not None}
     cohort = " ".join(f"WHEN GROUPING({_q(lab)}) = 0 THEN {_lit(lab + '=')} || {_q(lab)}" for lab in labels)
     cohort = f"CASE {cohort} ELSE 'all' END" if labels else "'all'"
-    sets = ", ".join(["()", *[f"({_q(lab)})" for lab in labels]])
+    # every pair has exactly one value of the first label, so all traffic is the sum of its cohorts:
+    # one grouping set fewer over the pairs (sufficient_stats adds them up)
+    sets = ", ".join([f"({_q(lab)})" for lab in labels] or ["()"])
     route_sets = ", ".join(["(route)", *[f"(route, {_q(lab)})" for lab in labels]])
     n = settings.min_samples
     small = ", ".join(
@@ -231,15 +233,20 @@ def stats_sql(settings: GateSettings, labels, source: str = "t") -> str:
     ctes.append("k AS (SELECT hash(request_id) AS rid, count(*) FILTER (WHERE route = 'baseline') AS nb,"
                 f" count(*) FILTER (WHERE route = 'candidate') AS nc, {per_route}"
                 " FROM tp WHERE request_id IS NOT NULL GROUP BY rid)")
-    ctes.append(f"p AS (SELECT * FROM k WHERE nb > 0 AND nc > 0"
-                f" AND abs(start_s - start_s_c) <= {float(settings.pairing_window_s)!r})")
+    # pairs, each measure masked to NULL unless both routes know it (so n and the sums agree)
+    masked = ", ".join(
+        f"CASE WHEN {_q(col)} IS NOT NULL AND {_q(col + '_c')} IS NOT NULL THEN {_q(col + side)} END AS {_q(col + side)}"
+        for col in moment_cols for side in ("", "_c"))
+    ctes.append(f"p AS (SELECT {', '.join([*map(_q, labels), masked]) if (labels or masked) else '1 AS one'}"
+                f" FROM k WHERE nb > 0 AND nc > 0 AND abs(start_s - start_s_c) <= {float(settings.pairing_window_s)!r})")
+    binary = {measure_column(r) for r in settings.rules if r.binary}
     paired = []
     for col in moment_cols:
-        both = f"{_q(col)} IS NOT NULL AND {_q(col + '_c')} IS NOT NULL"
-        bb, cc = f"CASE WHEN {both} THEN {_q(col)} END", f"CASE WHEN {both} THEN {_q(col + '_c')} END"
-        paired += [f"count(*) FILTER (WHERE {both}) AS {_q(col + '|n')}", f"sum({bb}) AS {_q(col + '|sb')}",
-                   f"sum({cc}) AS {_q(col + '|sc')}", f"sum({bb} * {bb}) AS {_q(col + '|sbb')}",
-                   f"sum({cc} * {cc}) AS {_q(col + '|scc')}", f"sum({bb} * {cc}) AS {_q(col + '|sbc')}"]
+        b, c = _q(col), _q(col + "_c")
+        paired += [f"count({b}) AS {_q(col + '|n')}", f"sum({b}) AS {_q(col + '|sb')}", f"sum({c}) AS {_q(col + '|sc')}",
+                   f"sum({b} * {c}) AS {_q(col + '|sbc')}"]
+        if col not in binary:       # for 0/1 values x*x = x: Σb² = Σb, no need to sum it again
+            paired += [f"sum({b} * {b}) AS {_q(col + '|sbb')}", f"sum({c} * {c}) AS {_q(col + '|scc')}"]
     unpaired = ["count(*) AS traces", "min(start_s) AS first_start"]
     for col in moment_cols:
         unpaired += [f"count({_q(col)}) AS {_q(col + '|n')}", f"sum({_q(col)}) AS {_q(col + '|s')}",
@@ -257,7 +264,7 @@ def stats_sql(settings: GateSettings, labels, source: str = "t") -> str:
     return "WITH " + ", ".join(ctes) + " " + " UNION ALL BY NAME ".join(selects)
 
 
-def sufficient_stats(rows: list[dict], settings: GateSettings) -> dict:
+def sufficient_stats(rows: list[dict], settings: GateSettings, labels=()) -> dict:
     """stats_sql's rows → {"paired": {(col, cohort): {n, sb, ...}}, "unpaired": {...}, "quantiles": {...}, ...}."""
     moment_cols = sorted({measure_column(r) for r in settings.rules if r.quantile is None})
     quantile_cols = sorted({measure_column(r) for r in settings.rules if r.quantile is not None})
@@ -269,7 +276,10 @@ def sufficient_stats(rows: list[dict], settings: GateSettings) -> dict:
         elif kind == "paired":
             out["paired"][(None, cohort)] = row["pairs"]
             for col in moment_cols:
-                out["paired"][(col, cohort)] = {k: row[f"{col}|{k}"] or 0 for k in ("n", "sb", "sc", "sbb", "scc", "sbc")}
+                d = {k: row.get(f"{col}|{k}") or 0 for k in ("n", "sb", "sc", "sbb", "scc", "sbc")}
+                if f"{col}|sbb" not in row:      # a 0/1 measure: Σb² = Σb
+                    d["sbb"], d["scc"] = d["sb"], d["sc"]
+                out["paired"][(col, cohort)] = d
         else:
             route = row["route"]
             side = "b" if route == "baseline" else "c"
@@ -283,13 +293,23 @@ def sufficient_stats(rows: list[dict], settings: GateSettings) -> dict:
                                                                    row[f"{col}|ss"] or 0)
             for col in quantile_cols:
                 out["quantiles"].setdefault((col, cohort), {})[route] = (row[f"{col}|qn"] or 0, row[f"{col}|qs"])
+    if labels:       # all traffic = the sum over the first label's cohorts (see stats_sql)
+        prefix = f"{labels[0]}="
+        first = [(key, v) for key, v in out["paired"].items() if key[1].startswith(prefix)]
+        for (col, _), v in first:
+            if col is None:
+                out["paired"][(None, ALL)] = out["paired"].get((None, ALL), 0) + v
+            else:
+                acc = out["paired"].setdefault((col, ALL), dict.fromkeys(v, 0))
+                for k, x in v.items():
+                    acc[k] += x
     return out
 
 
 def statistics(run_sql, settings: GateSettings, labels, source: str = "t") -> dict:
     """Run stats_sql through ``run_sql(sql) -> pyarrow.Table`` (a store cursor, the query socket, or a
     connection with the frame registered as ``t``)."""
-    return sufficient_stats(run_sql(stats_sql(settings, labels, source)).to_pylist(), settings)
+    return sufficient_stats(run_sql(stats_sql(settings, labels, source)).to_pylist(), settings, tuple(labels))
 
 
 def frame_statistics(frame, settings: GateSettings, labels) -> dict:

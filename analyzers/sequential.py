@@ -30,8 +30,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import numpy as np
-
 # Where the mixture boundary is tightest, in samples. Decisions are usually taken between
 # a few hundred and a few thousand samples per cohort; k = n / N0 in 2..20 keeps radius near 3.
 N0 = 250.0
@@ -79,16 +77,12 @@ def ebh(pvalues: Sequence[float], q: float) -> list[bool]:
     traces (all traffic, language=de, tier=pro, ...) need no independence assumption.
     """
     m = len(pvalues)
-    if m == 0:
-        return []
-    p = np.asarray(pvalues, dtype=float)
-    order = np.argsort(p, kind="stable")
-    ranked = p[order]
-    ok = ranked <= q * np.arange(1, m + 1) / m
-    if not ok.any():
+    ranked = sorted(pvalues)
+    passing = [p for i, p in enumerate(ranked, 1) if p <= q * i / m]
+    if not passing:
         return [False] * m
-    cutoff = ranked[np.nonzero(ok)[0].max()]
-    return [bool(x) for x in (p <= cutoff)]
+    cutoff = max(passing)
+    return [p <= cutoff for p in pvalues]
 
 
 def min_samples_for_quantile(q: float, alpha: float = 0.05) -> int:
@@ -114,11 +108,22 @@ def log_se_from_grid(probs, values, q: float, n: int) -> tuple[float, float]:
     >>> est, round(se, 4)          # q -+ 0.005: quantiles 9 and 12
     (10.0, 0.1438)
     """
-    p = np.asarray(probs, dtype=float)
-    v = np.asarray(values, dtype=float)
-    estimate = float(np.interp(q, p, v))
-    if n <= 0 or np.any(v <= 0):
+    probs, values = list(probs), [float(v) for v in values]
+    estimate = _interp(q, probs, values)
+    if n <= 0 or min(values) <= 0:
         return estimate, math.inf
     d = math.sqrt(q * (1 - q) / n)
-    lo, hi = np.interp([q - d, q + d], p, np.log(v))
+    logs = [math.log(v) for v in values]
+    lo, hi = _interp(q - d, probs, logs), _interp(q + d, probs, logs)
     return estimate, max((hi - lo) / 2.0, 1e-9)
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    """numpy.interp for one point (clamped at the ends), without importing numpy for the CLI."""
+    if x <= xs[0]:
+        return ys[0]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return ys[i - 1] + w * (ys[i] - ys[i - 1])
+    return ys[-1]

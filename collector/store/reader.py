@@ -67,6 +67,7 @@ def query(data_dir: Path, sql: str, timeout: float = 300.0) -> pa.Table:
                          f"without its socket at {sock_path}?") from None
     decoder = PayloadDecoder(data_dir)
     try:
+        con.execute("SET enable_progress_bar = false")     # a command's output is its answer, nothing else
         register_functions(con, decoder)
         return run_query(con, sql)
     finally:
