@@ -99,7 +99,7 @@ def aa(args) -> None:
     blocked = 0
     t = time.perf_counter()
     for seed in range(args.seeds):
-        frame = simulate(max(looks), seed=10_000 + seed, n_values=50)
+        frame = simulate(max(looks), seed=10_000 + seed, n_values=args.values)
         b, c = frame.filter(pl.col("route") == "baseline"), frame.filter(pl.col("route") == "candidate")
         for n in looks:
             g = pl.concat([b.head(n), c.head(n)])
@@ -107,7 +107,8 @@ def aa(args) -> None:
                 blocked += 1
                 break
     print(f"A/A: {blocked}/{args.seeds} seeds falsely blocked ({100 * blocked / args.seeds:.2f} %);"
-          f" 50 cohorts x 5 rules, {len(looks)} looks per seed; {time.perf_counter() - t:.0f} s")
+          f" {args.values} cohorts x 5 rules, {len(looks)} looks per seed (1k..10k requests);"
+          f" {time.perf_counter() - t:.0f} s")
 
 
 def power(args) -> None:
@@ -137,6 +138,7 @@ def main() -> None:
     s.add_argument("--repeat", type=int, default=3)
     a = sub.add_parser("aa")
     a.add_argument("--seeds", type=int, default=300)
+    a.add_argument("--values", type=int, default=50, help="cohorts (values of one label)")
     p = sub.add_parser("power")
     p.add_argument("--seeds", type=int, default=200)
     args = ap.parse_args()
