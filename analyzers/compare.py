@@ -218,7 +218,9 @@ def stats_sql(settings: GateSettings, labels, source: str = "t") -> str:
         f"CASE WHEN {_q(lab)} IN (SELECT v FROM {_q('small_' + lab)}) THEN '{OTHER}' ELSE {_q(lab)} END AS {_q(lab)}"
         for lab in labels)
     fill = ", ".join(f"coalesce({_q(lab)}, 'unknown') AS {_q(lab)}" for lab in labels)
-    ctes = [f"t0 AS (SELECT * {'REPLACE (' + fill + ')' if labels else ''}"
+    # only the columns the rules read: tp is materialized, and narrower is cheaper
+    needed = [_q(c) for c in dict.fromkeys(["route", "request_id", "start_s", *moment_cols, *quantile_rules])]
+    ctes = [f"t0 AS (SELECT {', '.join(needed + ([fill] if labels else []))}"
             f" FROM {source} WHERE route IN ('baseline', 'candidate'))"]
     if labels:
         ctes.append(small)
@@ -385,16 +387,12 @@ def judge(stats: dict, settings: GateSettings, now: float) -> Verdict:
 
 def _significance(judged: list, settings: GateSettings) -> dict[int, bool]:
     """All traffic: the anytime p-value at alpha (one test per rule, consistent with its interval).
-    Cohorts: e-BH across the cohorts of each rule at ``gate.fdr``, so fifty cohorts looked at
-    together do not turn noise into a blocked release."""
-    out = {}
-    for rule in settings.rules:
-        mine = [j for j in judged if j[0] is rule and j[2] is not None]
-        for j in mine:
-            if j[1] == ALL:
-                out[id(j)] = j[2].p_worse <= settings.alpha
-        cohorts = [j for j in mine if j[1] != ALL]
-        out.update(zip([id(j) for j in cohorts], ebh([j[2].p_worse for j in cohorts], settings.fdr)))
+    Cohorts: one e-BH over every rule x cohort result at ``gate.fdr``, so fifty cohorts and five
+    rules looked at together do not turn noise into a blocked release."""
+    tested = [j for j in judged if j[2] is not None]
+    out = {id(j): j[2].p_worse <= settings.alpha for j in tested if j[1] == ALL}
+    cohorts = [j for j in tested if j[1] != ALL]
+    out.update(zip([id(j) for j in cohorts], ebh([j[2].p_worse for j in cohorts], settings.fdr)))
     return out
 
 

@@ -21,7 +21,7 @@ high / low); ``max_ratio`` bounds candidate / baseline (of means, or of a quanti
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from collector.config import parse_duration
@@ -109,7 +109,6 @@ class GateSettings:
     min_samples: int = 100
     budget_s: float = 1800.0
     refresh_s: float = 10.0
-    evals: tuple[str, ...] = field(default=())
 
     @property
     def eval_names(self) -> tuple[str, ...]:
