@@ -205,3 +205,46 @@ def test_critical_rule_still_inconclusive_after_its_budget_blocks():
 def test_bad_rules_name_the_problem(section, message):
     with pytest.raises(RuleError, match=message.replace("(", r"\(")):
         parse_gate(section)
+
+
+# ------------------------------------------------------------------ streaming pairs and mergeable counters
+
+def _completed(rows, evals=()):
+    from analyzers.assembly import CompletedTraces
+    base = {"trace_id": None, "route": None, "request_id": None, "intent": "a", "language": "en", "tier": "free",
+            "duration_seconds": 1.0, "cost_usd": 0.01, "steps": 2, "input_tokens": 10, "output_tokens": 5,
+            "refused": False, "escalated": False}
+    traces = pl.DataFrame([{**base, **r} for r in rows])
+    ev = pl.DataFrame(list(evals), schema={"trace_id": pl.Utf8, "name": pl.Utf8, "passed": pl.Boolean, "n": pl.Int64},
+                      orient="row")
+    return CompletedTraces(traces=traces, evals=ev, models=None, late_spans=0, revised=0)
+
+
+def test_pairing_sink_sums_matched_pairs_and_counts_the_unmatched_after_the_window():
+    from analyzers.cohorts import CohortLimiter
+    from analyzers.pairing import PairingSink
+    clock = [1000.0]
+    settings = parse_gate({"pairing_window": "60s"})
+    sink = PairingSink(settings, CohortLimiter(("intent", "language", "tier"), 50, 3600, now=lambda: clock[0]),
+                       now=lambda: clock[0])
+    sink(_completed([
+        {"trace_id": "b1", "route": "baseline", "request_id": "r1", "cost_usd": 0.010, "refused": True},
+        {"trace_id": "b2", "route": "baseline", "request_id": "r2"},          # its candidate never comes
+        {"trace_id": "c3", "route": "candidate", "request_id": "r3"},         # its baseline never comes
+    ], evals=[("b1", "task_completion", True, 1)]))
+    clock[0] += 10
+    sink(_completed([{"trace_id": "c1", "route": "candidate", "request_id": "r1", "cost_usd": 0.025, "refused": True,
+                      "language": "de"}], evals=[("c1", "task_completion", False, 1)]))
+    pairs, stats = sink.snapshot()
+    assert pairs == {"matched": 1, "unmatched_baseline": 0, "unmatched_candidate": 0}
+    everywhere = ("__all__", "__all__", "__all__")
+    cost = stats[("cost_per_trace", everywhere)]
+    assert cost["n"] == 1 and cost["sb"] == pytest.approx(0.010) and cost["sc"] == pytest.approx(0.025)
+    assert cost["sbc"] == pytest.approx(0.010 * 0.025)
+    assert stats[("refusal_rate", everywhere)]["sbc"] == 1                  # both refused: concordant
+    tc = stats[("task_completion", everywhere)]
+    assert (tc["sb"], tc["sc"], tc["sbc"]) == (1, 0, 0)                     # a discordant pair: baseline only
+    assert ("cost_per_trace", ("__all__", "en", "__all__")) in stats        # cohort values from the baseline
+    clock[0] += 61
+    pairs, _ = sink.snapshot()
+    assert pairs == {"matched": 1, "unmatched_baseline": 1, "unmatched_candidate": 1}
