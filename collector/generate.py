@@ -179,6 +179,7 @@ class GenerateOptions:
     protocol: str = "grpc"             # grpc | http
     rate: float = 20.0                 # requests per second (each request = up to 2 traces)
     duration: float = 60.0             # seconds; 0 = until stopped
+    requests: int | None = None        # send exactly this many requests (at --rate), however long it takes
     scenario: str = "healthy"
     seed: int = 1
     service_name: str = "shadowlens-generate"
@@ -328,7 +329,10 @@ def run_generate(opts: GenerateOptions, out: TextIO | None = sys.stderr,
     tracer = provider.get_tracer("shadowlens.generate")
     rng = np.random.default_rng(opts.seed)
     progress = _Progress(out, opts.scenario, opts.progress_every)
-    total = int(round(opts.rate * opts.duration)) if opts.duration > 0 else None
+    if opts.requests is not None:
+        total = opts.requests
+    else:
+        total = int(round(opts.rate * opts.duration)) if opts.duration > 0 else None
     high_water = opts.max_queue_size * 3 // 4
     res = GenerateResult()
     spans_created = 0
@@ -336,7 +340,7 @@ def run_generate(opts: GenerateOptions, out: TextIO | None = sys.stderr,
     try:
         while not stop.is_set() and (total is None or res.requests < total):
             now = time.monotonic()
-            if opts.duration > 0 and now - t0 >= opts.duration:
+            if opts.requests is None and opts.duration > 0 and now - t0 >= opts.duration:
                 break   # slower than --rate: stop on time rather than run long
             due = int((now - t0) * opts.rate) + 1
             if total is not None:
