@@ -1,6 +1,7 @@
 """Baseline vs candidate, rule by rule and cohort by cohort: sufficient statistics → judged effects.
 
-Input is a *trace frame* (polars; one row per completed trace in the gate's window):
+Input is a *trace relation*, one row per completed trace in the gate's window (the store's
+``traces`` through analyzers/gate.py's SQL, or any polars/Arrow frame with these columns):
 
     route, request_id, start_s, <cohort labels...>, duration, cost, steps, tokens, refused, escalated,
     eval_pass:<name>, eval_fail:<name>          (rates are 0.0 / 1.0, unknown is null)
@@ -18,8 +19,8 @@ Each rule is judged on all traffic and on every value of every cohort label with
   (analyzers/sequential.py); no verdict below the distribution-free minimum (368 traces for p99).
 
 Every interval is a confidence sequence and every p-value anytime-valid, so repeated looks do not
-inflate false blocks. All traffic is tested at ``gate.alpha``; the cohorts of each rule go through
-e-BH (false discovery rate ``gate.fdr`` across cohorts).
+inflate false blocks. All traffic is tested at ``gate.alpha``; the cohort results of all rules go
+through one e-BH (false discovery rate ``gate.fdr``).
 A rule *fails* when the candidate is significantly worse than the baseline after that correction
 and the estimated effect is past the margin; it *passes* when the whole interval is within the margin.
 """
