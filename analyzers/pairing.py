@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Callable
 
 import polars as pl
@@ -26,7 +26,6 @@ STATS = ("n", "sb", "sc", "sbb", "scc", "sbc")
 # the names exposed in shadowlens_compare_stat_total{stat}
 STAT_NAMES = {"n": "pairs", "sb": "sum_baseline", "sc": "sum_candidate", "sbb": "sumsq_baseline",
               "scc": "sumsq_candidate", "sbc": "sum_product"}
-ROUTE_OTHER = {"baseline": "candidate", "candidate": "baseline"}
 
 
 def completed_frame(done: CompletedTraces, settings: GateSettings, labels) -> pl.DataFrame:
@@ -86,39 +85,43 @@ class PairingSink:
         self.pairs = Counter({"matched": 0, "unmatched_baseline": 0, "unmatched_candidate": 0})
         # (rule, cohort values tuple) -> {stat: value}
         self.stats: dict[tuple, dict[str, float]] = {}
-        self._pending: OrderedDict[str, tuple[float, str, dict]] = OrderedDict()
+        self._pending: pl.DataFrame | None = None      # traces waiting for their partner, + "_arrived"
         self._lock = threading.Lock()
 
     def __call__(self, done: CompletedTraces) -> None:
+        """Columnar: the batch joins the waiting traces by request id; what pairs is summed, the rest waits."""
         if done.traces.height == 0:
             return
-        frame = completed_frame(done, self.settings, self.labels)
+        frame = completed_frame(done, self.settings, self.labels).drop("trace_id")
         frame = frame.filter(pl.col("request_id").is_not_null() & pl.col("route").is_in(["baseline", "candidate"]))
+        if frame.height == 0:
+            return
         now = self.now()
-        matched = []
+        frame = frame.with_columns(pl.lit(now).alias("_arrived"))
         with self._lock:
-            for row in frame.iter_rows(named=True):
-                rid = row["request_id"]
-                waiting = self._pending.get(rid)
-                if waiting is not None and waiting[1] == ROUTE_OTHER[row["route"]]:
-                    del self._pending[rid]
-                    b, c = (waiting[2], row) if row["route"] == "candidate" else (row, waiting[2])
-                    matched.append({**b, **{k + "_c": v for k, v in c.items()}})
-                elif waiting is None:
-                    self._pending[rid] = (now, row["route"], row)
+            pool = frame if self._pending is None else pl.concat([self._pending, frame], how="diagonal_relaxed")
+            # a second trace of one request on the same route keeps the first (waiting) one
+            pool = pool.unique(["request_id", "route"], keep="first", maintain_order=True)
+            b = pool.filter(pl.col("route") == "baseline")
+            c = pool.filter(pl.col("route") == "candidate")
+            pairs = b.join(c, on="request_id", how="inner", suffix="_c")
+            self._pending = pool.filter(~pl.col("request_id").is_in(pairs["request_id"].implode()))
             self._expire(now)
-            self.pairs["matched"] += len(matched)
-        if matched:
-            self._add(pl.DataFrame(matched, infer_schema_length=None))
+            self.pairs["matched"] += pairs.height
+        if pairs.height:
+            self._add(pairs)
 
     def _expire(self, now: float) -> None:
-        cutoff = now - self.settings.pairing_window_s
-        while self._pending:
-            rid, (t, route, _) = next(iter(self._pending.items()))
-            if t >= cutoff and len(self._pending) <= self.max_pending:
-                break
-            del self._pending[rid]
-            self.pairs[f"unmatched_{route}"] += 1
+        """Traces whose partner did not come within the pairing window (or beyond max_pending) are unmatched."""
+        if self._pending is None or self._pending.height == 0:
+            return
+        keep = pl.col("_arrived") >= now - self.settings.pairing_window_s
+        if self._pending.height > self.max_pending:     # the oldest go first
+            keep = keep & (pl.int_range(pl.len()) >= self._pending.height - self.max_pending)
+        gone = self._pending.filter(~keep)
+        for route, n in gone.group_by("route").len().iter_rows():
+            self.pairs[f"unmatched_{route}"] += n
+        self._pending = self._pending.filter(keep)
 
     def _add(self, pairs: pl.DataFrame) -> None:
         labels = self.labels
