@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from collector.config import parse_duration
+from collector.config import DEFAULT_GATE_RULES, GATE_SETTINGS_DEFAULTS, parse_duration
 
 from .sequential import min_samples_for_quantile
 
@@ -41,24 +41,8 @@ MEASURES = {
 }
 BINARY = {"eval_pass_rate", "eval_fail_rate", "refusal_rate", "escalation_rate"}
 
-DEFAULT_RULES: list[dict[str, Any]] = [
-    {"name": "task_completion", "measure": "eval_pass_rate", "eval": "task_completion", "max_drop": 0.02,
-     "critical": True},
-    {"name": "refusal_rate", "measure": "refusal_rate", "max_ratio": 2.0, "min_increase": 0.005},
-    {"name": "p99_latency", "measure": "duration", "quantile": 0.99, "max_ratio": 1.3},
-    {"name": "cost_per_trace", "measure": "cost", "max_ratio": 1.10},
-    {"name": "steps", "measure": "steps", "max_ratio": 1.2},
-]
-
-GATE_DEFAULTS: dict[str, Any] = {
-    "alpha": 0.05,            # confidence sequences: valid at every look at once
-    "fdr": 0.05,              # Benjamini-Hochberg level across every rule x cohort
-    "window": "1h",           # traces the gate looks at (by start time)
-    "pairing_window": "10m",  # a baseline and a candidate trace pair when their starts are this close
-    "min_samples": 100,       # per route (or pairs), below it a rule says insufficient_data
-    "budget": "30m",          # a critical rule still inconclusive this long after the first candidate trace blocks
-    "refresh": "10s",         # how often serve recomputes /gate and the verdict metrics
-}
+# the defaults live with the other config keys (collector/config.py)
+DEFAULT_RULES, GATE_DEFAULTS = DEFAULT_GATE_RULES, GATE_SETTINGS_DEFAULTS
 _RULE_KEYS = {"name", "measure", "eval", "max_drop", "max_increase", "max_ratio", "min_increase", "quantile",
               "critical", "min_samples"}
 

@@ -22,6 +22,26 @@ from .errors import ConfigError
 
 ENV_PREFIX = "SHADOWLENS_"
 
+# The release gate's default rules (CONTRACT §7) and settings; analyzers/rules.py validates them.
+DEFAULT_GATE_RULES: list[dict[str, Any]] = [
+    {"name": "task_completion", "measure": "eval_pass_rate", "eval": "task_completion", "max_drop": 0.02,
+     "critical": True},
+    {"name": "refusal_rate", "measure": "refusal_rate", "max_ratio": 2.0, "min_increase": 0.005},
+    {"name": "p99_latency", "measure": "duration", "quantile": 0.99, "max_ratio": 1.3},
+    {"name": "cost_per_trace", "measure": "cost", "max_ratio": 1.10},
+    {"name": "steps", "measure": "steps", "max_ratio": 1.2},
+]
+
+GATE_SETTINGS_DEFAULTS: dict[str, Any] = {
+    "alpha": 0.05,            # confidence sequences: valid at every look at once
+    "fdr": 0.05,              # Benjamini-Hochberg level across every rule x cohort
+    "window": "1h",           # traces the gate looks at (by start time)
+    "pairing_window": "10m",  # a baseline and a candidate trace pair when their starts are this close
+    "min_samples": 100,       # per route (or pairs), below it a rule says insufficient_data
+    "budget": "30m",          # a critical rule still inconclusive this long after the first candidate trace blocks
+    "refresh": "10s",         # how often serve recomputes /gate and the verdict metrics
+}
+
 # The contract's keys (CONTRACT §3) plus the developers' additions (documented in README).
 DEFAULTS: dict[str, Any] = {
     "receivers": {
@@ -61,11 +81,11 @@ DEFAULTS: dict[str, Any] = {
     },
     "prices": [],
     "routes": {},
-    "gate": {"rules": []},
+    "gate": {"rules": copy.deepcopy(DEFAULT_GATE_RULES), **GATE_SETTINGS_DEFAULTS},
 }
 
 # Sections whose children are user data (names chosen by the user), not fixed keys.
-FREE_FORM = {("cohorts", "labels"), ("routes",), ("gate",), ("evals", "thresholds"), ("prices",)}
+FREE_FORM = {("cohorts", "labels"), ("routes",), ("evals", "thresholds"), ("prices",)}
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
