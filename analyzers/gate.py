@@ -3,13 +3,12 @@
 One SQL statement reads the window's baseline and candidate traces, pairs them and aggregates them
 per rule and cohort (analyzers/compare.py); only a few hundred rows come back to Python. ``serve``
 recomputes the verdict every ``gate.refresh`` in the background (GateRefresher) so ``/gate`` and the
-verdict metrics never wait on DuckDB;
-``shadowlens gate --data-dir`` and ``report`` run the same statement through store/reader.py.
+verdict metrics never wait on DuckDB; ``shadowlens gate --data-dir`` and ``report`` run the same
+statement through store/reader.py.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Callable
 
 import pyarrow as pa
@@ -21,10 +20,10 @@ from .periodic import Periodic
 from .rules import GateSettings
 
 
-def trace_frame_sql(settings: GateSettings, labels, now: float, window_s: float | None = None) -> str:
+def trace_frame_sql(settings: GateSettings, labels, now: float) -> str:
     """The window's traces as a trace frame (analyzers/compare.py's columns), read from ``traces`` alone:
     eval outcomes come from its eval_names / failed_evals lists, not from a join with ``evals``."""
-    since_us = int((now - (settings.window_s if window_s is None else window_s)) * 1e6)
+    since_us = int((now - settings.window_s) * 1e6)
     cohort = "".join(f", t.{_q(label)}" for label in labels)
     evals = "".join(
         f", CASE WHEN list_contains(t.eval_names, {_lit(n)}) THEN (NOT list_contains(t.failed_evals, {_lit(n)}))::DOUBLE"
@@ -40,12 +39,9 @@ def trace_frame_sql(settings: GateSettings, labels, now: float, window_s: float 
     )
 
 
-def evaluate(run_sql: Callable[[str], pa.Table], settings: GateSettings, labels,
-             now: float | None = None, window_s: float | None = None) -> Verdict:
+def evaluate(run_sql: Callable[[str], pa.Table], settings: GateSettings, labels, now: float | None = None) -> Verdict:
     """Judge the window's traces; ``run_sql`` is a store cursor or the query socket (store/reader.py)."""
     now = time.time() if now is None else now
-    if window_s is not None:
-        settings = replace(settings, window_s=window_s)
     source = f"({trace_frame_sql(settings, labels, now)}) AS t"
     return judge(statistics(run_sql, settings, labels, source), settings, now)
 

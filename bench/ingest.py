@@ -807,7 +807,7 @@ class Server:
             self.log.flush()
             with open(self.log_path, "rb") as f:
                 lines = f.read().decode("utf-8", "replace").splitlines()
-            return "\n".join("    | " + l for l in lines[-n:])
+            return "\n".join("    | " + ln for ln in lines[-n:])
         except OSError:
             return ""
 
@@ -818,7 +818,7 @@ class Server:
         except OSError:
             return []
         keys = ("Traceback", "ERROR", "Error", "exception", "Exception", "CRITICAL", "WARNING")
-        return [l for l in lines if any(k in l for k in keys)]
+        return [ln for ln in lines if any(k in ln for k in keys)]
 
 
 def count_stored(exe, data_dir):
@@ -951,7 +951,7 @@ def one_run(run_no, args, exe, extra_env):
         if problems:
             res["server_log_problem_lines"] = len(problems)
             res["problems"].append("server log has %d error/warning lines, first ones:\n%s" % (
-                len(problems), "\n".join("    | " + l[:240] for l in problems[:8])))
+                len(problems), "\n".join("    | " + ln[:240] for ln in problems[:8])))
         try:
             res["stored"] = count_stored(exe, server.data_dir)
         except Exception as e:   # noqa: BLE001 - report whatever went wrong

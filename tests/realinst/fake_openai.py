@@ -231,7 +231,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
 
-        def chunk(delta: dict[str, Any] | None, finish_reason: str | None = None, usage: Any = None, no_choices: bool = False) -> None:
+        def chunk(delta: dict[str, Any] | None, finish_reason: str | None = None, usage: Any = None,
+                  no_choices: bool = False) -> None:
             obj: dict[str, Any] = {
                 "id": response_id,
                 "object": "chat.completion.chunk",
