@@ -28,7 +28,7 @@ def _fmt_effect(rule: dict) -> str:
     effect, margin = rule.get("effect"), rule.get("margin")
     if not isinstance(effect, (int, float)):
         return ""
-    if isinstance(margin, (int, float)) and margin >= 1:          # ratio rules: p99, cost, steps, refusal
+    if rule.get("kind", "ratio" if isinstance(margin, (int, float)) and margin >= 1 else "difference") == "ratio":
         return f" (×{effect:.2f}, margin ×{margin:g})"
     text = f" ({effect * 100:+.1f} pts" if abs(effect) <= 1 else f" ({effect:+.3g}"
     return text + (f", margin {margin * 100:g} pts)" if isinstance(margin, (int, float)) else ")")
