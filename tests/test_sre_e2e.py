@@ -83,7 +83,7 @@ PANEL_EMPTY = {
 
 
 # -- Prometheus with the shipped configuration ---------------------------------------------------------
-def test_rules(workdir: Path) -> list[Path]:
+def fast_rule_copies(workdir: Path) -> list[Path]:
     """Copies of the shipped rule files with every alert's ``for:`` set to ``FOR``; nothing else changes."""
     shipped = yaml.safe_load(PROMETHEUS_YML.read_text())
     out = []
@@ -99,7 +99,6 @@ def test_rules(workdir: Path) -> list[Path]:
     return out
 
 
-test_rules.__test__ = False     # a helper, not a pytest test
 
 
 class ShippedPrometheus(PrometheusServer):
@@ -108,7 +107,7 @@ class ShippedPrometheus(PrometheusServer):
     def _write_config(self) -> Path:
         cfg = yaml.safe_load(PROMETHEUS_YML.read_text())
         cfg["global"].update(scrape_interval=self.scrape_interval, evaluation_interval=self.scrape_interval)
-        cfg["rule_files"] = [str(p) for p in test_rules(self.workdir)]
+        cfg["rule_files"] = [str(p) for p in fast_rule_copies(self.workdir)]
         (job,) = cfg["scrape_configs"]
         assert job["job_name"] == self.job, "the alert rules expect job=\"shadowlens\""
         job.update(scrape_interval=self.scrape_interval, scrape_timeout=self.scrape_interval)
