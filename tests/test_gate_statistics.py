@@ -96,6 +96,17 @@ def test_identical_routes_over_50_cohorts_are_not_blocked_when_looked_at_repeate
     assert false_blocks / seeds <= 0.05, f"false-block rate {false_blocks}/{seeds}"
 
 
+def test_identical_routes_in_a_few_large_cohorts_are_not_blocked():
+    """A/A where every cohort is large enough for its own p99 verdict (5 cohorts, up to 1,600 traces each)."""
+    seeds, looks = 30, (2000, 5000, 8000)
+    false_blocks = 0
+    for seed in range(seeds):
+        frame = simulate(max(looks), seed=500 + seed, n_values=5)
+        b, c = frame.filter(pl.col("route") == "baseline"), frame.filter(pl.col("route") == "candidate")
+        false_blocks += any(judge(pl.concat([b.head(n), c.head(n)])).verdict == "block" for n in looks)
+    assert false_blocks / seeds <= 0.05, f"false-block rate {false_blocks}/{seeds}"
+
+
 # ------------------------------------------------------------------ power: planted regressions are blocked
 
 @pytest.mark.parametrize("name, effect, rule, n", [
