@@ -131,11 +131,11 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
     metrics.extra = lambda openmetrics: analysis.render(openmetrics) + gate_metrics.render(openmetrics)
 
     def gate_route(query: dict) -> tuple[int, object]:
+        flag = lambda name: query.get(name, "").lower() in ("1", "true", "yes")  # noqa: E731
         v = verdicts.latest
         if v is None:
-            return 503, {"verdict": "inconclusive", "reasons": ["the first gate evaluation is still running"],
-                         "rules": []}
-        flag = lambda name: query.get(name, "").lower() in ("1", "true", "yes")  # noqa: E731
+            return 200 if flag("always_ok") else 503, {
+                "verdict": "inconclusive", "reasons": ["the first gate evaluation is still running"], "rules": []}
         return http_status(v.verdict, strict=flag("strict"), always_ok=flag("always_ok")), verdict_to_json(v)
 
     metrics.json_routes["/gate"] = gate_route
