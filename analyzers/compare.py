@@ -71,14 +71,6 @@ class Comparison:
     critical: bool = False
     kind: str = "ratio"          # ratio | difference: how effect, lower, upper and margin read
 
-    @property
-    def label(self) -> tuple[str, str] | None:
-        """("language", "de") for a cohort result, None for all traffic."""
-        if self.cohort == ALL:
-            return None
-        k, _, v = self.cohort.partition("=")
-        return k, v
-
 
 @dataclass(frozen=True)
 class Verdict:

@@ -41,8 +41,6 @@ MEASURES = {
 }
 BINARY = {"eval_pass_rate", "eval_fail_rate", "refusal_rate", "escalation_rate"}
 
-# the defaults live with the other config keys (collector/config.py)
-DEFAULT_RULES, GATE_DEFAULTS = DEFAULT_GATE_RULES, GATE_SETTINGS_DEFAULTS
 _RULE_KEYS = {"name", "measure", "eval", "max_drop", "max_increase", "max_ratio", "min_increase", "quantile",
               "critical", "min_samples"}
 
@@ -158,16 +156,16 @@ def parse_rule(raw: Mapping[str, Any], index: int, min_samples: int, alpha: floa
 def parse_gate(section: Mapping[str, Any] | None) -> GateSettings:
     """The ``gate`` config section → GateSettings; an empty ``rules`` list means the default set."""
     section = dict(section or {})
-    unknown = sorted(set(section) - set(GATE_DEFAULTS) - {"rules"})
+    unknown = sorted(set(section) - set(GATE_SETTINGS_DEFAULTS) - {"rules"})
     if unknown:
-        raise RuleError(f"unknown config key 'gate.{unknown[0]}' (known: rules, {', '.join(GATE_DEFAULTS)})")
-    opts = {**GATE_DEFAULTS, **{k: v for k, v in section.items() if k != "rules"}}
+        raise RuleError(f"unknown config key 'gate.{unknown[0]}' (known: rules, {', '.join(GATE_SETTINGS_DEFAULTS)})")
+    opts = {**GATE_SETTINGS_DEFAULTS, **{k: v for k, v in section.items() if k != "rules"}}
     alpha = _number(opts["alpha"], "gate.alpha", positive=True)
     fdr = _number(opts["fdr"], "gate.fdr", positive=True)
     if alpha >= 1 or fdr >= 1:
         raise RuleError("gate.alpha and gate.fdr must be below 1 (e.g. 0.05)")
     min_samples = int(_number(opts["min_samples"], "gate.min_samples", positive=True))
-    raw_rules = section.get("rules") or DEFAULT_RULES
+    raw_rules = section.get("rules") or DEFAULT_GATE_RULES
     if not isinstance(raw_rules, list):
         raise RuleError("gate.rules: must be a list of rules")
     rules = tuple(parse_rule(r, i, min_samples, alpha) for i, r in enumerate(raw_rules))
