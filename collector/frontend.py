@@ -51,6 +51,7 @@ def main(conn, config_tree: dict, first_segment: int) -> None:
 
     def report_stats() -> None:
         while not stop.wait(0.5):
+            stats.store_sync_seconds = segments.sync_seconds     # the write-ahead fdatasyncs happen here
             store.send(("stats", stats.snapshot()))
 
     threading.Thread(target=report_stats, name="stats", daemon=True).start()

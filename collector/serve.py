@@ -33,6 +33,7 @@ from exporters.prometheus import IngestCollector
 from exporters.verdict_json import http_status, verdict_to_json
 
 from .config import Config
+from .decode.normalize import Normalizer
 from .stats import IngestStats
 from .store.reader import QueryServer
 from .store.remote import StoreBridge
@@ -90,6 +91,7 @@ def build_app(cfg: Config) -> App:
                                 ready=lambda: (True, "ready") if app.ready else (False, "starting or stopping"))
     PriceTable.load(cfg.prices)        # a bad user price entry fails here, before anything starts
     app.frontend = StoreBridge(store, dict(cfg.raw), frontend_stats)
+    store.replay_normalizer = Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices), cfg.receivers.scanner)
     retention = Retention(data_dir, store.cursor, cfg.store.retention_s, cfg.store.retention_check_s,
                           current_segment=store.current_segment)
     analyzers = _analyzers(cfg, gate, store, app.metrics) if cfg.analyzers.enabled else []
@@ -98,7 +100,8 @@ def build_app(cfg: Config) -> App:
     # which may be newer than what this server loaded at start
     operations = {"reprice": lambda con, req: reprice_table(con, PriceTable.load(req.get("prices") or []),
                                                             req.get("since_s"))}
-    app.components = [store, QueryServer(data_dir, store.cursor, operations), retention, *analyzers, app.metrics,
+    app.components = [store, QueryServer(data_dir, store.cursor, operations, sync=app.frontend.sync),
+                      retention, *analyzers, app.metrics,
                       app.frontend]
     return app
 

@@ -105,9 +105,11 @@ def _call_socket(path: Path, request: dict, timeout: float) -> pa.Table:
 class QueryServer:
     """Serves read-only SQL on ``<data_dir>/serve.sock`` from a running ``serve``."""
 
-    def __init__(self, data_dir: Path, cursor_factory, operations: dict | None = None):
+    def __init__(self, data_dir: Path, cursor_factory, operations: dict | None = None, sync=None):
+        """``sync``: called before each query so that it sees every span acknowledged before it."""
         self.path = Path(data_dir) / SOCKET_FILE
         self.cursor_factory = cursor_factory
+        self.sync = sync
         # op name -> fn(connection, request) -> pa.Table: maintenance that must run in the owning process
         self.operations = dict(operations or {})
         self._server: socketserver.ThreadingUnixStreamServer | None = None
@@ -122,6 +124,8 @@ class QueryServer:
             def handle(self):
                 try:
                     req = json.loads(self.rfile.readline() or b"{}")
+                    if outer.sync is not None:
+                        outer.sync()
                     con = outer.cursor_factory()
                     try:
                         op = req.get("op", "query")

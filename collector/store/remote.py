@@ -5,13 +5,23 @@ Why: DuckDB's Python binding takes the GIL back many times while an INSERT runs,
 thread in the same process slows every insert (measured: 80k -> 5k rows/s with one busy Python
 thread beside it). Two processes, two GILs: the frontend decodes while the store inserts.
 
+The frontend acknowledges an Export once the payload is fdatasynced in the segment log (the
+write-ahead log), then hands the columns over; the store inserts them into DuckDB in large groups.
+The frontend counts what the store has not committed yet against ``store.queue_max_spans``, so a
+store that falls behind turns into UNAVAILABLE for clients, not into unbounded memory.
+
 Messages (pickled over a ``multiprocessing`` pipe; Arrow batches pickle as IPC buffers):
-  frontend -> store: ("ready",), ("failed", message), ("batch", id, NormalizedBatch, (segment, offset, length)),
-                     ("stats", snapshot), ("stopped",)
-  store -> frontend: ("ack", id, stored, duplicates), ("nack", id, kind, message, retry_after), ("stop",)
+  frontend -> store: ("ready",), ("failed", message),
+                     ("batch", id, NormalizedBatch, (segment, offset, length), low_segment),
+                     ("stats", snapshot), ("barrier", token), ("stopped",)
+  store -> frontend: ("ack", id, stored, duplicates) once committed (or ("nack", id, ...) if the commit
+                     failed: the record stays in the segment log for the next start), ("barrier", token),
+                     ("stop",)
+The pipe is ordered, so a barrier answered by the frontend arrives after every batch it sent before.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import multiprocessing
@@ -20,7 +30,6 @@ import time
 from concurrent.futures import Future
 
 from ..decode.normalize import NormalizedBatch
-from ..errors import Overloaded, ShuttingDown
 from ..stats import IngestStats
 from .commit import Commit, admit
 from .segments import SegmentLog
@@ -36,7 +45,8 @@ class RemoteStore:
         self.segments = segments
         self.stats = stats
         self.queue_max_spans = queue_max_spans
-        self._pending: dict[int, tuple[Future, int]] = {}
+        self._pending: dict[int, int] = {}      # request id -> spans the store has not committed yet
+        self._unsent: collections.Counter = collections.Counter()   # segment -> records not yet sent
         self._inflight_spans = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -49,49 +59,61 @@ class RemoteStore:
             self.conn.send(msg)
 
     def submit(self, batch: NormalizedBatch) -> Future:
+        """Durable on return: the payload is appended and fdatasynced (group commit with the other
+        receiver threads); the columns are on their way to the store. The Future is resolved."""
         n = batch.accepted
         with self._lock:
             admit(self.stopping, self._inflight_spans, n, self.queue_max_spans, self.stats)
             self._inflight_spans += n
             rid = next(self._ids)
-            fut: Future = Future()
-            self._pending[rid] = (fut, n)
+            self._pending[rid] = n
+            # the record lands in this segment or a later one; until it is sent, the store must
+            # not consider this segment complete
+            floor = self.segments.segment
+            self._unsent[floor] += 1
         try:
-            seg, off = self.segments.append(batch.payload)
+            seg, off, ticket = self.segments.append(batch.payload, batch.signal)
+            self.segments.wait_durable(ticket)
             ref = (seg, off, len(batch.payload))
             batch.payload = b""            # the bytes are on disk; only their place travels
-            self.send(("batch", rid, batch, ref))
-        except BaseException as exc:
-            self._resolve(rid, exc)
+            with self._lock:
+                self._unsent[floor] -= 1
+                if not self._unsent[floor]:
+                    del self._unsent[floor]
+                low = min(self._unsent, default=self.segments.segment)
+            self.send(("batch", rid, batch, ref, min(low, self.segments.segment)))
+        except BaseException:
+            with self._lock:
+                if self._unsent.get(floor):
+                    self._unsent[floor] -= 1
+                    if not self._unsent[floor]:
+                        del self._unsent[floor]
+            self._release(rid)
             raise
+        fut: Future = Future()
+        fut.set_result(Commit(0, n, 0))
         return fut
 
-    def _resolve(self, rid: int, result) -> None:
+    def _release(self, rid: int) -> None:
         with self._lock:
-            entry = self._pending.pop(rid, None)
-            if entry is None:
-                return
-            self._inflight_spans -= entry[1]
-        if isinstance(result, BaseException):
-            entry[0].set_exception(result)
-        else:
-            entry[0].set_result(result)
+            n = self._pending.pop(rid, None)
+            if n is not None:
+                self._inflight_spans -= n
 
     def on_message(self, msg) -> None:
-        if msg[0] == "ack":
-            _, rid, stored, dups = msg
-            self._resolve(rid, Commit(0, stored, dups))
-        elif msg[0] == "nack":
-            _, rid, kind, message, retry = msg
-            exc = ShuttingDown(message, retry) if kind == "shutting_down" else \
-                Overloaded(message, retry) if kind == "overloaded" else RuntimeError(message)
-            self._resolve(rid, exc)
+        if msg[0] in ("ack", "nack"):
+            if msg[0] == "nack":
+                log.error("the store could not commit request %d (%s); it stays in the segment log and is "
+                          "inserted on the next start", msg[1], msg[3])
+            self._release(msg[1])
+        elif msg[0] == "barrier":
+            self.send(msg)
 
     def fail_all(self, exc: BaseException) -> None:
+        """The store is gone: nothing waits on it any more (acknowledged records are in the log)."""
         with self._lock:
-            rids = list(self._pending)
-        for rid in rids:
-            self._resolve(rid, exc)
+            self._pending.clear()
+            self._inflight_spans = 0
 
     def drained(self) -> bool:
         with self._lock:
@@ -115,6 +137,8 @@ class StoreBridge:
         self._ready = threading.Event()
         self._stopped = threading.Event()
         self._failure: str | None = None
+        self._barriers: dict[int, threading.Event] = {}
+        self._barrier_ids = itertools.count(1)
 
     def start(self) -> None:
         from .. import frontend
@@ -150,7 +174,11 @@ class StoreBridge:
                 return
             kind = msg[0]
             if kind == "batch":
-                self._submit(msg[1], msg[2], msg[3])
+                self._submit(msg[1], msg[2], msg[3], msg[4])
+            elif kind == "barrier":
+                ev = self._barriers.pop(msg[1], None)
+                if ev is not None:
+                    ev.set()
             elif kind == "stats":
                 self.child_stats.clear()
                 self.child_stats.update(msg[1])
@@ -161,13 +189,8 @@ class StoreBridge:
             elif kind == "stopped":
                 self._stopped.set()
 
-    def _submit(self, rid: int, batch: NormalizedBatch, ref) -> None:
-        try:
-            fut = self.store.submit(batch, ref)
-        except Overloaded as exc:
-            kind = "shutting_down" if isinstance(exc, ShuttingDown) else "overloaded"
-            self._send(("nack", rid, kind, str(exc), exc.retry_after_s))
-            return
+    def _submit(self, rid: int, batch: NormalizedBatch, ref, low: int) -> None:
+        fut = self.store.submit(batch, ref, low)    # acknowledged already: the store takes it
 
         def done(f: Future) -> None:
             exc = f.exception()
@@ -177,6 +200,19 @@ class StoreBridge:
             else:
                 self._send(("nack", rid, "error", f"store commit failed: {exc}", 1.0))
         fut.add_done_callback(done)
+
+    def sync(self, timeout: float = 10.0) -> bool:
+        """Read-your-acks: wait until every batch the frontend acknowledged so far is committed."""
+        if self._proc is None or not self.ready:
+            return self.store.flush(timeout)
+        token = next(self._barrier_ids)
+        ev = self._barriers[token] = threading.Event()
+        deadline = time.monotonic() + timeout
+        self._send(("barrier", token))
+        if not ev.wait(timeout):
+            self._barriers.pop(token, None)
+            return False
+        return self.store.flush(max(0.0, deadline - time.monotonic()))
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Ask the frontend to stop accepting and drain (its Exports wait for their commits here)."""
