@@ -107,6 +107,7 @@ class RemoteStore:
                           "inserted on the next start", msg[1], msg[3])
             self._release(msg[1])
         elif msg[0] == "barrier":
+            self.send(("stats", self.stats.snapshot()))    # counters as fresh as the data
             self.send(msg)
 
     def fail_all(self, exc: BaseException) -> None:
