@@ -18,7 +18,10 @@ import time
 def main(conn, config_tree: dict, first_segment: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.setswitchinterval(0.001)
+    # A long switch interval: decoding holds the GIL in long runs, and forcing it to hand over
+    # every 1 ms to the 30-odd receiver threads that wake for I/O made the handovers the cost
+    # (measured on the benchmark: 1 ms 32.7k, 10 ms 37-38k, 50 ms 36k acknowledged spans/s).
+    sys.setswitchinterval(0.01)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from analyzers.pricing import PriceTable
 
