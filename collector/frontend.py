@@ -1,8 +1,9 @@
-"""The ingest frontend process: OTLP receivers and decoding, feeding the store process.
+"""The ingest frontend process: OTLP receivers, request checks and the write-ahead log.
 
-Started by ``serve`` (collector/store/remote.py explains why it is a process of its own). It
-ignores SIGINT/SIGTERM: the store process decides when it stops, and it exits by itself when
-the store process's end of the pipe closes (e.g. after ``kill -9``), acknowledging nothing more.
+Started by ``serve`` (collector/store/remote.py explains the three processes). It acknowledges
+an Export once its payload is fdatasynced in the segment log and hands the record to the decoder
+process. It ignores SIGINT/SIGTERM: the store process decides when it stops, and it exits by
+itself when the store process's end of the pipe closes (e.g. after ``kill -9``).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import threading
 import time
 
 
-def main(conn, config_tree: dict, first_segment: int) -> None:
+def main(conn, decoder_conn, config_tree: dict, first_segment: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # A long switch interval: decoding holds the GIL in long runs, and forcing it to hand over
@@ -38,7 +39,7 @@ def main(conn, config_tree: dict, first_segment: int) -> None:
     cfg = build(config_tree)
     stats = IngestStats()
     segments = SegmentLog(cfg.store.data_dir / SEGMENTS_DIR, first_segment)
-    store = RemoteStore(conn, segments, stats, cfg.store.queue_max_spans)
+    store = RemoteStore(conn, decoder_conn, segments, stats, cfg.store.queue_max_spans)
     normalizer = Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices), cfg.receivers.scanner)
     handler = ExportHandler(normalizer, store, stats)
     receivers = [GrpcReceiver(cfg.receivers.grpc, handler, cfg.receivers.grpc_max_bytes, cfg.receivers.grpc_max_workers),
@@ -69,7 +70,7 @@ def main(conn, config_tree: dict, first_segment: int) -> None:
             msg = conn.recv()
         except (EOFError, OSError):
             # The store process is gone (crash, kill -9): nothing more can be acknowledged.
-            store.fail_all(ConnectionError("the store process is gone"))
+            store.fail_all()
             os._exit(1)
         if msg[0] == "stop":
             break

@@ -20,6 +20,11 @@
  *   resources: per ResourceSpans, [(slot, value)] of its resource attributes
  *   value: str | int | float | bool | None, a list for an array of scalars, or the raw AnyValue
  *          bytes for kvlists, bytes and nested arrays
+ *
+ * validate_traces(payload, keys, prefixes, event_names) -> (spans, invalid):
+ *   the same walk with the same errors (every value scan_traces would read is read), building no
+ *   columns: what the receiver needs before it acknowledges. invalid: [(index, trace_id, span_id,
+ *   parent_span_id, start, end, name)] for spans with wrong-length or all-zero ids or end < start.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -50,6 +55,9 @@ typedef struct {
     PyObject *prefixed;
     PyObject *events;
     PyObject *cols[13];    /* per-span columns, in COLUMN_NAMES order */
+    int dry;               /* validate_traces: read everything, keep nothing but invalid spans */
+    Py_ssize_t nspans;
+    PyObject *invalid;
 } Ctx;
 
 static const char *COLUMN_NAMES[13] = {"trace_id", "span_id", "parent_span_id", "name", "kind", "start", "end",
@@ -242,14 +250,16 @@ static int key_value(Ctx *c, Buf kv, Py_ssize_t span_idx, PyObject *out) {
     PyObject *slot = lookup(c->table, key.p, key.end - key.p); /* borrowed */
     if (slot != NULL) {
         Py_ssize_t si = PyLong_AsSsize_t(slot);
-        if (si < 0 || si >= c->nslots) {
+        if (si < 0 || (si >= c->nslots && !c->dry)) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "slot out of range");
             return -1;
         }
         PyObject *value = has_val ? any_value(c, val) : (Py_INCREF(Py_None), Py_None);
         if (!value) return -1;
         int rc;
-        if (span_idx < 0) {
+        if (c->dry) {
+            rc = 0;
+        } else if (span_idx < 0) {
             PyObject *entry = PyTuple_Pack(2, slot, value);
             rc = entry ? PyList_Append(out, entry) : -1;
             Py_XDECREF(entry);
@@ -271,6 +281,7 @@ static int key_value(Ctx *c, Buf kv, Py_ssize_t span_idx, PyObject *out) {
         if (key.end - key.p >= pl && memcmp(key.p, PyBytes_AS_STRING(pre), pl) == 0) {
             PyObject *value = has_val ? any_value(c, val) : (Py_INCREF(Py_None), Py_None);
             if (!value) return -1;
+            if (c->dry) { Py_DECREF(value); return 0; }
             PyObject *ks = str_or_none(&key);
             if (!ks) { Py_DECREF(value); return -1; }
             PyObject *entry = Py_BuildValue("(nNN)", span_idx, ks, value);
@@ -329,7 +340,7 @@ static int append_steal(PyObject *list, PyObject *item) {
 static int span(Ctx *c, Buf s, PyObject *scope, Py_ssize_t rs_idx, Py_ssize_t ss_idx, Py_ssize_t sp_idx) {
     Buf tid = {NULL, NULL}, sid = {NULL, NULL}, pid = {NULL, NULL}, name = {NULL, NULL}, smsg = {NULL, NULL};
     uint64_t kind = 0, start = 0, end = 0, scode = 0;
-    Py_ssize_t idx = PyList_GET_SIZE(c->cols[0]);
+    Py_ssize_t idx = c->dry ? c->nspans : PyList_GET_SIZE(c->cols[0]);
     while (s.p < s.end) {
         uint32_t f;
         int wt;
@@ -351,7 +362,7 @@ static int span(Ctx *c, Buf s, PyObject *scope, Py_ssize_t rs_idx, Py_ssize_t ss
             if (wt == 2) {
                 int hit = event_wanted(c, sub);
                 if (hit < 0) return -1;
-                if (hit && append_steal(c->events, Py_BuildValue("(nN)", idx, bytes_of(&sub))) < 0) return -1;
+                if (hit && !c->dry && append_steal(c->events, Py_BuildValue("(nN)", idx, bytes_of(&sub))) < 0) return -1;
             }
             break;
         case 15:
@@ -371,6 +382,19 @@ static int span(Ctx *c, Buf s, PyObject *scope, Py_ssize_t rs_idx, Py_ssize_t ss
         default:
             break;
         }
+    }
+    if (c->dry) {
+        static const uint8_t zero[16] = {0};
+        Py_ssize_t tl = tid.p ? tid.end - tid.p : 0, sl = sid.p ? sid.end - sid.p : 0, pl = pid.p ? pid.end - pid.p : 0;
+        int bad = tl != 16 || sl != 8 || memcmp(tid.p, zero, 16) == 0 || memcmp(sid.p, zero, 8) == 0 ||
+                  (pl && (pl != 8 || memcmp(pid.p, zero, 8) == 0)) || end < start;
+        c->nspans++;
+        if (bad && append_steal(c->invalid, Py_BuildValue("(nNNNKKN)", idx, bytes_of(&tid), bytes_of(&sid),
+                                                          bytes_of(&pid), (unsigned long long)start,
+                                                          (unsigned long long)end,
+                                                          name.p ? str_or_none(&name) : PyUnicode_FromString(""))) < 0)
+            return -1;
+        return 0;
     }
     if (kind > 0xffff) kind = 0xffff;   /* out-of-range enum values stay out of range, but small */
     if (scode > 0xffff) scode = 0xffff;
@@ -506,8 +530,60 @@ done:
     return out;
 }
 
+static PyObject *validate_traces(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer view;
+    Ctx c;
+    memset(&c, 0, sizeof c);
+    c.dry = 1;
+    if (!PyArg_ParseTuple(args, "y*O!O!O", &view, &PyDict_Type, &c.keys, &PyTuple_Type, &c.prefixes, &c.event_names))
+        return NULL;
+    PyObject *out = NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(c.prefixes); i++) {
+        if (!PyBytes_Check(PyTuple_GET_ITEM(c.prefixes, i))) {
+            PyErr_SetString(PyExc_TypeError, "prefixes must be a tuple of bytes");
+            goto done;
+        }
+    }
+    if (!(c.invalid = PyList_New(0)) || build_table(c.keys, c.table) < 0) goto done;
+    c.base = (const uint8_t *)view.buf;
+    Buf req = {c.base, c.base + view.len};
+    Py_ssize_t rs_idx = 0;
+    while (req.p < req.end) {
+        uint32_t f;
+        int wt;
+        Buf sub = {NULL, NULL};
+        uint64_t scalar;
+        if (read_field(&c, &req, &f, &wt, &sub, &scalar) < 0) goto done;
+        if (f != 1 || wt != 2) continue;
+        Buf rs = sub;
+        Py_ssize_t ss_idx = 0;
+        while (rs.p < rs.end) {
+            uint32_t rf;
+            int rwt;
+            Buf rsub = {NULL, NULL};
+            uint64_t rscalar;
+            if (read_field(&c, &rs, &rf, &rwt, &rsub, &rscalar) < 0) goto done;
+            if (rf == 1 && rwt == 2) {
+                PyObject *res = resource_matches(&c, rsub);
+                if (!res) goto done;
+                Py_DECREF(res);
+            } else if (rf == 2 && rwt == 2) {
+                if (scope_spans(&c, rsub, rs_idx, ss_idx++) < 0) goto done;
+            }
+        }
+        rs_idx++;
+    }
+    out = Py_BuildValue("(nO)", c.nspans, c.invalid);
+done:
+    Py_XDECREF(c.invalid);
+    PyBuffer_Release(&view);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"scan_traces", scan_traces, METH_VARARGS, "Scan an OTLP ExportTraceServiceRequest (see module docs)."},
+    {"validate_traces", validate_traces, METH_VARARGS, "Count and check spans without building columns."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -25,7 +25,7 @@ from ..config import EvalConfig
 from ..errors import PermanentError
 from . import aliases as A
 from .anyvalue import attributes_to_json, raw_value, to_python, typed
-from .scan import scanner
+from .scan import scanner, validator
 
 _KINDS = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
 _STATUS = ("UNSET", "OK", "ERROR")
@@ -77,6 +77,19 @@ def _ipc_bytes(batch: pa.RecordBatch) -> pa.Buffer:
     return sink.getvalue()
 
 
+@dataclass
+class Check:
+    """A request's verdict before it is acknowledged (OTLP partial success)."""
+    received: int
+    rejected: int
+    reasons: Counter
+    message: str
+
+    @property
+    def accepted(self) -> int:
+        return self.received - self.rejected
+
+
 class Normalizer:
     """Turns ExportTraceServiceRequest / ExportLogsServiceRequest into store columns."""
 
@@ -86,6 +99,7 @@ class Normalizer:
         ``scanner_choice``: auto (the C scanner when built), c or python (the reference)."""
         self.prices = prices
         self._scan = scanner(scanner_choice)
+        self._validate = validator(scanner_choice)
         self.cohort_labels = tuple(cohort_labels)
         extra = {f"cohort:{name}": tuple(keys) for name, keys in cohort_labels.items()}
         index = A.key_index(extra)
@@ -151,6 +165,22 @@ class Normalizer:
                     if v is not None:
                         col[i] = v
         return col
+
+    def check_traces(self, payload: bytes) -> Check:
+        """What a receiver must know before it acknowledges: span count, rejections, the message.
+
+        The C scanner's dry run reads everything ``normalize_traces`` will read, so a payload that
+        passes here normalizes later (in the decoder process) without an error.
+        """
+        if self._validate is None:          # the pure-Python scanner: normalize and keep the verdict
+            b = self.normalize_traces(payload)
+            return Check(b.received, b.rejected, b.reasons, b.message)
+        try:
+            n, invalid = self._validate(payload, self._key_slots, _PREFIXES, _EVENT_NAMES)
+        except ValueError as exc:
+            raise PermanentError(f"body is not a valid OTLP traces protobuf request: {exc}") from None
+        reasons, message = _rejections(invalid, n)
+        return Check(n, len(invalid), reasons, message)
 
     def normalize_traces(self, payload: bytes) -> NormalizedBatch:
         """``payload``: ExportTraceServiceRequest protobuf bytes. Raises PermanentError if malformed."""
@@ -254,17 +284,8 @@ class Normalizer:
         bad = [i for i, (t, s_, p, a, b) in enumerate(zip(tids, sids, pids, starts, ends))
                if len(t) != 16 or len(s_) != 8 or t == _ZERO_TRACE or s_ == _ZERO_SPAN
                or (p and (len(p) != 8 or p == _ZERO_SPAN)) or b < a]
-        reasons: Counter = Counter()
-        message = ""
-        if bad:
-            for i in bad:
-                reasons[_reject_reason(tids[i], sids[i], pids[i], starts[i], ends[i])] += 1
-            i = bad[0]
-            first = (f"span {i} (name {sc['name'][i]!r}) rejected: "
-                     f"{_reject_reason(tids[i], sids[i], pids[i], starts[i], ends[i]).replace('_', ' ')}"
-                     f" (trace_id {tids[i].hex() or 'empty'}, span_id {sids[i].hex() or 'empty'})")
-            summary = ", ".join(f"{k} {r.replace('_', ' ')}" for r, k in sorted(reasons.items()))
-            message = f"{len(bad)} of {n} spans rejected ({summary}); first: {first}"
+        names = sc["name"]
+        reasons, message = _rejections([(i, tids[i], sids[i], pids[i], starts[i], ends[i], names[i]) for i in bad], n)
 
         kinds = sc["kind"]
         codes = sc["status_code"]
@@ -492,6 +513,19 @@ def _span_kind(raw) -> str | None:
     if out is not None and type(raw) is str and len(_KIND_CACHE) < 1024:
         _KIND_CACHE[raw] = out
     return out
+
+
+def _rejections(invalid: list[tuple], n: int) -> tuple[Counter, str]:
+    """Reason counts and the partial-success message for ``invalid`` spans
+    ``(index, trace_id, span_id, parent_span_id, start, end, name)`` out of ``n``."""
+    reasons: Counter = Counter(_reject_reason(*row[1:6]) for row in invalid)
+    if not invalid:
+        return reasons, ""
+    i, t, s_, p, a, b, name = invalid[0]
+    first = (f"span {i} (name {name!r}) rejected: {_reject_reason(t, s_, p, a, b).replace('_', ' ')}"
+             f" (trace_id {t.hex() or 'empty'}, span_id {s_.hex() or 'empty'})")
+    summary = ", ".join(f"{k} {r.replace('_', ' ')}" for r, k in sorted(reasons.items()))
+    return reasons, f"{len(invalid)} of {n} spans rejected ({summary}); first: {first}"
 
 
 def _reject_reason(t: bytes, s: bytes, p: bytes, start: int, end: int) -> str:

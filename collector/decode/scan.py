@@ -65,3 +65,10 @@ def scanner(choice: str = "auto"):
     if _wirescan is None:
         raise RuntimeError("receivers.scanner is 'c' but the C scanner was not built (no compiler at install time?)")
     return _wirescan.scan_traces
+
+
+def validator(choice: str = "auto"):
+    """The C dry-run validator for ``receivers.scanner``, or None with the pure-Python scanner."""
+    if choice == "python" or _wirescan is None:
+        return None
+    return _wirescan.validate_traces

@@ -1,4 +1,10 @@
-"""The Export handler both transports call: decode -> normalize -> store -> response bytes."""
+"""The Export handler both transports call: check (or normalize) -> store -> response bytes.
+
+Two kinds of store. ``serve``'s frontend has a RemoteStore with ``submit_record``: the handler only
+checks the request (the C scanner's dry run: span count, invalid spans, the partial-success
+message), the store makes the payload durable, and the decoder process builds the columns after
+the acknowledgement. An in-process StoreWriter (tests, tools) gets fully normalized batches.
+"""
 from __future__ import annotations
 
 import threading
@@ -26,16 +32,21 @@ class ExportHandler:
         self._decoding = threading.BoundedSemaphore(DECODE_CONCURRENCY)
 
     def export(self, signal: codec.Signal, content_type: str, body: bytes, receiver: str) -> bytes:
+        deferred = hasattr(self.store, "submit_record")
         if signal is codec.TRACES:
             # protobuf bodies go straight to the scanner; JSON is re-encoded once to protobuf
             with self._decoding:
                 payload = body if content_type == codec.PROTOBUF else codec.decode_json(signal, body).SerializeToString()
-                batch = self.normalizer.normalize_traces(payload)
+                batch = self.normalizer.check_traces(payload) if deferred else self.normalizer.normalize_traces(payload)
             self.stats.add("spans_received", receiver, batch.received)
             if batch.rejected:
                 self.stats.add_many("spans_rejected", batch.reasons)
-            if batch.unpriced:
+            if getattr(batch, "unpriced", None):
                 self.stats.add_many("unpriced_spans", batch.unpriced)
+            if deferred:
+                if batch.accepted:
+                    self.store.submit_record(payload, "traces", batch.accepted)
+                return codec.response_bytes(signal, content_type, batch.rejected, batch.message)
         else:
             with self._decoding:
                 request, payload = codec.decode(signal, content_type, body)
@@ -43,6 +54,10 @@ class ExportHandler:
             self.stats.add("logs_received", receiver, batch.received)
             if batch.rejected:
                 self.stats.add_many("logs_rejected", batch.reasons)
+            if deferred:
+                if batch.accepted:
+                    self.store.submit_record(payload, "logs", batch.accepted)
+                return codec.response_bytes(signal, content_type, batch.rejected, batch.message)
         if batch.accepted:
             future = self.store.submit(batch)
             try:

@@ -1,23 +1,32 @@
-"""The store across a process boundary: the ingest frontend (receivers + decoding) runs in its
-own process and hands normalized batches to the store process over a pipe.
+"""The store across process boundaries: serve's ingest runs in three processes.
 
-Why: DuckDB's Python binding takes the GIL back many times while an INSERT runs, so a decoding
-thread in the same process slows every insert (measured: 80k -> 5k rows/s with one busy Python
-thread beside it). Two processes, two GILs: the frontend decodes while the store inserts.
+    frontend (receivers)  --records-->  decoder  --Arrow batches-->  store (this process)
+          ^------------------------- acks, stop, barriers ------------------'
 
-The frontend acknowledges an Export once the payload is fdatasynced in the segment log (the
-write-ahead log), then hands the columns over; the store inserts them into DuckDB in large groups.
-The frontend counts what the store has not committed yet against ``store.queue_max_spans``, so a
-store that falls behind turns into UNAVAILABLE for clients, not into unbounded memory.
+- frontend (collector/frontend.py): receives, checks each request (span count, invalid spans:
+  the C scanner's dry run), appends the payload to the segment log, fdatasyncs (group commit)
+  and acknowledges. Then it sends the record's place, not its bytes, to the decoder.
+- decoder (collector/decoder.py): reads the payload back (page cache), normalizes it to Arrow
+  columns and sends them to the store.
+- store: StoreWriter inserts into DuckDB in large groups and acks each record to the frontend,
+  which counts what is not committed yet against ``store.queue_max_spans`` (beyond it clients
+  get UNAVAILABLE, so a store that falls behind does not turn into unbounded memory).
 
-Messages (pickled over a ``multiprocessing`` pipe; Arrow batches pickle as IPC buffers):
-  frontend -> store: ("ready",), ("failed", message),
-                     ("batch", id, NormalizedBatch, (segment, offset, length), low_segment),
-                     ("stats", snapshot), ("barrier", token), ("stopped",)
-  store -> frontend: ("ack", id, stored, duplicates) once committed (or ("nack", id, ...) if the commit
-                     failed: the record stays in the segment log for the next start), ("barrier", token),
-                     ("stop",)
-The pipe is ordered, so a barrier answered by the frontend arrives after every batch it sent before.
+Why processes: decoding is GIL-bound Python, the receivers are GIL-bound Python, and DuckDB's
+Python binding takes the GIL back many times while an INSERT runs (measured: 80k -> 5k rows/s
+with one busy Python thread beside it). Three GILs let the three run side by side, and decoding
+is off the acknowledgement path.
+
+Messages (pickled over ``multiprocessing`` pipes; Arrow batches as IPC buffers):
+  frontend -> store:   ("ready",), ("failed", message), ("stats", snapshot), ("stopped",)
+  store -> frontend:   ("ack", id) once committed (("nack", id, message) if the commit failed: the
+                       record stays in the segment log for the next start), ("barrier", token), ("stop",)
+  frontend -> decoder: ("record", id, segment, offset, length, signal, low_segment), ("barrier", token)
+  decoder -> store:    ("batch", id, NormalizedBatch, (segment, offset, length), low_segment),
+                       ("skip", id, low_segment), ("stats", snapshot), ("barrier", token), ("stopped",)
+Pipes are ordered: a barrier the store sends to the frontend comes back through the decoder after
+every record acknowledged before it, which is how a query sees every acknowledged span.
+``low_segment``: the lowest segment the frontend may still send records of (see writer.replay_from).
 """
 from __future__ import annotations
 
@@ -28,21 +37,20 @@ import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import Future
 
-from ..decode.normalize import NormalizedBatch
 from ..stats import IngestStats
-from .commit import Commit, admit
+from .commit import admit
 from .segments import SegmentLog
 
 log = logging.getLogger("shadowlens.bridge")
 
 
 class RemoteStore:
-    """Frontend side: ``submit`` like StoreWriter's, answered by the store process."""
+    """Frontend side: ``submit_record`` makes a payload durable and hands it on."""
 
-    def __init__(self, conn, segments: SegmentLog, stats: IngestStats, queue_max_spans: int):
-        self.conn = conn
+    def __init__(self, conn, decoder_conn, segments: SegmentLog, stats: IngestStats, queue_max_spans: int):
+        self.conn = conn                       # to and from the store process
+        self.decoder_conn = decoder_conn       # to the decoder process
         self.segments = segments
         self.stats = stats
         self.queue_max_spans = queue_max_spans
@@ -52,6 +60,7 @@ class RemoteStore:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
+        self._decoder_lock = threading.Lock()
         self.stopping = False
         stats.gauges["ingest_queue_spans"] = lambda: float(self._inflight_spans)
 
@@ -59,10 +68,13 @@ class RemoteStore:
         with self._send_lock:
             self.conn.send(msg)
 
-    def submit(self, batch: NormalizedBatch) -> Future:
-        """Durable on return: the payload is appended and fdatasynced (group commit with the other
-        receiver threads); the columns are on their way to the store. The Future is resolved."""
-        n = batch.accepted
+    def send_decoder(self, msg) -> None:
+        with self._decoder_lock:
+            self.decoder_conn.send(msg)
+
+    def submit_record(self, payload: bytes, signal: str, n: int) -> None:
+        """Durable on return: appended and fdatasynced (group commit with the other receiver
+        threads), and on its way to the decoder. Raises Overloaded / ShuttingDown instead."""
         with self._lock:
             admit(self.stopping, self._inflight_spans, n, self.queue_max_spans, self.stats)
             self._inflight_spans += n
@@ -72,28 +84,25 @@ class RemoteStore:
             # not consider this segment complete
             floor = self.segments.segment
             self._unsent[floor] += 1
+        sent = False
         try:
-            seg, off, ticket = self.segments.append(batch.payload, batch.signal)
+            seg, off, ticket = self.segments.append(payload, signal)
             self.segments.wait_durable(ticket)
-            ref = (seg, off, len(batch.payload))
-            batch.payload = b""            # the bytes are on disk; only their place travels
             with self._lock:
                 self._unsent[floor] -= 1
                 if not self._unsent[floor]:
                     del self._unsent[floor]
-                low = min(self._unsent, default=self.segments.segment)
-            self.send(("batch", rid, batch, ref, min(low, self.segments.segment)))
+                low = min(min(self._unsent, default=self.segments.segment), self.segments.segment)
+            sent = True
+            self.send_decoder(("record", rid, seg, off, len(payload), signal, low))
         except BaseException:
             with self._lock:
-                if self._unsent.get(floor):
+                if not sent:
                     self._unsent[floor] -= 1
                     if not self._unsent[floor]:
                         del self._unsent[floor]
             self._release(rid)
             raise
-        fut: Future = Future()
-        fut.set_result(Commit(0, n, 0))
-        return fut
 
     def _release(self, rid: int) -> None:
         with self._lock:
@@ -105,13 +114,13 @@ class RemoteStore:
         if msg[0] in ("ack", "nack"):
             if msg[0] == "nack":
                 log.error("the store could not commit request %d (%s); it stays in the segment log and is "
-                          "inserted on the next start", msg[1], msg[3])
+                          "inserted on the next start", msg[1], msg[2])
             self._release(msg[1])
         elif msg[0] == "barrier":
             self.send(("stats", self.stats.snapshot()))    # counters as fresh as the data
-            self.send(msg)
+            self.send_decoder(msg)
 
-    def fail_all(self, exc: BaseException) -> None:
+    def fail_all(self) -> None:
         """The store is gone: nothing waits on it any more (acknowledged records are in the log)."""
         with self._lock:
             self._pending.clear()
@@ -123,92 +132,104 @@ class RemoteStore:
 
 
 class StoreBridge:
-    """Store side, a Component: starts the frontend process and commits what it sends."""
+    """Store side, a Component: starts the frontend and decoder processes, commits what they send."""
 
     def __init__(self, store, config_tree: dict, child_stats: dict, start_timeout: float = 60.0):
-        """``store``: the StoreWriter of this process."""
+        """``store``: the StoreWriter of this process. ``child_stats`` is kept equal to the sum of
+        the two children's counters (the Prometheus collector reads it)."""
         self.store = store
         self.config_tree = config_tree
-        self.child_stats = child_stats          # updated in place with the frontend's counters
+        self.child_stats = child_stats
         self.start_timeout = start_timeout
         self.ready = False
-        self._proc = None
-        self._conn = None
+        self._procs: dict[str, multiprocessing.Process] = {}
+        self._fe_conn = None
+        self._dec_conn = None
         self._send_lock = threading.Lock()
-        self._reader: threading.Thread | None = None
+        self._readers: list[threading.Thread] = []
         self._ready = threading.Event()
-        self._stopped = threading.Event()
+        self._stopped = {"frontend": threading.Event(), "decoder": threading.Event()}
+        self._stats = {"frontend": {}, "decoder": {}}
         self._failure: str | None = None
         self._barriers: dict[int, threading.Event] = {}
         self._barrier_ids = itertools.count(1)
 
     def start(self) -> None:
-        from .. import frontend
+        from .. import decoder, frontend
         ctx = multiprocessing.get_context("spawn")
         # glibc gives each thread that allocates its own malloc arena (up to 8 per core); with
         # 30-odd receiver threads holding 1 MB requests that was ~150 MB of RSS in the frontend.
         os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-        parent, child = ctx.Pipe(duplex=True)
-        self._conn = parent
-        self._proc = ctx.Process(target=frontend.main, name="shadowlens-frontend", daemon=True,
-                                 args=(child, self.config_tree, self.store.first_segment))
-        self._proc.start()
-        child.close()
-        self._reader = threading.Thread(target=self._read, name="shadowlens-bridge", daemon=True)
-        self._reader.start()
+        fe_parent, fe_child = ctx.Pipe(duplex=True)
+        dec_in, fe_to_dec = ctx.Pipe(duplex=False)        # frontend -> decoder
+        dec_parent, dec_out = ctx.Pipe(duplex=False)      # decoder -> store
+        self._fe_conn, self._dec_conn = fe_parent, dec_parent
+        self._procs["decoder"] = ctx.Process(target=decoder.main, name="shadowlens-decoder", daemon=True,
+                                             args=(dec_in, dec_out, self.config_tree))
+        self._procs["frontend"] = ctx.Process(target=frontend.main, name="shadowlens-frontend", daemon=True,
+                                              args=(fe_child, fe_to_dec, self.config_tree, self.store.first_segment))
+        for p in self._procs.values():
+            p.start()
+        for c in (fe_child, fe_to_dec, dec_in, dec_out):
+            c.close()
+        for name, conn in (("frontend", fe_parent), ("decoder", dec_parent)):
+            t = threading.Thread(target=self._read, args=(name, conn), name=f"shadowlens-bridge-{name}", daemon=True)
+            t.start()
+            self._readers.append(t)
         deadline = time.monotonic() + self.start_timeout
         while not self._ready.wait(0.1):
-            if self._failure or not self._proc.is_alive() or time.monotonic() > deadline:
-                self._proc.join(1)
-                raise OSError(self._failure or f"the ingest frontend did not start (exit {self._proc.exitcode})")
+            dead = [n for n, p in self._procs.items() if not p.is_alive()]
+            if self._failure or dead or time.monotonic() > deadline:
+                self._kill()
+                raise OSError(self._failure or f"the ingest {' and '.join(dead) or 'frontend'} did not start")
         self.ready = True
 
     def _send(self, msg) -> None:
         with self._send_lock:
             try:
-                self._conn.send(msg)
+                self._fe_conn.send(msg)
             except (OSError, EOFError, BrokenPipeError):
-                pass   # the frontend is gone; its clients got no ack, so nothing is lost
+                pass   # the frontend is gone; its clients get no more acks
 
-    def _read(self) -> None:
+    def _read(self, name: str, conn) -> None:
         while True:
             try:
-                msg = self._conn.recv()
+                msg = conn.recv()
             except (EOFError, OSError):
-                self._stopped.set()
+                self._stopped[name].set()
                 return
             kind = msg[0]
             if kind == "batch":
                 self._submit(msg[1], msg[2], msg[3], msg[4])
+            elif kind == "skip":     # a record the decoder could not read: the frontend stops counting it
+                self._send(("nack", msg[1], "the decoder could not read it"))
             elif kind == "barrier":
                 ev = self._barriers.pop(msg[1], None)
                 if ev is not None:
                     ev.set()
             elif kind == "stats":
+                self._stats[name] = msg[1]
+                merged = _sum_stats(self._stats["frontend"], self._stats["decoder"])
                 self.child_stats.clear()
-                self.child_stats.update(msg[1])
+                self.child_stats.update(merged)
             elif kind == "ready":
                 self._ready.set()
             elif kind == "failed":
                 self._failure = msg[1]
             elif kind == "stopped":
-                self._stopped.set()
+                self._stopped[name].set()
 
-    def _submit(self, rid: int, batch: NormalizedBatch, ref, low: int) -> None:
+    def _submit(self, rid: int, batch, ref, low: int) -> None:
         fut = self.store.submit(batch, ref, low)    # acknowledged already: the store takes it
 
-        def done(f: Future) -> None:
+        def done(f) -> None:
             exc = f.exception()
-            if exc is None:
-                c = f.result()
-                self._send(("ack", rid, c.stored, c.duplicates))
-            else:
-                self._send(("nack", rid, "error", f"store commit failed: {exc}", 1.0))
+            self._send(("ack", rid) if exc is None else ("nack", rid, f"store commit failed: {exc}"))
         fut.add_done_callback(done)
 
     def sync(self, timeout: float = 10.0) -> bool:
-        """Read-your-acks: wait until every batch the frontend acknowledged so far is committed."""
-        if self._proc is None or not self.ready:
+        """Read-your-acks: wait until every record the frontend acknowledged so far is committed."""
+        if not self.ready:
             return self.store.flush(timeout)
         token = next(self._barrier_ids)
         ev = self._barriers[token] = threading.Event()
@@ -220,13 +241,32 @@ class StoreBridge:
         return self.store.flush(max(0.0, deadline - time.monotonic()))
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Ask the frontend to stop accepting and drain (its Exports wait for their commits here)."""
-        if self._proc is None:
+        """Ask the frontend to stop accepting and drain; the decoder follows when its input closes."""
+        if not self._procs:
             return
         self.ready = False
         self._send(("stop",))
-        self._stopped.wait(timeout)
-        self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.kill()
-        self._proc = None
+        for name in ("frontend", "decoder"):
+            self._stopped[name].wait(timeout)
+            self._procs[name].join(timeout)
+        self._kill()
+
+    def _kill(self) -> None:
+        for p in self._procs.values():
+            if p.is_alive():
+                p.kill()
+            p.join(1)
+        self._procs = {}
+
+
+def _sum_stats(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict):
+            d = dict(out.get(k) or {})
+            for kk, vv in v.items():
+                d[kk] = d.get(kk, 0) + vv
+            out[k] = d
+        else:
+            out[k] = out.get(k, 0) + v
+    return out

@@ -11,7 +11,6 @@ CRC tells a torn tail (never acknowledged) from a record.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 import threading
@@ -216,35 +215,33 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class SegmentReader:
-    """Read side: bytes of one payload by (segment, offset, length); mmaps cached, thread-safe."""
+    """Read side: bytes of one payload by (segment, offset, length); descriptors cached, thread-safe.
+
+    ``pread`` rather than mmap: the segment being written grows with every append, and a mapping
+    would have to be redone for nearly every read of a fresh payload (the decoder's case).
+    """
 
     def __init__(self, directory: Path, cache_files: int = 8):
         self.dir = Path(directory)
-        self._maps: OrderedDict[int, tuple[int, mmap.mmap]] = OrderedDict()
+        self._fds: OrderedDict[int, int] = OrderedDict()
         self._lock = threading.Lock()
         self._cache_files = cache_files
 
     def read(self, segment: int, offset: int, length: int) -> bytes:
         with self._lock:
-            entry = self._maps.get(segment)
-            if entry is None or entry[0] < offset + length:
-                if entry is not None:
-                    entry[1].close()
-                path = segment_path(self.dir, segment)
-                size = path.stat().st_size
-                with open(path, "rb") as fh:
-                    entry = (size, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)) if size else (0, None)
-                self._maps[segment] = entry
-                while len(self._maps) > self._cache_files:
-                    _, (_, old) = self._maps.popitem(last=False)
-                    if old is not None:
-                        old.close()
-            self._maps.move_to_end(segment)
-            return bytes(entry[1][offset:offset + length])
+            fd = self._fds.get(segment)
+            if fd is None:
+                fd = self._fds[segment] = os.open(segment_path(self.dir, segment), os.O_RDONLY)
+                while len(self._fds) > self._cache_files:
+                    os.close(self._fds.popitem(last=False)[1])
+            self._fds.move_to_end(segment)
+            data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise OSError(f"segment {segment} ends before byte {offset + length} (a payload is missing)")
+        return data
 
     def close(self) -> None:
         with self._lock:
-            for _, m in self._maps.values():
-                if m is not None:
-                    m.close()
-            self._maps.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

@@ -1,0 +1,79 @@
+"""The decoder process: acknowledged records from the segment log -> Arrow columns for the store.
+
+Started by ``serve`` beside the frontend (collector/store/remote.py explains the three
+processes). The frontend has already made each payload durable and acknowledged it; this
+process reads the bytes back from the segment file (they are in the page cache), normalizes
+them (normalize.py, the GIL-bound part of ingest) and sends the batch to the store process.
+It exits when the frontend's end of its input pipe closes, after passing on everything before.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import time
+
+STATS_INTERVAL_S = 0.5
+
+
+def main(conn_in, conn_out, config_tree: dict) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("shadowlens.decoder")
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    from analyzers.pricing import PriceTable
+
+    from .config import build
+    from .decode.normalize import Normalizer
+    from .stats import IngestStats
+    from .store.database import SEGMENTS_DIR
+    from .store.segments import SegmentReader
+
+    cfg = build(config_tree)
+    stats = IngestStats()
+    normalizer = Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices), cfg.receivers.scanner)
+    reader = SegmentReader(cfg.store.data_dir / SEGMENTS_DIR)
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)     # decoding allocates many short-lived objects (see frontend.py)
+
+    def send(msg) -> None:
+        try:
+            conn_out.send(msg)
+        except (OSError, EOFError):      # the store process is gone: nothing more to do
+            os._exit(1)
+
+    last_stats = time.monotonic()
+    while True:
+        try:
+            msg = conn_in.recv()
+        except (EOFError, OSError):
+            break
+        if msg[0] == "record":
+            _, rid, seg, off, length, sig, low = msg
+            try:
+                payload = reader.read(seg, off, length)
+                if sig == "traces":
+                    batch = normalizer.normalize_traces(payload)
+                else:
+                    batch = normalizer.normalize_logs(ExportLogsServiceRequest.FromString(payload), payload)
+            except Exception:  # noqa: BLE001 - the frontend checked it; a failure here is a bug, not input
+                log.exception("record %d (segment %d, offset %d) could not be decoded; it stays in the log", rid, seg, off)
+                send(("skip", rid, low))
+                continue
+            if batch.unpriced:
+                stats.add_many("unpriced_spans", batch.unpriced)
+            batch.payload = b""
+            send(("batch", rid, batch, (seg, off, length), low))
+        elif msg[0] == "barrier":
+            send(("stats", stats.snapshot()))
+            send(msg)
+        now = time.monotonic()
+        if now - last_stats >= STATS_INTERVAL_S:
+            last_stats = now
+            send(("stats", stats.snapshot()))
+    send(("stats", stats.snapshot()))
+    send(("stopped",))
+    os._exit(0)
