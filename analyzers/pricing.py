@@ -264,7 +264,13 @@ def price_columns(table: PriceTable, models: Sequence[str | None], starts_ns: Se
     """
     costs: list[float | None] = [None] * len(models)
     unpriced: Counter[str] = Counter()
-    lookup = table.lookup
+    entries: dict = {}        # (model, day) -> entry: a batch has few models and days
+
+    def lookup(model, at_ns):
+        key = (model, None if at_ns is None else at_ns // NS_PER_DAY)
+        if key not in entries:
+            entries[key] = table.lookup(model, at_ns)
+        return entries[key]
     for i, model in enumerate(models):
         rep = reported[i]
         if rep is not None:

@@ -46,8 +46,14 @@ def main(conn_in, conn_out, config_tree: dict) -> None:
             os._exit(1)
 
     last_stats = time.monotonic()
+    dirty = False
     while True:
         try:
+            if not conn_in.poll(STATS_INTERVAL_S):
+                if dirty:              # counters of the last records, also when no more arrive
+                    send(("stats", stats.snapshot()))
+                    dirty = False
+                continue
             msg = conn_in.recv()
         except (EOFError, OSError):
             break
@@ -65,14 +71,16 @@ def main(conn_in, conn_out, config_tree: dict) -> None:
                 continue
             if batch.unpriced:
                 stats.add_many("unpriced_spans", batch.unpriced)
+                dirty = True
             batch.payload = b""
             send(("batch", rid, batch, (seg, off, length), low))
         elif msg[0] == "barrier":
             send(("stats", stats.snapshot()))
             send(msg)
         now = time.monotonic()
-        if now - last_stats >= STATS_INTERVAL_S:
+        if dirty and now - last_stats >= STATS_INTERVAL_S:
             last_stats = now
+            dirty = False
             send(("stats", stats.snapshot()))
     send(("stats", stats.snapshot()))
     send(("stopped",))

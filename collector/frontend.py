@@ -76,7 +76,7 @@ def main(conn, decoder_conn, config_tree: dict, first_segment: int) -> None:
             break
         store.on_message(msg)
     # Stop accepting, let in-flight Exports get their acks, then leave.
-    store.stopping = True
+    store.stop_accepting()
     drain = threading.Thread(target=_drain, args=(conn, store), daemon=True)
     drain.start()
     for r in started:

@@ -99,3 +99,50 @@ def test_truncated_and_mutated_bytes_raise_value_error_or_scan_never_crash():
         scan._wirescan.scan_traces(b"\x0a\xff\x01", *args)
     with pytest.raises(ValueError, match="wire type"):
         scan._wirescan.scan_traces(b"\x0b", *args)
+
+
+def _with_invalid_spans(rng: random.Random):
+    spans = random_spans(20, rng)
+    spans[3]["trace_id"] = b"\x01" * 15
+    spans[5]["span_id"] = bytes(8)
+    spans[8]["start"], spans[8]["end"] = T0 + 10, T0
+    spans[11]["parent_span_id"] = b"\x02" * 7
+    return span_request(spans).SerializeToString()
+
+
+@pytest.mark.parametrize("make", [_with_invalid_spans, lambda rng: _rich_request(rng).SerializeToString()])
+def test_the_receivers_dry_run_check_agrees_with_normalizing(make):
+    """What a receiver acknowledges (count, rejections, message) is what the decoder will store."""
+    payload = make(random.Random(4))
+    cfg = default_config()
+    normalizer = Normalizer(cfg.cohort_labels, cfg.evals)
+    batch = normalizer.normalize_traces(payload)
+    check = normalizer.check_traces(payload)
+    assert (check.received, check.rejected, dict(check.reasons), check.message) == \
+        (batch.received, batch.rejected, dict(batch.reasons), batch.message)
+    assert check.accepted == batch.accepted
+
+
+def test_the_dry_run_fails_exactly_where_the_scan_fails():
+    """A request the receiver accepts must decode later: same errors on cut and mutated bytes."""
+    rng = random.Random(2)
+    payload = bytearray(_rich_request(rng).SerializeToString())
+    n = Normalizer(default_config().cohort_labels, default_config().evals)
+    args = (n._key_slots, len(n._slot_hits), nm._PREFIXES, nm._EVENT_NAMES)
+
+    def outcome(fn, data):
+        try:
+            fn(data)
+            return "ok"
+        except ValueError as exc:
+            return str(exc)
+    for i in range(600):
+        data = bytearray(payload)
+        if i % 2:
+            data = data[: rng.randrange(len(data))]
+        else:
+            for _ in range(rng.randint(1, 6)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        data = bytes(data)
+        assert outcome(lambda d: scan._wirescan.validate_traces(d, args[0], args[2], args[3]), data) == \
+            outcome(lambda d: scan._wirescan.scan_traces(d, *args), data)

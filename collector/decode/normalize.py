@@ -128,6 +128,10 @@ class Normalizer:
         self._meta_keys = frozenset(
             [k for c in self._inherit for k in (self._cohort_keys.get(c) or A.SPAN_ALIASES.get(c, ()))]
             + [c[7:] for c in self._cohort_concepts])
+        # A metadata string that names none of the keys a lookup could use (as a JSON string, or the
+        # first part of a dotted path) is not parsed at all; one with escapes always is.
+        needles = {k for k in self._meta_keys} | {k.split(".")[0] for k in self._meta_keys}
+        self._meta_relevant = re.compile("|".join(re.escape(f'"{k}"') for k in sorted(needles)) + r"|\\").search
 
     # -- shared pieces ---------------------------------------------------------------------
     def _eval_row(self, trace_id, span_id, name, score, label, passed, explanation, source):
@@ -214,7 +218,9 @@ class Normalizer:
         meta = cols["json_metadata"]
         res_meta = [_loads_obj(r.get("json_metadata")) for r in resources]
         if meta is not None or any(res_meta):
-            span_meta = {i: _loads_obj(t) for i, t in enumerate(meta) if t} if meta is not None else {}
+            relevant = self._meta_relevant
+            span_meta = ({i: _loads_obj(t) for i, t in enumerate(meta) if t and type(t) is str and relevant(t)}
+                         if meta is not None else {})
             for concept in self._inherit:
                 col = cols[concept]
                 for i, obj in span_meta.items():           # the span's own metadata JSON

@@ -44,6 +44,11 @@ from .segments import SegmentLog
 
 log = logging.getLogger("shadowlens.bridge")
 
+# A full queue makes an Export wait this long for room before it is refused: refusing at once
+# sent clients into their retry back-off (1 s or more) while the store caught up in a fraction of
+# that, and throughput came in bursts (measured: per-second acks swinging between 0 and 90k).
+ADMIT_WAIT_S = 5.0
+
 
 class RemoteStore:
     """Frontend side: ``submit_record`` makes a payload durable and hands it on."""
@@ -59,6 +64,7 @@ class RemoteStore:
         self._inflight_spans = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
         self._send_lock = threading.Lock()
         self._decoder_lock = threading.Lock()
         self.stopping = False
@@ -76,6 +82,11 @@ class RemoteStore:
         """Durable on return: appended and fdatasynced (group commit with the other receiver
         threads), and on its way to the decoder. Raises Overloaded / ShuttingDown instead."""
         with self._lock:
+            t0 = time.monotonic()
+            self._room.wait_for(lambda: self.stopping or not self._inflight_spans
+                                or self._inflight_spans + n <= self.queue_max_spans, ADMIT_WAIT_S)
+            if time.monotonic() - t0 > 0.5:
+                log.info("waited %.2f s for room in the ingest queue", time.monotonic() - t0)
             admit(self.stopping, self._inflight_spans, n, self.queue_max_spans, self.stats)
             self._inflight_spans += n
             rid = next(self._ids)
@@ -109,6 +120,7 @@ class RemoteStore:
             n = self._pending.pop(rid, None)
             if n is not None:
                 self._inflight_spans -= n
+                self._room.notify_all()
 
     def on_message(self, msg) -> None:
         if msg[0] in ("ack", "nack"):
@@ -120,11 +132,17 @@ class RemoteStore:
             self.send(("stats", self.stats.snapshot()))    # counters as fresh as the data
             self.send_decoder(msg)
 
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self.stopping = True
+            self._room.notify_all()
+
     def fail_all(self) -> None:
         """The store is gone: nothing waits on it any more (acknowledged records are in the log)."""
         with self._lock:
             self._pending.clear()
             self._inflight_spans = 0
+            self._room.notify_all()
 
     def drained(self) -> bool:
         with self._lock:

@@ -11,6 +11,7 @@ CRC tells a torn tail (never acknowledged) from a record.
 """
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import Iterator
 
 SEGMENT_BYTES = 256 << 20
+SLOW_SYNC_S = 0.5
 FRAME = struct.Struct("<4sB3xII")       # magic, signal, payload length, crc32(payload)
 FRAME_MAGIC = b"SLW1"
+log = logging.getLogger("shadowlens.segments")
 SIGNALS = ("traces", "logs")
 
 
@@ -118,7 +121,11 @@ class SegmentLog:
                 os.close(seg.fd)
                 self._retired.remove(seg)
         self.syncs += 1
-        self.sync_seconds += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.sync_seconds += took
+        if took > SLOW_SYNC_S:
+            log.warning("fdatasync of the payload log took %.2f s (acknowledgements wait for it): the disk is slow"
+                        " or busy", took)
 
     def close(self) -> None:
         self.sync()
