@@ -686,22 +686,38 @@ def _status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages (the libraries every server process maps) split among
+    the processes that map them, so a sum over the tree counts each page once."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 class RssSampler(threading.Thread):
     def __init__(self, pid, interval=0.1):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.peak_tree_kb = 0
+        self.peak_pss_kb = 0
         self.peak_hwm_kb = 0
         self.samples = []
         self._halt = threading.Event()
 
     def run(self):
         while not self._halt.is_set():
-            kb = sum(_status_kb(p, "VmRSS:") for p in _proc_tree(self.pid))
+            tree = _proc_tree(self.pid)
+            kb = sum(_status_kb(p, "VmRSS:") for p in tree)
             hwm = _status_kb(self.pid, "VmHWM:")
             if kb == 0 and hwm == 0:
                 break
             self.peak_tree_kb = max(self.peak_tree_kb, kb)
+            self.peak_pss_kb = max(self.peak_pss_kb, sum(_pss_kb(p) for p in tree))
             self.peak_hwm_kb = max(self.peak_hwm_kb, hwm)
             self.samples.append((time.monotonic(), kb))
             self._halt.wait(self.interval)
@@ -939,6 +955,7 @@ def one_run(run_no, args, exe, extra_env):
         res["server_stop_s"] = round(server.stop_seconds, 2)
         res["server_exit"] = server.exit_code
         res["peak_rss_mb"] = round(server.sampler.peak_mb, 1)
+        res["peak_pss_mb"] = round(server.sampler.peak_pss_kb / 1024, 1)
         rss_s: dict = {}
         for ts_, kb in server.sampler.samples:
             sec = int(ts_ - start)
@@ -991,7 +1008,8 @@ def print_run(res, bar_grpc, timeline=False):
         if timeline:
             p("  server RSS MB/s     " + " ".join(str(v) for v in res.get("rss_mb_per_second", [])))
         p(f"  server peak RSS     {res['peak_rss_mb']:.0f} MB (sampled tree/VmHWM; wait4 maxrss "
-          f"{res['server_maxrss_mb']} MB)")
+          f"{res['server_maxrss_mb']} MB); peak PSS of the tree {res.get('peak_pss_mb', 0):.0f} MB "
+          "(shared library pages counted once)")
         stored = res.get("stored")
         tag = "OK" if res["stored_ok"] else "!!! FAIL: stored != acknowledged !!!"
         p(f"  stored              {stored if stored is None else format(stored, ',')} vs acknowledged "
@@ -1020,7 +1038,8 @@ def print_bar(r, label="  bar"):
 
 
 MEDIAN_KEYS = ("duration_s", "spans_sent", "acked", "rejected", "unavailable", "acked_per_s", "p50_ms", "p99_ms",
-               "client_cpu_s", "client_cores", "server_cpu_s", "server_cores", "peak_rss_mb", "stored")
+               "client_cpu_s", "client_cores", "server_cpu_s", "server_cores", "peak_rss_mb", "peak_pss_mb",
+               "per_second_median", "stored")
 
 
 def median_of(runs):
@@ -1106,7 +1125,8 @@ def main(argv=None):
               f"p99 {med.get('p99_ms', 0):.1f} ms; acked {med.get('acked', 0):,.0f} / sent "
               f"{med.get('spans_sent', 0):,.0f}; client CPU {med.get('client_cores', 0):.2f} cores"
               + (f"; server CPU {med['server_cpu_s']:.1f} s ({med['server_cores']:.2f} cores), "
-                 f"peak RSS {med['peak_rss_mb']:.0f} MB" if "server_cpu_s" in med else "")
+                 f"peak RSS {med['peak_rss_mb']:.0f} MB, PSS {med.get('peak_pss_mb', 0):.0f} MB; per-second median "
+                 f"{med.get('per_second_median', 0):,.0f} spans/s" if "server_cpu_s" in med else "")
               + (f"; stored == acked in every run: {med['stored_ok']}" if "stored_ok" in med else ""))
     bar_ok = print_bar(med, label="bar (median)") if med else False
     if args.http:
@@ -1144,7 +1164,8 @@ def compare_analyzers(args) -> int:
     print(f"=== median of {args.runs} run(s) per mode ===")
     for m, med in meds.items():
         print(f"  {m:13s} acked spans/s {med.get('acked_per_s', 0):,.0f}; p99 {med.get('p99_ms', 0):.0f} ms; "
-              f"server {med.get('server_cores', 0):.2f} cores, peak RSS {med.get('peak_rss_mb', 0):.0f} MB")
+              f"server {med.get('server_cores', 0):.2f} cores, peak RSS {med.get('peak_rss_mb', 0):.0f} MB "
+              f"(PSS {med.get('peak_pss_mb', 0):.0f} MB), per-second median {med.get('per_second_median', 0):,.0f}")
     base = meds["ingest only"].get("acked_per_s") or 0
     ratio = (meds["analyzers on"].get("acked_per_s") or 0) / base if base else 0
     print(f"  analyzers on / ingest only = {ratio:.0%}  (bar >= 80 %: {'PASS' if ratio >= 0.8 else 'MISS'})")

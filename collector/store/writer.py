@@ -32,7 +32,7 @@ from .segments import SegmentLog, SegmentSyncer, list_segments, segment_sizes
 
 log = logging.getLogger("shadowlens.store")
 
-MAX_GROUP_SPANS = 65536
+MAX_GROUP_SPANS = 32768
 # Bigger groups append faster (measured in isolation, ~40 typed columns, 1M unique rows: 8.6 us/row
 # in 8k-row groups, 7.8 in 32k; 2k-row groups of repeated rows 9.4 vs 5.7 at 8k). Not much bigger:
 # each commit frees room in the frontend's queue, and big commits made that room come in lumps.
@@ -119,7 +119,7 @@ class StoreWriter:
         # One DuckDB thread and a larger checkpoint threshold: with 2 cores shared with the decoder,
         # parallel inserts and frequent checkpoints cost more than they give (measured: 53k -> 65k
         # spans/s for the commit path alone). The memory limit bounds the sidecar's RSS.
-        self.duckdb_settings = {"threads": 1, "checkpoint_threshold": "64MB", "memory_limit": "256MB",
+        self.duckdb_settings = {"threads": 1, "checkpoint_threshold": "64MB", "memory_limit": "128MB",
                                 **(duckdb_settings or {})}
         self._dedup = RecentKeys(dedup_max_keys) if dedup_max_keys else None
         self._queue: deque[_Task] = deque()
