@@ -4,7 +4,7 @@ DuckDB appends narrow typed columns at ~300k rows/s on this machine but wide tex
 ~20-25k rows/s, so attributes, events and message text stay here, written once, and are
 decoded to JSON only when a query asks for them.
 
-Each record is a 16-byte frame header (magic, signal, payload length, CRC-32 of the payload)
+Each record is a 16-byte frame header (magic, signal, payload length, CRC-32C of the payload)
 followed by the payload. Once a record is fsynced its spans are durable: ``serve`` acknowledges
 an Export at that point, and on restart ``replay.py`` re-inserts records DuckDB never got. The
 CRC tells a torn tail (never acknowledged) from a record.
@@ -16,14 +16,15 @@ import os
 import struct
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
 
+from google_crc32c import value as crc32c  # SSE4.2: 0.07 ms per 1.3 MB request; zlib.crc32 0.8 ms
+
 SEGMENT_BYTES = 256 << 20
 SLOW_SYNC_S = 0.5
-FRAME = struct.Struct("<4sB3xII")       # magic, signal, payload length, crc32(payload)
+FRAME = struct.Struct("<4sB3xII")       # magic, signal, payload length, CRC-32C(payload)
 FRAME_MAGIC = b"SLW1"
 log = logging.getLogger("shadowlens.segments")
 SIGNALS = ("traces", "logs")
@@ -66,7 +67,7 @@ class SegmentLog:
 
     def append(self, data: bytes, signal: str = "traces") -> tuple[int, int, int]:
         """Write one framed record; returns (segment, payload offset, ticket for ``wait_durable``)."""
-        header = FRAME.pack(FRAME_MAGIC, SIGNALS.index(signal), len(data), zlib.crc32(data))
+        header = FRAME.pack(FRAME_MAGIC, SIGNALS.index(signal), len(data), crc32c(data))
         size = FRAME.size + len(data)
         with self._lock:
             seg = self._current
@@ -192,7 +193,7 @@ def read_frames(directory: Path, segment: int, start: int = 0) -> Iterator[tuple
             if magic != FRAME_MAGIC or sig >= len(SIGNALS) or pos + FRAME.size + length > size:
                 return
             data = fh.read(length)
-            if len(data) != length or zlib.crc32(data) != crc:
+            if len(data) != length or crc32c(data) != crc:
                 return
             yield pos + FRAME.size, SIGNALS[sig], data
             pos += FRAME.size + length
