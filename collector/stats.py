@@ -45,3 +45,17 @@ class IngestStats:
                 "store_commits": self.store_commits, "store_commit_seconds": self.store_commit_seconds,
                 "store_insert_seconds": self.store_insert_seconds, "store_sync_seconds": self.store_sync_seconds,
             }
+
+
+def sum_snapshots(a: dict, b: dict) -> dict:
+    """Two ``IngestStats.snapshot()`` results added up (the processes of ``serve`` each count their part)."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict):
+            merged = dict(out.get(k) or {})
+            for key, n in v.items():
+                merged[key] = merged.get(key, 0) + n
+            out[k] = merged
+        else:
+            out[k] = out.get(k, 0) + v
+    return out

@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from collector.stats import IngestStats
+from collector.stats import IngestStats, sum_snapshots
 
 from .catalog import SELF_METRICS
 
@@ -27,20 +27,6 @@ def _counter(name: str, values) -> CounterMetricFamily:
     return fam
 
 
-def merge(a: dict, b: dict) -> dict:
-    """Sum two IngestStats snapshots (the store process's and the frontend process's)."""
-    out = dict(a)
-    for k, v in b.items():
-        if isinstance(v, dict):
-            merged = dict(out.get(k) or {})
-            for key, n in v.items():
-                merged[key] = merged.get(key, 0) + n
-            out[k] = merged
-        else:
-            out[k] = out.get(k, 0) + v
-    return out
-
-
 class IngestCollector(Collector):
     def __init__(self, stats: IngestStats, store_bytes: Callable[[], float], frontend_stats: dict | None = None):
         self.stats = stats
@@ -48,7 +34,7 @@ class IngestCollector(Collector):
         self.frontend_stats = frontend_stats if frontend_stats is not None else {}
 
     def collect(self) -> Iterable:
-        s = merge(self.stats.snapshot(), dict(self.frontend_stats))
+        s = sum_snapshots(self.stats.snapshot(), dict(self.frontend_stats))
         yield _counter("shadowlens_spans_received", s["spans_received"])
         yield _counter("shadowlens_spans_rejected", s["spans_rejected"])
         yield _counter("shadowlens_spans_duplicate", s["spans_duplicate"])

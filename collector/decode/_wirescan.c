@@ -455,6 +455,55 @@ err:
     return -1;
 }
 
+static int check_prefixes(PyObject *prefixes) {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(prefixes); i++) {
+        if (!PyBytes_Check(PyTuple_GET_ITEM(prefixes, i))) {
+            PyErr_SetString(PyExc_TypeError, "prefixes must be a tuple of bytes");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The request: every ResourceSpans' resource attributes and scope spans. ``resources`` receives one
+ * list of (slot, value) per ResourceSpans; NULL (the dry run) reads them and keeps nothing. */
+static int walk_request(Ctx *c, const uint8_t *end, PyObject *resources) {
+    Buf req = {c->base, end};
+    Py_ssize_t rs_idx = 0;
+    while (req.p < req.end) {
+        uint32_t f;
+        int wt;
+        Buf sub = {NULL, NULL};
+        uint64_t scalar;
+        if (read_field(c, &req, &f, &wt, &sub, &scalar) < 0) return -1;
+        if (f != 1 || wt != 2) continue;
+        PyObject *res = NULL;
+        Buf rs = sub;
+        Py_ssize_t ss_idx = 0;
+        while (rs.p < rs.end) {
+            uint32_t rf;
+            int rwt;
+            Buf rsub = {NULL, NULL};
+            uint64_t rscalar;
+            if (read_field(c, &rs, &rf, &rwt, &rsub, &rscalar) < 0) { Py_XDECREF(res); return -1; }
+            if (rf == 1 && rwt == 2) {
+                Py_XDECREF(res);
+                if (!(res = resource_matches(c, rsub))) return -1;
+            } else if (rf == 2 && rwt == 2) {
+                if (scope_spans(c, rsub, rs_idx, ss_idx++) < 0) { Py_XDECREF(res); return -1; }
+            }
+        }
+        if (resources == NULL) {
+            Py_XDECREF(res);
+        } else {
+            if (!res && !(res = PyList_New(0))) return -1;
+            if (append_steal(resources, res) < 0) return -1;
+        }
+        rs_idx++;
+    }
+    return 0;
+}
+
 static PyObject *scan_traces(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer view;
@@ -464,12 +513,7 @@ static PyObject *scan_traces(PyObject *self, PyObject *args) {
                           &c.event_names))
         return NULL;
     PyObject *out = NULL, *resources = NULL;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(c.prefixes); i++) {
-        if (!PyBytes_Check(PyTuple_GET_ITEM(c.prefixes, i))) {
-            PyErr_SetString(PyExc_TypeError, "prefixes must be a tuple of bytes");
-            goto err;
-        }
-    }
+    if (check_prefixes(c.prefixes) < 0) goto err;
     if (c.nslots < 0 || !(c.slots = PyList_New(c.nslots)) || !(c.prefixed = PyList_New(0)) ||
         !(c.events = PyList_New(0)) || !(resources = PyList_New(0)))
         goto err;
@@ -482,35 +526,7 @@ static PyObject *scan_traces(PyObject *self, PyObject *args) {
         if (!(c.cols[i] = PyList_New(0))) goto err;
     if (build_table(c.keys, c.table) < 0) goto err;
     c.base = (const uint8_t *)view.buf;
-    Buf req = {c.base, c.base + view.len};
-    Py_ssize_t rs_idx = 0;
-    while (req.p < req.end) {
-        uint32_t f;
-        int wt;
-        Buf sub = {NULL, NULL};
-        uint64_t scalar;
-        if (read_field(&c, &req, &f, &wt, &sub, &scalar) < 0) goto err;
-        if (f != 1 || wt != 2) continue;
-        PyObject *res = NULL;
-        Buf rs = sub;
-        Py_ssize_t ss_idx = 0;
-        while (rs.p < rs.end) {
-            uint32_t rf;
-            int rwt;
-            Buf rsub = {NULL, NULL};
-            uint64_t rscalar;
-            if (read_field(&c, &rs, &rf, &rwt, &rsub, &rscalar) < 0) { Py_XDECREF(res); goto err; }
-            if (rf == 1 && rwt == 2) {
-                Py_XDECREF(res);
-                if (!(res = resource_matches(&c, rsub))) goto err;
-            } else if (rf == 2 && rwt == 2) {
-                if (scope_spans(&c, rsub, rs_idx, ss_idx++) < 0) { Py_XDECREF(res); goto err; }
-            }
-        }
-        if (!res && !(res = PyList_New(0))) goto err;
-        if (append_steal(resources, res) < 0) goto err;
-        rs_idx++;
-    }
+    if (walk_request(&c, c.base + view.len, resources) < 0) goto err;
     if (!(out = PyDict_New())) goto err;
     for (int i = 0; i < 13; i++)
         if (PyDict_SetItemString(out, COLUMN_NAMES[i], c.cols[i]) < 0) goto err;
@@ -539,41 +555,9 @@ static PyObject *validate_traces(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*O!O!O", &view, &PyDict_Type, &c.keys, &PyTuple_Type, &c.prefixes, &c.event_names))
         return NULL;
     PyObject *out = NULL;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(c.prefixes); i++) {
-        if (!PyBytes_Check(PyTuple_GET_ITEM(c.prefixes, i))) {
-            PyErr_SetString(PyExc_TypeError, "prefixes must be a tuple of bytes");
-            goto done;
-        }
-    }
-    if (!(c.invalid = PyList_New(0)) || build_table(c.keys, c.table) < 0) goto done;
+    if (check_prefixes(c.prefixes) < 0 || !(c.invalid = PyList_New(0)) || build_table(c.keys, c.table) < 0) goto done;
     c.base = (const uint8_t *)view.buf;
-    Buf req = {c.base, c.base + view.len};
-    Py_ssize_t rs_idx = 0;
-    while (req.p < req.end) {
-        uint32_t f;
-        int wt;
-        Buf sub = {NULL, NULL};
-        uint64_t scalar;
-        if (read_field(&c, &req, &f, &wt, &sub, &scalar) < 0) goto done;
-        if (f != 1 || wt != 2) continue;
-        Buf rs = sub;
-        Py_ssize_t ss_idx = 0;
-        while (rs.p < rs.end) {
-            uint32_t rf;
-            int rwt;
-            Buf rsub = {NULL, NULL};
-            uint64_t rscalar;
-            if (read_field(&c, &rs, &rf, &rwt, &rsub, &rscalar) < 0) goto done;
-            if (rf == 1 && rwt == 2) {
-                PyObject *res = resource_matches(&c, rsub);
-                if (!res) goto done;
-                Py_DECREF(res);
-            } else if (rf == 2 && rwt == 2) {
-                if (scope_spans(&c, rsub, rs_idx, ss_idx++) < 0) goto done;
-            }
-        }
-        rs_idx++;
-    }
+    if (walk_request(&c, c.base + view.len, NULL) < 0) goto done;
     out = Py_BuildValue("(nO)", c.nspans, c.invalid);
 done:
     Py_XDECREF(c.invalid);

@@ -38,7 +38,7 @@ import os
 import threading
 import time
 
-from ..stats import IngestStats
+from ..stats import IngestStats, sum_snapshots
 from .commit import admit
 from .segments import SegmentLog
 
@@ -227,7 +227,7 @@ class StoreBridge:
                     ev.set()
             elif kind == "stats":
                 self._stats[name] = msg[1]
-                merged = _sum_stats(self._stats["frontend"], self._stats["decoder"])
+                merged = sum_snapshots(self._stats["frontend"], self._stats["decoder"])
                 self.child_stats.clear()
                 self.child_stats.update(merged)
             elif kind == "ready":
@@ -276,15 +276,3 @@ class StoreBridge:
             p.join(1)
         self._procs = {}
 
-
-def _sum_stats(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        if isinstance(v, dict):
-            d = dict(out.get(k) or {})
-            for kk, vv in v.items():
-                d[kk] = d.get(kk, 0) + vv
-            out[k] = d
-        else:
-            out[k] = out.get(k, 0) + v
-    return out
