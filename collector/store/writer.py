@@ -32,12 +32,13 @@ from .segments import SegmentLog, SegmentSyncer, list_segments, segment_sizes
 
 log = logging.getLogger("shadowlens.store")
 
+# Group sizes, measured on bench/ingest.py (medians of 3 runs, ingest only): at least 8k spans or
+# 0.1 s 42-44k spans/s; 16k or 0.2 s 48-50k; 32k or 0.3 s 44k. In isolation DuckDB appends 1M unique
+# rows at 8.6 us/row in 8k-row groups and 7.8 in 32k; but each commit frees room in the frontend's
+# queue, and big commits made that room come in lumps.
 MAX_GROUP_SPANS = 32768
-# Bigger groups append faster (measured in isolation, ~40 typed columns, 1M unique rows: 8.6 us/row
-# in 8k-row groups, 7.8 in 32k; 2k-row groups of repeated rows 9.4 vs 5.7 at 8k). Not much bigger:
-# each commit frees room in the frontend's queue, and big commits made that room come in lumps.
-MIN_GROUP_SPANS = 8192
-GROUP_LINGER_S = 0.1           # bounds the time to visibility of acknowledged spans
+MIN_GROUP_SPANS = 16384
+GROUP_LINGER_S = 0.2           # bounds the time to visibility of acknowledged spans
 WAITING_LINGER_S = 0.02        # when a caller waits for the commit
 DEDUP_SEED_SECONDS = 3600
 SLOW_COMMIT_S = 0.5
