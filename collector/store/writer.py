@@ -32,10 +32,10 @@ from .segments import SegmentLog, SegmentSyncer, list_segments, segment_sizes
 
 log = logging.getLogger("shadowlens.store")
 
-# Group sizes, measured on bench/ingest.py (medians of 3 runs, ingest only): at least 8k spans or
-# 0.1 s 42-44k spans/s; 16k or 0.2 s 48-50k; 32k or 0.3 s 44k. In isolation DuckDB appends 1M unique
-# rows at 8.6 us/row in 8k-row groups and 7.8 in 32k; but each commit frees room in the frontend's
-# queue, and big commits made that room come in lumps.
+# Group sizes, measured on bench/ingest.py (medians of 3-run sets, ingest only): at least 8k spans or
+# 0.1 s: 42-44k spans/s; 16k or 0.2 s: 50.5k, 47.8k, 43.1k; 32k or 0.3 s: 44k. Within the run-to-run
+# spread, but not worse. In isolation DuckDB appends 1M unique rows at 8.6 us/row in 8k-row groups
+# and 7.8 in 32k; but each commit frees room in the frontend's queue, and big commits free it in lumps.
 MAX_GROUP_SPANS = 32768
 MIN_GROUP_SPANS = 16384
 GROUP_LINGER_S = 0.2           # bounds the time to visibility of acknowledged spans
