@@ -95,6 +95,26 @@ def test_kill_9_loses_no_acknowledged_span(serve_factory, tmp_path):
     assert len(stored_keys(restarted)) == len(stored) + 8
 
 
+def test_a_dead_decoder_stops_serve_with_status_1_and_a_restart_keeps_every_ack(serve_factory, tmp_path):
+    """Fail fast: without its decoder the sidecar could acknowledge but never store, so it exits for
+    its supervisor; what it acknowledged is in the payload log and is inserted on the next start."""
+    import os
+    import re
+    import signal
+    srv = serve_factory(data_dir=tmp_path / "d")
+    client = RecordingClient(srv.grpc_endpoint).start()
+    client.wait_for(2000)
+    decoder_pid = int(re.search(r"decoder pid (\d+)", srv.log()).group(1))
+    os.kill(decoder_pid, signal.SIGKILL)
+    assert srv.proc.wait(30) == 1, srv.log()
+    client.stop()
+    assert "exited unexpectedly" in srv.log()
+    acked = set(client.acked)
+    restarted = serve_factory(data_dir=tmp_path / "d")
+    missing = acked - stored_keys(restarted)
+    assert not missing, f"{len(missing)} acknowledged spans lost when the decoder died"
+
+
 def test_full_queue_answers_unavailable_with_retry_info_and_503(tmp_path):
     """A writer that is not draining (not started) fills its queue; the next export is pushed back."""
     from google.rpc import error_details_pb2, status_pb2

@@ -171,6 +171,9 @@ class StoreBridge:
         self._failure: str | None = None
         self._barriers: dict[int, threading.Event] = {}
         self._barrier_ids = itertools.count(1)
+        self._stopping = False
+        self._child_died = False
+        self.on_child_exit = None     # called once if a child process ends without being asked to
 
     def start(self) -> None:
         from .. import decoder, frontend
@@ -200,6 +203,8 @@ class StoreBridge:
             if self._failure or dead or time.monotonic() > deadline:
                 self._kill()
                 raise OSError(self._failure or f"the ingest {' and '.join(dead) or 'frontend'} did not start")
+        log.info("ingest processes: frontend pid %d, decoder pid %d", self._procs["frontend"].pid,
+                 self._procs["decoder"].pid)
         self.ready = True
 
     def _send(self, msg) -> None:
@@ -215,6 +220,11 @@ class StoreBridge:
                 msg = conn.recv()
             except (EOFError, OSError):
                 self._stopped[name].set()
+                if self.ready and not self._stopping:
+                    log.error("the ingest %s process exited unexpectedly", name)
+                    self._child_died = True
+                    if self.on_child_exit is not None:
+                        self.on_child_exit()
                 return
             kind = msg[0]
             if kind == "batch":
@@ -262,7 +272,10 @@ class StoreBridge:
         """Ask the frontend to stop accepting and drain; the decoder follows when its input closes."""
         if not self._procs:
             return
+        self._stopping = True
         self.ready = False
+        if self._child_died:       # nothing will drain: what was acknowledged is in the payload log
+            timeout = 2.0
         self._send(("stop",))
         for name in ("frontend", "decoder"):
             self._stopped[name].wait(timeout)
