@@ -130,7 +130,7 @@ class Normalizer:
             + [c[7:] for c in self._cohort_concepts])
         # A metadata string that names none of the keys a lookup could use (as a JSON string, or the
         # first part of a dotted path) is not parsed at all; one with escapes always is.
-        needles = {k for k in self._meta_keys} | {k.split(".")[0] for k in self._meta_keys}
+        needles = set(self._meta_keys) | {k.split(".")[0] for k in self._meta_keys}
         self._meta_relevant = re.compile("|".join(re.escape(f'"{k}"') for k in sorted(needles)) + r"|\\").search
 
     # -- shared pieces ---------------------------------------------------------------------

@@ -128,6 +128,7 @@ class StoreWriter:
         self._dedup = RecentKeys(dedup_max_keys) if dedup_max_keys else None
         self._queue: deque[_Task] = deque()
         self._queued_spans = 0
+        self._queued_waiting = 0        # queued in-process tasks: a caller waits for their commit
         self._queued_tasks = 0          # ever queued / ever finished (committed or failed): flush()
         self._finished_tasks = 0
         self._frontend_low = 0          # lowest segment the frontend may still send records of
@@ -176,7 +177,8 @@ class StoreWriter:
             self._dedup.seed(keys[::-1].copy())
         from .replay import replay
         replay(self, self.data_dir / SEGMENTS_DIR, self.replay_from, self.first_segment)
-        self._set_replay_from(self.first_segment)
+        self._write_replay_from(self.first_segment)
+        self.replay_from = self.first_segment
 
     def _drop_torn_payloads(self) -> None:
         """After a crash, rows may reference payload bytes whose fdatasync never finished (DuckDB
@@ -269,6 +271,7 @@ class StoreWriter:
                 self._frontend_low = max(self._frontend_low, low_segment)
             self._queue.append(_Task(batch, fut, ref, synced))
             self._queued_tasks += 1
+            self._queued_waiting += not synced
             self._cond.notify()
         return fut
 
@@ -297,18 +300,19 @@ class StoreWriter:
                 if not self._queue and self._stopping:
                     return
                 # Linger for a bigger group unless a caller is waiting for this commit.
-                linger = GROUP_LINGER_S if all(t.synced for t in self._queue) else WAITING_LINGER_S
+                linger = WAITING_LINGER_S if self._queued_waiting else GROUP_LINGER_S
                 deadline = time.monotonic() + linger
                 while (self._queued_spans < MIN_GROUP_SPANS and not self._stopping
                        and (left := deadline - time.monotonic()) > 0):
                     self._cond.wait(left)
-                    if not all(t.synced for t in self._queue):
+                    if self._queued_waiting:
                         deadline = min(deadline, time.monotonic() + WAITING_LINGER_S)
                 group, spans = [], 0
                 while self._queue and spans < MAX_GROUP_SPANS:
                     task = self._queue.popleft()
                     group.append(task)
                     spans += task.batch.accepted
+                    self._queued_waiting -= not task.synced
                 # every record below this segment has reached the queue; those still queued are later
                 low = min([self._frontend_low or self.first_segment] + [t.payload_ref[0] for t in self._queue])
             try:
@@ -356,9 +360,9 @@ class StoreWriter:
         """Insert records recovered from the segment log (before the writer thread starts)."""
         self._commit([_Task(batch, Future(), ref, True) for batch, ref in items])
 
-    def _set_replay_from(self, segment: int) -> None:
+    def _write_replay_from(self, segment: int) -> None:
+        """Record in the open transaction (or auto-commit) that segments below ``segment`` are all in DuckDB."""
         self.con.execute("INSERT OR REPLACE INTO shadowlens_meta VALUES (?, ?)", [REPLAY_META_KEY, str(segment)])
-        self.replay_from = segment
 
     def _commit(self, group: list[_Task], low: int | None = None) -> list[Commit]:
         seq = self.committed_seq + 1
@@ -436,7 +440,7 @@ class StoreWriter:
             con.unregister("new_payloads")
         moved = low is not None and low > self.replay_from
         if moved:
-            con.execute("INSERT OR REPLACE INTO shadowlens_meta VALUES (?, ?)", [REPLAY_META_KEY, str(low)])
+            self._write_replay_from(low)
         con.commit()
         if moved:
             self.replay_from = low
