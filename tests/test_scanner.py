@@ -66,7 +66,7 @@ def test_c_scanner_equals_python_reference(seed):
     payload = _rich_request(random.Random(seed)).SerializeToString()
     c_out, py_out = _both(payload)
     assert _canonical(c_out) == _canonical(py_out)
-    assert len(c_out["trace_id"]) == 41 and len(c_out["events"]) == 40
+    assert c_out["n"] == 41 and len(c_out["events"]) == 40
 
 
 def test_normalized_batches_equal_under_both_scanners():

@@ -11,15 +11,22 @@
  * Every read is bounds-checked; malformed input raises ValueError (-> INVALID_ARGUMENT).
  * The pure-Python scanner in scan.py is the reference; tests hold the two equal.
  *
- * scan_traces(payload, keys, nslots, prefixes, event_names) -> dict of columns:
- *   trace_id, span_id, parent_span_id: bytes    name: str    kind, start, end, status_code: int
- *   status_message: str | None   scope: str | None   rs_idx, ss_idx, sp_idx: int   (one per span)
+ * scan_traces(payload, keys, nslots, prefixes, event_names) -> dict:
+ *   n:         the number of spans
+ *   spans:     bytes, one 64-byte record per span (the fixed columns, read as a numpy structured array;
+ *              scan.SPAN_RECORD is its dtype): trace_id[16] span_id[8] parent_span_id[8] (raw ids; an id
+ *              of the wrong length, or absent, is zeros), start u64, end u64, rs_idx i32, ss_idx i32,
+ *              sp_idx i32, kind u8, status_code u8 (both capped at 255), 2 bytes of padding; little-endian
+ *   invalid:   as validate_traces returns it
+ *   name: str    status_message: str | None    scope: str | None   (lists, one per span)
  *   slots:     list of nslots [span_indexes, values] pairs, one per alias key (keys: bytes -> slot)
  *   prefixed:  [(span_index, key, value)] for keys starting with one of `prefixes`
  *   events:    [(span_index, raw Event bytes)] for events whose name is in `event_names`
  *   resources: per ResourceSpans, [(slot, value)] of its resource attributes
  *   value: str | int | float | bool | None, a list for an array of scalars, or the raw AnyValue
  *          bytes for kvlists, bytes and nested arrays
+ *   Fixed-width records instead of a Python object per field: the normalizer turns them into
+ *   Arrow columns with a few numpy operations (measured: ~4 us a span less than lists).
  *
  * validate_traces(payload, keys, prefixes, event_names) -> (spans, invalid):
  *   the same walk with the same errors (every value scan_traces would read is read), building no
@@ -45,6 +52,13 @@ typedef struct {
 } KeyEntry;
 
 typedef struct {
+    uint8_t *p;
+    size_t len, cap;
+} Grow;
+
+#define RECORD_SIZE 64
+
+typedef struct {
     PyObject *keys;        /* dict: bytes -> int */
     KeyEntry table[KEY_TABLE];
     PyObject *prefixes;    /* tuple of bytes */
@@ -54,14 +68,31 @@ typedef struct {
     PyObject *slots;       /* list of [idx list, value list] */
     PyObject *prefixed;
     PyObject *events;
-    PyObject *cols[13];    /* per-span columns, in COLUMN_NAMES order */
+    PyObject *cols[3];     /* per-span lists, in COLUMN_NAMES order */
+    Grow records;          /* RECORD_SIZE bytes per span: the fixed columns */
     int dry;               /* validate_traces: read everything, keep nothing but invalid spans */
     Py_ssize_t nspans;
     PyObject *invalid;
 } Ctx;
 
-static const char *COLUMN_NAMES[13] = {"trace_id", "span_id", "parent_span_id", "name", "kind", "start", "end",
-                                       "status_code", "status_message", "scope", "rs_idx", "ss_idx", "sp_idx"};
+static const char *COLUMN_NAMES[3] = {"name", "status_message", "scope"};
+
+static uint8_t *grow(Grow *g, size_t n) {
+    if (g->len + n > g->cap) {
+        size_t cap = g->cap ? g->cap * 2 : (size_t)RECORD_SIZE * 512;
+        while (cap < g->len + n) cap *= 2;
+        uint8_t *p = PyMem_Realloc(g->p, cap);
+        if (!p) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        g->p = p;
+        g->cap = cap;
+    }
+    uint8_t *out = g->p + g->len;
+    g->len += n;
+    return out;
+}
 
 static uint32_t fnv1a(const uint8_t *p, Py_ssize_t n) {
     uint32_t h = 2166136261u;
@@ -340,7 +371,7 @@ static int append_steal(PyObject *list, PyObject *item) {
 static int span(Ctx *c, Buf s, PyObject *scope, Py_ssize_t rs_idx, Py_ssize_t ss_idx, Py_ssize_t sp_idx) {
     Buf tid = {NULL, NULL}, sid = {NULL, NULL}, pid = {NULL, NULL}, name = {NULL, NULL}, smsg = {NULL, NULL};
     uint64_t kind = 0, start = 0, end = 0, scode = 0;
-    Py_ssize_t idx = c->dry ? c->nspans : PyList_GET_SIZE(c->cols[0]);
+    Py_ssize_t idx = c->nspans;
     while (s.p < s.end) {
         uint32_t f;
         int wt;
@@ -383,34 +414,40 @@ static int span(Ctx *c, Buf s, PyObject *scope, Py_ssize_t rs_idx, Py_ssize_t ss
             break;
         }
     }
-    if (c->dry) {
-        static const uint8_t zero[16] = {0};
-        Py_ssize_t tl = tid.p ? tid.end - tid.p : 0, sl = sid.p ? sid.end - sid.p : 0, pl = pid.p ? pid.end - pid.p : 0;
-        int bad = tl != 16 || sl != 8 || memcmp(tid.p, zero, 16) == 0 || memcmp(sid.p, zero, 8) == 0 ||
-                  (pl && (pl != 8 || memcmp(pid.p, zero, 8) == 0)) || end < start;
-        c->nspans++;
-        if (bad && append_steal(c->invalid, Py_BuildValue("(nNNNKKN)", idx, bytes_of(&tid), bytes_of(&sid),
-                                                          bytes_of(&pid), (unsigned long long)start,
-                                                          (unsigned long long)end,
-                                                          name.p ? str_or_none(&name) : PyUnicode_FromString(""))) < 0)
-            return -1;
-        return 0;
-    }
-    if (kind > 0xffff) kind = 0xffff;   /* out-of-range enum values stay out of range, but small */
-    if (scode > 0xffff) scode = 0xffff;
-    if (append_steal(c->cols[0], bytes_of(&tid)) < 0 || append_steal(c->cols[1], bytes_of(&sid)) < 0 ||
-        append_steal(c->cols[2], bytes_of(&pid)) < 0 ||
-        append_steal(c->cols[3], name.p ? str_or_none(&name) : PyUnicode_FromString("")) < 0 ||
-        append_steal(c->cols[4], PyLong_FromUnsignedLongLong(kind)) < 0 ||
-        append_steal(c->cols[5], PyLong_FromUnsignedLongLong(start)) < 0 ||
-        append_steal(c->cols[6], PyLong_FromUnsignedLongLong(end)) < 0 ||
-        append_steal(c->cols[7], PyLong_FromUnsignedLongLong(scode)) < 0 ||
-        append_steal(c->cols[8], str_or_none(&smsg)) < 0 || append_steal(c->cols[9], (Py_INCREF(scope), scope)) < 0 ||
-        append_steal(c->cols[10], PyLong_FromSsize_t(rs_idx)) < 0 ||
-        append_steal(c->cols[11], PyLong_FromSsize_t(ss_idx)) < 0 ||
-        append_steal(c->cols[12], PyLong_FromSsize_t(sp_idx)) < 0)
+    static const uint8_t zero[16] = {0};
+    Py_ssize_t tl = tid.p ? tid.end - tid.p : 0, sl = sid.p ? sid.end - sid.p : 0, pl = pid.p ? pid.end - pid.p : 0;
+    int bad = tl != 16 || sl != 8 || memcmp(tid.p, zero, 16) == 0 || memcmp(sid.p, zero, 8) == 0 ||
+              (pl && (pl != 8 || memcmp(pid.p, zero, 8) == 0)) || end < start;
+    c->nspans++;
+    if (bad && append_steal(c->invalid, Py_BuildValue("(nNNNKKN)", idx, bytes_of(&tid), bytes_of(&sid),
+                                                      bytes_of(&pid), (unsigned long long)start,
+                                                      (unsigned long long)end,
+                                                      name.p ? str_or_none(&name) : PyUnicode_FromString(""))) < 0)
+        return -1;
+    if (c->dry) return 0;
+    uint8_t *r = grow(&c->records, RECORD_SIZE);
+    if (!r) return -1;
+    memset(r, 0, RECORD_SIZE);
+    if (tl == 16) memcpy(r, tid.p, 16);
+    if (sl == 8) memcpy(r + 16, sid.p, 8);
+    if (pl == 8) memcpy(r + 24, pid.p, 8);
+    memcpy(r + 32, &start, 8); /* little-endian hosts only, as above */
+    memcpy(r + 40, &end, 8);
+    int32_t ix[3] = {(int32_t)rs_idx, (int32_t)ss_idx, (int32_t)sp_idx};
+    memcpy(r + 48, ix, 12);
+    r[60] = kind > 255 ? 255 : (uint8_t)kind;
+    r[61] = scode > 255 ? 255 : (uint8_t)scode;
+    if (append_steal(c->cols[0], name.p ? str_or_none(&name) : PyUnicode_FromString("")) < 0 ||
+        append_steal(c->cols[1], str_or_none(&smsg)) < 0 || append_steal(c->cols[2], (Py_INCREF(scope), scope)) < 0)
         return -1;
     return 0;
+}
+
+static int dict_steal(PyObject *d, const char *key, PyObject *v) {
+    if (!v) return -1;
+    int rc = PyDict_SetItemString(d, key, v);
+    Py_DECREF(v);
+    return rc;
 }
 
 static int scope_spans(Ctx *c, Buf ss, Py_ssize_t rs_idx, Py_ssize_t ss_idx) {
@@ -515,29 +552,34 @@ static PyObject *scan_traces(PyObject *self, PyObject *args) {
     PyObject *out = NULL, *resources = NULL;
     if (check_prefixes(c.prefixes) < 0) goto err;
     if (c.nslots < 0 || !(c.slots = PyList_New(c.nslots)) || !(c.prefixed = PyList_New(0)) ||
-        !(c.events = PyList_New(0)) || !(resources = PyList_New(0)))
+        !(c.events = PyList_New(0)) || !(resources = PyList_New(0)) || !(c.invalid = PyList_New(0)))
         goto err;
     for (Py_ssize_t i = 0; i < c.nslots; i++) {
         PyObject *pair = Py_BuildValue("[NN]", PyList_New(0), PyList_New(0));
         if (!pair) goto err;
         PyList_SET_ITEM(c.slots, i, pair);
     }
-    for (int i = 0; i < 13; i++)
+    for (int i = 0; i < 3; i++)
         if (!(c.cols[i] = PyList_New(0))) goto err;
     if (build_table(c.keys, c.table) < 0) goto err;
     c.base = (const uint8_t *)view.buf;
     if (walk_request(&c, c.base + view.len, resources) < 0) goto err;
     if (!(out = PyDict_New())) goto err;
-    for (int i = 0; i < 13; i++)
+    for (int i = 0; i < 3; i++)
         if (PyDict_SetItemString(out, COLUMN_NAMES[i], c.cols[i]) < 0) goto err;
-    if (PyDict_SetItemString(out, "slots", c.slots) < 0 || PyDict_SetItemString(out, "prefixed", c.prefixed) < 0 ||
+    if (dict_steal(out, "n", PyLong_FromSsize_t(c.nspans)) < 0 ||
+        dict_steal(out, "spans", PyBytes_FromStringAndSize((const char *)c.records.p, (Py_ssize_t)c.records.len)) < 0 ||
+        PyDict_SetItemString(out, "invalid", c.invalid) < 0 ||
+        PyDict_SetItemString(out, "slots", c.slots) < 0 || PyDict_SetItemString(out, "prefixed", c.prefixed) < 0 ||
         PyDict_SetItemString(out, "events", c.events) < 0 || PyDict_SetItemString(out, "resources", resources) < 0)
         goto err;
     goto done;
 err:
     Py_CLEAR(out);
 done:
-    for (int i = 0; i < 13; i++) Py_XDECREF(c.cols[i]);
+    for (int i = 0; i < 3; i++) Py_XDECREF(c.cols[i]);
+    Py_XDECREF(c.invalid);
+    PyMem_Free(c.records.p);
     Py_XDECREF(c.slots);
     Py_XDECREF(c.prefixed);
     Py_XDECREF(c.events);

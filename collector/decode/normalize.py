@@ -25,7 +25,7 @@ from ..config import EvalConfig
 from ..errors import PermanentError
 from . import aliases as A
 from .anyvalue import attributes_to_json, raw_value, to_python, typed
-from .scan import scanner, validator
+from .scan import SPAN_RECORD, invalid_reason, scanner, validator
 
 _KINDS = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
 _STATUS = ("UNSET", "OK", "ERROR")
@@ -66,13 +66,17 @@ class NormalizedBatch:
     def __setstate__(self, state: dict) -> None:
         for name in ("spans", "evals", "logs"):
             if state[name] is not None:
-                state[name] = pa.ipc.open_stream(state[name]).read_next_batch()
+                state[name] = pa.ipc.open_stream(state[name], options=_IPC_READ).read_next_batch()
         self.__dict__.update(state)
+
+
+_IPC_WRITE = pa.ipc.IpcWriteOptions(use_threads=False)   # 512 rows: a thread pool costs more than it saves
+_IPC_READ = pa.ipc.IpcReadOptions(use_threads=False)
 
 
 def _ipc_bytes(batch: pa.RecordBatch) -> pa.Buffer:
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as w:
+    with pa.ipc.new_stream(sink, batch.schema, options=_IPC_WRITE) as w:
         w.write_batch(batch)
     return sink.getvalue()
 
@@ -192,17 +196,16 @@ class Normalizer:
             sc = self._scan(payload, self._key_slots, len(self._slot_hits), _PREFIXES, _EVENT_NAMES)
         except ValueError as exc:
             raise PermanentError(f"body is not a valid OTLP traces protobuf request: {exc}") from None
-        tids, sids, pids = sc["trace_id"], sc["span_id"], sc["parent_span_id"]
-        starts, ends = sc["start"], sc["end"]
-        n = len(tids)
+        n = sc["n"]
         if n == 0:
             return NormalizedBatch("traces", None, None, None, [], 0, 0, payload=payload)
+        rec = np.frombuffer(sc["spans"], dtype=SPAN_RECORD)
+        rs_idx = rec["rs_idx"].tolist()
         slots = sc["slots"]
         cols: dict[str, list | None] = {c: self._column(c, slots, n) for c in self._concepts}
 
         # Trace-level concepts: the span, else its resource, else the metadata JSON (CONTRACT §4).
         resources = [self._resource_values(r) for r in sc["resources"]]
-        rs_idx = sc["rs_idx"]
         for concept in self._inherit + ("service_name",):
             for r, values in enumerate(resources):
                 v = values.get(concept)
@@ -275,10 +278,10 @@ class Normalizer:
                         refused[i] = True
                     finish[i] = ",".join(reasons_i)
 
-        cost, unpriced = self._costs(cols, sc, n)
+        cost, unpriced = self._costs(cols, rec, n)
         cols["cost_usd"] = cost
 
-        hex_t, hex_s = _HexList(tids), _HexList(sids)      # the few eval rows need them as text
+        hex_t, hex_s = _HexList(rec["trace_id"]), _HexList(rec["span_id"])   # the few eval rows need text
         evals = self._span_evals(sc, cols, hex_t, hex_s, n)
         for e_idx, row in evals:
             if row[2] == "refusal" and row[5] is False:
@@ -286,21 +289,18 @@ class Normalizer:
                     refused = cols["refused"] = [None] * n
                 refused[e_idx] = True
 
-        # Validation last, as a mask: the invalid spans are dropped from every column at once.
-        bad = [i for i, (t, s_, p, a, b) in enumerate(zip(tids, sids, pids, starts, ends))
-               if len(t) != 16 or len(s_) != 8 or t == _ZERO_TRACE or s_ == _ZERO_SPAN
-               or (p and (len(p) != 8 or p == _ZERO_SPAN)) or b < a]
-        names = sc["name"]
-        reasons, message = _rejections([(i, tids[i], sids[i], pids[i], starts[i], ends[i], names[i]) for i in bad], n)
+        # Validation last, as a mask: the invalid spans (found by the scanner) are dropped from every column at once.
+        invalid = sc["invalid"]
+        reasons, message = _rejections(invalid, n)
 
-        kinds = sc["kind"]
-        codes = sc["status_code"]
         columns = {
-            "trace_id": _hex_array(tids, 16), "span_id": _hex_array(sids, 8), "parent_span_id": _hex_array(pids, 8),
-            "name": sc["name"], "kind": [_KINDS[k] if k < 6 else None for k in kinds],
+            "trace_id": _hex_array(rec["trace_id"]), "span_id": _hex_array(rec["span_id"]),
+            "parent_span_id": _hex_array(rec["parent_span_id"], zero_is_null=True),
+            "name": sc["name"], "kind": _enum_array(_KINDS_ARROW, rec["kind"]),
             "service_name": cols["service_name"], "scope_name": scopes,
-            "start_ns": starts, "end_ns": ends, "status_code": [_STATUS[c] if c < 3 else None for c in codes],
-            "status_message": sc["status_message"], "rs_idx": rs_idx, "ss_idx": sc["ss_idx"], "sp_idx": sc["sp_idx"],
+            "start_ns": _int64(rec["start"]), "end_ns": _int64(rec["end"]),
+            "status_code": _enum_array(_STATUS_ARROW, rec["status_code"]), "status_message": sc["status_message"],
+            "rs_idx": _int32(rec["rs_idx"]), "ss_idx": _int32(rec["ss_idx"]), "sp_idx": _int32(rec["sp_idx"]),
         }
         arrays = []
         for field_ in self._schema:
@@ -314,21 +314,21 @@ class Normalizer:
             else:
                 arrays.append(values if isinstance(values, pa.Array) else pa.array(values, type=field_.type))
         batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
-        keys = span_keys(tids, sids) if not bad else None
+        keys = record_keys(rec)
         eval_rows = [row for _, row in evals]
-        if bad:
-            badset = set(bad)
-            keep = [i not in badset for i in range(n)]
+        if invalid:
+            keep = np.ones(n, dtype=bool)
+            keep[[row[0] for row in invalid]] = False
             batch = batch.filter(pa.array(keep))
-            keys = span_keys([t for t, ok in zip(tids, keep) if ok], [x for x, ok in zip(sids, keep) if ok])
+            keys = keys[keep]
             eval_rows = [row for i, row in evals if keep[i]]
         return NormalizedBatch(
             signal="traces", spans=batch if batch.num_rows else None,
             evals=_to_batch(eval_rows, schema.EVAL_SCHEMA) if eval_rows else None,
-            logs=None, keys=keys, received=n, rejected=len(bad), reasons=reasons, message=message, payload=payload,
+            logs=None, keys=keys, received=n, rejected=len(invalid), reasons=reasons, message=message, payload=payload,
             unpriced=unpriced)
 
-    def _costs(self, cols, sc, n) -> tuple[list | None, Counter]:
+    def _costs(self, cols, rec, n) -> tuple[list | None, Counter]:
         """Cost of LLM spans: the reported cost, else tokens x the price table (CONTRACT §4)."""
         reported = cols["reported_cost_usd"]
         inp, out = cols["input_tokens"], cols["output_tokens"]
@@ -344,7 +344,7 @@ class Normalizer:
             col = col if col is not None else none
             return [col[i] for i in llm]
         costs, unpriced = self.prices.price_columns(
-            pick(cols["model"]), [sc["start"][i] for i in llm], pick(inp), pick(out), pick(cols["cache_read_tokens"]),
+            pick(cols["model"]), rec["start"][llm].tolist(), pick(inp), pick(out), pick(cols["cache_read_tokens"]),
             pick(cols["cache_write_tokens"]), pick(reported))
         out_col = list(reported) if reported is not None else [None] * n
         for i, c in zip(llm, costs):
@@ -457,34 +457,48 @@ class Normalizer:
 
 
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_KINDS_ARROW = pa.array(_KINDS + (None,), pa.string())     # the last entry: any value OTLP does not define
+_STATUS_ARROW = pa.array(_STATUS + (None,), pa.string())
 
 
-def _hex_array(ids: list[bytes], width: int) -> pa.Array:
-    """Lower-case hex strings of ``width``-byte ids, empty ids as null; vectorized (one numpy pass
-    instead of a ``bytes.hex()`` and a Python str per span). Other lengths (invalid spans, about
-    to be rejected) take the per-id path."""
-    if any(len(x) != width for x in ids if x):
-        return pa.array([x.hex() if x else None for x in ids], pa.string())
-    n = len(ids)
-    valid = np.fromiter((bool(x) for x in ids), dtype=bool, count=n)
-    raw = np.frombuffer(b"".join(x or bytes(width) for x in ids), dtype=np.uint8).reshape(n, width)
+def _hex_array(ids: np.ndarray, zero_is_null: bool = False) -> pa.Array:
+    """Lower-case hex strings of an (n, width) uint8 array of raw ids, in one numpy pass (instead of a
+    ``bytes.hex()`` and a Python str per span). ``zero_is_null``: an all-zero id (absent) is null."""
+    n, width = ids.shape
     text = np.empty((n, 2 * width), dtype=np.uint8)
-    text[:, 0::2] = _HEX_DIGITS[raw >> 4]
-    text[:, 1::2] = _HEX_DIGITS[raw & 15]
+    text[:, 0::2] = _HEX_DIGITS[ids >> 4]
+    text[:, 1::2] = _HEX_DIGITS[ids & 15]
     offsets = np.arange(0, (n + 1) * 2 * width, 2 * width, dtype=np.int32)
-    nulls = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    nulls = None
+    if zero_is_null:
+        present = ids.any(axis=1)
+        if not present.all():
+            nulls = pa.py_buffer(np.packbits(present, bitorder="little"))
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text), nulls)
 
 
+def _enum_array(names: pa.Array, codes: np.ndarray) -> pa.Array:
+    """Enum codes -> their names; a code past the known ones -> null (the last entry of ``names``)."""
+    return names.take(np.minimum(codes, len(names) - 1))
+
+
+def _int64(values: np.ndarray) -> pa.Array:
+    return pa.array(np.ascontiguousarray(values).view(np.int64))
+
+
+def _int32(values: np.ndarray) -> pa.Array:
+    return pa.array(np.ascontiguousarray(values))
+
+
 class _HexList:
-    """``ids[i].hex()`` on demand."""
+    """``ids[i]`` as hex text on demand, from an (n, width) uint8 array."""
     __slots__ = ("ids",)
 
-    def __init__(self, ids: list[bytes]):
+    def __init__(self, ids: np.ndarray):
         self.ids = ids
 
     def __getitem__(self, i: int) -> str:
-        return self.ids[i].hex()
+        return self.ids[i].tobytes().hex()
 
 
 def span_keys(trace_ids: list[bytes], span_ids: list[bytes]):
@@ -495,6 +509,13 @@ def span_keys(trace_ids: list[bytes], span_ids: list[bytes]):
     """
     t = np.frombuffer(b"".join(trace_ids), dtype=">u8").reshape(-1, 2)
     s = np.frombuffer(b"".join(span_ids), dtype=">u8")
+    return (s ^ t[:, 0] ^ t[:, 1]).astype(np.uint64)
+
+
+def record_keys(rec: np.ndarray):
+    """``span_keys`` of the scanner's span records (scan.SPAN_RECORD)."""
+    t = np.ascontiguousarray(rec["trace_id"]).view(">u8")
+    s = np.ascontiguousarray(rec["span_id"]).view(">u8")[:, 0]
     return (s ^ t[:, 0] ^ t[:, 1]).astype(np.uint64)
 
 
@@ -524,24 +545,14 @@ def _span_kind(raw) -> str | None:
 def _rejections(invalid: list[tuple], n: int) -> tuple[Counter, str]:
     """Reason counts and the partial-success message for ``invalid`` spans
     ``(index, trace_id, span_id, parent_span_id, start, end, name)`` out of ``n``."""
-    reasons: Counter = Counter(_reject_reason(*row[1:6]) for row in invalid)
+    reasons: Counter = Counter(invalid_reason(*row[1:6]) for row in invalid)
     if not invalid:
         return reasons, ""
     i, t, s_, p, a, b, name = invalid[0]
-    first = (f"span {i} (name {name!r}) rejected: {_reject_reason(t, s_, p, a, b).replace('_', ' ')}"
+    first = (f"span {i} (name {name!r}) rejected: {invalid_reason(t, s_, p, a, b).replace('_', ' ')}"
              f" (trace_id {t.hex() or 'empty'}, span_id {s_.hex() or 'empty'})")
     summary = ", ".join(f"{k} {r.replace('_', ' ')}" for r, k in sorted(reasons.items()))
     return reasons, f"{len(invalid)} of {n} spans rejected ({summary}); first: {first}"
-
-
-def _reject_reason(t: bytes, s: bytes, p: bytes, start: int, end: int) -> str:
-    if len(t) != 16 or t == _ZERO_TRACE:
-        return "invalid_trace_id"
-    if len(s) != 8 or s == _ZERO_SPAN:
-        return "invalid_span_id"
-    if p and (len(p) != 8 or p == _ZERO_SPAN):
-        return "invalid_parent_span_id"
-    return "end_before_start"
 
 
 def _meta_lookup(meta: dict | None, concept: str, cohort_keys: Mapping[str, tuple[str, ...]],

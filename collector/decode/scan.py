@@ -6,6 +6,9 @@ them equal; the config key ``receivers.scanner: python`` forces the reference.
 """
 from __future__ import annotations
 
+import struct
+
+import numpy as np
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -16,8 +19,34 @@ try:
 except ImportError:  # no compiler at install time
     _wirescan = None
 
-COLUMNS = ("trace_id", "span_id", "parent_span_id", "name", "kind", "start", "end", "status_code",
-           "status_message", "scope", "rs_idx", "ss_idx", "sp_idx")
+# One span's fixed columns, as the C scanner writes them (little-endian, 64 bytes; _wirescan.c).
+SPAN_RECORD = np.dtype([("trace_id", "u1", 16), ("span_id", "u1", 8), ("parent_span_id", "u1", 8),
+                        ("start", "<u8"), ("end", "<u8"), ("rs_idx", "<i4"), ("ss_idx", "<i4"), ("sp_idx", "<i4"),
+                        ("kind", "u1"), ("status_code", "u1"), ("_pad", "V2")])
+_RECORD = struct.Struct("<16s8s8sQQiiiBBxx")
+assert SPAN_RECORD.itemsize == _RECORD.size == 64
+_ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
+
+
+def invalid_reason(t: bytes, s: bytes, p: bytes, start: int, end: int) -> str | None:
+    """Why a span is rejected (OTLP partial success), or None: the C scanner applies the same rule."""
+    if len(t) != 16 or t == _ZERO_TRACE:
+        return "invalid_trace_id"
+    if len(s) != 8 or s == _ZERO_SPAN:
+        return "invalid_span_id"
+    if p and (len(p) != 8 or p == _ZERO_SPAN):
+        return "invalid_parent_span_id"
+    if end < start:
+        return "end_before_start"
+    return None
+
+
+def _u8(v: int) -> int:
+    return v if 0 <= v < 256 else 255      # as the C scanner caps enum values it does not know
+
+
+def _fixed(raw: bytes, width: int) -> bytes:
+    return raw if len(raw) == width else bytes(width)
 
 
 def python_scan(payload: bytes, keys: dict, nslots: int, prefixes: tuple, event_names) -> dict:
@@ -25,7 +54,7 @@ def python_scan(payload: bytes, keys: dict, nslots: int, prefixes: tuple, event_
         req = ExportTraceServiceRequest.FromString(payload)
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"malformed protobuf: {exc}") from None
-    cols = {c: [] for c in COLUMNS}
+    names, messages, scopes, records, invalid = [], [], [], [], []
     slots = [[[], []] for _ in range(nslots)]
     prefixed, events, resources = [], [], []
     for rs_idx, rs in enumerate(req.resource_spans):
@@ -38,12 +67,15 @@ def python_scan(payload: bytes, keys: dict, nslots: int, prefixes: tuple, event_
         for ss_idx, ss in enumerate(rs.scope_spans):
             scope = ss.scope.name or None
             for sp_idx, s in enumerate(ss.spans):
-                i = len(cols["trace_id"])
-                for c, v in zip(COLUMNS, (s.trace_id, s.span_id, s.parent_span_id, s.name, s.kind,
-                                          s.start_time_unix_nano, s.end_time_unix_nano, s.status.code,
-                                          s.status.message if s.HasField("status") and s.status.message else None,
-                                          scope, rs_idx, ss_idx, sp_idx)):
-                    cols[c].append(v)
+                i = len(records)
+                start, end = s.start_time_unix_nano, s.end_time_unix_nano
+                if invalid_reason(s.trace_id, s.span_id, s.parent_span_id, start, end):
+                    invalid.append((i, s.trace_id, s.span_id, s.parent_span_id, start, end, s.name))
+                records.append(_RECORD.pack(_fixed(s.trace_id, 16), _fixed(s.span_id, 8), _fixed(s.parent_span_id, 8),
+                                            start, end, rs_idx, ss_idx, sp_idx, _u8(s.kind), _u8(s.status.code)))
+                names.append(s.name)
+                messages.append(s.status.message if s.HasField("status") and s.status.message else None)
+                scopes.append(scope)
                 for kv in s.attributes:
                     k = kv.key.encode()
                     slot = keys.get(k)
@@ -55,7 +87,8 @@ def python_scan(payload: bytes, keys: dict, nslots: int, prefixes: tuple, event_
                 for e in s.events:
                     if e.name.encode() in event_names:
                         events.append((i, e.SerializeToString()))
-    return dict(cols, slots=slots, prefixed=prefixed, events=events, resources=resources)
+    return dict(n=len(records), spans=b"".join(records), invalid=invalid, name=names, status_message=messages,
+                scope=scopes, slots=slots, prefixed=prefixed, events=events, resources=resources)
 
 
 def scanner(choice: str = "auto"):
