@@ -77,9 +77,9 @@ def fill_store(data_dir: Path, n_spans: int, series: list[tuple], spans_per_trac
         INSERT INTO evals (trace_id, span_id, name, score, label, passed, explanation, source, ingest_seq)
         SELECT trace_id, 'ab', 'task_completion', NULL, NULL, evals_failed = 0, NULL, 'span_attribute', 1 FROM traces""")
     con.execute(f"""
-        INSERT INTO spans_core (trace_id, span_id, name, span_kind, start_time, end_time, duration_seconds,
-                                input_tokens, output_tokens, ingest_seq, received_at)
-        SELECT printf('%032x', i // {spans_per_trace}), printf('%016x', i), 'chat', 'LLM',
+        INSERT INTO spans_core (trace_id_hi, trace_id_lo, span_id_int, name, span_kind, start_time, end_time,
+                                duration_seconds, input_tokens, output_tokens, ingest_seq, received_at)
+        SELECT 0, i // {spans_per_trace}, i, 'chat', 'LLM',
                make_timestamp_ns(({now_us} - 60000000) * 1000), make_timestamp_ns(({now_us} - 59000000) * 1000), 1.0,
                1000, 200, 1, make_timestamp({now_us})
         FROM range({n_spans}) t(i)""")

@@ -94,23 +94,73 @@ def test_store_bytes_metric_reports_disk_use(server):
     assert fams["shadowlens_store_bytes"].samples[0].value > 0
 
 
-def test_dedup_keys_match_between_python_and_sql(tmp_path):
-    """The key a restart reloads with SQL equals the one ingest computes from the raw ids."""
-    import duckdb
+def _key(t: bytes, s: bytes) -> int:
+    return int.from_bytes(s, "big") ^ int.from_bytes(t[:8], "big") ^ int.from_bytes(t[8:], "big")
+
+
+def test_stored_ids_read_back_as_hex_and_dedup_keys_match_sql(tmp_path):
+    """Ids are stored as integers: they read back as the lower-case hex of the raw bytes (absent
+    parent: null), and the key a restart reloads with SQL equals the one ingest computes."""
     import numpy as np
 
     from collector.decode.normalize import span_keys
     from collector.store.writer import KEY_SQL, RecentKeys
     rng = random.Random(8)
-    tids = [rng.randbytes(16) for _ in range(50)]
-    sids = [rng.randbytes(8) for _ in range(50)]
-    con = duckdb.connect()
-    con.execute("CREATE TABLE spans_core (trace_id VARCHAR, span_id VARCHAR)")
-    con.executemany("INSERT INTO spans_core VALUES (?, ?)", [(t.hex(), s.hex()) for t, s in zip(tids, sids)])
-    sql_keys = [r[0] for r in con.execute(f"SELECT {KEY_SQL} FROM spans_core").fetchall()]
-    assert sql_keys == span_keys(tids, sids).tolist()
+    spans = random_spans(50, rng)
+    spans[0]["trace_id"] = bytes(15) + b"\x01"             # leading zeros must survive
+    spans[1]["span_id"] = b"\xff" * 8
+    payload = span_request(spans).SerializeToString()
+    cfg = default_config()
+    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats())
+    store.start()
+    batch = Normalizer(cfg.cohort_labels, cfg.evals).normalize_traces(payload)
+    store.submit(batch).result(10)
+    con = store.cursor()
+    rows = con.execute(f"SELECT trace_id, span_id, parent_span_id, {KEY_SQL} FROM spans_core ORDER BY sp_idx").fetchall()
+    con.close()
+    store.shutdown()
+    assert rows == [(d["trace_id"].hex(), d["span_id"].hex(), (d.get("parent") or b"").hex() or None,
+                     _key(d["trace_id"], d["span_id"])) for d in spans]
+    assert batch.keys.tolist() == [r[3] for r in rows]
+    tids, sids = [d["trace_id"] for d in spans], [d["span_id"] for d in spans]
     keys = RecentKeys(4 * RecentKeys.GENERATION)
     first = span_keys(tids, sids)
     assert keys.filter_new(first).all()
     again = np.concatenate([first[:5], span_keys([rng.randbytes(16)], [rng.randbytes(8)])])
     assert keys.filter_new(again).tolist() == [False] * 5 + [True]
+
+
+def test_a_store_with_text_ids_is_converted_on_open(tmp_path):
+    """Stores written before ids were integers: spans_core is rebuilt once, every row and column kept."""
+    import duckdb
+
+    from collector.store.database import db_path
+    rng = random.Random(3)
+    rows = [(rng.randbytes(16).hex(), rng.randbytes(8).hex(), rng.choice([None, rng.randbytes(8).hex()]), f"s{i}",
+             rng.choice(["de", "en"]), i) for i in range(40)]
+    tmp_path.mkdir(exist_ok=True)
+    con = duckdb.connect(str(db_path(tmp_path)))
+    con.execute("CREATE TABLE spans_core (trace_id VARCHAR, span_id VARCHAR, parent_span_id VARCHAR, name VARCHAR,"
+                " kind VARCHAR, span_kind VARCHAR, service_name VARCHAR, scope_name VARCHAR, start_time TIMESTAMP_NS,"
+                " end_time TIMESTAMP_NS, duration_seconds DOUBLE, status_code VARCHAR, status_message VARCHAR,"
+                " route VARCHAR, request_id VARCHAR, session_id VARCHAR, step BIGINT, model VARCHAR,"
+                " request_model VARCHAR, input_tokens BIGINT, output_tokens BIGINT, cache_read_tokens BIGINT,"
+                " cache_write_tokens BIGINT, reasoning_tokens BIGINT, reported_cost_usd DOUBLE, cost_usd DOUBLE,"
+                " finish_reason VARCHAR, refused BOOLEAN, escalated BOOLEAN, rs_idx INTEGER, ss_idx INTEGER,"
+                " sp_idx INTEGER, intent VARCHAR, language VARCHAR, payload_id BIGINT, ingest_seq BIGINT,"
+                " received_at TIMESTAMP)")
+    con.executemany("INSERT INTO spans_core (trace_id, span_id, parent_span_id, name, language, ingest_seq)"
+                    " VALUES (?, ?, ?, ?, ?, ?)", rows)
+    con.close()
+    cfg = default_config()
+    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats())
+    store.start()
+    con = store.cursor()
+    got = con.execute("SELECT trace_id, span_id, parent_span_id, name, language, ingest_seq FROM spans"
+                      " ORDER BY ingest_seq").fetchall()
+    types = dict(con.execute("SELECT column_name, data_type FROM information_schema.columns"
+                             " WHERE table_name = 'spans_core'").fetchall())
+    con.close()
+    store.shutdown()
+    assert got == rows
+    assert types["trace_id_hi"] == "UBIGINT" and types["intent"] == "VARCHAR"

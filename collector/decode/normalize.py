@@ -293,9 +293,9 @@ class Normalizer:
         invalid = sc["invalid"]
         reasons, message = _rejections(invalid, n)
 
+        id_columns, keys = _id_columns(rec)
         columns = {
-            "trace_id": _hex_array(rec["trace_id"]), "span_id": _hex_array(rec["span_id"]),
-            "parent_span_id": _hex_array(rec["parent_span_id"], zero_is_null=True),
+            **id_columns,
             "name": sc["name"], "kind": _enum_array(_KINDS_ARROW, rec["kind"]),
             "service_name": cols["service_name"], "scope_name": scopes,
             "start_ns": _int64(rec["start"]), "end_ns": _int64(rec["end"]),
@@ -314,7 +314,6 @@ class Normalizer:
             else:
                 arrays.append(values if isinstance(values, pa.Array) else pa.array(values, type=field_.type))
         batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
-        keys = record_keys(rec)
         eval_rows = [row for _, row in evals]
         if invalid:
             keep = np.ones(n, dtype=bool)
@@ -456,25 +455,20 @@ class Normalizer:
         )
 
 
-_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _KINDS_ARROW = pa.array(_KINDS + (None,), pa.string())     # the last entry: any value OTLP does not define
 _STATUS_ARROW = pa.array(_STATUS + (None,), pa.string())
 
 
-def _hex_array(ids: np.ndarray, zero_is_null: bool = False) -> pa.Array:
-    """Lower-case hex strings of an (n, width) uint8 array of raw ids, in one numpy pass (instead of a
-    ``bytes.hex()`` and a Python str per span). ``zero_is_null``: an all-zero id (absent) is null."""
-    n, width = ids.shape
-    text = np.empty((n, 2 * width), dtype=np.uint8)
-    text[:, 0::2] = _HEX_DIGITS[ids >> 4]
-    text[:, 1::2] = _HEX_DIGITS[ids & 15]
-    offsets = np.arange(0, (n + 1) * 2 * width, 2 * width, dtype=np.int32)
-    nulls = None
-    if zero_is_null:
-        present = ids.any(axis=1)
-        if not present.all():
-            nulls = pa.py_buffer(np.packbits(present, bitorder="little"))
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text), nulls)
+def _id_columns(rec: np.ndarray) -> tuple[dict[str, pa.Array], np.ndarray]:
+    """The ids' storage columns (schema.ID_COLUMNS: big-endian 64-bit integers; no parent -> null)
+    and the spans' dedup keys (``span_keys``)."""
+    trace = np.ascontiguousarray(rec["trace_id"]).view(">u8").astype(np.uint64)
+    span = np.ascontiguousarray(rec["span_id"]).view(">u8")[:, 0].astype(np.uint64)
+    parent = np.ascontiguousarray(rec["parent_span_id"]).view(">u8")[:, 0].astype(np.uint64)
+    present = parent != 0
+    columns = {"trace_id_hi": pa.array(trace[:, 0]), "trace_id_lo": pa.array(trace[:, 1]), "span_id_int": pa.array(span),
+               "parent_span_id_int": pa.array(parent, mask=None if present.all() else ~present)}
+    return columns, span ^ trace[:, 0] ^ trace[:, 1]
 
 
 def _enum_array(names: pa.Array, codes: np.ndarray) -> pa.Array:
@@ -509,13 +503,6 @@ def span_keys(trace_ids: list[bytes], span_ids: list[bytes]):
     """
     t = np.frombuffer(b"".join(trace_ids), dtype=">u8").reshape(-1, 2)
     s = np.frombuffer(b"".join(span_ids), dtype=">u8")
-    return (s ^ t[:, 0] ^ t[:, 1]).astype(np.uint64)
-
-
-def record_keys(rec: np.ndarray):
-    """``span_keys`` of the scanner's span records (scan.SPAN_RECORD)."""
-    t = np.ascontiguousarray(rec["trace_id"]).view(">u8")
-    s = np.ascontiguousarray(rec["span_id"]).view(">u8")[:, 0]
     return (s ^ t[:, 0] ^ t[:, 1]).astype(np.uint64)
 
 

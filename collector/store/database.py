@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -17,6 +18,7 @@ from .segments import SegmentReader
 DB_FILE = "shadowlens.duckdb"
 SEGMENTS_DIR = "segments"
 SOCKET_FILE = "serve.sock"
+log = logging.getLogger("shadowlens.store")
 
 
 def db_path(data_dir: Path) -> Path:
@@ -25,6 +27,7 @@ def db_path(data_dir: Path) -> Path:
 
 def migrate(con: duckdb.DuckDBPyConnection, cohort_labels) -> None:
     con.execute(schema.META_DDL)
+    _migrate_text_ids(con)
     con.execute(schema.spans_core_ddl(cohort_labels))
     existing = {r[0] for r in con.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'spans_core'").fetchall()}
@@ -44,6 +47,31 @@ def migrate(con: duckdb.DuckDBPyConnection, cohort_labels) -> None:
     for name, type_ in schema.TRACES_ADDED_COLUMNS:
         if name not in existing:
             con.execute(f"ALTER TABLE traces ADD COLUMN {name} {type_}")
+
+
+def _migrate_text_ids(con: duckdb.DuckDBPyConnection) -> None:
+    """A store written before ids were integers (schema.ID_COLUMNS): rebuild ``spans_core`` once."""
+    cols = [r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'spans_core' "
+        "ORDER BY ordinal_position").fetchall()]
+    if not cols or "trace_id_hi" in cols:
+        return
+    rows = con.execute("SELECT count(*) FROM spans_core").fetchall()[0][0]
+    log.info("store: converting %d spans to integer ids (once, after an upgrade)", rows)
+    ids = [name for name, _, _ in schema.ID_COLUMNS]
+    kept = [c for c in cols if c not in ids]
+    known = {n for n, _, _ in schema.SPAN_FIELDS} | {"start_time", "end_time", "duration_seconds", "payload_id",
+                                                     "ingest_seq", "received_at"}
+    labels = [c for c in kept if c not in known]
+    targets = [t for name in ids for t in schema.ID_STORAGE[name]] + kept
+    exprs = [schema.ids_from_hex(name, name) for name in ids] + [f'"{c}"' for c in kept]
+    con.begin()
+    con.execute("DROP VIEW IF EXISTS spans")
+    con.execute("ALTER TABLE spans_core RENAME TO spans_core_text_ids")
+    con.execute(schema.spans_core_ddl(labels))
+    con.execute(f"INSERT INTO spans_core ({', '.join(targets)}) SELECT {', '.join(exprs)} FROM spans_core_text_ids")
+    con.execute("DROP TABLE spans_core_text_ids")
+    con.commit()
 
 
 class PayloadDecoder:

@@ -54,8 +54,7 @@ class _Task:
 
 
 # the dedup key of a stored span, as normalize.span_keys computes it from the raw ids
-KEY_SQL = ("xor(xor(('0x' || span_id)::UBIGINT, ('0x' || substr(trace_id, 1, 16))::UBIGINT),"
-           " ('0x' || substr(trace_id, 17, 16))::UBIGINT)")
+KEY_SQL = "xor(xor(span_id_int, trace_id_hi), trace_id_lo)"
 
 
 class RecentKeys:
@@ -400,8 +399,8 @@ class StoreWriter:
                 ev = b.evals
                 if dups:
                     gone = b.spans.filter(pa.array(~keep))
-                    dropped = {t_ + s_ for t_, s_ in zip(gone.column("trace_id").to_pylist(),
-                                                         gone.column("span_id").to_pylist())}
+                    dropped = {f"{hi:016x}{lo:016x}{s_:016x}" for hi, lo, s_ in zip(
+                        *(gone.column(c).to_pylist() for c in ("trace_id_hi", "trace_id_lo", "span_id_int")))}
                     mask = [(t_ + s_) not in dropped for t_, s_ in zip(ev.column(0).to_pylist(), ev.column(1).to_pylist())]
                     ev = ev.filter(pa.array(mask))
                 if ev.num_rows:
