@@ -29,8 +29,7 @@ def main(conn_in, conn_out, config_tree: dict) -> None:
     from .config import build
     from .decode.normalize import Normalizer
     from .stats import IngestStats
-    from .store.database import SEGMENTS_DIR
-    from .store.segments import SegmentReader
+    from .store.segments import SEGMENTS_DIR, SegmentReader
 
     cfg = build(config_tree)
     stats = IngestStats()

@@ -262,6 +262,21 @@ def test_eval_log_records_join_their_span(server, transport):
     assert server.query("select count(*) as n from logs")[0]["n"] == 3
 
 
+def test_log_records_with_malformed_ids_are_rejected_and_the_rest_stored(server):
+    tid, sid = os.urandom(16), os.urandom(8)
+    logs = log_request([
+        {"trace_id": tid, "span_id": sid, "event_name": "gen_ai.user.message", "body": "kept"},
+        {"trace_id": tid[:15], "span_id": sid, "event_name": "gen_ai.user.message", "body": "short trace id"},
+        {"trace_id": tid, "span_id": sid + b"x", "event_name": "gen_ai.user.message", "body": "long span id"},
+        {"event_name": "gen_ai.user.message", "body": "no ids: kept"},
+    ]).SerializeToString()
+    resp = grpc_export(server.grpc_endpoint, logs, LOGS_METHOD, resp=ExportLogsServiceResponse)
+    assert resp.partial_success.rejected_log_records == 2
+    assert resp.partial_success.error_message == "2 of 4 log records rejected; first: log record 1 rejected: invalid trace id"
+    bodies = server.query("select body from logs order by body")
+    assert [json.loads(b["body"]) for b in bodies] == ["kept", "no ids: kept"]
+
+
 def test_span_eval_sources_and_refusal(server):
     tid = os.urandom(16)
     spans = [
@@ -292,3 +307,14 @@ def test_pure_python_scanner_serves_the_same(serve_factory):
     want = sorted((d["span_id"].hex(), d["attrs"]["gen_ai.usage.input_tokens"]) for d in spans
                   if "gen_ai.usage.input_tokens" in d.get("attrs", {}))
     assert [(r["span_id"], r["input_tokens"]) for r in rows] == want
+
+
+def test_the_frontend_process_loads_no_columnar_libraries(server):
+    """The receivers' process only checks requests: numpy, pyarrow and DuckDB stay out of its memory
+    (the decoder and store processes build and store the columns)."""
+    import re
+    pid = int(re.search(r"frontend pid (\d+)", server.log()).group(1))
+    mapped = open(f"/proc/{pid}/maps").read()
+    assert "grpc" in mapped                       # the receivers are in this process
+    for lib in ("libarrow", "duckdb", "numpy"):
+        assert lib not in mapped, f"the frontend process maps {lib}"

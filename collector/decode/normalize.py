@@ -25,14 +25,29 @@ from ..config import EvalConfig
 from ..errors import PermanentError
 from . import aliases as A
 from .anyvalue import attributes_to_json, raw_value, to_python, typed
-from .scan import SPAN_RECORD, invalid_reason, scanner, validator
+from .check import (
+    EVENT_NAMES,
+    PREFIXES,
+    ZERO_SPAN,
+    ZERO_TRACE,
+    Check,
+    Checker,
+    alias_index,
+    log_message,
+    log_rejection,
+    log_rejection_text,
+    span_rejections,
+)
+from .scan import scanner
+
+# One span's fixed columns as the scanners write them (little-endian, 64 bytes; see _wirescan.c).
+SPAN_RECORD = np.dtype([("trace_id", "u1", 16), ("span_id", "u1", 8), ("parent_span_id", "u1", 8),
+                        ("start", "<u8"), ("end", "<u8"), ("rs_idx", "<i4"), ("ss_idx", "<i4"), ("sp_idx", "<i4"),
+                        ("kind", "u1"), ("status_code", "u1"), ("_pad", "V2")])
 
 _KINDS = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
 _STATUS = ("UNSET", "OK", "ERROR")
-_ZERO_TRACE = bytes(16)
-_ZERO_SPAN = bytes(8)
-_PREFIXES = (A.OPENINFERENCE_EVAL_PREFIX.encode(),)
-_EVENT_NAMES = frozenset({A.EVAL_EVENT_NAME.encode()})
+_PREFIXES, _EVENT_NAMES = PREFIXES, EVENT_NAMES
 
 
 @dataclass
@@ -81,19 +96,6 @@ def _ipc_bytes(batch: pa.RecordBatch) -> pa.Buffer:
     return sink.getvalue()
 
 
-@dataclass
-class Check:
-    """A request's verdict before it is acknowledged (OTLP partial success)."""
-    received: int
-    rejected: int
-    reasons: Counter
-    message: str
-
-    @property
-    def accepted(self) -> int:
-        return self.received - self.rejected
-
-
 class Normalizer:
     """Turns ExportTraceServiceRequest / ExportLogsServiceRequest into store columns."""
 
@@ -103,12 +105,12 @@ class Normalizer:
         ``scanner_choice``: auto (the C scanner when built), c or python (the reference)."""
         self.prices = prices
         self._scan = scanner(scanner_choice)
-        self._validate = validator(scanner_choice)
+        self.checker = Checker(cohort_labels, scanner_choice)
         self.cohort_labels = tuple(cohort_labels)
         extra = {f"cohort:{name}": tuple(keys) for name, keys in cohort_labels.items()}
-        index = A.key_index(extra)
+        index = alias_index(cohort_labels)
         # The scanner reports a slot per known key; a slot may feed several concepts.
-        self._key_slots = {key.encode(): i for i, key in enumerate(index)}
+        self._key_slots = self.checker.key_slots
         self._slot_hits = list(index.values())
         self._concepts = tuple(A.SPAN_ALIASES) + tuple(extra)
         by_concept: dict[str, list[tuple[int, int]]] = {c: [] for c in self._concepts}
@@ -175,20 +177,11 @@ class Normalizer:
         return col
 
     def check_traces(self, payload: bytes) -> Check:
-        """What a receiver must know before it acknowledges: span count, rejections, the message.
+        """What a receiver must know before it acknowledges (see check.py)."""
+        return self.checker.check_traces(payload)
 
-        The C scanner's dry run reads everything ``normalize_traces`` will read, so a payload that
-        passes here normalizes later (in the decoder process) without an error.
-        """
-        if self._validate is None:          # the pure-Python scanner: normalize and keep the verdict
-            b = self.normalize_traces(payload)
-            return Check(b.received, b.rejected, b.reasons, b.message)
-        try:
-            n, invalid = self._validate(payload, self._key_slots, _PREFIXES, _EVENT_NAMES)
-        except ValueError as exc:
-            raise PermanentError(f"body is not a valid OTLP traces protobuf request: {exc}") from None
-        reasons, message = _rejections(invalid, n)
-        return Check(n, len(invalid), reasons, message)
+    def check_logs(self, request) -> Check:
+        return self.checker.check_logs(request)
 
     def normalize_traces(self, payload: bytes) -> NormalizedBatch:
         """``payload``: ExportTraceServiceRequest protobuf bytes. Raises PermanentError if malformed."""
@@ -291,7 +284,7 @@ class Normalizer:
 
         # Validation last, as a mask: the invalid spans (found by the scanner) are dropped from every column at once.
         invalid = sc["invalid"]
-        reasons, message = _rejections(invalid, n)
+        reasons, message = span_rejections(invalid, n)
 
         id_columns, keys = _id_columns(rec)
         columns = {
@@ -422,17 +415,13 @@ class Normalizer:
                 for rec in sl.log_records:
                     received += 1
                     tid, sid = rec.trace_id, rec.span_id
-                    bad = None
-                    if tid and len(tid) != 16:
-                        bad = "invalid_trace_id"
-                    elif sid and len(sid) != 8:
-                        bad = "invalid_span_id"
+                    bad = log_rejection(tid, sid)
                     if bad:
                         reasons[bad] += 1
-                        first_error = first_error or f"log record {received - 1} rejected: {bad.replace('_', ' ')}"
+                        first_error = first_error or log_rejection_text(received - 1, bad)
                         continue
-                    tid_h = tid.hex() if tid and tid != _ZERO_TRACE else None
-                    sid_h = sid.hex() if sid and sid != _ZERO_SPAN else None
+                    tid_h = tid.hex() if tid and tid != ZERO_TRACE else None
+                    sid_h = sid.hex() if sid and sid != ZERO_SPAN else None
                     event_name = getattr(rec, "event_name", "") or next(
                         (kv.value.string_value for kv in rec.attributes if kv.key == "event.name"), "") or None
                     if event_name == A.EVAL_EVENT_NAME:
@@ -446,7 +435,7 @@ class Normalizer:
                                  json.dumps(body, ensure_ascii=False) if body is not None else None,
                                  attributes_to_json(rec.attributes), res_json))
         rejected = received - len(rows)
-        message = f"{rejected} of {received} log records rejected; first: {first_error}" if rejected else ""
+        message = log_message(rejected, received, first_error)
         return NormalizedBatch(
             signal="logs", spans=None,
             evals=_to_batch(evals, schema.EVAL_SCHEMA) if evals else None,
@@ -527,19 +516,6 @@ def _span_kind(raw) -> str | None:
     if out is not None and type(raw) is str and len(_KIND_CACHE) < 1024:
         _KIND_CACHE[raw] = out
     return out
-
-
-def _rejections(invalid: list[tuple], n: int) -> tuple[Counter, str]:
-    """Reason counts and the partial-success message for ``invalid`` spans
-    ``(index, trace_id, span_id, parent_span_id, start, end, name)`` out of ``n``."""
-    reasons: Counter = Counter(invalid_reason(*row[1:6]) for row in invalid)
-    if not invalid:
-        return reasons, ""
-    i, t, s_, p, a, b, name = invalid[0]
-    first = (f"span {i} (name {name!r}) rejected: {invalid_reason(t, s_, p, a, b).replace('_', ' ')}"
-             f" (trace_id {t.hex() or 'empty'}, span_id {s_.hex() or 'empty'})")
-    summary = ", ".join(f"{k} {r.replace('_', ' ')}" for r, k in sorted(reasons.items()))
-    return reasons, f"{len(invalid)} of {n} spans rejected ({summary}); first: {first}"
 
 
 def _meta_lookup(meta: dict | None, concept: str, cohort_keys: Mapping[str, tuple[str, ...]],

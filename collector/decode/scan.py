@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -19,12 +18,9 @@ try:
 except ImportError:  # no compiler at install time
     _wirescan = None
 
-# One span's fixed columns, as the C scanner writes them (little-endian, 64 bytes; _wirescan.c).
-SPAN_RECORD = np.dtype([("trace_id", "u1", 16), ("span_id", "u1", 8), ("parent_span_id", "u1", 8),
-                        ("start", "<u8"), ("end", "<u8"), ("rs_idx", "<i4"), ("ss_idx", "<i4"), ("sp_idx", "<i4"),
-                        ("kind", "u1"), ("status_code", "u1"), ("_pad", "V2")])
+# One span's fixed columns, as the C scanner writes them (little-endian, 64 bytes; _wirescan.c;
+# normalize.SPAN_RECORD reads them).
 _RECORD = struct.Struct("<16s8s8sQQiiiBBxx")
-assert SPAN_RECORD.itemsize == _RECORD.size == 64
 _ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
 
 

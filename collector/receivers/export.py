@@ -11,7 +11,6 @@ import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from ..decode import codec
-from ..decode.normalize import Normalizer
 from ..errors import Overloaded
 from ..stats import IngestStats
 
@@ -25,7 +24,9 @@ DECODE_CONCURRENCY = 1
 class ExportHandler:
     """Returns the response body on success; raises a classified error otherwise (see status.py)."""
 
-    def __init__(self, normalizer: Normalizer, store, stats: IngestStats):
+    def __init__(self, normalizer, store, stats: IngestStats):
+        """``normalizer``: a decode.normalize.Normalizer, or for a deferring store (``submit_record``)
+        a decode.check.Checker, which only checks."""
         self.normalizer = normalizer
         self.store = store
         self.stats = stats
@@ -50,7 +51,7 @@ class ExportHandler:
         else:
             with self._decoding:
                 request, payload = codec.decode(signal, content_type, body)
-                batch = self.normalizer.normalize_logs(request, payload)
+                batch = self.normalizer.check_logs(request) if deferred else self.normalizer.normalize_logs(request, payload)
             self.stats.add("logs_received", receiver, batch.received)
             if batch.rejected:
                 self.stats.add_many("logs_rejected", batch.reasons)

@@ -13,10 +13,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from .. import schema
 from ..decode.anyvalue import attributes_to_dict, to_python
-from .segments import SegmentReader
+from .segments import SEGMENTS_DIR, SegmentReader
 
 DB_FILE = "shadowlens.duckdb"
-SEGMENTS_DIR = "segments"
 SOCKET_FILE = "serve.sock"
 log = logging.getLogger("shadowlens.store")
 
