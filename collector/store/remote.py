@@ -48,6 +48,8 @@ log = logging.getLogger("shadowlens.bridge")
 # sent clients into their retry back-off (1 s or more) while the store caught up in a fraction of
 # that, and throughput came in bursts (measured: per-second acks swinging between 0 and 90k).
 ADMIT_WAIT_S = 5.0
+# Decoded spans the store process holds for the writer: two of its largest groups (writer.MAX_GROUP_SPANS).
+DECODED_MAX_SPANS = 65536
 
 
 class RemoteStore:
@@ -228,6 +230,10 @@ class StoreBridge:
                 return
             kind = msg[0]
             if kind == "batch":
+                # Decoded batches wait in the decoder's pipe, not here, while DuckDB is behind: the
+                # records are durable already, and a full queue of decoded columns cost ~90 MB.
+                while not self.store.wait_for_room(DECODED_MAX_SPANS, 1.0):
+                    pass
                 self._submit(msg[1], msg[2], msg[3], msg[4])
             elif kind == "skip":     # a record the decoder could not read: the frontend stops counting it
                 self._send(("nack", msg[1], "the decoder could not read it"))

@@ -122,7 +122,7 @@ class StoreWriter:
         # One DuckDB thread and a larger checkpoint threshold: with 2 cores shared with the decoder,
         # parallel inserts and frequent checkpoints cost more than they give (measured: 53k -> 65k
         # spans/s for the commit path alone). The memory limit bounds the sidecar's RSS.
-        self.duckdb_settings = {"threads": 1, "checkpoint_threshold": "64MB", "memory_limit": "128MB",
+        self.duckdb_settings = {"threads": 1, "checkpoint_threshold": "64MB", "memory_limit": "64MB",
                                 **(duckdb_settings or {})}
         self._dedup = RecentKeys(dedup_max_keys) if dedup_max_keys else None
         self._queue: deque[_Task] = deque()
@@ -273,6 +273,11 @@ class StoreWriter:
             self._queued_waiting += not synced
             self._cond.notify()
         return fut
+
+    def wait_for_room(self, limit: int, timeout: float) -> bool:
+        """Block while more than ``limit`` spans wait for their commit (or until stopping); False on timeout."""
+        with self._commit_cond:
+            return self._commit_cond.wait_for(lambda: self._queued_spans <= limit or self._stopping, timeout)
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything submitted so far is committed (or failed); False on timeout."""
