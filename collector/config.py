@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
         "retention_check": "1m",
         # DuckDB tuning, measured on 2 cores (README "Ingest performance")
         "duckdb_threads": 1,
-        "duckdb_memory_limit": "64MB",
+        "duckdb_memory_limit": "128MB",
         "checkpoint_threshold": "64MB",
     },
     "traces": {"idle_seconds": 5, "max_seconds": 300, "max_open": 100000},
@@ -135,7 +135,7 @@ class StoreConfig:
     dedup_max_keys: int
     retention_check_s: float
     duckdb_threads: int = 1
-    duckdb_memory_limit: str = "64MB"
+    duckdb_memory_limit: str = "128MB"
     checkpoint_threshold: str = "64MB"
 
 

@@ -54,7 +54,7 @@ def main(conn, decoder_conn, config_tree: dict, first_segment: int) -> None:
     def report_stats() -> None:
         while not stop.wait(0.5):
             stats.store_sync_seconds = segments.sync_seconds     # the write-ahead fdatasyncs happen here
-            store.send(("stats", stats.snapshot()))
+            store.send(store.stats_message())
 
     threading.Thread(target=report_stats, name="stats", daemon=True).start()
     # Decoding allocates many short-lived objects; the default gen-0 threshold (700) ran the
@@ -83,7 +83,7 @@ def main(conn, decoder_conn, config_tree: dict, first_segment: int) -> None:
     while not store.drained() and time.monotonic() < deadline:
         time.sleep(0.01)
     segments.close()
-    store.send(("stats", stats.snapshot()))
+    store.send(store.stats_message())
     store.send(("stopped",))
     os._exit(0)
 

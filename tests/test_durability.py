@@ -115,6 +115,37 @@ def test_a_dead_decoder_stops_serve_with_status_1_and_a_restart_keeps_every_ack(
     assert not missing, f"{len(missing)} acknowledged spans lost when the decoder died"
 
 
+def _queue_gauge(srv) -> float:
+    line = next(ln for ln in srv.metrics_text().splitlines() if ln.startswith("shadowlens_ingest_queue_spans "))
+    return float(line.split()[1])
+
+
+def test_acks_do_not_wait_for_the_decoder_and_the_queue_gauge_counts_what_waits(server):
+    """With the decoder paused, Exports are still acknowledged (durable in the payload log) and
+    shadowlens_ingest_queue_spans shows them waiting; resumed, they are stored and the gauge drops."""
+    import os
+    import re
+    import signal
+
+    from test_receivers import grpc_export
+    decoder_pid = int(re.search(r"decoder pid (\d+)", server.log()).group(1))
+    os.kill(decoder_pid, signal.SIGSTOP)
+    try:
+        for seed in range(3):
+            grpc_export(server.grpc_endpoint, span_request(random_spans(40, random.Random(seed))).SerializeToString())
+        deadline = time.monotonic() + 10
+        while _queue_gauge(server) != 120 and time.monotonic() < deadline:
+            time.sleep(0.1)                    # the frontend reports its counters twice a second
+        assert _queue_gauge(server) == 120
+    finally:
+        os.kill(decoder_pid, signal.SIGCONT)
+    assert server.query("select count(*) as n from spans_core")[0]["n"] == 120   # read-your-acks
+    deadline = time.monotonic() + 10
+    while _queue_gauge(server) != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _queue_gauge(server) == 0
+
+
 def test_full_queue_answers_unavailable_with_retry_info_and_503(tmp_path):
     """A writer that is not draining (not started) fills its queue; the next export is pushed back."""
     from google.rpc import error_details_pb2, status_pb2

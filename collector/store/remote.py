@@ -76,6 +76,11 @@ class RemoteStore:
         with self._send_lock:
             self.conn.send(msg)
 
+    def stats_message(self) -> tuple:
+        """This process's counters for the store process, with the admission queue's depth (the
+        ``shadowlens_ingest_queue_spans`` gauge: spans acknowledged and not yet committed)."""
+        return ("stats", dict(self.stats.snapshot(), ingest_queue_spans=self._inflight_spans))
+
     def send_decoder(self, msg) -> None:
         with self._decoder_lock:
             self.decoder_conn.send(msg)
@@ -131,7 +136,7 @@ class RemoteStore:
                           "inserted on the next start", msg[1], msg[2])
             self._release(msg[1])
         elif msg[0] == "barrier":
-            self.send(("stats", self.stats.snapshot()))    # counters as fresh as the data
+            self.send(self.stats_message())    # counters as fresh as the data
             self.send_decoder(msg)
 
     def stop_accepting(self) -> None:
@@ -208,6 +213,9 @@ class StoreBridge:
         log.info("ingest processes: frontend pid %d, decoder pid %d", self._procs["frontend"].pid,
                  self._procs["decoder"].pid)
         self.ready = True
+        # Exported queue depth: the frontend's (acknowledged, not committed; what admission bounds),
+        # not this process's writer queue, which holds only what the decoder has passed on so far.
+        self.store.stats.gauges["ingest_queue_spans"] = lambda: float(self.child_stats.get("ingest_queue_spans", 0))
 
     def _send(self, msg) -> None:
         with self._send_lock:

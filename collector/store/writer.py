@@ -122,7 +122,7 @@ class StoreWriter:
         # One DuckDB thread and a larger checkpoint threshold: with 2 cores shared with the decoder,
         # parallel inserts and frequent checkpoints cost more than they give (measured: 53k -> 65k
         # spans/s for the commit path alone). The memory limit bounds the sidecar's RSS.
-        self.duckdb_settings = {"threads": 1, "checkpoint_threshold": "64MB", "memory_limit": "64MB",
+        self.duckdb_settings = {"threads": 1, "checkpoint_threshold": "64MB", "memory_limit": "128MB",
                                 **(duckdb_settings or {})}
         self._dedup = RecentKeys(dedup_max_keys) if dedup_max_keys else None
         self._queue: deque[_Task] = deque()
