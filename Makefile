@@ -28,6 +28,7 @@ prometheus:
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/ingest.py --duration 20 --runs 3
+	$(BIN)/python bench/ingest.py --duration 20 --runs 3 --rate 50000
 
 clean:
 	rm -rf $(VENV) build *.egg-info
