@@ -23,6 +23,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from collector.schema import TRACE_ID_SQL, with_trace_id_ints
 from collector.store.database import frame
 
 from .rollup import RouteResolver, rollup_sql
@@ -145,9 +146,10 @@ class TraceAssembler:
 
     def _consume(self, after: int, upto: int) -> None:
         now = self.now()
+        # grouped on the stored integers: the hex text is formatted once a trace, not once a span
         rows = self._con.execute(
-            "SELECT trace_id, bool_or(parent_span_id IS NULL), min(ingest_seq) FROM spans_core "
-            "WHERE ingest_seq > ? AND ingest_seq <= ? GROUP BY trace_id", [after, upto]).fetchall()
+            f"SELECT {TRACE_ID_SQL}, bool_or(parent_span_id_int IS NULL), min(ingest_seq) FROM spans_core "
+            "WHERE ingest_seq > ? AND ingest_seq <= ? GROUP BY trace_id_hi, trace_id_lo", [after, upto]).fetchall()
         recent = self._recent
         for tid, root, first_seq in rows:
             if tid not in self._open and recent.get(tid):
@@ -208,9 +210,9 @@ class TraceAssembler:
                     con, "SELECT trace_id, name, passed, count(*)::BIGINT AS n FROM evals SEMI JOIN done USING (trace_id) "
                     "WHERE ingest_seq >= $lo GROUP BY ALL", {"lo": lo})
                 models = frame(
-                    con, "SELECT trace_id, model, sum(input_tokens)::BIGINT, sum(output_tokens)::BIGINT, sum(cost_usd) "
-                    "FROM spans_core SEMI JOIN done USING (trace_id) WHERE ingest_seq >= $lo AND span_kind = 'LLM' "
-                    "GROUP BY ALL", {"lo": lo})
+                    con, "SELECT d.trace_id, model, sum(input_tokens)::BIGINT, sum(output_tokens)::BIGINT, sum(cost_usd) "
+                    f"FROM spans_core JOIN {with_trace_id_ints('done')} d USING (trace_id_hi, trace_id_lo) "
+                    "WHERE ingest_seq >= $lo AND span_kind = 'LLM' GROUP BY ALL", {"lo": lo})
             con.commit()
         except BaseException:
             con.rollback()

@@ -11,6 +11,8 @@ import re
 from functools import lru_cache
 from typing import Mapping
 
+from collector.schema import with_trace_id_ints
+
 _DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 
 
@@ -21,11 +23,12 @@ def rollup_sql(cohort_labels) -> str:
     $now (completion time, TIMESTAMP).
     """
     cohort_cols = "".join(
-        f""", coalesce(max(s."{c}") FILTER (WHERE s.parent_span_id IS NULL), max(s."{c}"), 'unknown') AS "{c}\""""
+        f""", coalesce(max(s."{c}") FILTER (WHERE s.is_root), max(s."{c}"), 'unknown') AS "{c}\""""
         for c in cohort_labels)
     return f"""
 WITH s AS (
-    SELECT sc.* FROM spans_core sc SEMI JOIN done USING (trace_id) WHERE sc.ingest_seq >= $lo
+    SELECT d.trace_id, sc.* EXCLUDE (trace_id, span_id, parent_span_id), sc.parent_span_id_int IS NULL AS is_root
+    FROM spans_core sc JOIN {with_trace_id_ints("done")} d USING (trace_id_hi, trace_id_lo) WHERE sc.ingest_seq >= $lo
 ), e AS (
     SELECT ev.trace_id, count(*) AS total, count(*) FILTER (WHERE ev.passed = false) AS failed,
            bool_or(ev.name = 'refusal' AND ev.passed = false) AS refusal_failed,
@@ -34,8 +37,8 @@ WITH s AS (
     FROM evals ev SEMI JOIN done USING (trace_id) WHERE ev.ingest_seq >= $lo GROUP BY ev.trace_id
 )
 SELECT s.trace_id,
-    coalesce(max(s.route) FILTER (WHERE s.parent_span_id IS NULL), max(s.route)) AS route,
-    coalesce(max(s.request_id) FILTER (WHERE s.parent_span_id IS NULL), max(s.request_id)) AS request_id
+    coalesce(max(s.route) FILTER (WHERE s.is_root), max(s.route)) AS route,
+    coalesce(max(s.request_id) FILTER (WHERE s.is_root), max(s.request_id)) AS request_id
     {cohort_cols},
     min(s.start_time) AS start_time, max(s.end_time) AS end_time,
     (epoch_ns(max(s.end_time)) - epoch_ns(min(s.start_time))) / 1e9 AS duration_seconds,
@@ -49,7 +52,7 @@ SELECT s.trace_id,
     sum(s.cache_write_tokens) FILTER (WHERE s.span_kind = 'LLM') AS cache_write_tokens,
     sum(s.reasoning_tokens) FILTER (WHERE s.span_kind = 'LLM') AS reasoning_tokens,
     coalesce(sum(s.cost_usd) FILTER (WHERE s.span_kind = 'LLM'),
-             max(s.cost_usd) FILTER (WHERE s.parent_span_id IS NULL)) AS cost_usd,
+             max(s.cost_usd) FILTER (WHERE s.is_root)) AS cost_usd,
     coalesce(any_value(e.total), 0) AS evals_total,
     coalesce(any_value(e.failed), 0) AS evals_failed,
     coalesce(any_value(e.eval_names), []) AS eval_names,
@@ -58,11 +61,11 @@ SELECT s.trace_id,
     coalesce(bool_or(s.escalated), false) AS escalated,
     mode(s.model) FILTER (WHERE s.span_kind = 'LLM') AS model,
     string_agg(DISTINCT s.model, ',' ORDER BY s.model) FILTER (WHERE s.span_kind = 'LLM') AS models,
-    NOT bool_or(s.parent_span_id IS NULL) OR bool_or(d.evicted) AS incomplete,
+    NOT bool_or(s.is_root) OR bool_or(d.evicted) AS incomplete,
     count(*) AS span_count,
-    coalesce(max(s.session_id) FILTER (WHERE s.parent_span_id IS NULL), max(s.session_id)) AS session_id,
-    coalesce(max(s.service_name) FILTER (WHERE s.parent_span_id IS NULL), max(s.service_name)) AS service_name,
-    max(s.name) FILTER (WHERE s.parent_span_id IS NULL) AS root_name,
+    coalesce(max(s.session_id) FILTER (WHERE s.is_root), max(s.session_id)) AS session_id,
+    coalesce(max(s.service_name) FILTER (WHERE s.is_root), max(s.service_name)) AS service_name,
+    max(s.name) FILTER (WHERE s.is_root) AS root_name,
     min(s.ingest_seq) AS min_ingest_seq,
     max(s.ingest_seq) AS max_ingest_seq,
     $now::TIMESTAMP AS completed_at,

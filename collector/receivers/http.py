@@ -18,6 +18,7 @@ from .status import classify
 log = logging.getLogger("shadowlens.http")
 
 PATHS = {"/v1/traces": codec.TRACES, "/v1/logs": codec.LOGS}
+DRAIN_MAX_BYTES = 64 << 20      # an over-limit body up to this much larger is read (and dropped) before the 413
 
 
 def read_body(rfile, headers, limit: int) -> bytes:
@@ -47,6 +48,12 @@ def read_body(rfile, headers, limit: int) -> bytes:
     except ValueError:
         raise PermanentError(f"bad Content-Length {length!r}") from None
     if n > limit:
+        if n - limit <= DRAIN_MAX_BYTES:
+            # Read the body before answering: closing with it unread resets the connection, and a
+            # client still sending sees the reset instead of the 413.
+            left = n
+            while left > 0 and (chunk := rfile.read(min(left, 1 << 20))):
+                left -= len(chunk)
         raise TooLarge(f"body of {n} bytes is over the limit of {limit >> 20} MiB")
     return rfile.read(n)
 
