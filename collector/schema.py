@@ -73,14 +73,14 @@ LOG_FIELDS: list[tuple[str, pa.DataType, str]] = [
 # 32-character strings were the costliest columns to insert and checkpoint (DuckDB analyses each for
 # compression and finds none): measured 7.6 -> 5.1 us a row, the longest commit 1.5 -> 0.4 s.
 # Queries keep reading ``trace_id`` / ``span_id`` / ``parent_span_id`` as before.
-ID_COLUMNS: list[tuple[str, str, tuple[str, ...]]] = [   # (text column, its SQL, the integers' SQL from text {t})
+# (text column, its SQL, ((storage column, its SQL from the text {t}), ...))
+ID_COLUMNS: list[tuple[str, str, tuple[tuple[str, str], ...]]] = [
     ("trace_id", "printf('%016x%016x', trace_id_hi, trace_id_lo)",
-     ("('0x' || substr({t}, 1, 16))::UBIGINT", "('0x' || substr({t}, 17, 16))::UBIGINT")),
-    ("span_id", "printf('%016x', span_id_int)", ("('0x' || {t})::UBIGINT",)),
-    ("parent_span_id", "printf('%016x', parent_span_id_int)", ("('0x' || {t})::UBIGINT",)),
+     (("trace_id_hi", "('0x' || substr({t}, 1, 16))::UBIGINT"), ("trace_id_lo", "('0x' || substr({t}, 17, 16))::UBIGINT"))),
+    ("span_id", "printf('%016x', span_id_int)", (("span_id_int", "('0x' || {t})::UBIGINT"),)),
+    ("parent_span_id", "printf('%016x', parent_span_id_int)", (("parent_span_id_int", "('0x' || {t})::UBIGINT"),)),
 ]
-ID_STORAGE = {"trace_id": ("trace_id_hi", "trace_id_lo"), "span_id": ("span_id_int",),
-              "parent_span_id": ("parent_span_id_int",)}
+ID_STORAGE = {name: tuple(col for col, _ in ints) for name, _, ints in ID_COLUMNS}
 
 
 TRACE_ID_SQL = ID_COLUMNS[0][1]      # spans_core's text trace id, from its integers
@@ -89,14 +89,13 @@ TRACE_ID_SQL = ID_COLUMNS[0][1]      # spans_core's text trace id, from its inte
 def with_trace_id_ints(relation: str) -> str:
     """SQL relation: ``relation`` (with a hex ``trace_id``) plus ``trace_id_hi`` / ``trace_id_lo``, so a
     join with ``spans_core`` can use the stored integers instead of formatting every span's id."""
-    ints = ", ".join(f"{sql.format(t='trace_id')} AS {name}"
-                     for sql, name in zip(ID_COLUMNS[0][2], ID_STORAGE["trace_id"]))
+    ints = ", ".join(f"{sql.format(t='trace_id')} AS {col}" for col, sql in ID_COLUMNS[0][2])
     return f"(SELECT *, {ints} FROM {relation})"
 
 
 def ids_from_hex(column: str, expr: str) -> str:
     """SQL giving the storage integers of hex id ``column`` (one of ID_COLUMNS) from text ``expr``."""
-    return ", ".join(sql.format(t=expr) for sql in next(conv for name, _, conv in ID_COLUMNS if name == column))
+    return ", ".join(sql.format(t=expr) for _, sql in next(ints for name, _, ints in ID_COLUMNS if name == column))
 
 
 def span_schema(cohort_labels) -> pa.Schema:

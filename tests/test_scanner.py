@@ -30,7 +30,7 @@ def _canonical(out: dict) -> dict:
 
 def _both(payload: bytes):
     n = Normalizer(default_config().cohort_labels, default_config().evals)
-    args = (n._key_slots, len(n._slot_hits), nm._PREFIXES, nm._EVENT_NAMES)
+    args = (n._key_slots, len(n._slot_hits), nm.PREFIXES, nm.EVENT_NAMES)
     return scan._wirescan.scan_traces(payload, *args), scan.python_scan(payload, *args)
 
 
@@ -81,7 +81,7 @@ def test_truncated_and_mutated_bytes_raise_value_error_or_scan_never_crash():
     rng = random.Random(1)
     payload = bytearray(_rich_request(rng).SerializeToString())
     n = Normalizer(default_config().cohort_labels, default_config().evals)
-    args = (n._key_slots, len(n._slot_hits), nm._PREFIXES, nm._EVENT_NAMES)
+    args = (n._key_slots, len(n._slot_hits), nm.PREFIXES, nm.EVENT_NAMES)
     for cut in range(0, len(payload), max(1, len(payload) // 300)):
         try:
             scan._wirescan.scan_traces(bytes(payload[:cut]), *args)
@@ -128,7 +128,7 @@ def test_the_dry_run_fails_exactly_where_the_scan_fails():
     rng = random.Random(2)
     payload = bytearray(_rich_request(rng).SerializeToString())
     n = Normalizer(default_config().cohort_labels, default_config().evals)
-    args = (n._key_slots, len(n._slot_hits), nm._PREFIXES, nm._EVENT_NAMES)
+    args = (n._key_slots, len(n._slot_hits), nm.PREFIXES, nm.EVENT_NAMES)
 
     def outcome(fn, data):
         try:

@@ -103,7 +103,6 @@ def test_stored_ids_read_back_as_hex_and_dedup_keys_match_sql(tmp_path):
     parent: null), and the key a restart reloads with SQL equals the one ingest computes."""
     import numpy as np
 
-    from collector.decode.normalize import span_keys
     from collector.store.writer import KEY_SQL, RecentKeys
     rng = random.Random(8)
     spans = random_spans(50, rng)
@@ -124,9 +123,9 @@ def test_stored_ids_read_back_as_hex_and_dedup_keys_match_sql(tmp_path):
     assert batch.keys.tolist() == [r[3] for r in rows]
     tids, sids = [d["trace_id"] for d in spans], [d["span_id"] for d in spans]
     keys = RecentKeys(4 * RecentKeys.GENERATION)
-    first = span_keys(tids, sids)
+    first = np.array([_key(t, s) for t, s in zip(tids, sids)], dtype=np.uint64)
     assert keys.filter_new(first).all()
-    again = np.concatenate([first[:5], span_keys([rng.randbytes(16)], [rng.randbytes(8)])])
+    again = np.concatenate([first[:5], np.array([_key(rng.randbytes(16), rng.randbytes(8))], dtype=np.uint64)])
     assert keys.filter_new(again).tolist() == [False] * 5 + [True]
 
 

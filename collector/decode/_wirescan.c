@@ -14,7 +14,7 @@
  * scan_traces(payload, keys, nslots, prefixes, event_names) -> dict:
  *   n:         the number of spans
  *   spans:     bytes, one 64-byte record per span (the fixed columns, read as a numpy structured array;
- *              scan.SPAN_RECORD is its dtype): trace_id[16] span_id[8] parent_span_id[8] (raw ids; an id
+ *              normalize.SPAN_RECORD is its dtype): trace_id[16] span_id[8] parent_span_id[8] (raw ids; an id
  *              of the wrong length, or absent, is zeros), start u64, end u64, rs_idx i32, ss_idx i32,
  *              sp_idx i32, kind u8, status_code u8 (both capped at 255), 2 bytes of padding; little-endian
  *   invalid:   as validate_traces returns it

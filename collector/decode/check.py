@@ -17,8 +17,6 @@ from .scan import invalid_reason, python_scan, validator
 
 PREFIXES = (A.OPENINFERENCE_EVAL_PREFIX.encode(),)
 EVENT_NAMES = frozenset({A.EVAL_EVENT_NAME.encode()})
-ZERO_TRACE = bytes(16)
-ZERO_SPAN = bytes(8)
 
 
 @dataclass
@@ -43,7 +41,7 @@ class Checker:
     """``check_traces`` / ``check_logs``: the verdicts ``Normalizer`` would give, without its columns."""
 
     def __init__(self, cohort_labels: Mapping[str, tuple[str, ...]], scanner_choice: str = "auto"):
-        index = alias_index(cohort_labels)
+        self.index = index = alias_index(cohort_labels)
         self.key_slots = {key.encode(): i for i, key in enumerate(index)}   # what the scanners report
         self.nslots = len(index)
         self._validate = validator(scanner_choice)

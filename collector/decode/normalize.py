@@ -28,17 +28,14 @@ from .anyvalue import attributes_to_json, raw_value, to_python, typed
 from .check import (
     EVENT_NAMES,
     PREFIXES,
-    ZERO_SPAN,
-    ZERO_TRACE,
     Check,
     Checker,
-    alias_index,
     log_message,
     log_rejection,
     log_rejection_text,
     span_rejections,
 )
-from .scan import scanner
+from .scan import ZERO_SPAN, ZERO_TRACE, scanner
 
 # One span's fixed columns as the scanners write them (little-endian, 64 bytes; see _wirescan.c).
 SPAN_RECORD = np.dtype([("trace_id", "u1", 16), ("span_id", "u1", 8), ("parent_span_id", "u1", 8),
@@ -47,12 +44,11 @@ SPAN_RECORD = np.dtype([("trace_id", "u1", 16), ("span_id", "u1", 8), ("parent_s
 
 _KINDS = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
 _STATUS = ("UNSET", "OK", "ERROR")
-_PREFIXES, _EVENT_NAMES = PREFIXES, EVENT_NAMES
 
 
 @dataclass
 class NormalizedBatch:
-    """What decode hands to the store. ``keys`` (64-bit span keys, see ``span_keys``) align with ``spans`` rows."""
+    """What decode hands to the store. ``keys`` (64-bit span keys, see ``_id_columns``) align with ``spans`` rows."""
     signal: str                       # "traces" | "logs"
     spans: pa.RecordBatch | None
     evals: pa.RecordBatch | None
@@ -108,7 +104,7 @@ class Normalizer:
         self.checker = Checker(cohort_labels, scanner_choice)
         self.cohort_labels = tuple(cohort_labels)
         extra = {f"cohort:{name}": tuple(keys) for name, keys in cohort_labels.items()}
-        index = alias_index(cohort_labels)
+        index = self.checker.index
         # The scanner reports a slot per known key; a slot may feed several concepts.
         self._key_slots = self.checker.key_slots
         self._slot_hits = list(index.values())
@@ -186,7 +182,7 @@ class Normalizer:
     def normalize_traces(self, payload: bytes) -> NormalizedBatch:
         """``payload``: ExportTraceServiceRequest protobuf bytes. Raises PermanentError if malformed."""
         try:
-            sc = self._scan(payload, self._key_slots, len(self._slot_hits), _PREFIXES, _EVENT_NAMES)
+            sc = self._scan(payload, self._key_slots, len(self._slot_hits), PREFIXES, EVENT_NAMES)
         except ValueError as exc:
             raise PermanentError(f"body is not a valid OTLP traces protobuf request: {exc}") from None
         n = sc["n"]
@@ -450,7 +446,8 @@ _STATUS_ARROW = pa.array(_STATUS + (None,), pa.string())
 
 def _id_columns(rec: np.ndarray) -> tuple[dict[str, pa.Array], np.ndarray]:
     """The ids' storage columns (schema.ID_COLUMNS: big-endian 64-bit integers; no parent -> null)
-    and the spans' dedup keys (``span_keys``)."""
+    and the spans' dedup keys: span_id XOR both halves of trace_id. Ids are random, so the XOR is as
+    good as a hash; ``store.writer.KEY_SQL`` computes the same from the stored columns after a restart."""
     trace = np.ascontiguousarray(rec["trace_id"]).view(">u8").astype(np.uint64)
     span = np.ascontiguousarray(rec["span_id"]).view(">u8")[:, 0].astype(np.uint64)
     parent = np.ascontiguousarray(rec["parent_span_id"]).view(">u8")[:, 0].astype(np.uint64)
@@ -482,17 +479,6 @@ class _HexList:
 
     def __getitem__(self, i: int) -> str:
         return self.ids[i].tobytes().hex()
-
-
-def span_keys(trace_ids: list[bytes], span_ids: list[bytes]):
-    """64-bit dedup keys, columnar: span_id XOR both halves of trace_id (big-endian).
-
-    Ids are random, so the XOR is as good as a hash; SQL computes the same value from the hex
-    columns (``store.writer.KEY_SQL``) to reload recent keys after a restart.
-    """
-    t = np.frombuffer(b"".join(trace_ids), dtype=">u8").reshape(-1, 2)
-    s = np.frombuffer(b"".join(span_ids), dtype=">u8")
-    return (s ^ t[:, 0] ^ t[:, 1]).astype(np.uint64)
 
 
 def _converter(kind: str):

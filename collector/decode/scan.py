@@ -21,16 +21,16 @@ except ImportError:  # no compiler at install time
 # One span's fixed columns, as the C scanner writes them (little-endian, 64 bytes; _wirescan.c;
 # normalize.SPAN_RECORD reads them).
 _RECORD = struct.Struct("<16s8s8sQQiiiBBxx")
-_ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
+ZERO_TRACE, ZERO_SPAN = bytes(16), bytes(8)
 
 
 def invalid_reason(t: bytes, s: bytes, p: bytes, start: int, end: int) -> str | None:
     """Why a span is rejected (OTLP partial success), or None: the C scanner applies the same rule."""
-    if len(t) != 16 or t == _ZERO_TRACE:
+    if len(t) != 16 or t == ZERO_TRACE:
         return "invalid_trace_id"
-    if len(s) != 8 or s == _ZERO_SPAN:
+    if len(s) != 8 or s == ZERO_SPAN:
         return "invalid_span_id"
-    if p and (len(p) != 8 or p == _ZERO_SPAN):
+    if p and (len(p) != 8 or p == ZERO_SPAN):
         return "invalid_parent_span_id"
     if end < start:
         return "end_before_start"

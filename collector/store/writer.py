@@ -53,7 +53,7 @@ class _Task:
     synced: bool                        # the payload is durable already (the frontend synced it)
 
 
-# the dedup key of a stored span, as normalize.span_keys computes it from the raw ids
+# the dedup key of a stored span, as normalize._id_columns computes it from the raw ids
 KEY_SQL = "xor(xor(span_id_int, trace_id_hi), trace_id_lo)"
 
 
