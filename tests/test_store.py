@@ -163,3 +163,22 @@ def test_a_store_with_text_ids_is_converted_on_open(tmp_path):
     store.shutdown()
     assert got == rows
     assert types["trace_id_hi"] == "UBIGINT" and types["intent"] == "VARCHAR"
+
+
+def test_writer_writes_small_row_groups_that_survive_reopening(tmp_path):
+    # A commit of 16k+ spans fills whole row groups, which DuckDB writes straight to the file
+    # instead of through its WAL (see writer._connect); each writing session must ask for the size.
+    cfg = default_config()
+    norm = Normalizer(cfg.cohort_labels, cfg.evals)
+    for session in range(2):
+        store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats())
+        store.start()
+        store.submit(norm.normalize_traces(_spans_at(time.time_ns() + session * HOUR_NS, 20_000, session))).result(30)
+        con = store.cursor()
+        groups = con.execute("SELECT row_group_id, max(start + count) - min(start) FROM pragma_storage_info('spans_core') "
+                             "WHERE column_name = 'span_id_int' GROUP BY row_group_id").fetchall()
+        assert con.execute("SELECT count(*) FROM spans_core").fetchone()[0] == 20_000 * (session + 1)
+        con.close()
+        store.shutdown()
+        assert len(groups) >= 2 * (session + 1)
+        assert max(rows for _, rows in groups) <= 16384
