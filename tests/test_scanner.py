@@ -146,3 +146,63 @@ def test_the_dry_run_fails_exactly_where_the_scan_fails():
         data = bytes(data)
         assert outcome(lambda d: scan._wirescan.validate_traces(d, args[0], args[2], args[3]), data) == \
             outcome(lambda d: scan._wirescan.scan_traces(d, *args), data)
+
+
+def _first_readable(n, pairs, exact, convert):
+    # the rule, spelled out per span: best key first, and within a key the last occurrence first
+    out = []
+    for i in range(n):
+        chosen = None
+        for idxs, vals in pairs:
+            for j in reversed(range(len(idxs))):
+                if idxs[j] != i:
+                    continue
+                v = vals[j] if type(vals[j]) is exact else convert(vals[j])
+                if v is not None:
+                    chosen = v
+                    break
+            if chosen is not None:
+                break
+        out.append(chosen)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_column_merge_takes_the_best_readable_key_in_c_and_python(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 30)
+    values = [None, 0, 7, -2, 1.5, float("nan"), "12", "x", "", True, False, [1, 2], b"\x08\x01"]
+    pairs = []
+    for _ in range(rng.randint(1, 4)):
+        idxs = sorted(rng.choices(range(n), k=rng.randint(0, 2 * n)))      # repeats: a key sent twice
+        pairs.append([idxs, [rng.choice(values) for _ in idxs]])
+    calls = []
+
+    def to_int(v):           # an INT concept's converter: readable strings and floats, not bools
+        calls.append(v)
+        if type(v) is float:
+            return int(v) if v == v else None
+        return int(v) if type(v) is str and v.isdigit() else None
+
+    expected = _first_readable(n, pairs, int, to_int)
+    got_c = scan._wirescan.merge_column(n, pairs, int, to_int)
+    got_py = scan.python_merge_column(n, pairs, int, to_int)
+    if not any(idxs for idxs, _ in pairs):
+        assert got_c is None and got_py is None
+    else:
+        assert got_c == expected and got_py == expected
+    # no exact type and a cache of converter answers for strings
+    upper = {"x": "X-cached"}
+    got_c = scan._wirescan.merge_column(n, pairs, None, lambda v: v.upper() if type(v) is str and v else None, upper)
+    expected = _first_readable(n, pairs, None, lambda v: upper.get(v) or (v.upper() if type(v) is str and v else None)
+                               if type(v) is str else None)
+    assert got_c == (expected if any(idxs for idxs, _ in pairs) else None)
+
+
+def test_column_merge_rejects_malformed_pairs():
+    with pytest.raises(IndexError):
+        scan._wirescan.merge_column(2, [[[5], ["a"]]], str, str)
+    with pytest.raises(ValueError):
+        scan._wirescan.merge_column(2, [[[0, 1], ["a"]]], str, str)
+    with pytest.raises(TypeError):
+        scan._wirescan.merge_column(2, [("a", "b")], str, str)

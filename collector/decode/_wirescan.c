@@ -607,7 +607,85 @@ done:
     return out;
 }
 
+/* merge_column(n, pairs, exact, convert, known) -> list of n values, or None when no pair has one.
+ *
+ * One concept's column from the scanner's per-key [span_indexes, values] pairs, best key first
+ * (scan.python_merge_column is the reference). A span takes the first value, best key first
+ * and within a key the last occurrence first, that is of type ``exact`` or that ``convert``
+ * turns into something other than None. ``known`` (a dict or None) holds answers of ``convert``
+ * for str values, looked up before calling it. */
+static PyObject *merge_column(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t n;
+    PyObject *pairs, *exact, *convert, *known = Py_None;
+    if (!PyArg_ParseTuple(args, "nO!OO|O", &n, &PyList_Type, &pairs, &exact, &convert, &known)) return NULL;
+    if (known != Py_None && !PyDict_Check(known)) {
+        PyErr_SetString(PyExc_TypeError, "known must be a dict or None");
+        return NULL;
+    }
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "n must be >= 0");
+        return NULL;
+    }
+    PyObject *col = NULL;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(pairs); k++) {
+        PyObject *pair = PyList_GET_ITEM(pairs, k);
+        if (!PyList_Check(pair) || PyList_GET_SIZE(pair) != 2 || !PyList_Check(PyList_GET_ITEM(pair, 0)) ||
+            !PyList_Check(PyList_GET_ITEM(pair, 1))) {
+            PyErr_SetString(PyExc_TypeError, "pairs must be [span_indexes, values] lists");
+            goto err;
+        }
+        PyObject *idxs = PyList_GET_ITEM(pair, 0), *vals = PyList_GET_ITEM(pair, 1);
+        Py_ssize_t m = PyList_GET_SIZE(idxs);
+        if (PyList_GET_SIZE(vals) != m) {
+            PyErr_SetString(PyExc_ValueError, "span_indexes and values differ in length");
+            goto err;
+        }
+        if (m == 0) continue;
+        if (col == NULL) {
+            if (!(col = PyList_New(n))) return NULL;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                Py_INCREF(Py_None);
+                PyList_SET_ITEM(col, i, Py_None);
+            }
+        }
+        for (Py_ssize_t j = m - 1; j >= 0; j--) {
+            Py_ssize_t i = PyLong_AsSsize_t(PyList_GET_ITEM(idxs, j));
+            if (i < 0 || i >= n) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_IndexError, "span index out of range");
+                goto err;
+            }
+            if (PyList_GET_ITEM(col, i) != Py_None) continue;      /* decided by a better key */
+            PyObject *v = PyList_GET_ITEM(vals, j);
+            PyObject *hit = NULL;
+            if (exact != Py_None && (PyObject *)Py_TYPE(v) == exact) {
+                Py_INCREF(v);
+            } else if (known != Py_None && PyUnicode_CheckExact(v) && (hit = PyDict_GetItemWithError(known, v)) != NULL &&
+                       hit != Py_None) {
+                Py_INCREF(hit);
+                v = hit;
+            } else {
+                if (PyErr_Occurred()) goto err;
+                v = PyObject_CallOneArg(convert, v);
+                if (!v) goto err;
+                if (v == Py_None) {
+                    Py_DECREF(v);
+                    continue;
+                }
+            }
+            Py_DECREF(PyList_GET_ITEM(col, i));
+            PyList_SET_ITEM(col, i, v);
+        }
+    }
+    if (col == NULL) Py_RETURN_NONE;
+    return col;
+err:
+    Py_XDECREF(col);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"merge_column", merge_column, METH_VARARGS, "One concept's column from per-key pairs (see merge_column above)."},
     {"scan_traces", scan_traces, METH_VARARGS, "Scan an OTLP ExportTraceServiceRequest (see module docs)."},
     {"validate_traces", validate_traces, METH_VARARGS, "Count and check spans without building columns."},
     {NULL, NULL, 0, NULL},

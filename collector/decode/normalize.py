@@ -10,6 +10,7 @@ decoded to JSON on read).
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
@@ -35,7 +36,7 @@ from .check import (
     log_rejection_text,
     span_rejections,
 )
-from .scan import ZERO_SPAN, ZERO_TRACE, scanner
+from .scan import ZERO_SPAN, ZERO_TRACE, column_merger, scanner
 
 # One span's fixed columns as the scanners write them (little-endian, 64 bytes; see _wirescan.c).
 SPAN_RECORD = np.dtype([("trace_id", "u1", 16), ("span_id", "u1", 8), ("parent_span_id", "u1", 8),
@@ -113,12 +114,13 @@ class Normalizer:
         for slot, hits in enumerate(self._slot_hits):
             for concept, prio in hits:
                 by_concept[concept].append((prio, slot))
-        # lowest priority first: later (higher-priority) keys overwrite
-        self._concept_slots = {c: [slot for _, slot in sorted(v, reverse=True)] for c, v in by_concept.items()}
+        self._concept_slots = {c: [slot for _, slot in sorted(v)] for c, v in by_concept.items()}   # best key first
+        self._merge = column_merger(scanner_choice)
         self._column_concepts = {name: f"cohort:{name}" for name in cohort_labels}
         self._types = dict(A.CONCEPT_TYPES, **{c: A.STR for c in extra})
         self._converters = {c: _converter(t) for c, t in self._types.items()}
         self._converters["span_kind"] = _span_kind
+        self._converters["finish_reason"] = _finish_text
         self._exact = {c: {A.INT: int, A.FLOAT: float, A.STR: str, A.BOOL: bool}.get(t) for c, t in self._types.items()}
         self._exact["span_kind"] = None
         self._cohort_concepts = tuple(extra)
@@ -142,35 +144,10 @@ class Normalizer:
 
     # -- traces ----------------------------------------------------------------------------
     def _column(self, concept: str, slots, n: int) -> list | None:
-        """One concept's column from the scanner's sparse per-key lists; None if no span has it.
-
-        Keys are applied from the lowest priority to the highest, so the first alias key wins
-        and a value that cannot be read as the concept's type falls back to the next key.
-        """
-        col = None
-        conv = self._converters[concept]
-        exact = self._exact.get(concept)
-        for slot in self._concept_slots[concept]:
-            idxs, vals = slots[slot]
-            if not idxs:
-                continue
-            if col is None:
-                col = [None] * n
-            if exact is not None:
-                # the common case (already the concept's type) without a function call
-                for i, v in zip(idxs, vals):
-                    if type(v) is exact:
-                        col[i] = v
-                    else:
-                        v = conv(v)
-                        if v is not None:
-                            col[i] = v
-            else:
-                for i, v in zip(idxs, vals):
-                    v = conv(v)
-                    if v is not None:
-                        col[i] = v
-        return col
+        """One concept's column from the scanner's sparse per-key lists; None if no span has it
+        (scan.python_merge_column: the first alias key whose value reads as the concept's type wins)."""
+        return self._merge(n, [slots[s] for s in self._concept_slots[concept]], self._exact[concept],
+                           self._converters[concept], _CACHES.get(concept))
 
     def check_traces(self, payload: bytes) -> Check:
         """What a receiver must know before it acknowledges (see check.py)."""
@@ -257,15 +234,15 @@ class Normalizer:
                     model[i] = pm
 
         refused = cols["refused"]
-        finish = cols["finish_reason"]
+        finish = cols["finish_reason"]      # already comma-joined (_finish_text)
         if finish is not None:
-            for i, reasons_i in enumerate(finish):
-                if reasons_i:
-                    if A.REFUSAL_FINISH_REASONS.intersection(reasons_i):
-                        if refused is None:
-                            refused = cols["refused"] = [None] * n
+            refusals = {t for t in set(finish) if t and not A.REFUSAL_FINISH_REASONS.isdisjoint(t.split(","))}
+            if refusals:
+                if refused is None:
+                    refused = cols["refused"] = [None] * n
+                for i, text in enumerate(finish):
+                    if text in refusals:
                         refused[i] = True
-                    finish[i] = ",".join(reasons_i)
 
         cost, unpriced = self._costs(cols, rec, n)
         cols["cost_usd"] = cost
@@ -489,7 +466,12 @@ def _converter(kind: str):
     return lambda v: v if type(v) is exact else typed(v, kind)
 
 
+# Answers of the converters below for str values (a few distinct ones in practice); the column
+# merge looks them up before calling the converter. Bounded: the values are client-controlled.
 _KIND_CACHE: dict = {}
+_FINISH_CACHE: dict = {}
+_CACHES = {"span_kind": _KIND_CACHE, "finish_reason": _FINISH_CACHE}
+_CACHE_MAX = 1024
 
 
 def _span_kind(raw) -> str | None:
@@ -499,8 +481,18 @@ def _span_kind(raw) -> str | None:
             return hit
     v = typed(raw, A.STR)
     out = A.SPAN_KIND_VALUES.get(v.strip().lower(), v.upper()) if v else None
-    if out is not None and type(raw) is str and len(_KIND_CACHE) < 1024:
+    if out is not None and type(raw) is str and len(_KIND_CACHE) < _CACHE_MAX:
         _KIND_CACHE[raw] = out
+    return out
+
+
+def _finish_text(raw) -> str | None:
+    """Finish reasons (an array, a JSON array string or one string) as the stored comma-joined text;
+    None for none, so the next alias key is tried."""
+    reasons = typed(raw, A.STRS)
+    out = ",".join(reasons) if reasons else None
+    if out is not None and type(raw) is str and len(_FINISH_CACHE) < _CACHE_MAX:
+        _FINISH_CACHE[raw] = out
     return out
 
 
@@ -531,6 +523,7 @@ def _meta_lookup(meta: dict | None, concept: str, cohort_keys: Mapping[str, tupl
 _MODEL_KEY = re.compile(r'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
+@functools.lru_cache(maxsize=1024)      # an instrumentation sends the same few parameter strings
 def _param_model(text: str) -> str | None:
     """``model`` of a parameters JSON string (OpenInference, traceAI), without parsing the rest.
 

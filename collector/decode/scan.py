@@ -87,6 +87,31 @@ def python_scan(payload: bytes, keys: dict, nslots: int, prefixes: tuple, event_
                 scope=scopes, slots=slots, prefixed=prefixed, events=events, resources=resources)
 
 
+def python_merge_column(n: int, pairs: list, exact: type | None, convert, known: dict | None = None) -> list | None:
+    """One concept's column from the scanner's per-key ``[span_indexes, values]`` pairs, best key
+    first; None when no pair has a value. A span takes the first value (best key first; within a
+    key, the last occurrence first) that is of type ``exact`` or that ``convert`` turns into
+    something other than None, so a value that cannot be read as the concept's type falls back to
+    the next key. ``known``: answers of ``convert`` for str values, which the C version looks up
+    instead of calling it (here it changes nothing). The reference for ``_wirescan.merge_column``.
+    """
+    col = None
+    for idxs, vals in pairs:
+        if not idxs:
+            continue
+        if col is None:
+            col = [None] * n
+        for i, v in zip(reversed(idxs), reversed(vals)):
+            if col[i] is not None:
+                continue
+            if type(v) is not exact:
+                v = convert(v)
+                if v is None:
+                    continue
+            col[i] = v
+    return col
+
+
 def scanner(choice: str = "auto"):
     """The scan function for ``receivers.scanner``: auto (C when built), c, or python."""
     if choice == "python" or (choice == "auto" and _wirescan is None):
@@ -94,6 +119,13 @@ def scanner(choice: str = "auto"):
     if _wirescan is None:
         raise RuntimeError("receivers.scanner is 'c' but the C scanner was not built (no compiler at install time?)")
     return _wirescan.scan_traces
+
+
+def column_merger(choice: str = "auto"):
+    """``merge_column`` for ``receivers.scanner``: C when built (auto, c), else the reference."""
+    if choice == "python" or _wirescan is None:
+        return python_merge_column
+    return _wirescan.merge_column
 
 
 def validator(choice: str = "auto"):
