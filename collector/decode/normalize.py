@@ -86,11 +86,12 @@ _IPC_WRITE = pa.ipc.IpcWriteOptions(use_threads=False)   # 512 rows: a thread po
 _IPC_READ = pa.ipc.IpcReadOptions(use_threads=False)
 
 
-def _ipc_bytes(batch: pa.RecordBatch) -> pa.Buffer:
+def _ipc_bytes(batch: pa.RecordBatch) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema, options=_IPC_WRITE) as w:
         w.write_batch(batch)
-    return sink.getvalue()
+    # as bytes: pickling the pa.Buffer itself measured ~380 us for a 512-span batch, the copy ~5 us
+    return sink.getvalue().to_pybytes()
 
 
 class Normalizer:
