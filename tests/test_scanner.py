@@ -206,3 +206,18 @@ def test_column_merge_rejects_malformed_pairs():
         scan._wirescan.merge_column(2, [[[0, 1], ["a"]]], str, str)
     with pytest.raises(TypeError):
         scan._wirescan.merge_column(2, [("a", "b")], str, str)
+
+
+def test_repeated_values_may_share_objects_but_arrays_never_do():
+    # the C scanner reuses the object of a value repeated from the previous span (a memo per key);
+    # arrays are lists, which a consumer may change, so each span gets its own
+    spans = random_spans(3, random.Random(4))
+    for d in spans:
+        d["attrs"].update({"gen_ai.response.finish_reasons": ["stop"], "llm.model_name": "gpt-4o"})
+    c_out, py_out = _both(span_request(spans).SerializeToString())
+    assert _canonical(c_out) == _canonical(py_out)
+    n = Normalizer(default_config().cohort_labels, default_config().evals)
+    lists = c_out["slots"][n._key_slots[b"gen_ai.response.finish_reasons"]][1]
+    models = c_out["slots"][n._key_slots[b"llm.model_name"]][1]
+    assert lists == [["stop"]] * 3 and len({id(v) for v in lists}) == 3
+    assert models == ["gpt-4o"] * 3

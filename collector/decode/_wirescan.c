@@ -58,6 +58,16 @@ typedef struct {
 
 #define RECORD_SIZE 64
 
+/* The last value read for one alias key: its AnyValue bytes and the object made of them. Spans
+ * of a request repeat most values (model, route, kind, span names), so the next span's equal
+ * bytes reuse the object instead of decoding and allocating again. Lists are never memoized
+ * (mutable); everything else any_value returns is immutable. */
+typedef struct {
+    const uint8_t *p;
+    Py_ssize_t n;
+    PyObject *v;
+} Memo;
+
 typedef struct {
     PyObject *keys;        /* dict: bytes -> int */
     KeyEntry table[KEY_TABLE];
@@ -73,6 +83,9 @@ typedef struct {
     int dry;               /* validate_traces: read everything, keep nothing but invalid spans */
     Py_ssize_t nspans;
     PyObject *invalid;
+    Memo *memo;            /* one per key slot (nmemo of them) */
+    Py_ssize_t nmemo;
+    Memo name_memo;
 } Ctx;
 
 static const char *COLUMN_NAMES[3] = {"name", "status_message", "scope"};
@@ -94,10 +107,22 @@ static uint8_t *grow(Grow *g, size_t n) {
     return out;
 }
 
-static uint32_t fnv1a(const uint8_t *p, Py_ssize_t n) {
-    uint32_t h = 2166136261u;
-    for (Py_ssize_t i = 0; i < n; i++) h = (h ^ p[i]) * 16777619u;
-    return h;
+/* Hash of an attribute key: its length and its first and last 8 bytes (two loads, not a loop over
+ * every byte: every attribute of every span is looked up, in the receiver's check and in the scan).
+ * Keys that share them only probe further; lookup compares whole keys. */
+static uint32_t key_hash(const uint8_t *p, Py_ssize_t n) {
+    uint64_t h = (uint64_t)n * 0x9E3779B97F4A7C15ull;
+    if (n >= 8) {
+        uint64_t a, b;
+        memcpy(&a, p, 8);
+        memcpy(&b, p + n - 8, 8);
+        h ^= a * 0xC2B2AE3D27D4EB4Full;
+        h = (h ^ (h >> 29)) + b * 0x165667B19E3779F9ull;
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001B3ull;
+    }
+    h ^= h >> 32;
+    return (uint32_t)h;
 }
 
 /* Builds the lookup table from the keys dict: no allocation per attribute afterwards. */
@@ -115,7 +140,7 @@ static int build_table(PyObject *keys, KeyEntry *table) {
             return -1;
         }
         Py_ssize_t n = PyBytes_GET_SIZE(k);
-        uint32_t i = fnv1a((const uint8_t *)PyBytes_AS_STRING(k), n) & (KEY_TABLE - 1);
+        uint32_t i = key_hash((const uint8_t *)PyBytes_AS_STRING(k), n) & (KEY_TABLE - 1);
         while (table[i].key) i = (i + 1) & (KEY_TABLE - 1);
         table[i].key = PyBytes_AS_STRING(k);
         table[i].len = n;
@@ -125,7 +150,7 @@ static int build_table(PyObject *keys, KeyEntry *table) {
 }
 
 static PyObject *lookup(const KeyEntry *table, const uint8_t *p, Py_ssize_t n) {
-    uint32_t i = fnv1a(p, n) & (KEY_TABLE - 1);
+    uint32_t i = key_hash(p, n) & (KEY_TABLE - 1);
     while (table[i].key) {
         if (table[i].len == n && memcmp(table[i].key, p, n) == 0) return table[i].slot;
         i = (i + 1) & (KEY_TABLE - 1);
@@ -138,7 +163,7 @@ static int fail(Ctx *c, const uint8_t *at, const char *what) {
     return -1;
 }
 
-static int read_varint(Ctx *c, Buf *b, uint64_t *out) {
+static int read_varint_slow(Ctx *c, Buf *b, uint64_t *out) {
     uint64_t v = 0;
     int shift = 0;
     while (b->p < b->end) {
@@ -154,8 +179,26 @@ static int read_varint(Ctx *c, Buf *b, uint64_t *out) {
     return fail(c, b->p, "truncated varint");
 }
 
+/* Tags and most lengths here fit in one or two bytes: those are read inline. */
+static inline __attribute__((always_inline)) int read_varint(Ctx *c, Buf *b, uint64_t *out) {
+    const uint8_t *p = b->p;
+    if (b->end - p >= 2) {
+        if (!(p[0] & 0x80)) {
+            *out = p[0];
+            b->p = p + 1;
+            return 0;
+        }
+        if (!(p[1] & 0x80)) {
+            *out = (uint64_t)(p[0] & 0x7f) | ((uint64_t)p[1] << 7);
+            b->p = p + 2;
+            return 0;
+        }
+    }
+    return read_varint_slow(c, b, out);
+}
+
 /* Reads one field header; for length-delimited fields also returns the payload slice. */
-static int read_field(Ctx *c, Buf *b, uint32_t *field, int *wt, Buf *sub, uint64_t *scalar) {
+static inline __attribute__((always_inline)) int read_field(Ctx *c, Buf *b, uint32_t *field, int *wt, Buf *sub, uint64_t *scalar) {
     uint64_t tag;
     if (read_varint(c, b, &tag) < 0) return -1;
     *field = (uint32_t)(tag >> 3);
@@ -263,6 +306,47 @@ static PyObject *any_value(Ctx *c, Buf v) {
     }
 }
 
+/* ``make(c, b)`` for the bytes ``b``, or the object the memo holds for equal bytes (a new reference). */
+static PyObject *memoized(Ctx *c, Memo *m, Buf b, PyObject *(*make)(Ctx *, Buf)) {
+    Py_ssize_t n = b.end - b.p;
+    if (m->v != NULL && m->n == n && memcmp(m->p, b.p, (size_t)n) == 0) {
+        Py_INCREF(m->v);
+        return m->v;
+    }
+    PyObject *v = make(c, b);
+    if (v != NULL && !PyList_Check(v)) {
+        Py_INCREF(v);
+        Py_XSETREF(m->v, v);
+        m->p = b.p;
+        m->n = n;
+    }
+    return v;
+}
+
+static PyObject *make_str(Ctx *c, Buf b) {
+    (void)c;
+    return PyUnicode_DecodeUTF8((const char *)b.p, b.end - b.p, "replace");
+}
+
+static int alloc_memo(Ctx *c) {
+    c->nmemo = PyDict_Size(c->keys);
+    c->memo = PyMem_Calloc((size_t)(c->nmemo > 0 ? c->nmemo : 1), sizeof(Memo));
+    if (!c->memo) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void free_memo(Ctx *c) {
+    if (c->memo) {
+        for (Py_ssize_t i = 0; i < c->nmemo; i++) Py_XDECREF(c->memo[i].v);
+        PyMem_Free(c->memo);
+        c->memo = NULL;
+    }
+    Py_CLEAR(c->name_memo.v);
+}
+
 /* One KeyValue. span_idx >= 0: append to the slot's columns (or `prefixed`);
  * span_idx < 0: append (slot, value) to `out` (resource attributes). */
 static int key_value(Ctx *c, Buf kv, Py_ssize_t span_idx, PyObject *out) {
@@ -285,7 +369,15 @@ static int key_value(Ctx *c, Buf kv, Py_ssize_t span_idx, PyObject *out) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "slot out of range");
             return -1;
         }
-        PyObject *value = has_val ? any_value(c, val) : (Py_INCREF(Py_None), Py_None);
+        PyObject *value;
+        if (!has_val) {
+            Py_INCREF(Py_None);
+            value = Py_None;
+        } else if (si < c->nmemo) {
+            value = memoized(c, &c->memo[si], val, any_value);
+        } else {
+            value = any_value(c, val);
+        }
         if (!value) return -1;
         int rc;
         if (c->dry) {
@@ -437,7 +529,7 @@ static int span(Ctx *c, Buf s, PyObject *scope, Py_ssize_t rs_idx, Py_ssize_t ss
     memcpy(r + 48, ix, 12);
     r[60] = kind > 255 ? 255 : (uint8_t)kind;
     r[61] = scode > 255 ? 255 : (uint8_t)scode;
-    if (append_steal(c->cols[0], name.p ? str_or_none(&name) : PyUnicode_FromString("")) < 0 ||
+    if (append_steal(c->cols[0], name.p ? memoized(c, &c->name_memo, name, make_str) : PyUnicode_FromString("")) < 0 ||
         append_steal(c->cols[1], str_or_none(&smsg)) < 0 || append_steal(c->cols[2], (Py_INCREF(scope), scope)) < 0)
         return -1;
     return 0;
@@ -561,7 +653,7 @@ static PyObject *scan_traces(PyObject *self, PyObject *args) {
     }
     for (int i = 0; i < 3; i++)
         if (!(c.cols[i] = PyList_New(0))) goto err;
-    if (build_table(c.keys, c.table) < 0) goto err;
+    if (build_table(c.keys, c.table) < 0 || alloc_memo(&c) < 0) goto err;
     c.base = (const uint8_t *)view.buf;
     if (walk_request(&c, c.base + view.len, resources) < 0) goto err;
     if (!(out = PyDict_New())) goto err;
@@ -578,6 +670,7 @@ err:
     Py_CLEAR(out);
 done:
     for (int i = 0; i < 3; i++) Py_XDECREF(c.cols[i]);
+    free_memo(&c);
     Py_XDECREF(c.invalid);
     PyMem_Free(c.records.p);
     Py_XDECREF(c.slots);
@@ -597,11 +690,14 @@ static PyObject *validate_traces(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*O!O!O", &view, &PyDict_Type, &c.keys, &PyTuple_Type, &c.prefixes, &c.event_names))
         return NULL;
     PyObject *out = NULL;
-    if (check_prefixes(c.prefixes) < 0 || !(c.invalid = PyList_New(0)) || build_table(c.keys, c.table) < 0) goto done;
+    if (check_prefixes(c.prefixes) < 0 || !(c.invalid = PyList_New(0)) || build_table(c.keys, c.table) < 0 ||
+        alloc_memo(&c) < 0)
+        goto done;
     c.base = (const uint8_t *)view.buf;
     if (walk_request(&c, c.base + view.len, NULL) < 0) goto done;
     out = Py_BuildValue("(nO)", c.nspans, c.invalid);
 done:
+    free_memo(&c);
     Py_XDECREF(c.invalid);
     PyBuffer_Release(&view);
     return out;
