@@ -39,6 +39,7 @@ class _Open:
     last_seen: float
     root: bool
     first_seq: int
+    last_seq: int      # the highest ingest_seq of its spans consumed so far
 
 
 @dataclass(frozen=True)
@@ -106,16 +107,17 @@ class TraceAssembler:
     def _rebuild(self) -> None:
         con = self._con
         rows = con.execute("""
-            SELECT s.trace_id, bool_or(s.parent_span_id IS NULL), min(s.ingest_seq),
+            SELECT s.trace_id, bool_or(s.parent_span_id IS NULL), min(s.ingest_seq), max(s.ingest_seq),
                    epoch(min(s.received_at)), epoch(max(s.received_at))
             FROM spans_core s ANTI JOIN traces t USING (trace_id)
-            GROUP BY s.trace_id ORDER BY 4""").fetchall()
+            GROUP BY s.trace_id ORDER BY 5""").fetchall()
         late = con.execute("""
-            SELECT s.trace_id, true, min(t.min_ingest_seq), epoch(min(s.received_at)), epoch(max(s.received_at))
+            SELECT s.trace_id, true, min(t.min_ingest_seq), max(s.ingest_seq), epoch(min(s.received_at)),
+                   epoch(max(s.received_at))
             FROM spans_core s JOIN traces t USING (trace_id)
-            WHERE s.ingest_seq > t.max_ingest_seq GROUP BY s.trace_id ORDER BY 4""").fetchall()
-        for tid, root, first_seq, first, last in rows + late:
-            self._touch(tid, bool(root), int(first_seq), float(first), float(last))
+            WHERE s.ingest_seq > t.max_ingest_seq GROUP BY s.trace_id ORDER BY 5""").fetchall()
+        for tid, root, first_seq, last_seq, first, last in rows + late:
+            self._touch(tid, bool(root), int(first_seq), int(last_seq), float(first), float(last))
         self.stats.open_traces = len(self._open)
         if rows or late:
             log.info("rebuilt %d open traces (%d with late spans) from the store", len(rows) + len(late), len(late))
@@ -133,14 +135,15 @@ class TraceAssembler:
                 log.exception("trace assembly round failed; retrying")
                 time.sleep(self.poll_s)
 
-    def _touch(self, tid: str, root: bool, first_seq: int, first: float, last: float) -> None:
+    def _touch(self, tid: str, root: bool, first_seq: int, last_seq: int, first: float, last: float) -> None:
         st = self._open.get(tid)
         if st is None:
-            self._open[tid] = _Open(first, last, root, first_seq)
+            self._open[tid] = _Open(first, last, root, first_seq, last_seq)
         else:
             st.last_seen = max(st.last_seen, last)
             st.root = st.root or root
             st.first_seq = min(st.first_seq, first_seq)
+            st.last_seq = max(st.last_seq, last_seq)
         self._by_last[tid] = None
         self._by_last.move_to_end(tid)
 
@@ -148,13 +151,13 @@ class TraceAssembler:
         now = self.now()
         # grouped on the stored integers: the hex text is formatted once a trace, not once a span
         rows = self._con.execute(
-            f"SELECT {TRACE_ID_SQL}, bool_or(parent_span_id_int IS NULL), min(ingest_seq) FROM spans_core "
+            f"SELECT {TRACE_ID_SQL}, bool_or(parent_span_id_int IS NULL), min(ingest_seq), max(ingest_seq) FROM spans_core "
             "WHERE ingest_seq > ? AND ingest_seq <= ? GROUP BY trace_id_hi, trace_id_lo", [after, upto]).fetchall()
         recent = self._recent
-        for tid, root, first_seq in rows:
+        for tid, root, first_seq, last_seq in rows:
             if tid not in self._open and recent.get(tid):
                 root = True
-            self._touch(tid, bool(root), int(first_seq), now, now)
+            self._touch(tid, bool(root), int(first_seq), int(last_seq), now, now)
         self.stats.open_traces = len(self._open)
 
     def complete_due(self) -> int:
@@ -186,7 +189,11 @@ class TraceAssembler:
 
     def _finalize(self, due: dict[str, bool]) -> None:
         con = self._con
+        # The spans of the due traces lie between these: a round reads about the spread of their
+        # arrival, not everything since the oldest (5 s and more of traffic, read again each round).
+        # A span committed after the last _consume is left for the next round, as a late span.
         lo = min(self._open[t].first_seq for t in due)
+        hi = max(self._open[t].last_seq for t in due)
         done = pa.table({"trace_id": list(due), "evicted": list(due.values())})  # noqa: F841 (scanned by name)
         con.register("done", done)
         try:
@@ -198,7 +205,7 @@ class TraceAssembler:
                 lo = min([lo] + [o["lo"] for o in old.values() if o["lo"] is not None])
                 con.execute("DELETE FROM traces WHERE trace_id IN (SELECT trace_id FROM done)")
             now_us = int(self.now() * 1e6)
-            rows = frame(con, self._sql.replace("$now::TIMESTAMP", f"make_timestamp({now_us}::BIGINT)"), {"lo": lo})
+            rows = frame(con, self._sql.replace("$now::TIMESTAMP", f"make_timestamp({now_us}::BIGINT)"), {"lo": lo, "hi": hi})
             rows = self._finish_rows(rows, old)
             con.register("new_traces", rows.to_arrow())
             con.execute(f"INSERT INTO traces ({', '.join(self._quoted(rows.columns))}) SELECT * FROM new_traces")
@@ -212,7 +219,7 @@ class TraceAssembler:
                 models = frame(
                     con, "SELECT d.trace_id, model, sum(input_tokens)::BIGINT, sum(output_tokens)::BIGINT, sum(cost_usd) "
                     f"FROM spans_core JOIN {with_trace_id_ints('done')} d USING (trace_id_hi, trace_id_lo) "
-                    "WHERE ingest_seq >= $lo AND span_kind = 'LLM' GROUP BY ALL", {"lo": lo})
+                    "WHERE ingest_seq BETWEEN $lo AND $hi AND span_kind = 'LLM' GROUP BY ALL", {"lo": lo, "hi": hi})
             con.commit()
         except BaseException:
             con.rollback()

@@ -19,7 +19,8 @@ _DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 def rollup_sql(cohort_labels) -> str:
     """SELECT producing trace rows for the trace ids in relation ``done(trace_id, evicted)``.
 
-    Parameters: $lo (lowest ingest_seq of the spans involved: zonemaps skip older row groups),
+    Parameters: $lo and $hi (the lowest and highest ingest_seq of the spans involved: zonemaps
+    skip the row groups outside; evals, which may arrive later by log, are bounded by $lo only),
     $now (completion time, TIMESTAMP).
     """
     cohort_cols = "".join(
@@ -28,7 +29,8 @@ def rollup_sql(cohort_labels) -> str:
     return f"""
 WITH s AS (
     SELECT d.trace_id, sc.* EXCLUDE (trace_id, span_id, parent_span_id), sc.parent_span_id_int IS NULL AS is_root
-    FROM spans_core sc JOIN {with_trace_id_ints("done")} d USING (trace_id_hi, trace_id_lo) WHERE sc.ingest_seq >= $lo
+    FROM spans_core sc JOIN {with_trace_id_ints("done")} d USING (trace_id_hi, trace_id_lo)
+    WHERE sc.ingest_seq BETWEEN $lo AND $hi
 ), e AS (
     SELECT ev.trace_id, count(*) AS total, count(*) FILTER (WHERE ev.passed = false) AS failed,
            bool_or(ev.name = 'refusal' AND ev.passed = false) AS refusal_failed,
