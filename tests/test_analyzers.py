@@ -332,3 +332,24 @@ def test_reprice_recomputes_span_and_trace_costs(priced_server, tmp_path):
     out = run("--since", "30d")                     # and straight from the file
     assert out.returncode == 0 and f"repriced {n_llm} LLM spans" in out.stdout, out.stderr
     assert run("--since", "soon").returncode == 2
+
+
+def test_histograms_of_many_series_at_once_equal_one_value_at_a_time():
+    from analyzers.aggregates import bucket_by_group
+    rng = random.Random(7)
+    bounds = (0.5, 1, 2, 5)
+    values = np.array([rng.choice([0.5, 0.7, 1.0, 3.0, 9.0, rng.random() * 10]) for _ in range(300)])
+    gid = np.array([rng.randrange(6) for _ in range(300)])
+    ids = [f"t{i}" for i in range(300)]
+    counts, totals, exemplars = bucket_by_group(bounds, gid, 7, values, ids, 42.0)
+    for g in range(7):
+        want = [0] * (len(bounds) + 1)
+        last = {}
+        for i in range(300):
+            if gid[i] == g:
+                b = next((k for k, bound in enumerate(bounds) if values[i] <= bound), len(bounds))   # "le" buckets
+                want[b] += 1
+                last[b] = (ids[i], float(values[i]), 42.0)
+        assert counts[g].tolist() == want
+        assert totals[g] == pytest.approx(values[gid == g].sum())
+        assert exemplars.get(g, {}) == last
