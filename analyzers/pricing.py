@@ -68,7 +68,8 @@ _KEYS = frozenset({"match", "input", "output", "cache_read", "cache_write", "sin
 _PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
 _EPOCH = _dt.date(1970, 1, 1)
 _NO_SINCE = -(10**9)        # sorts before every real day
-_CACHE_MAX_MODELS = 8192    # model strings are client-controlled: bound the memo, don't grow forever
+_CACHE_MAX_MODELS = 8192
+_UNSEEN = object()    # model strings are client-controlled: bound the memo, don't grow forever
 
 
 @dataclass(frozen=True)
@@ -234,9 +235,11 @@ class PriceTable:
     def price_columns(self, models: Sequence[str | None], starts_ns: Sequence[int | None],
                       input_tokens: Sequence[int | None], output_tokens: Sequence[int | None],
                       cache_read: Sequence[int | None], cache_write: Sequence[int | None],
-                      reported: Sequence[float | None]) -> tuple[list[float | None], Counter[str]]:
+                      reported: Sequence[float | None], rows: Sequence[int] | None = None
+                      ) -> tuple[list[float | None], Counter[str]]:
         """See :func:`price_columns`."""
-        return price_columns(self, models, starts_ns, input_tokens, output_tokens, cache_read, cache_write, reported)
+        return price_columns(self, models, starts_ns, input_tokens, output_tokens, cache_read, cache_write, reported,
+                             rows)
 
 
 def cost_usd(entry: PriceEntry, input_tokens: int | None, output_tokens: int | None,
@@ -252,34 +255,37 @@ def cost_usd(entry: PriceEntry, input_tokens: int | None, output_tokens: int | N
     return (uncached * entry.input + cr * cr_price + cw * cw_price + (output_tokens or 0) * entry.output) / 1e6
 
 
-def price_columns(table: PriceTable, models: Sequence[str | None], starts_ns: Sequence[int | None],
-                  input_tokens: Sequence[int | None], output_tokens: Sequence[int | None],
-                  cache_read: Sequence[int | None], cache_write: Sequence[int | None],
-                  reported: Sequence[float | None]) -> tuple[list[float | None], Counter[str]]:
+def price_columns(table: PriceTable, models: Sequence[str | None] | None, starts_ns: Sequence[int | None],
+                  input_tokens: Sequence[int | None] | None, output_tokens: Sequence[int | None] | None,
+                  cache_read: Sequence[int | None] | None, cache_write: Sequence[int | None] | None,
+                  reported: Sequence[float | None] | None,
+                  rows: Sequence[int] | None = None) -> tuple[list[float | None], Counter[str]]:
     """Per-span cost for a batch, and the unpriced spans per model (for ``shadowlens_unpriced_spans_total``).
 
     A reported cost (``llm.cost.total``) is used as is. Otherwise a span with neither input nor output
     tokens has unknown cost (None, not counted: there is nothing to price); a span with tokens but no
     matching price is None and counted under its model (``unknown`` when it names none).
+    ``rows``: the spans to price (default: all); the others keep only their reported cost. A column
+    may be None (no span has it).
     """
-    costs: list[float | None] = [None] * len(models)
+    n = len(starts_ns)
+    none = [None] * n
+    models, input_tokens, output_tokens, cache_read, cache_write = (c if c is not None else none for c in (
+        models, input_tokens, output_tokens, cache_read, cache_write))
+    costs: list[float | None] = list(reported) if reported is not None else [None] * n
     unpriced: Counter[str] = Counter()
     entries: dict = {}        # (model, day) -> entry: a batch has few models and days
-
-    def lookup(model, at_ns):
-        key = (model, None if at_ns is None else at_ns // NS_PER_DAY)
-        if key not in entries:
-            entries[key] = table.lookup(model, at_ns)
-        return entries[key]
-    for i, model in enumerate(models):
-        rep = reported[i]
-        if rep is not None:
-            costs[i] = rep
+    for i in (range(n) if rows is None else rows):
+        if costs[i] is not None:
             continue
         inp, out = input_tokens[i], output_tokens[i]
         if inp is None and out is None:
             continue
-        entry = lookup(model, starts_ns[i]) if model else None
+        model, at = models[i], starts_ns[i]
+        key = (model, None if at is None else at // NS_PER_DAY)
+        entry = entries.get(key, _UNSEEN)
+        if entry is _UNSEEN:
+            entry = entries[key] = table.lookup(model, at) if model else None
         if entry is None:
             unpriced[model or UNKNOWN_MODEL] += 1
             continue

@@ -236,6 +236,12 @@ def test_price_columns_reported_priced_unpriced_and_unknown(tmp_path):
     assert unpriced == Counter({"mystery": 1, "unknown": 1})
     # the method form is the same computation
     assert t.price_columns(["cheap"], [day], [1_000], [500], [None], [None], [None])[0] == [pytest.approx(0.002)]
+    # only `rows` are priced (the ingest path passes its LLM spans); every span keeps a reported cost;
+    # a column no span has may be None
+    costs, unpriced = t.price_columns(["cheap", "cheap", "mystery", None], [day] * 4, [1_000, 1_000, 10, 5], None,
+                                      None, None, [None, None, None, 0.75], rows=[1, 2])
+    assert costs == [None, pytest.approx(1_000 * 1.0 / 1e6), None, 0.75]
+    assert unpriced == Counter({"mystery": 1})
 
 
 # ------------------------------------------------------------------ validation

@@ -297,25 +297,15 @@ class Normalizer:
     def _costs(self, cols, rec, n) -> tuple[list | None, Counter]:
         """Cost of LLM spans: the reported cost, else tokens x the price table (CONTRACT §4)."""
         reported = cols["reported_cost_usd"]
-        inp, out = cols["input_tokens"], cols["output_tokens"]
         kinds = cols["span_kind"]
-        if self.prices is None or kinds is None or (inp is None and out is None):
+        if self.prices is None or kinds is None or (cols["input_tokens"] is None and cols["output_tokens"] is None):
             return (list(reported) if reported is not None else None), Counter()
         llm = [i for i, k in enumerate(kinds) if k == "LLM"]
         if not llm:
             return (list(reported) if reported is not None else None), Counter()
-        none = [None] * n
-
-        def pick(col):
-            col = col if col is not None else none
-            return [col[i] for i in llm]
-        costs, unpriced = self.prices.price_columns(
-            pick(cols["model"]), rec["start"][llm].tolist(), pick(inp), pick(out), pick(cols["cache_read_tokens"]),
-            pick(cols["cache_write_tokens"]), pick(reported))
-        out_col = list(reported) if reported is not None else [None] * n
-        for i, c in zip(llm, costs):
-            out_col[i] = c
-        return out_col, unpriced
+        return self.prices.price_columns(
+            cols["model"], rec["start"].tolist(), cols["input_tokens"], cols["output_tokens"], cols["cache_read_tokens"],
+            cols["cache_write_tokens"], reported, rows=llm)
 
     def _resource_values(self, matches) -> dict[str, Any]:
         best: dict[str, tuple[int, Any]] = {}
