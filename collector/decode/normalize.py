@@ -189,8 +189,16 @@ class Normalizer:
         res_meta = [_loads_obj(r.get("json_metadata")) for r in resources]
         if meta is not None or any(res_meta):
             relevant = self._meta_relevant
-            span_meta = ({i: _loads_obj(t) for i, t in enumerate(meta) if t and type(t) is str and relevant(t)}
-                         if meta is not None else {})
+            span_meta = {}
+            if meta is not None:
+                parsed: dict[str, dict | None] = {}     # spans of a request repeat their metadata
+                for i, t in enumerate(meta):
+                    if t and type(t) is str:
+                        obj = parsed.get(t, _UNSEEN)
+                        if obj is _UNSEEN:
+                            obj = parsed[t] = _loads_obj(t) if relevant(t) else None
+                        if obj is not None:
+                            span_meta[i] = obj
             for concept in self._inherit:
                 col = cols[concept]
                 for i, obj in span_meta.items():           # the span's own metadata JSON
@@ -408,6 +416,7 @@ class Normalizer:
         )
 
 
+_UNSEEN = object()
 _KINDS_ARROW = pa.array(_KINDS + (None,), pa.string())     # the last entry: any value OTLP does not define
 _STATUS_ARROW = pa.array(_STATUS + (None,), pa.string())
 
