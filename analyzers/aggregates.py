@@ -42,11 +42,6 @@ class Histogram:
         self.counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)
         self.exemplars = [None] * (len(self.bounds) + 1)
 
-    def add(self, values: np.ndarray, trace_ids: list[str] | None, ts: float) -> None:
-        counts, totals, exemplars = bucket_by_group(self.bounds, np.zeros(len(values), dtype=np.int64), 1, values,
-                                                    trace_ids, ts)
-        self.merge(counts[0], float(totals[0]), exemplars.get(0, {}))
-
     def merge(self, counts: np.ndarray, total: float, exemplars: dict) -> None:
         """Adds per-bucket ``counts`` (not cumulative), their sum of values, and {bucket: exemplar}."""
         self.counts += counts
@@ -113,19 +108,19 @@ class StreamingAggregates:
         key_rows = list(zip(*columns))                     # each trace's series key
         index: dict[tuple, int] = {}                       # series key -> group, in order of appearance
         gid = np.fromiter((index.setdefault(k, len(index)) for k in key_rows), dtype=np.int64, count=len(key_rows))
-        groups, n = list(index), len(index)
+        groups, ngroups = list(index), len(index)
         ids = t["trace_id"].to_list()
         now = self.now()
         # one numpy pass per measure for all series (a polars group-by per series cost ~0.5 ms each)
-        traces = np.bincount(gid, minlength=n)
-        refusals = np.bincount(gid, weights=t["refused"].fill_null(False).cast(pl.Float64).to_numpy(), minlength=n)
-        escalations = np.bincount(gid, weights=t["escalated"].fill_null(False).cast(pl.Float64).to_numpy(), minlength=n)
-        duration = bucket_by_group(DURATION_BUCKETS, gid, n,
+        traces = np.bincount(gid, minlength=ngroups)
+        refusals = np.bincount(gid, weights=t["refused"].fill_null(False).cast(pl.Float64).to_numpy(), minlength=ngroups)
+        escalations = np.bincount(gid, weights=t["escalated"].fill_null(False).cast(pl.Float64).to_numpy(), minlength=ngroups)
+        duration = bucket_by_group(DURATION_BUCKETS, gid, ngroups,
                                    t["duration_seconds"].fill_null(0.0).cast(pl.Float64).to_numpy(), ids, now)
-        steps = bucket_by_group(STEPS_BUCKETS, gid, n, t["steps"].cast(pl.Float64).to_numpy(), None, now)
+        steps = bucket_by_group(STEPS_BUCKETS, gid, ngroups, t["steps"].cast(pl.Float64).to_numpy(), None, now)
         cost_col = t["cost_usd"].cast(pl.Float64)
         priced = cost_col.is_not_null().to_numpy()
-        cost = bucket_by_group(COST_BUCKETS, gid[priced], n, cost_col.drop_nulls().to_numpy(), None, now)
+        cost = bucket_by_group(COST_BUCKETS, gid[priced], ngroups, cost_col.drop_nulls().to_numpy(), None, now)
         with self._lock:
             for g, key in enumerate(groups):
                 s = self.series.get(key)

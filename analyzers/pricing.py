@@ -68,8 +68,8 @@ _KEYS = frozenset({"match", "input", "output", "cache_read", "cache_write", "sin
 _PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
 _EPOCH = _dt.date(1970, 1, 1)
 _NO_SINCE = -(10**9)        # sorts before every real day
-_CACHE_MAX_MODELS = 8192
-_UNSEEN = object()    # model strings are client-controlled: bound the memo, don't grow forever
+_CACHE_MAX_MODELS = 8192    # model strings are client-controlled: bound the memo, don't grow forever
+_UNSEEN = object()
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,7 @@ def price_columns(table: PriceTable, models: Sequence[str | None] | None, starts
     none = [None] * n
     models, input_tokens, output_tokens, cache_read, cache_write = (c if c is not None else none for c in (
         models, input_tokens, output_tokens, cache_read, cache_write))
-    costs: list[float | None] = list(reported) if reported is not None else [None] * n
+    costs: list[float | None] = list(reported if reported is not None else none)
     unpriced: Counter[str] = Counter()
     entries: dict = {}        # (model, day) -> entry: a batch has few models and days
     for i in (range(n) if rows is None else rows):

@@ -234,9 +234,15 @@ static inline __attribute__((always_inline)) int read_field(Ctx *c, Buf *b, uint
     }
 }
 
+/* Text of a string field; invalid UTF-8 is replaced, not an error (as the protobuf reference reads it). */
+static PyObject *make_str(Ctx *c, Buf b) {
+    (void)c;
+    return PyUnicode_DecodeUTF8((const char *)b.p, b.p ? b.end - b.p : 0, "replace");
+}
+
 static PyObject *str_or_none(const Buf *s) {
     if (s->p == NULL) Py_RETURN_NONE;
-    return PyUnicode_DecodeUTF8((const char *)s->p, s->end - s->p, "replace");
+    return make_str(NULL, *s);
 }
 
 static PyObject *bytes_of(const Buf *s) {
@@ -266,7 +272,7 @@ static PyObject *any_value(Ctx *c, Buf v) {
     case 0:
         Py_RETURN_NONE;
     case 1:
-        return PyUnicode_DecodeUTF8((const char *)last_sub.p, last_sub.p ? last_sub.end - last_sub.p : 0, "replace");
+        return make_str(c, last_sub);
     case 2:
         return PyBool_FromLong(last_scalar != 0);
     case 3:
@@ -321,11 +327,6 @@ static PyObject *memoized(Ctx *c, Memo *m, Buf b, PyObject *(*make)(Ctx *, Buf))
         m->n = n;
     }
     return v;
-}
-
-static PyObject *make_str(Ctx *c, Buf b) {
-    (void)c;
-    return PyUnicode_DecodeUTF8((const char *)b.p, b.end - b.p, "replace");
 }
 
 static int alloc_memo(Ctx *c) {

@@ -474,26 +474,35 @@ _CACHES = {"span_kind": _KIND_CACHE, "finish_reason": _FINISH_CACHE}
 _CACHE_MAX = 1024
 
 
+def _remembered(cache: dict):
+    """A converter that keeps its answers for str values in ``cache`` (and reads them from it)."""
+    def wrap(convert):
+        @functools.wraps(convert)
+        def converter(raw):
+            if type(raw) is str:
+                hit = cache.get(raw)
+                if hit is not None:
+                    return hit
+            out = convert(raw)
+            if out is not None and type(raw) is str and len(cache) < _CACHE_MAX:
+                cache[raw] = out
+            return out
+        return converter
+    return wrap
+
+
+@_remembered(_KIND_CACHE)
 def _span_kind(raw) -> str | None:
-    if type(raw) is str:
-        hit = _KIND_CACHE.get(raw)
-        if hit is not None:
-            return hit
     v = typed(raw, A.STR)
-    out = A.SPAN_KIND_VALUES.get(v.strip().lower(), v.upper()) if v else None
-    if out is not None and type(raw) is str and len(_KIND_CACHE) < _CACHE_MAX:
-        _KIND_CACHE[raw] = out
-    return out
+    return A.SPAN_KIND_VALUES.get(v.strip().lower(), v.upper()) if v else None
 
 
+@_remembered(_FINISH_CACHE)
 def _finish_text(raw) -> str | None:
     """Finish reasons (an array, a JSON array string or one string) as the stored comma-joined text;
     None for none, so the next alias key is tried."""
     reasons = typed(raw, A.STRS)
-    out = ",".join(reasons) if reasons else None
-    if out is not None and type(raw) is str and len(_FINISH_CACHE) < _CACHE_MAX:
-        _FINISH_CACHE[raw] = out
-    return out
+    return ",".join(reasons) if reasons else None
 
 
 def _meta_lookup(meta: dict | None, concept: str, cohort_keys: Mapping[str, tuple[str, ...]],

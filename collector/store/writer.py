@@ -151,7 +151,7 @@ class StoreWriter:
         """Open or create the store (also rebuilds dedup memory); called before receivers start."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.con = _connect(db_path(self.data_dir), self.duckdb_settings)
-        self._catalog = db_path(self.data_dir).stem
+        self._catalog = self.con.execute("SELECT current_database()").fetchall()[0][0]
         self.decoder = PayloadDecoder(self.data_dir)
         register_functions(self.con, self.decoder)
         migrate(self.con, self.cohort_labels)
