@@ -2,8 +2,9 @@
 
 Started by ``serve`` beside the frontend (collector/store/remote.py explains the three
 processes). The frontend has already made each payload durable and acknowledged it; this
-process reads the bytes back from the segment file (they are in the page cache), normalizes
-them (normalize.py, the GIL-bound part of ingest) and sends the batch to the store process.
+process reads the bytes back from the segment file (they are in the page cache, and leave it
+once read: see SegmentReader.read), normalizes them (normalize.py, the GIL-bound part of
+ingest) and sends the batch to the store process.
 It exits when the frontend's end of its input pipe closes, after passing on everything before.
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main(conn_in, conn_out, config_tree: dict) -> None:
         if msg[0] == "record":
             _, rid, seg, off, length, sig, low = msg
             try:
-                payload = reader.read(seg, off, length)
+                payload = reader.read(seg, off, length, last_read=True)
                 if sig == "traces":
                     batch = normalizer.normalize_traces(payload)
                 else:

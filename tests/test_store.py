@@ -182,3 +182,54 @@ def test_writer_writes_small_row_groups_that_survive_reopening(tmp_path):
         store.shutdown()
         assert len(groups) >= 2 * (session + 1)
         assert max(rows for _, rows in groups) <= 16384
+
+
+def _resident_pages(path, size: int) -> list[bool]:
+    """mincore(2) over a read-only mapping of ``path``: which of its pages are in the page cache."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    vec = ctypes.create_string_buffer((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+    with open(path, "rb") as fh:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fh.fileno(), 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(addr, size)
+    return [bool(b & 1) for b in vec.raw]
+
+
+def test_the_decoders_read_drops_the_record_from_the_page_cache(tmp_path):
+    """The decoder reads each record once (last_read=True): the record's whole pages leave the page
+    cache, its neighbours stay, and the bytes read are the bytes written."""
+    import mmap
+
+    from collector.store.segments import SegmentLog, SegmentReader, segment_path
+    log = SegmentLog(tmp_path, 1)
+    payloads = [bytes([k]) * (40 * mmap.PAGESIZE + 123) for k in (1, 2, 3)]
+    places = []
+    for p in payloads:
+        seg, off, ticket = log.append(p)
+        log.wait_durable(ticket)
+        places.append((seg, off))
+    log.close()
+    path = segment_path(tmp_path, 1)
+    size = path.stat().st_size
+    reader = SegmentReader(tmp_path)
+    for (seg, off), p in zip(places, payloads):
+        assert reader.read(seg, off, len(p)) == p         # every page of the file is cached now
+    if not all(_resident_pages(path, size)):
+        pytest.skip("this file system does not keep written pages in the page cache")
+    seg, off = places[1]
+    assert reader.read(seg, off, len(payloads[1]), last_read=True) == payloads[1]
+    resident = _resident_pages(path, size)
+    first, last = (off + mmap.PAGESIZE - 1) // mmap.PAGESIZE, (off + len(payloads[1])) // mmap.PAGESIZE
+    assert not any(resident[first:last])                  # the record's whole pages are gone
+    assert all(resident[:first - 1]) and all(resident[last + 1:])   # its neighbours' pages are not
+    assert reader.read(seg, off, len(payloads[1])) == payloads[1]   # and it still reads back from disk
+    reader.close()
