@@ -284,6 +284,38 @@ def test_route_from_request_model_and_unpriced_models(serve_factory, tmp_path):
     assert total(m, "shadowlens_unpriced_spans_total", model="gpt-4o-2024-08-06") == 0   # the shipped table prices it
 
 
+def test_trace_model_is_the_most_frequent_with_ties_to_the_first_and_steps_are_distinct(serve_factory):
+    """``model``: the LLM model most spans used, a tie going to the first in sort order; ``models``: every
+    distinct LLM model, sorted, comma-joined; ``steps``: distinct ``agent.trajectory.step`` values."""
+    server = serve_factory(env=FAST)
+    rng = random.Random(11)
+    cases = {   # trace -> (model, step) of each LLM span
+        "tie": [("zeta-1", 1), ("alpha-1", 2)],
+        "majority": [("alpha-1", 1), ("zeta-1", 2), ("zeta-1", 2), ("mid-1", 3)],
+        "one": [("mid-1", 4), ("mid-1", 4), ("mid-1", 4)],
+    }
+    spans, ids = [], {}
+    for name, calls in cases.items():
+        tid, root = rng.randbytes(16), rng.randbytes(8)
+        ids[tid.hex()] = name
+        spans.append({"trace_id": tid, "span_id": root, "name": "agent.run", "start": T0, "end": T0 + NS})
+        for model, step in calls:
+            spans.append({"trace_id": tid, "span_id": rng.randbytes(8), "parent": root, "name": "chat", "start": T0,
+                          "end": T0 + NS, "attrs": {"gen_ai.operation.name": "chat", "gen_ai.response.model": model,
+                                                    "agent.trajectory.step": step}})
+    rng.shuffle(spans)
+    grpc_export(server.grpc_endpoint, span_request(spans).SerializeToString())
+    wait_for(lambda: total(scrape(server), "shadowlens_traces_total") == len(cases))
+    rows = {ids[r["trace_id"]]: r for r in server.query("select trace_id, model, models, steps, llm_calls from traces")}
+    for name, calls in cases.items():
+        counts = {m: sum(1 for c, _ in calls if c == m) for m, _ in calls}
+        top = max(counts.values())
+        assert rows[name]["model"] == min(m for m, n in counts.items() if n == top), name
+        assert rows[name]["models"] == ",".join(sorted(counts)), name
+        assert rows[name]["steps"] == len({st for _, st in calls}), name
+        assert rows[name]["llm_calls"] == len(calls), name
+
+
 def test_reprice_recomputes_span_and_trace_costs(priced_server, tmp_path):
     import subprocess
 
