@@ -32,7 +32,7 @@ def rollup_sql(cohort_labels) -> str:
         for c in cohort_labels)
     return f"""
 WITH s AS (
-    SELECT d.trace_id, sc.* EXCLUDE (trace_id, span_id, parent_span_id), sc.parent_span_id_int IS NULL AS is_root
+    SELECT d.trace_id, d.evicted, sc.* EXCLUDE (trace_id, span_id, parent_span_id), sc.parent_span_id_int IS NULL AS is_root
     FROM spans_core sc JOIN {with_trace_id_ints("done")} d USING (trace_id_hi, trace_id_lo)
     WHERE sc.ingest_seq BETWEEN $lo AND $hi
 ), e AS (
@@ -67,7 +67,7 @@ SELECT s.trace_id,
     coalesce(bool_or(s.escalated), false) AS escalated,
     list_aggregate(list_sort(list(s.model) FILTER (WHERE s.span_kind = 'LLM')), 'mode') AS model,
     nullif(array_to_string(list_sort(list_distinct(list(s.model) FILTER (WHERE s.span_kind = 'LLM'))), ','), '') AS models,
-    NOT bool_or(s.is_root) OR bool_or(d.evicted) AS incomplete,
+    NOT bool_or(s.is_root) OR bool_or(s.evicted) AS incomplete,
     count(*) AS span_count,
     coalesce(max(s.session_id) FILTER (WHERE s.is_root), max(s.session_id)) AS session_id,
     coalesce(max(s.service_name) FILTER (WHERE s.is_root), max(s.service_name)) AS service_name,
@@ -76,7 +76,7 @@ SELECT s.trace_id,
     max(s.ingest_seq) AS max_ingest_seq,
     $now::TIMESTAMP AS completed_at,
     coalesce(max(s.request_model) FILTER (WHERE s.span_kind = 'LLM'), max(s.request_model)) AS _request_model
-FROM s JOIN done d USING (trace_id) LEFT JOIN e USING (trace_id)
+FROM s LEFT JOIN e USING (trace_id)
 GROUP BY s.trace_id
 """
 
