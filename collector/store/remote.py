@@ -188,12 +188,6 @@ class StoreBridge:
         # glibc gives each thread that allocates its own malloc arena (up to 8 per core); with
         # 30-odd receiver threads holding 1 MB requests that was ~150 MB of RSS in the frontend.
         os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-        # Keep freed heap instead of giving it back at once: on a VM whose host takes back free
-        # memory (virtio-balloon free page reporting), every page given back and touched again is a
-        # fault the host serves. Measured under the ingest benchmark: minor faults 11-12k -> 5-5.5k
-        # a second in each child, peak RSS unchanged (the heap's high-water mark is reached anyway).
-        os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(64 << 20))
-        os.environ.setdefault("MALLOC_TOP_PAD_", str(8 << 20))
         fe_parent, fe_child = ctx.Pipe(duplex=True)
         dec_in, fe_to_dec = ctx.Pipe(duplex=False)        # frontend -> decoder
         dec_parent, dec_out = ctx.Pipe(duplex=False)      # decoder -> store
