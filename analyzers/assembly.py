@@ -30,14 +30,18 @@ from .rollup import RouteResolver, rollup_sql
 
 log = logging.getLogger("shadowlens.assembly")
 
-RECENT_COMPLETED = 200_000
+# Completed traces remembered by id, so that a late span of one is known to belong to a trace with
+# a root (it completes after idle_seconds again, not max_seconds). 50k: ~8 s of the ingest
+# benchmark's traffic, hours of a typical agent's; 200k held ~35 MB (tracemalloc) of the store
+# process's memory budget.
+RECENT_COMPLETED = 50_000
 # Finalization rounds at most this often (and at most every idle_seconds / 2): a round costs ~20 ms
 # of query planning and fixed work whatever its size, and ran after every commit (3-4 a second under
 # load). Completion is at most this much later than idle_seconds.
 ROUND_S = 1.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Open:
     first_seen: float
     last_seen: float
