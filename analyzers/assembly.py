@@ -32,7 +32,7 @@ log = logging.getLogger("shadowlens.assembly")
 
 # Completed traces remembered by id, so that a late span of one is known to belong to a trace with
 # a root (it completes after idle_seconds again, not max_seconds). 50k: ~8 s of the ingest
-# benchmark's traffic, hours of a typical agent's; 200k held ~35 MB (tracemalloc) of the store
+# benchmark's traffic, over an hour at 10 traces/s; 200k held ~35 MB (tracemalloc) of the store
 # process's memory budget.
 RECENT_COMPLETED = 50_000
 # Finalization rounds at most this often (and at most every idle_seconds / 2): a round costs ~20 ms

@@ -53,9 +53,9 @@ class SegmentLog:
         self.segment_bytes = segment_bytes
         self._lock = threading.Lock()
         # One pwrite at a time. The kernel serializes buffered writes to a file anyway (ext4 takes
-        # the inode lock), but its waiters spin on the lock's owner first: with 16 receiver threads
-        # that doubled the CPU of a write for the same wall time (measured: 0.49 -> 0.87-1.03 ms of
-        # CPU per 1.3 MB request; 0.52 with this lock), CPU the decoder and DuckDB were waiting for.
+        # the inode lock), but its waiters spin on the lock's owner first: with 16 writer threads
+        # that doubled the CPU of a write for the same wall time (microbenchmark: 0.87-1.03 ms of CPU
+        # per 1.3 MB request, 0.52 with this lock; under the full ingest load, within noise).
         self._write_lock = threading.Lock()
         self._current = _Segment(self.dir, start_segment)
         self._retired: list[_Segment] = []
