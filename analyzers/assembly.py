@@ -5,35 +5,44 @@ or ``traces.max_seconds`` after its first span (then it is ``incomplete`` if the
 Times are arrival times at the sidecar, not the agent's clock. Memory is bounded by
 ``traces.max_open``: beyond it the oldest open trace is finalized as incomplete and counted.
 
-Exactly-once: the ``traces`` table is the record of what completed. A trace whose row already
-exists when it completes again (late spans) gets its row replaced (``revision`` + 1) and is not
-handed to the metrics again; after a restart, open traces are rebuilt from spans that have no
-trace row, and late spans that were never processed from spans newer than their trace's row.
+The assembler follows the store's commits (``StoreWriter.follow``): it sees the committed rows'
+trace ids as Arrow columns and never queries DuckDB to learn what arrived.
+
+Exactly-once: a trace that completes again (late spans) gets its row replaced (``revision`` + 1)
+and is not handed to the metrics again. Which traces have a row is known from memory: the last
+``RECENT_COMPLETED`` completed traces (seeded from the ``traces`` table at start), and, after a
+restart, traces with spans newer than their row. Asking the table for every completing trace cost
+a scan of every trace id in it each round (1.5 s at 20M rows). Like the OpenTelemetry Collector's
+tail-sampling decision cache, this is a horizon: a span whose trace completed longer ago than
+that starts a new, incomplete trace row. After a restart, open traces are rebuilt from spans that
+have no trace row.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
 import duckdb
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from collector.schema import TRACE_ID_SQL, with_trace_id_ints
+from collector.schema import with_trace_id_ints
+from collector.store.commit import Committed
 from collector.store.database import frame
 
 from .rollup import RouteResolver, rollup_sql
 
 log = logging.getLogger("shadowlens.assembly")
 
-# Completed traces remembered by id, so that a late span of one is known to belong to a trace with
-# a root (it completes after idle_seconds again, not max_seconds). 50k: ~8 s of the ingest
-# benchmark's traffic, over an hour at 10 traces/s; 200k held ~35 MB (tracemalloc) of the store
-# process's memory budget.
+# Completed traces remembered by id: a late span of one revises its row (the horizon of "late"),
+# and its trace had a root (it completes after idle_seconds again, not max_seconds). 50k: ~12 s of
+# the ingest benchmark's traffic, over an hour at 10 traces/s; 200k held ~35 MB (tracemalloc) of
+# the store process's memory budget.
 RECENT_COMPLETED = 50_000
 # Finalization rounds at most this often (and at most every idle_seconds / 2): a round costs ~20 ms
 # of query planning and fixed work whatever its size, and ran after every commit (3-4 a second under
@@ -48,6 +57,8 @@ class _Open:
     root: bool
     first_seq: int
     last_seq: int      # the highest ingest_seq of its spans consumed so far
+    evals_seq: int = -1                  # the highest ingest_seq of its evals seen while open (-1: none)
+    row_completed_us: int | None = None  # completed_at of its row in ``traces`` (None: it has none)
 
 
 @dataclass(frozen=True)
@@ -85,10 +96,12 @@ class TraceAssembler:
         self._sql = rollup_sql(self.cohort_labels)
         self._open: dict[str, _Open] = {}                         # insertion order = first_seen order
         self._by_last: OrderedDict[str, None] = OrderedDict()     # least recently updated first
-        # Recently completed traces and whether they had a root: a late span re-opens its trace
-        # with that root, so it completes after idle_seconds again, not after max_seconds.
-        self._recent: OrderedDict[str, bool] = OrderedDict()
-        self._seq = 0
+        # Recently completed traces: (had a root, completed_at in us). A late span re-opens its trace
+        # with that root, and its row is found by completed_at (a zonemap range, not a table scan).
+        self._recent: OrderedDict[str, tuple[bool, int]] = OrderedDict()
+        self._feed: deque[Committed] = deque()       # appended by the store's writer thread
+        self._seq = 0          # the last commit consumed
+        self._seen = 0         # the last commit the store announced
         self.round_s = min(ROUND_S, idle_s / 2)
         self._last_round = float("-inf")
         self._stop = threading.Event()
@@ -99,7 +112,9 @@ class TraceAssembler:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self._con = self.store.cursor()
-        self._seq = self.store.committed_seq
+        self.store.follow(self._feed.append)         # first: a commit after the next line is fed
+        self._seq = self._seen = self.store.committed_seq
+        self._remember_completed()
         self._rebuild()
         self._thread = threading.Thread(target=self._run, name="shadowlens-assembler", daemon=True)
         self._thread.start()
@@ -114,20 +129,28 @@ class TraceAssembler:
             self._con.close()
             self._con = None
 
+    def _remember_completed(self) -> None:
+        rows = self._con.execute(
+            "SELECT trace_id, NOT incomplete, epoch_us(completed_at) FROM traces ORDER BY completed_at DESC LIMIT ?",
+            [RECENT_COMPLETED]).fetchall()
+        for tid, root, completed_us in reversed(rows):
+            self._recent[tid] = (bool(root), int(completed_us))
+
     def _rebuild(self) -> None:
         con = self._con
         rows = con.execute("""
             SELECT s.trace_id, bool_or(s.parent_span_id IS NULL), min(s.ingest_seq), max(s.ingest_seq),
-                   epoch(min(s.received_at)), epoch(max(s.received_at))
+                   epoch(min(s.received_at)), epoch(max(s.received_at)), NULL
             FROM spans_core s ANTI JOIN traces t USING (trace_id)
             GROUP BY s.trace_id ORDER BY 5""").fetchall()
         late = con.execute("""
             SELECT s.trace_id, true, min(t.min_ingest_seq), max(s.ingest_seq), epoch(min(s.received_at)),
-                   epoch(max(s.received_at))
+                   epoch(max(s.received_at)), min(epoch_us(t.completed_at))
             FROM spans_core s JOIN traces t USING (trace_id)
             WHERE s.ingest_seq > t.max_ingest_seq GROUP BY s.trace_id ORDER BY 5""").fetchall()
-        for tid, root, first_seq, last_seq, first, last in rows + late:
-            self._touch(tid, bool(root), int(first_seq), int(last_seq), float(first), float(last))
+        for tid, root, first_seq, last_seq, first, last, completed_us in rows + late:
+            self._touch(tid, bool(root), int(first_seq), int(last_seq), float(first), float(last),
+                        None if completed_us is None else int(completed_us))
         self.stats.open_traces = len(self._open)
         if rows or late:
             log.info("rebuilt %d open traces (%d with late spans) from the store", len(rows) + len(late), len(late))
@@ -136,10 +159,12 @@ class TraceAssembler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                seq = self.store.wait_for_commit(self._seq, self.poll_s)
-                if seq > self._seq:
-                    self._consume(self._seq, seq)
-                    self._seq = seq
+                self._seen = self.store.wait_for_commit(self._seen, self.poll_s)
+                while self._feed:
+                    committed = self._feed.popleft()
+                    if committed.seq > self._seq:      # older ones were read from the store at start
+                        self._consume(committed)
+                        self._seq = committed.seq
                 now = time.monotonic()
                 if now - self._last_round >= self.round_s or len(self._open) > self.max_open:
                     self._last_round = now
@@ -148,30 +173,40 @@ class TraceAssembler:
                 log.exception("trace assembly round failed; retrying")
                 time.sleep(self.poll_s)
 
-    def _touch(self, tid: str, root: bool, first_seq: int, last_seq: int, first: float, last: float) -> None:
+    def _touch(self, tid: str, root: bool, first_seq: int, last_seq: int, first: float, last: float,
+               row_completed_us: int | None = None) -> None:
         st = self._open.get(tid)
         if st is None:
-            self._open[tid] = _Open(first, last, root, first_seq, last_seq)
+            self._open[tid] = _Open(first, last, root, first_seq, last_seq, row_completed_us=row_completed_us)
         else:
             st.last_seen = max(st.last_seen, last)
             st.root = st.root or root
             st.first_seq = min(st.first_seq, first_seq)
             st.last_seq = max(st.last_seq, last_seq)
+            if st.row_completed_us is None:
+                st.row_completed_us = row_completed_us
         self._by_last[tid] = None
         self._by_last.move_to_end(tid)
 
-    def _consume(self, after: int, upto: int) -> None:
-        now = self.now()
-        # grouped on the stored integers: the hex text is formatted once a trace, not once a span
-        rows = self._con.execute(
-            f"SELECT {TRACE_ID_SQL}, bool_or(parent_span_id_int IS NULL), min(ingest_seq), max(ingest_seq) FROM spans_core "
-            "WHERE ingest_seq > ? AND ingest_seq <= ? GROUP BY trace_id_hi, trace_id_lo", [after, upto]).fetchall()
-        recent = self._recent
-        for tid, root, first_seq, last_seq in rows:
-            if tid not in self._open and recent.get(tid):
-                root = True
-            self._touch(tid, bool(root), int(first_seq), int(last_seq), now, now)
-        self.stats.open_traces = len(self._open)
+    def _consume(self, committed: Committed) -> None:
+        now, seq = self.now(), committed.seq
+        recent, open_ = self._recent, self._open
+        if committed.spans is not None and committed.spans.num_rows:
+            # grouped on the stored integers: the hex text is formatted once a trace, not once a span
+            by_trace = committed.spans.select(["trace_id_hi", "trace_id_lo", "parent_span_id_int"]).group_by(
+                ["trace_id_hi", "trace_id_lo"], use_threads=False).aggregate(
+                [("parent_span_id_int", "count", pc.CountOptions(mode="only_null"))])
+            for hi, lo, roots in zip(*(by_trace.column(c).to_pylist()
+                                       for c in ("trace_id_hi", "trace_id_lo", "parent_span_id_int_count"))):
+                tid = f"{hi:016x}{lo:016x}"
+                known = recent.get(tid) if tid not in open_ else None
+                self._touch(tid, bool(roots) or bool(known and known[0]), seq, seq, now, now, known and known[1])
+        if committed.evals is not None:
+            for tid in set(committed.evals.column("trace_id").to_pylist()):
+                st = open_.get(tid)
+                if st is not None:
+                    st.evals_seq = seq
+        self.stats.open_traces = len(open_)
 
     def complete_due(self) -> int:
         """Finalize every trace that is due now; returns how many were finalized."""
@@ -205,30 +240,36 @@ class TraceAssembler:
         # The spans of the due traces lie between these: a round reads about the spread of their
         # arrival, not everything since the oldest (5 s and more of traffic, read again each round).
         # A span committed after the last _consume is left for the next round, as a late span.
-        lo = min(self._open[t].first_seq for t in due)
-        hi = max(self._open[t].last_seq for t in due)
+        states = [self._open[t] for t in due]
+        lo = min(st.first_seq for st in states)
+        hi = max(st.last_seq for st in states)
+        # evals are read up to the last one seen for these traces (evals of other traces keep arriving)
+        evals_hi = max(st.evals_seq for st in states)
+        revisit = {t: st.row_completed_us for t, st in zip(due, states) if st.row_completed_us is not None}
         done = pa.table({"trace_id": list(due), "evicted": list(due.values())})  # noqa: F841 (scanned by name)
         con.register("done", done)
+        old: dict = {}
         try:
             con.begin()
-            old = dict(con.execute(
-                "SELECT trace_id, struct_pack(n := span_count, rev := revision, lo := min_ingest_seq) "
-                "FROM traces SEMI JOIN done USING (trace_id)").fetchall())
-            if old:
-                lo = min([lo] + [o["lo"] for o in old.values() if o["lo"] is not None])
-                con.execute("DELETE FROM traces WHERE trace_id IN (SELECT trace_id FROM done)")
+            if revisit:
+                old = self._take_old_rows(revisit)
+                if old:
+                    lo = min([lo] + [o["lo"] for o in old.values() if o["lo"] is not None])
+                    evals_hi = self._seq      # a revision counts evals that came after the first completion
             now_us = int(self.now() * 1e6)
-            rows = frame(con, self._sql.replace("$now::TIMESTAMP", f"make_timestamp({now_us}::BIGINT)"), {"lo": lo, "hi": hi})
+            rows = frame(con, self._sql.replace("$now::TIMESTAMP", f"make_timestamp({now_us}::BIGINT)"),
+                         {"lo": lo, "hi": hi, "evals_hi": evals_hi})
             rows = self._finish_rows(rows, old)
             con.register("new_traces", rows.to_arrow())
             con.execute(f"INSERT INTO traces ({', '.join(self._quoted(rows.columns))}) SELECT * FROM new_traces")
             con.unregister("new_traces")
             new_ids = [t for t in rows["trace_id"].to_list() if t not in old]
             evals = models = pl.DataFrame()
-            if new_ids:
+            if new_ids and evals_hi >= lo:
                 evals = frame(
                     con, "SELECT trace_id, name, passed, count(*)::BIGINT AS n FROM evals SEMI JOIN done USING (trace_id) "
-                    "WHERE ingest_seq >= $lo GROUP BY ALL", {"lo": lo})
+                    "WHERE ingest_seq BETWEEN $lo AND $evals_hi GROUP BY ALL", {"lo": lo, "evals_hi": evals_hi})
+            if new_ids:
                 models = frame(
                     con, "SELECT d.trace_id, model, sum(input_tokens)::BIGINT, sum(output_tokens)::BIGINT, sum(cost_usd) "
                     f"FROM spans_core JOIN {with_trace_id_ints('done')} d USING (trace_id_hi, trace_id_lo) "
@@ -241,10 +282,11 @@ class TraceAssembler:
             con.unregister("done")
         roots = dict(zip(rows["trace_id"].to_list(), (~rows["incomplete"]).to_list()))
         for tid in due:
-            st = self._open.pop(tid, None)
+            self._open.pop(tid, None)
             self._by_last.pop(tid, None)
-            self._recent[tid] = bool(roots.get(tid, st.root if st else False))
-            self._recent.move_to_end(tid)
+            if tid in roots:
+                self._recent[tid] = (bool(roots[tid]), now_us)
+                self._recent.move_to_end(tid)
         while len(self._recent) > RECENT_COMPLETED:
             self._recent.popitem(last=False)
         late = int(sum(max(0, n - old[t]["n"]) for t, n in zip(rows["trace_id"], rows["span_count"]) if t in old))
@@ -254,12 +296,31 @@ class TraceAssembler:
         self.stats.evicted += sum(due.values())
         self.stats.open_traces = len(self._open)
         if new_ids:
-            fresh = rows.filter(pl.col("revision") == 0)
-            ev = evals.filter(pl.col("trace_id").is_in(new_ids)) if evals.height else evals
-            mo = models.filter(pl.col("trace_id").is_in(new_ids)) if models.height else models
+            fresh, ev, mo = rows, evals, models
+            if old:
+                fresh = rows.filter(pl.col("revision") == 0)
+                ev = evals.filter(pl.col("trace_id").is_in(new_ids)) if evals.height else evals
+                mo = models.filter(pl.col("trace_id").is_in(new_ids)) if models.height else models
             result = CompletedTraces(fresh, ev, mo, late, len(old))
             for sink in self.sinks:
                 sink(result)
+
+    def _take_old_rows(self, revisit: dict[str, int]) -> dict:
+        """Rows of traces completing again: read, then deleted (the caller inserts their revision).
+        Found by completed_at, which rows are appended in order of: zonemaps skip the rest of the table."""
+        con = self._con
+        con.register("revisit", pa.table({"trace_id": list(revisit)}))
+        try:
+            since = {"since": min(revisit.values())}
+            old = dict(con.execute(
+                "SELECT trace_id, struct_pack(n := span_count, rev := revision, lo := min_ingest_seq) FROM traces "
+                "SEMI JOIN revisit USING (trace_id) WHERE completed_at >= make_timestamp($since::BIGINT)", since).fetchall())
+            if old:
+                con.execute("DELETE FROM traces WHERE completed_at >= make_timestamp($since::BIGINT) "
+                            "AND trace_id IN (SELECT trace_id FROM revisit)", since)
+            return old
+        finally:
+            con.unregister("revisit")
 
     def _finish_rows(self, rows: pl.DataFrame, old: dict) -> pl.DataFrame:
         route_from_model = [self.routes.route(m) if r is None else r

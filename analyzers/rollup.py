@@ -24,8 +24,8 @@ def rollup_sql(cohort_labels) -> str:
     """SELECT producing trace rows for the trace ids in relation ``done(trace_id, evicted)``.
 
     Parameters: $lo and $hi (the lowest and highest ingest_seq of the spans involved: zonemaps
-    skip the row groups outside; evals, which may arrive later by log, are bounded by $lo only),
-    $now (completion time, TIMESTAMP).
+    skip the row groups outside), $evals_hi (the highest ingest_seq of their evals, which may
+    arrive later by log), $now (completion time, TIMESTAMP).
     """
     cohort_cols = "".join(
         f""", coalesce(max(s."{c}") FILTER (WHERE s.is_root), max(s."{c}"), 'unknown') AS "{c}\""""
@@ -40,7 +40,7 @@ WITH s AS (
            bool_or(ev.name = 'refusal' AND ev.passed = false) AS refusal_failed,
            list_sort(list_distinct(list(ev.name) FILTER (WHERE ev.passed IS NOT NULL))) AS eval_names,
            list_sort(list_distinct(list(ev.name) FILTER (WHERE ev.passed = false))) AS failed_evals
-    FROM evals ev SEMI JOIN done USING (trace_id) WHERE ev.ingest_seq >= $lo GROUP BY ev.trace_id
+    FROM evals ev SEMI JOIN done USING (trace_id) WHERE ev.ingest_seq BETWEEN $lo AND $evals_hi GROUP BY ev.trace_id
 )
 SELECT s.trace_id,
     coalesce(max(s.route) FILTER (WHERE s.is_root), max(s.route)) AS route,

@@ -208,6 +208,24 @@ def test_late_span_updates_the_row_and_counts_once(serve_factory):
     assert row["span_count"] == len(spans) + 1 and row["revision"] == 1
 
 
+def test_late_span_after_a_restart_revises_the_row_of_a_trace_completed_before_it(serve_factory, tmp_path):
+    data = tmp_path / "d"
+    rng = random.Random(8)
+    spans, e = make_trace(rng, 0)
+    first = serve_factory(data_dir=data, env=FAST)
+    send_shuffled(first, spans, rng)
+    wait_for(lambda: total(scrape(first), "shadowlens_traces_total") == 1)
+    assert first.stop() == 0
+    second = serve_factory(data_dir=data, env=FAST)
+    late = {"trace_id": bytes.fromhex(e["trace_id"]), "span_id": rng.randbytes(8), "parent": spans[0]["span_id"],
+            "name": "tool", "start": T0, "end": T0 + NS, "attrs": {"openinference.span.kind": "TOOL"}}
+    grpc_export(second.grpc_endpoint, span_request([late]).SerializeToString())
+    wait_for(lambda: total(scrape(second), "shadowlens_late_spans_total") == 1)
+    assert total(scrape(second), "shadowlens_traces_total") == 0        # counted by the first server only
+    (row,) = second.query(f"select span_count, revision, incomplete from traces where trace_id = '{e['trace_id']}'")
+    assert (row["span_count"], row["revision"], row["incomplete"]) == (len(spans) + 1, 1, False)
+
+
 def test_cardinality_is_bounded_with_10000_cohort_values(serve_factory):
     server = serve_factory(env=FAST)
     rng = random.Random(3)

@@ -3,6 +3,7 @@ frontend process imports this without loading the database."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import Overloaded, ShuttingDown
 from ..stats import IngestStats
@@ -14,6 +15,16 @@ class Commit:
     seq: int
     stored: int
     duplicates: int
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What one commit added, for in-process readers that follow the store (trace assembly):
+    the stored rows' Arrow tables as inserted (duplicates already dropped), so that following the
+    store costs no query. ``spans`` / ``evals`` are ``pyarrow.Table`` or None."""
+    seq: int
+    spans: Any
+    evals: Any
 
 
 def admit(stopping: bool, waiting: int, n: int, limit: int, stats: IngestStats) -> None:

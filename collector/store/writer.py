@@ -26,7 +26,7 @@ import pyarrow as pa
 from .. import schema
 from ..decode.normalize import NormalizedBatch
 from ..stats import IngestStats
-from .commit import Commit, admit  # noqa: F401 (Commit is part of this module's API)
+from .commit import Commit, Committed, admit  # noqa: F401 (Commit is part of this module's API)
 from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions
 from .segments import SegmentLog, SegmentSyncer, list_segments, segment_sizes
 
@@ -144,6 +144,8 @@ class StoreWriter:
         self.decoder: PayloadDecoder | None = None
         self._insert_spans = schema.spans_insert_select(self.cohort_labels, "new_spans")
         self.replay_normalizer = None   # set by serve: re-decodes records found only in the segment log
+        # called on the writer thread after each commit, in seq order; must be quick (append to a queue)
+        self._followers: list[Callable[[Committed], None]] = []
         stats.gauges["ingest_queue_spans"] = lambda: float(self._queued_spans)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -294,6 +296,11 @@ class StoreWriter:
             self._commit_cond.wait_for(lambda: self.committed_seq > seq, timeout)
             return self.committed_seq
 
+    def follow(self, callback: Callable[[Committed], None]) -> None:
+        """Call ``callback`` with every later commit's stored rows, on the writer thread, in seq order.
+        Commits before the call are not replayed: read them from the store (``committed_seq``)."""
+        self._followers.append(callback)
+
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A connection for another thread (readers, retention); SQL functions are shared with it."""
         cur = self.con.cursor()
@@ -419,8 +426,9 @@ class StoreWriter:
                 log_tables.append(b.logs.append_column("payload_id", _const(payload_id, b.logs.num_rows)))
         con = self.con
         con.begin()
+        new_spans = new_evals = None
         if span_tables:
-            new_spans = pa.Table.from_batches(span_tables)  # noqa: F841 (scanned by name)
+            new_spans = pa.Table.from_batches(span_tables)
             con.register("new_spans", new_spans)
             con.execute(self._insert_spans, {"seq": seq, "now": _ts_literal(now_us)})
             con.unregister("new_spans")
@@ -455,6 +463,13 @@ class StoreWriter:
             self.replay_from = low
         if dup_total:
             self.stats.add("spans_duplicate", None, dup_total)
+        if self._followers and (new_spans is not None or new_evals is not None):
+            committed = Committed(seq, new_spans, new_evals)   # before the notify: waiters find it queued
+            for follower in self._followers:
+                try:
+                    follower(committed)
+                except Exception:  # noqa: BLE001 - the rows are committed; a follower's bug must not fail the commit
+                    log.exception("a commit follower failed")
         with self._commit_cond:
             self.committed_seq = seq
             self._commit_cond.notify_all()
