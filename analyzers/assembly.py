@@ -31,11 +31,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from collector.schema import with_trace_id_ints
 from collector.store.commit import Committed
 from collector.store.database import frame
 
-from .rollup import RouteResolver, rollup_sql
+from .rollup import EVALS_SQL, MODELS_SQL, NO_EVALS, RouteResolver, rollup_sql, trace_rows
 
 log = logging.getLogger("shadowlens.assembly")
 
@@ -257,23 +256,14 @@ class TraceAssembler:
                     lo = min([lo] + [o["lo"] for o in old.values() if o["lo"] is not None])
                     evals_hi = self._seq      # a revision counts evals that came after the first completion
             now_us = int(self.now() * 1e6)
-            rows = frame(con, self._sql.replace("$now::TIMESTAMP", f"make_timestamp({now_us}::BIGINT)"),
-                         {"lo": lo, "hi": hi, "evals_hi": evals_hi})
-            rows = self._finish_rows(rows, old)
+            rows = frame(con, self._sql.replace("$now::TIMESTAMP", f"make_timestamp({now_us}::BIGINT)"), {"lo": lo, "hi": hi})
+            evals = frame(con, EVALS_SQL, {"lo": lo, "evals_hi": evals_hi}) if evals_hi >= lo else NO_EVALS
+            models = frame(con, MODELS_SQL, {"lo": lo, "hi": hi})
+            rows = self._finish_rows(trace_rows(rows, evals, models), old)
             con.register("new_traces", rows.to_arrow())
             con.execute(f"INSERT INTO traces ({', '.join(self._quoted(rows.columns))}) SELECT * FROM new_traces")
             con.unregister("new_traces")
             new_ids = [t for t in rows["trace_id"].to_list() if t not in old]
-            evals = models = pl.DataFrame()
-            if new_ids and evals_hi >= lo:
-                evals = frame(
-                    con, "SELECT trace_id, name, passed, count(*)::BIGINT AS n FROM evals SEMI JOIN done USING (trace_id) "
-                    "WHERE ingest_seq BETWEEN $lo AND $evals_hi GROUP BY ALL", {"lo": lo, "evals_hi": evals_hi})
-            if new_ids:
-                models = frame(
-                    con, "SELECT d.trace_id, model, sum(input_tokens)::BIGINT, sum(output_tokens)::BIGINT, sum(cost_usd) "
-                    f"FROM spans_core JOIN {with_trace_id_ints('done')} d USING (trace_id_hi, trace_id_lo) "
-                    "WHERE ingest_seq BETWEEN $lo AND $hi AND span_kind = 'LLM' GROUP BY ALL", {"lo": lo, "hi": hi})
             con.commit()
         except BaseException:
             con.rollback()
@@ -296,11 +286,11 @@ class TraceAssembler:
         self.stats.evicted += sum(due.values())
         self.stats.open_traces = len(self._open)
         if new_ids:
-            fresh, ev, mo = rows, evals, models
+            fresh, ev, mo = rows, evals, models.drop("calls")
             if old:
                 fresh = rows.filter(pl.col("revision") == 0)
                 ev = evals.filter(pl.col("trace_id").is_in(new_ids)) if evals.height else evals
-                mo = models.filter(pl.col("trace_id").is_in(new_ids)) if models.height else models
+                mo = mo.filter(pl.col("trace_id").is_in(new_ids)) if mo.height else mo
             result = CompletedTraces(fresh, ev, mo, late, len(old))
             for sink in self.sinks:
                 sink(result)
