@@ -132,28 +132,27 @@ class StreamingAggregates:
                 s.escalations += int(escalations[g])
                 for hist, (counts, totals, exemplars) in ((s.duration, duration), (s.steps, steps), (s.cost, cost)):
                     hist.merge(counts[g], float(totals[g]), exemplars.get(g, {}))
+            # evals and models summed per series / route in polars first: a few rows, not one per trace
             if done.evals.height:
-                series_of = dict(zip(ids, key_rows))
-                for tid, name, passed, n in done.evals.iter_rows():
-                    key = series_of.get(tid)
-                    if key is None or name is None:
-                        continue
-                    result = "fail" if passed is False else "pass"
-                    k = (key, name, result)
+                per_series = done.evals.join(pl.DataFrame({"trace_id": ids, "_g": gid}), on="trace_id").filter(
+                    pl.col("name").is_not_null()).group_by("_g", "name", pl.col("passed") == False).agg(  # noqa: E712
+                    pl.col("n").sum())
+                for g, name, failed, n in per_series.iter_rows():
+                    k = (groups[g], name, "fail" if failed else "pass")
                     self.evals[k] = self.evals.get(k, 0) + int(n)
             if done.models is not None and done.models.height:
-                route_of = dict(zip(ids, columns[0]))
-                for tid, model, prompt, completion, cost in done.models.iter_rows():
-                    route = route_of.get(tid)
-                    if route is None:
-                        continue
-                    model = model or "unknown"
-                    if prompt is not None:
+                m = done.models
+                per_route = m.rename(dict(zip(m.columns, ("trace_id", "model", "prompt", "completion", "cost")))).join(
+                    pl.DataFrame({"trace_id": ids, "_route": columns[0]}), on="trace_id").group_by(
+                    "_route", pl.col("model").fill_null("unknown")).agg(
+                    *(e for c in ("prompt", "completion", "cost") for e in (pl.col(c).sum(), pl.col(c).count().alias(c + "_n"))))
+                for route, model, prompt, prompt_n, completion, completion_n, cost, cost_n in per_route.iter_rows():
+                    if prompt_n:
                         self.tokens[(route, model, "prompt")] = self.tokens.get((route, model, "prompt"), 0) + int(prompt)
-                    if completion is not None:
+                    if completion_n:
                         k = (route, model, "completion")
                         self.tokens[k] = self.tokens.get(k, 0) + int(completion)
-                    if cost is not None:
+                    if cost_n:
                         self.cost_total[(route, model)] = self.cost_total.get((route, model), 0.0) + float(cost)
 
     def forget_stale(self, older_than_s: float) -> int:

@@ -403,3 +403,22 @@ def test_histograms_of_many_series_at_once_equal_one_value_at_a_time():
         assert counts[g].tolist() == want
         assert totals[g] == pytest.approx(values[gid == g].sum())
         assert exemplars.get(g, {}) == last
+
+
+def test_the_traces_of_a_commit_are_its_distinct_trace_ids_with_their_root_counts():
+    import pyarrow as pa
+
+    from analyzers.assembly import traces_of
+    rng = random.Random(9)
+    tids = [rng.randbytes(16) for _ in range(40)] + [bytes(8) + rng.randbytes(8), rng.randbytes(8) + bytes(8)]
+    rows = [(rng.choice(tids), rng.random() < 0.2) for _ in range(500)]       # (trace id, is a root)
+    table = pa.table({
+        "trace_id_hi": pa.array([int.from_bytes(t[:8], "big") for t, _ in rows], pa.uint64()),
+        "trace_id_lo": pa.array([int.from_bytes(t[8:], "big") for t, _ in rows], pa.uint64()),
+        "parent_span_id_int": pa.array([None if root else rng.getrandbits(64) for _, root in rows], pa.uint64())})
+    want: dict[str, int] = defaultdict(int)
+    for t, root in rows:
+        want[t.hex()] += root
+    ids, roots = traces_of(table)
+    assert dict(zip(ids, roots)) == want and len(ids) == len(want)
+    assert traces_of(table.slice(0, 0)) == ([], [])
