@@ -32,22 +32,21 @@ class CohortLimiter:
         """
         now = self.now()
         seen = self._seen[label]
-        out = []
+        # decided once per distinct value, in order of first appearance: the same answers as value by
+        # value, since a repeat neither frees nor takes a place
+        as_label = {}
         overflowed = 0
         with self._lock:
-            for v in values:
-                if v in seen:
+            for v, n in Counter(values).items():
+                if v in seen or len(seen) < self.max_values:
                     seen[v] = now
-                    out.append(v)
-                elif len(seen) < self.max_values:
-                    seen[v] = now
-                    out.append(v)
+                    as_label[v] = v
                 else:
-                    overflowed += 1
-                    out.append(OVERFLOW)
+                    overflowed += n
+                    as_label[v] = OVERFLOW
             if overflowed and count:
                 self.overflow[label] += overflowed
-        return out
+        return [as_label[v] for v in values]
 
     def allowed(self, label: str) -> list[str]:
         with self._lock:

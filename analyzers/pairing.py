@@ -128,9 +128,13 @@ class PairingSink:
         mapped = {label: self.limiter.map(label, pairs[label].to_list(), count=False) for label in labels}
         pairs = pairs.with_columns([pl.Series(label, mapped[label]) for label in labels])
         aggs = [e for col in self.columns for e in paired_sums(col)]
+        # one pass over the pairs per combination of cohort values; every sum is additive, so all
+        # traffic and each label's values are summed from those few rows (not 1 + len(labels) passes)
+        fine = pairs.group_by(labels).agg(aggs) if labels else pairs.select(aggs)
+        sums = pl.exclude(labels).sum()
         updates = []
         for label in (None, *labels):
-            out = pairs.group_by(label).agg(aggs) if label else pairs.select(aggs)
+            out = fine.group_by(label).agg(sums) if label else fine.select(sums)
             for row in out.iter_rows(named=True):
                 key = tuple(row[label] if lab == label else ANY_VALUE for lab in labels)
                 for rule in self.rules:

@@ -259,3 +259,13 @@ def test_pairing_sink_sums_matched_pairs_and_counts_the_unmatched_after_the_wind
     clock[0] += 61
     pairs, _ = sink.snapshot()
     assert pairs == {"matched": 1, "unmatched_baseline": 1, "unmatched_candidate": 1}
+
+
+def test_cohort_values_beyond_the_cap_overflow_the_first_seen_win_and_each_overflowed_trace_counts():
+    from analyzers.cohorts import OVERFLOW, CohortLimiter
+    limiter = CohortLimiter(("intent",), 2, 3600)
+    assert limiter.map("intent", ["a", "b", "c", "a", "c", "d"]) == ["a", "b", OVERFLOW, "a", OVERFLOW, OVERFLOW]
+    assert limiter.overflow["intent"] == 3                    # c twice and d once: one per trace
+    assert limiter.map("intent", ["d", "b"], count=False) == [OVERFLOW, "b"]
+    assert limiter.overflow["intent"] == 3                    # the window refresh maps without counting again
+    assert limiter.allowed("intent") == ["a", "b"]
