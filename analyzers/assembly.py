@@ -269,7 +269,8 @@ class TraceAssembler:
         states = [self._open[t] for t in due]
         lo = min(st.first_seq for st in states)
         hi = max(st.last_seq for st in states)
-        # evals are read up to the last one seen for these traces (evals of other traces keep arriving)
+        # evals are read up to the last one seen for these traces (evals of other traces keep arriving);
+        # an eval that comes by log after its trace completed counts only if a late span revises the trace
         evals_hi = max(st.evals_seq for st in states)
         revisit = {t: st.row_completed_us for t, st in zip(due, states) if st.row_completed_us is not None}
         done = pa.table({"trace_id": list(due), "evicted": list(due.values())})  # noqa: F841 (scanned by name)
