@@ -141,11 +141,10 @@ class StreamingAggregates:
                     k = (groups[g], name, "fail" if failed else "pass")
                     self.evals[k] = self.evals.get(k, 0) + int(n)
             if done.models is not None and done.models.height:
-                m = done.models
-                per_route = m.rename(dict(zip(m.columns, ("trace_id", "model", "prompt", "completion", "cost")))).join(
-                    pl.DataFrame({"trace_id": ids, "_route": columns[0]}), on="trace_id").group_by(
+                per_route = done.models.join(pl.DataFrame({"trace_id": ids, "_route": columns[0]}), on="trace_id").group_by(
                     "_route", pl.col("model").fill_null("unknown")).agg(
-                    *(e for c in ("prompt", "completion", "cost") for e in (pl.col(c).sum(), pl.col(c).count().alias(c + "_n"))))
+                    *(e for c in ("input_tokens", "output_tokens", "cost_usd")
+                      for e in (pl.col(c).sum(), pl.col(c).count().alias(c + "_n"))))
                 for route, model, prompt, prompt_n, completion, completion_n, cost, cost_n in per_route.iter_rows():
                     if prompt_n:
                         self.tokens[(route, model, "prompt")] = self.tokens.get((route, model, "prompt"), 0) + int(prompt)
