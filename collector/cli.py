@@ -48,7 +48,9 @@ def main() -> None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where the store lives (store.data_dir).")
 @click.option("--print-config", is_flag=True, help="Print the effective configuration and exit.")
-def serve(config_file, data_dir, print_config) -> None:
+@click.option("--ready-file", type=click.Path(dir_okay=False), hidden=True,
+              help="Write this file (pid and addresses, JSON) once serving; used by `shadowlens demo`.")
+def serve(config_file, data_dir, print_config, ready_file) -> None:
     """Run the sidecar: OTLP receivers, store, /metrics; until SIGTERM/SIGINT."""
     cfg = _load(config_file, {("store", "data_dir"): data_dir})
     if print_config:
@@ -56,9 +58,12 @@ def serve(config_file, data_dir, print_config) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .serve import run
+    from .startup import StartupError
+    # the data dir as the user wrote it ("./data"), not as a normalised Path ("data")
+    shown = data_dir or str((cfg.raw.get("store") or {}).get("data_dir") or cfg.store.data_dir)
     try:
-        sys.exit(run(cfg))
-    except OSError as exc:
+        sys.exit(run(cfg, data_dir_text=shown, ready_file=ready_file))
+    except (StartupError, OSError) as exc:
         raise click.UsageError(f"cannot start: {exc}") from None
 
 
@@ -100,8 +105,13 @@ def format_table(table, fmt: str) -> str:
 def query(sql, config_file, data_dir, fmt) -> None:
     """Read-only SQL over the store (spans, traces, evals, logs); works while serve runs."""
     cfg = _load(config_file, {("store", "data_dir"): data_dir})
+    from .store.reader import QueryError
     from .store.reader import query as run_query
-    table = run_query(Path(cfg.store.data_dir), sql)
+    try:
+        table = run_query(Path(cfg.store.data_dir), sql)
+    except QueryError as exc:
+        # SQL DuckDB refuses, or a --data-dir with no store, is a mistake in what was typed: exit 2
+        raise click.UsageError(str(exc)) from None
     click.echo(format_table(table, fmt), nl=False)
 
 

@@ -12,7 +12,9 @@ stops them upstream-first on SIGTERM/SIGINT (stop accepting, drain, commit, exit
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -34,6 +36,7 @@ from exporters.http import MetricsServer
 from exporters.prometheus import IngestCollector
 from exporters.verdict_json import http_status, verdict_to_json
 
+from . import startup
 from .config import Config
 from .decode.normalize import Normalizer
 from .stats import IngestStats
@@ -147,25 +150,40 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
     return [assembler, window, verdicts]
 
 
-def run(cfg: Config) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit status."""
+def run(cfg: Config, data_dir_text: str | None = None, ready_file: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status. A start that fails on something outside
+    (a held data dir, a taken address) raises startup.StartupError and leaves no new store behind.
+    ``ready_file``: written once every listener is up, with this process's pid and the addresses,
+    so that a parent (``shadowlens demo``) knows the server it reaches is the one it started."""
+    data_dir_text = data_dir_text or str(cfg.store.data_dir)
+    startup.check(cfg, data_dir_text)
     # The GIL is handed over every 1 ms instead of 5 ms: the store writer (DuckDB's binding takes the
     # GIL back often) gets it back sooner from the analyzer threads. Measured +20-25% ingest throughput
     # when decoding still ran in this process; not measured again since it moved out.
     sys.setswitchinterval(0.001)
-    app = build_app(cfg)
+    footprint = startup.StoreFootprint(cfg.store.data_dir)
     stop = threading.Event()
     child_died = threading.Event()
+    try:
+        app = build_app(cfg)
 
-    def on_child_exit() -> None:
-        child_died.set()
-        stop.set()
-    app.frontend.on_child_exit = on_child_exit
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    app.start()
+        def on_child_exit() -> None:
+            child_died.set()
+            stop.set()
+        app.frontend.on_child_exit = on_child_exit
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        app.start()
+    except BaseException as exc:
+        footprint.take_back()
+        pid = startup.lock_error_pid(exc)       # another serve won the race for the store after the check
+        if pid is not None:
+            raise startup.StartupError(startup.data_dir_in_use(data_dir_text, pid)) from None
+        raise
     log.info("shadowlens serving: OTLP/gRPC %s, OTLP/HTTP %s, metrics http://%s/metrics, store %s",
              cfg.receivers.grpc, cfg.receivers.http, cfg.metrics, cfg.store.data_dir)
+    if ready_file:
+        _write_ready_file(ready_file, cfg, app)
     stop.wait()
     if child_died.is_set():
         log.error("an ingest process exited unexpectedly; stopping with exit status 1 so that a supervisor restarts"
@@ -177,3 +195,12 @@ def run(cfg: Config) -> int:
         return 1
     log.info("stopped cleanly")
     return 0
+
+
+def _write_ready_file(path: str, cfg: Config, app: App) -> None:
+    doc = {"pid": os.getpid(), **{key: str(ep) for key, ep in startup.endpoints(cfg).items()}}
+    doc["metrics.endpoint"] = f"{cfg.metrics.host}:{app.metrics.port}"     # the bound port, also for port 0
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)      # the reader never sees half a file

@@ -58,9 +58,13 @@ class GrpcReceiver:
             for service, signal in _SERVICES.items()])
         host = self.endpoint.host
         bind = f"[{host}]:{self.endpoint.port}" if ":" in host else f"{host}:{self.endpoint.port}"
-        self.port = self._server.add_insecure_port(bind)
+        try:
+            self.port = self._server.add_insecure_port(bind)
+        except RuntimeError:     # grpcio >= 1.60 raises where older versions returned port 0
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot listen for OTLP/gRPC on {self.endpoint} (port in use?)")
+            raise OSError(f"cannot listen for OTLP/gRPC on {self.endpoint} (receivers.grpc.endpoint):"
+                          " address already in use?")
         self._server.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:

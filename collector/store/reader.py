@@ -27,11 +27,19 @@ class QueryError(ShadowlensError):
     """The SQL was refused or failed; the message says why."""
 
 
+def duckdb_message(exc: BaseException) -> str:
+    """DuckDB's error on one line: its first line plus its suggestions ("Did you mean "spans"?",
+    "Candidate bindings: ..."), without the multi-line caret picture."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    hints = [line for line in lines[1:] if line.startswith(("Did you mean", "Candidate bindings"))]
+    return " ".join(lines[:1] + hints)
+
+
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
-        raise QueryError(str(exc).splitlines()[0]) from None
+        raise QueryError(duckdb_message(exc)) from None
     if not statements:
         raise QueryError("no SQL statement given")
     for st in statements:
@@ -44,7 +52,7 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
     try:
         return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
-        raise QueryError(str(exc).splitlines()[0]) from None
+        raise QueryError(duckdb_message(exc)) from None
 
 
 def query(data_dir: Path, sql: str, timeout: float = 300.0) -> pa.Table:
