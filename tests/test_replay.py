@@ -98,19 +98,20 @@ def test_a_record_whose_bytes_were_overwritten_fails_its_checksum(tmp_path):
     assert [p for _, _, p in read_frames(tmp_path, 1)] == [a]
 
 
-def test_recent_keys_find_repeats_within_and_across_batches_and_forget_the_oldest():
+def test_recent_keys_nominate_what_they_remember_and_forget_the_oldest():
     keys = RecentKeys(2 * RecentKeys.GENERATION)
     rng = np.random.default_rng(3)
     batch = rng.integers(1, 2**63, size=1000, dtype=np.uint64)
-    within = np.concatenate([batch[:10], batch[:3]])
-    fresh = RecentKeys(2 * RecentKeys.GENERATION)
-    assert fresh.filter_new(within).tolist() == [True] * 10 + [False] * 3
-    assert keys.filter_new(batch).all()
-    assert not keys.filter_new(batch[::7]).any()
+    assert not keys.lookup(batch)[0].any()
+    keys.remember(batch, seq=1)
+    seen, commits = keys.lookup(batch[::7])
+    assert seen.all() and commits == (1, 1)
     # three generations later the first batch is forgotten (memory is bounded), the newest is not
     later = [rng.integers(1, 2**63, size=RecentKeys.GENERATION, dtype=np.uint64) for _ in range(3)]
-    for arr in later:
-        keys.filter_new(arr)
-    assert keys.filter_new(batch[:100]).all()
-    assert not keys.filter_new(later[-1][:100]).any()
-    assert sum(len(r) for r in keys.runs) <= keys.max_keys + 100
+    for seq, arr in enumerate(later, start=2):
+        keys.remember(arr, seq)
+    assert not keys.lookup(batch[:100])[0].any()
+    seen, commits = keys.lookup(later[-1][:100])
+    assert seen.all() and commits == (4, 4)
+    assert keys.size() <= keys.max_keys + 100
+    assert keys.nbytes() == 8 * keys.size()

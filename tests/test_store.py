@@ -94,16 +94,12 @@ def test_store_bytes_metric_reports_disk_use(server):
     assert fams["shadowlens_store_bytes"].samples[0].value > 0
 
 
-def _key(t: bytes, s: bytes) -> int:
-    return int.from_bytes(s, "big") ^ int.from_bytes(t[:8], "big") ^ int.from_bytes(t[8:], "big")
-
-
-def test_stored_ids_read_back_as_hex_and_dedup_keys_match_sql(tmp_path):
+def test_stored_ids_read_back_as_hex_and_dedup_keys_match_the_reloaded_ones(tmp_path):
     """Ids are stored as integers: they read back as the lower-case hex of the raw bytes (absent
-    parent: null), and the key a restart reloads with SQL equals the one ingest computes."""
+    parent: null), and the key a restart computes from the stored columns equals the one ingest computed."""
     import numpy as np
 
-    from collector.store.writer import KEY_SQL, RecentKeys
+    from collector.decode.normalize import span_keys
     rng = random.Random(8)
     spans = random_spans(50, rng)
     spans[0]["trace_id"] = bytes(15) + b"\x01"             # leading zeros must survive
@@ -115,18 +111,17 @@ def test_stored_ids_read_back_as_hex_and_dedup_keys_match_sql(tmp_path):
     batch = Normalizer(cfg.cohort_labels, cfg.evals).normalize_traces(payload)
     store.submit(batch).result(10)
     con = store.cursor()
-    rows = con.execute(f"SELECT trace_id, span_id, parent_span_id, {KEY_SQL} FROM spans_core ORDER BY sp_idx").fetchall()
+    rows = con.execute("SELECT trace_id, span_id, parent_span_id, trace_id_hi, trace_id_lo, span_id_int"
+                       " FROM spans_core ORDER BY sp_idx").fetchall()
     con.close()
     store.shutdown()
-    assert rows == [(d["trace_id"].hex(), d["span_id"].hex(), (d.get("parent") or b"").hex() or None,
-                     _key(d["trace_id"], d["span_id"])) for d in spans]
-    assert batch.keys.tolist() == [r[3] for r in rows]
-    tids, sids = [d["trace_id"] for d in spans], [d["span_id"] for d in spans]
-    keys = RecentKeys(4 * RecentKeys.GENERATION)
-    first = np.array([_key(t, s) for t, s in zip(tids, sids)], dtype=np.uint64)
-    assert keys.filter_new(first).all()
-    again = np.concatenate([first[:5], np.array([_key(rng.randbytes(16), rng.randbytes(8))], dtype=np.uint64)])
-    assert keys.filter_new(again).tolist() == [False] * 5 + [True]
+    assert [r[:3] for r in rows] == [(d["trace_id"].hex(), d["span_id"].hex(), (d.get("parent") or b"").hex() or None)
+                                     for d in spans]
+    assert [r[3:] for r in rows] == [(int.from_bytes(d["trace_id"][:8], "big"), int.from_bytes(d["trace_id"][8:], "big"),
+                                      int.from_bytes(d["span_id"], "big")) for d in spans]
+    cols = [np.array([r[i] for r in rows], dtype=np.uint64) for i in (3, 4, 5)]
+    assert batch.keys.tolist() == span_keys(*cols).tolist()
+    assert len(set(batch.keys.tolist())) == 50
 
 
 def test_a_store_with_text_ids_is_converted_on_open(tmp_path):

@@ -49,7 +49,7 @@ _STATUS = ("UNSET", "OK", "ERROR")
 
 @dataclass
 class NormalizedBatch:
-    """What decode hands to the store. ``keys`` (64-bit span keys, see ``_id_columns``) align with ``spans`` rows."""
+    """What decode hands to the store. ``keys`` (64-bit span keys, see ``span_keys``) align with ``spans`` rows."""
     signal: str                       # "traces" | "logs"
     spans: pa.RecordBatch | None
     evals: pa.RecordBatch | None
@@ -423,15 +423,44 @@ _STATUS_ARROW = pa.array(_STATUS + (None,), pa.string())
 
 def _id_columns(rec: np.ndarray) -> tuple[dict[str, pa.Array], np.ndarray]:
     """The ids' storage columns (schema.ID_COLUMNS: big-endian 64-bit integers; no parent -> null)
-    and the spans' dedup keys: span_id XOR both halves of trace_id. Ids are random, so the XOR is as
-    good as a hash; ``store.writer.KEY_SQL`` computes the same from the stored columns after a restart."""
+    and the spans' dedup keys (``span_keys``)."""
     trace = np.ascontiguousarray(rec["trace_id"]).view(">u8").astype(np.uint64)
     span = np.ascontiguousarray(rec["span_id"]).view(">u8")[:, 0].astype(np.uint64)
     parent = np.ascontiguousarray(rec["parent_span_id"]).view(">u8")[:, 0].astype(np.uint64)
     present = parent != 0
     columns = {"trace_id_hi": pa.array(trace[:, 0]), "trace_id_lo": pa.array(trace[:, 1]), "span_id_int": pa.array(span),
                "parent_span_id_int": pa.array(parent, mask=None if present.all() else ~present)}
-    return columns, span ^ trace[:, 0] ^ trace[:, 1]
+    return columns, span_keys(trace[:, 0], trace[:, 1], span)
+
+
+_MIX1, _MIX2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
+_SALT = np.uint64(0x9E3779B97F4A7C15)
+_S33 = np.uint64(33)
+
+
+def _fmix64(k: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finalizer: a bijection in which every input bit flips about half the
+    output bits (numpy's uint64 arithmetic wraps, as the hash wants)."""
+    k = k ^ (k >> _S33)
+    k *= _MIX1
+    k ^= k >> _S33
+    k *= _MIX2
+    k ^= k >> _S33
+    return k
+
+
+def span_keys(trace_hi: np.ndarray, trace_lo: np.ndarray, span: np.ndarray) -> np.ndarray:
+    """64-bit keys of span identities, for the store's memory of recent spans: a pre-filter only.
+
+    Equal identities give equal keys; distinct ones almost always differ, whatever the ids' shape.
+    Not a fold like span ^ hi ^ lo, which real id schemes defeat: Zipkin/B3 roots (hi = 0,
+    span = lo), sequential ids (trace ...01 with span ...01), or one counter XORed into both ids
+    all fold to one value. A key match is confirmed on the whole 24-byte identity before a span
+    is dropped (store.writer). The writer computes the same from stored columns after a restart.
+    """
+    h = _fmix64(np.asarray(trace_hi, dtype=np.uint64) + _SALT)
+    h = _fmix64(h ^ np.asarray(trace_lo, dtype=np.uint64))
+    return _fmix64(h ^ np.asarray(span, dtype=np.uint64))
 
 
 def _enum_array(names: pa.Array, codes: np.ndarray) -> pa.Array:

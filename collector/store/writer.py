@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import schema
-from ..decode.normalize import NormalizedBatch
+from ..decode.normalize import NormalizedBatch, span_keys
 from ..stats import IngestStats
 from .commit import Commit, Committed, admit  # noqa: F401 (Commit is part of this module's API)
 from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions
@@ -56,12 +56,13 @@ class _Task:
     synced: bool                        # the payload is durable already (the frontend synced it)
 
 
-# the dedup key of a stored span, as normalize._id_columns computes it from the raw ids
-KEY_SQL = "xor(xor(span_id_int, trace_id_hi), trace_id_lo)"
-
-
 class RecentKeys:
-    """Bounded memory of recently stored span keys (64-bit), about 8 bytes a key.
+    """Bounded memory of recently stored spans' 64-bit keys (``normalize.span_keys``), 8 bytes a key.
+
+    A pre-filter, never a verdict: a key it has seen says only "maybe stored", and the writer
+    compares the whole (trace_id, span_id) with the stored rows before it drops a span. So each
+    run of keys also remembers the commit sequence numbers (``ingest_seq``) its spans were stored
+    under, and a lookup says which range of commits to compare against.
 
     Retries (a client re-sending after a lost response) arrive within seconds or minutes. Keys
     live in sorted numpy runs merged like a log-structured tree (a new run merges into the last
@@ -74,41 +75,53 @@ class RecentKeys:
     def __init__(self, max_keys: int):
         self.max_keys = max(self.GENERATION, max_keys)
         self.max_generations = max(1, max_keys // self.GENERATION)
-        self.runs: deque[np.ndarray] = deque()
+        self.runs: deque[tuple[np.ndarray, int, int]] = deque()    # (sorted keys, lowest seq, highest seq)
 
-    def filter_new(self, keys: np.ndarray) -> np.ndarray:
-        """True for keys not seen before (and remembers them); a repeat within ``keys`` counts too."""
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """(True where a key may belong to a stored span, the commit range those spans are in)."""
         keys = np.asarray(keys, dtype=np.uint64)
-        if not len(keys):
-            return np.ones(0, dtype=bool)
+        seen = np.zeros(len(keys), dtype=bool)
+        if not len(keys) or not self.runs:
+            return seen, None
         # sorted queries: numpy's binary search starts each from the previous answer, which
         # measured ~4x faster than searching the runs in arrival order
-        order = np.argsort(keys, kind="stable")
+        order = np.argsort(keys)
         sk = keys[order]
-        new = np.ones(len(sk), dtype=bool)
-        new[1:] = sk[1:] != sk[:-1]        # the first of equal keys stays
-        for run in self.runs:
+        hit_sorted = np.zeros(len(sk), dtype=bool)
+        lo = hi = None
+        for run, run_lo, run_hi in self.runs:
             idx = np.searchsorted(run, sk)
             idx[idx == len(run)] = 0
-            new &= run[idx] != sk
-        self._remember(sk[new])            # sorted, distinct, none in a run already
-        keep = np.empty(len(keys), dtype=bool)
-        keep[order] = new
-        return keep
+            hit = run[idx] == sk
+            if hit.any():
+                hit_sorted |= hit
+                lo = run_lo if lo is None else min(lo, run_lo)
+                hi = run_hi if hi is None else max(hi, run_hi)
+        seen[order] = hit_sorted
+        return seen, (None if lo is None else (lo, hi))
 
-    def _remember(self, run: np.ndarray) -> None:
+    def remember(self, keys: np.ndarray, seq: int, last_seq: int | None = None) -> None:
+        """Remember the keys of spans stored by commit ``seq`` (or commits ``seq`` .. ``last_seq``)."""
+        run = np.unique(np.asarray(keys, dtype=np.uint64))     # sorted, distinct
         if not len(run):
             return
+        lo, hi = seq, seq if last_seq is None else last_seq
         runs = self.runs
-        # runs are disjoint and sorted: a merge is a stable sort of the two (radix for integers)
-        while runs and len(runs[-1]) < self.GENERATION and len(run) * 2 >= len(runs[-1]):
-            run = np.sort(np.concatenate((runs.pop(), run)), kind="stable")
-        runs.append(run)
-        while sum(len(r) for r in runs) > self.max_keys and len(runs) > 1:
+        # a merge is a sort of the two (radix for integers); a key may sit in two runs (a rare
+        # collision of distinct spans): the union of the runs' commit ranges still covers both
+        while runs and len(runs[-1][0]) < self.GENERATION and len(run) * 2 >= len(runs[-1][0]):
+            prev, prev_lo, prev_hi = runs.pop()
+            run = np.sort(np.concatenate((prev, run)), kind="stable")
+            lo, hi = min(lo, prev_lo), max(hi, prev_hi)
+        runs.append((run, lo, hi))
+        while self.size() > self.max_keys and len(runs) > 1:
             runs.popleft()
 
-    def seed(self, keys: np.ndarray) -> None:
-        self.filter_new(keys.astype(np.uint64))
+    def size(self) -> int:
+        return sum(len(r[0]) for r in self.runs)
+
+    def nbytes(self) -> int:
+        return sum(r[0].nbytes for r in self.runs)
 
 
 class StoreWriter:
@@ -172,17 +185,64 @@ class StoreWriter:
         self._syncer = SegmentSyncer(self.data_dir / SEGMENTS_DIR)
         self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="shadowlens-fsync")
         if self._dedup is not None:
-            cutoff = self.now() - DEDUP_SEED_SECONDS
-            keys = self.con.sql(
-                f"SELECT {KEY_SQL} AS k FROM spans_core WHERE received_at >= make_timestamp($cutoff::BIGINT) "
-                "ORDER BY received_at DESC LIMIT $n",
-                params={"cutoff": int(cutoff * 1e6), "n": self._dedup.max_generations * RecentKeys.GENERATION}
-            ).to_arrow_table().column("k").to_numpy()
-            self._dedup.seed(keys[::-1].copy())
+            self._seed_dedup()
         from .replay import replay
         replay(self, self.data_dir / SEGMENTS_DIR, self.replay_from, self.first_segment)
         self._write_replay_from(self.first_segment)
         self.replay_from = self.first_segment
+
+    def _seed_dedup(self) -> None:
+        """Remember the keys of the last hour's spans (at most ``dedup_max_keys``), oldest first,
+        each generation with the commits it came from."""
+        cutoff = self.now() - DEDUP_SEED_SECONDS
+        t = self.con.sql(
+            "SELECT trace_id_hi, trace_id_lo, span_id_int, ingest_seq FROM spans_core"
+            " WHERE received_at >= make_timestamp($cutoff::BIGINT) ORDER BY received_at DESC, ingest_seq DESC LIMIT $n",
+            params={"cutoff": int(cutoff * 1e6), "n": self._dedup.max_generations * RecentKeys.GENERATION}
+        ).to_arrow_table()
+        if not t.num_rows:
+            return
+        cols = [t.column(c).to_numpy()[::-1] for c in ("trace_id_hi", "trace_id_lo", "span_id_int", "ingest_seq")]
+        keys, seqs = span_keys(*cols[:3]), cols[3]
+        step = RecentKeys.GENERATION
+        for i in range(0, len(keys), step):
+            part = seqs[i:i + step]
+            self._dedup.remember(keys[i:i + step], int(part.min()), int(part.max()))
+
+    def _new_spans(self, traced: list[_Task]) -> np.ndarray:
+        """True for the spans of ``traced`` (in order) to store: the first of each identity
+        (trace_id, span_id) within the group, unless a span of that identity is stored already.
+
+        The memory of keys only nominates candidates; the whole identity decides, compared within
+        the group in numpy and against the nominated commits' rows in DuckDB. Retries are rare, so
+        the query runs for few commits and reads only the row groups of the nominated commits."""
+        keys = np.concatenate([np.asarray(t.batch.keys, dtype=np.uint64) for t in traced])
+        keep = np.ones(len(keys), dtype=bool)
+        skeys = np.sort(keys)
+        ids = None
+        if (skeys[1:] == skeys[:-1]).any():     # a repeated key in the group: compare identities
+            ids = _identities(traced)
+            _, first = np.unique(ids, return_index=True)
+            keep[:] = False
+            keep[first] = True
+        maybe, commits = self._dedup.lookup(keys)
+        maybe &= keep
+        if maybe.any():
+            ids = _identities(traced) if ids is None else ids
+            idx = np.flatnonzero(maybe)
+            cand = ids[idx]
+            candidates = pa.table({"i": pa.array(idx, pa.int64()), "hi": cand["hi"], "lo": cand["lo"],  # noqa: F841
+                                   "s": cand["s"]})
+            self.con.register("dedup_candidates", candidates)
+            try:
+                stored = self.con.execute(
+                    "SELECT c.i FROM dedup_candidates c WHERE EXISTS (SELECT 1 FROM spans_core s"
+                    " WHERE s.ingest_seq BETWEEN $lo AND $hi AND s.trace_id_hi = c.hi AND s.trace_id_lo = c.lo"
+                    " AND s.span_id_int = c.s)", {"lo": commits[0], "hi": commits[1]}).fetchnumpy()["i"]
+            finally:
+                self.con.unregister("dedup_candidates")
+            keep[np.asarray(stored, dtype=np.int64)] = False
+        return keep
 
     def _drop_torn_payloads(self) -> None:
         """After a crash, rows may reference payload bytes whose fdatasync never finished (DuckDB
@@ -385,14 +445,16 @@ class StoreWriter:
         now_us = int(self.now() * 1e6)
         span_tables, eval_tables, log_tables, payload_rows, results = [], [], [], [], []
         dup_total = 0
-        # one dedup lookup for the whole group, then each request's slice of the answer
+        # one dedup decision for the whole group, then each request's slice of the answer
         traced = [t for t in group if t.batch.signal == "traces" and t.batch.accepted]
         keeps: dict[int, np.ndarray] = {}
+        stored_keys = []
         if self._dedup is not None and traced:
-            mask = self._dedup.filter_new(np.concatenate([np.asarray(t.batch.keys, dtype=np.uint64) for t in traced]))
+            mask = self._new_spans(traced)
             pos = 0
             for t in traced:
                 keeps[id(t)] = mask[pos:pos + t.batch.accepted]
+                stored_keys.append(np.asarray(t.batch.keys, dtype=np.uint64)[keeps[id(t)]])
                 pos += t.batch.accepted
         for task in group:
             b = task.batch
@@ -461,6 +523,8 @@ class StoreWriter:
         con.commit()
         if moved:
             self.replay_from = low
+        if stored_keys:          # only what is committed: a failed commit stored nothing to remember
+            self._dedup.remember(np.concatenate(stored_keys), seq)
         if dup_total:
             self.stats.add("spans_duplicate", None, dup_total)
         if self._followers and (new_spans is not None or new_evals is not None):
@@ -474,6 +538,21 @@ class StoreWriter:
             self.committed_seq = seq
             self._commit_cond.notify_all()
         return results
+
+
+_IDENTITY = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("s", "<u8")])
+
+
+def _identities(tasks: list[_Task]) -> np.ndarray:
+    """The spans' whole identities (trace_id_hi, trace_id_lo, span_id), in order, as one record array."""
+    out = np.empty(sum(t.batch.accepted for t in tasks), dtype=_IDENTITY)
+    pos = 0
+    for t in tasks:
+        n = t.batch.accepted
+        for field, col in (("hi", "trace_id_hi"), ("lo", "trace_id_lo"), ("s", "span_id_int")):
+            out[field][pos:pos + n] = t.batch.spans.column(col).to_numpy()
+        pos += n
+    return out
 
 
 def _connect(path: Path, settings: dict) -> duckdb.DuckDBPyConnection:
