@@ -1,18 +1,28 @@
-"""``shadowlens demo``: ``serve`` as a child process plus the synthetic generator, printing the gate every 5 s."""
+"""``shadowlens demo``: ``serve`` as a child process plus the synthetic generator, printing the gate every 5 s.
+
+The demo sends only to the serve it started: it refuses to start when an address it needs is taken
+(another serve, typically ``make run``, would otherwise receive the synthetic traces), and it sends
+nothing until its own child has written its ready file (the child's pid, after every listener is up).
+"""
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import Config, Endpoint
+from . import startup
+from .config import Config, Endpoint, parse_endpoint
 from .generate import GenerateOptions, run_generate
 
 POLL_S = 5.0
@@ -76,19 +86,73 @@ def fetch_gate(url: str, timeout: float = 5.0) -> str:
     return gate_summary(doc) if isinstance(doc, dict) else "gate: not available yet (unexpected JSON)"
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, timeout: float, stop: threading.Event) -> bool:
+def _wait_ready(proc: subprocess.Popen, ready_file: Path, timeout: float, stop: threading.Event) -> dict | None:
+    """The child's ready file once it exists and names the child; None if the child exits first.
+    A /readyz answer would not do: it may come from another server on the same port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not stop.is_set():
         if proc.poll() is not None:
-            return False
+            return None
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            pass
+            doc = json.loads(ready_file.read_text())
+        except (OSError, ValueError):
+            doc = None
+        if isinstance(doc, dict) and doc.get("pid") == proc.pid:
+            return doc
         stop.wait(0.2)
-    return False
+    return None
+
+
+def _last_error(log_path: Path, since: int) -> str:
+    """The child's own one-line reason (the last line it logged this run), for the demo's message."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(since)
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _free_port_near(ep: Endpoint) -> int:
+    """A port to suggest in place of a taken one: +10000 if free, else any free one."""
+    for port in (ep.port + 10000, 0):
+        if port < 65536 and not startup.address_in_use(Endpoint(ep.host, port)):
+            if port:
+                return port
+            family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+            with socket.socket(family) as s:
+                s.bind((ep.host, 0))
+                return s.getsockname()[1]
+    return 0
+
+
+def shadowlens_command() -> str:
+    """How to run shadowlens from the user's shell, exactly as printed: ``shadowlens`` when that is what
+    PATH finds, else this install's script (relative when under the current directory, e.g.
+    ``.venv/bin/shadowlens``), else ``python -m collector.cli``."""
+    scripts = []
+    if os.path.basename(sys.argv[0]) == "shadowlens":
+        scripts.append(os.path.abspath(sys.argv[0]))
+    scripts.append(os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "shadowlens"))
+    for script in scripts:
+        if not (os.path.isfile(script) and os.access(script, os.X_OK)):
+            continue
+        on_path = shutil.which("shadowlens")
+        if on_path and os.path.samefile(on_path, script):
+            return "shadowlens"
+        rel = os.path.relpath(script)
+        return shlex.quote(rel if not rel.startswith("..") else script)
+    return f"{shlex.quote(sys.executable)} -m collector.cli"
+
+
+def ports_taken_message(taken: list[tuple[str, Endpoint]]) -> str:
+    moves = " ".join(f"{startup.env_name(key)}={ep.host}:{_free_port_near(ep)}" for key, ep in taken)
+    again = shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "demo"    # the same command, other ports
+    return (f"demo: {startup.describe_in_use(taken)} (another shadowlens serve, e.g. `make run`?).\n"
+            "demo: it sends only to the serve it starts itself, so it sent nothing. Stop the other server, or"
+            " give the demo free addresses (or set these keys in a --config file):\n"
+            f"  {moves} {shadowlens_command()} {again}")
 
 
 def _stop_child(proc: subprocess.Popen, timeout: float = 60.0) -> int:
@@ -103,57 +167,89 @@ def _stop_child(proc: subprocess.Popen, timeout: float = 60.0) -> int:
 
 
 def run_demo(cfg: Config, *, config_file: str | None, data_dir: str, rate: float, duration: float,
-             scenario: str, seed: int, out=sys.stdout) -> int:
-    """Start serve, feed it synthetic traffic, print the gate every 5 s; SIGINT/SIGTERM stop everything, exit 0."""
-    say = lambda text: (out.write(text + "\n"), out.flush())  # noqa: E731
+             scenario: str, seed: int, out=sys.stdout, err=sys.stderr) -> int:
+    """Start serve, feed it synthetic traffic, print the gate every 5 s; SIGINT/SIGTERM stop everything, exit 0.
+    Exit 2, having started and sent nothing, when an address or the data dir is taken; 1 when serve fails."""
+    say = lambda text, to=out: (to.write(text + "\n"), to.flush())  # noqa: E731
+    taken = startup.endpoints_in_use(cfg)
+    if taken:
+        say(ports_taken_message(taken), err)
+        return 2
+    holder = startup.lock_holder(startup.db_path(Path(data_dir)))
+    if holder is not None:
+        say(f"demo: {startup.data_dir_in_use(data_dir, holder)}; nothing was sent", err)
+        return 2
     stop = threading.Event()
     old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     log_path = Path(data_dir) / "serve.log"
-    cmd = [sys.executable, "-m", "collector.cli", "serve", "--data-dir", str(data_dir)]
+    ready_dir = Path(tempfile.mkdtemp(prefix="shadowlens-demo-"))
+    ready_file = ready_dir / "ready.json"
+    cmd = [sys.executable, "-m", "collector.cli", "serve", "--data-dir", str(data_dir), "--ready-file", str(ready_file)]
     if config_file:
         cmd += ["--config", str(config_file)]
-    metrics = f"http://{_local(cfg.metrics)}"
+    log_start = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=os.environ.copy())
     gen: threading.Thread | None = None
     status: dict = {}
+    me = shadowlens_command()
+    with_config = f" --config {shlex.quote(str(config_file))}" if config_file else ""
+    report = f"{me} report --data-dir {shlex.quote(str(data_dir))}{with_config}"
     try:
         say(f"demo: starting shadowlens serve (pid {proc.pid}, data {data_dir}, log {log_path}) ...")
-        if not _wait_ready(proc, metrics + "/readyz", 60.0, stop):
+        ready = _wait_ready(proc, ready_file, 60.0, stop)
+        if ready is None:
             if stop.is_set():
                 return 0
-            say(f"demo: serve did not become ready (exit {proc.poll()}); see {log_path}")
-            return 1
-        say(f"demo: serve is ready; sending {scenario} shadow traffic at {rate:g} requests/s"
-            f" (x2 traces) to {_local(cfg.receivers.grpc)}. Look at:\n"
+            code = proc.poll()
+            if code is None:
+                say(f"demo: serve did not report ready in 60 s; nothing was sent; see {log_path}", err)
+                return 1
+            reason = _last_error(log_path, log_start)
+            say(f"demo: serve exited ({code}) before it was ready; nothing was sent. {reason}"
+                f" (full log: {log_path})", err)
+            return 2 if code == 2 else 1
+        grpc = Endpoint(*parse_endpoint(ready["receivers.grpc.endpoint"], "receivers.grpc.endpoint"))
+        metrics = f"http://{_local(Endpoint(*parse_endpoint(ready['metrics.endpoint'], 'metrics.endpoint')))}"
+        say(f"demo: serve (pid {proc.pid}) is ready; sending {scenario} shadow traffic at {rate:g} requests/s"
+            f" (x2 traces) to {_local(grpc)}. Look at:\n"
             f"  curl {metrics}/metrics | grep shadowlens_\n"
             f"  curl {metrics}/gate\n"
-            f"  shadowlens report --data-dir {data_dir}\n"
-            f"  shadowlens gate --url {metrics}\n"
+            f"  {report}\n"
+            f"  {me} gate --url {metrics}\n"
             f"Ctrl-C stops the generator and serve.")
-        opts = GenerateOptions(endpoint=_local(cfg.receivers.grpc), protocol="grpc", rate=rate, duration=duration,
+        opts = GenerateOptions(endpoint=_local(grpc), protocol="grpc", rate=rate, duration=duration,
                                scenario=scenario, seed=seed, service_name="shadowlens-demo")
         gen = threading.Thread(target=run_generate, args=(opts,), daemon=True, name="generate",
                                kwargs={"out": None, "stop": stop, "status": status})
         gen.start()
-        t0 = time.monotonic()
+        t0 = next_print = time.monotonic()
         announced = False
-        while not stop.wait(POLL_S):
+        # the child is watched every 0.5 s: if it dies, the generator stops before another process can
+        # take over its port
+        while not stop.wait(0.5):
             if proc.poll() is not None:
-                say(f"demo: serve exited unexpectedly ({proc.returncode}); see {log_path}")
+                stop.set()
+                say(f"demo: serve exited unexpectedly ({proc.returncode}); see {log_path}", err)
                 return 1
             if not gen.is_alive() and not announced:
                 announced = True
                 say("demo: generator finished; serve keeps running until Ctrl-C")
-            say(f"[{time.monotonic() - t0:5.0f}s] {status.get('traces', 0)} traces sent | {fetch_gate(metrics + '/gate')}")
+            if time.monotonic() >= next_print + POLL_S:
+                next_print += POLL_S
+                say(f"[{time.monotonic() - t0:5.0f}s] {status.get('traces', 0)} traces sent"
+                    f" | {fetch_gate(metrics + '/gate')}")
         return 0
     finally:
         stop.set()
         if gen is not None:
             gen.join(timeout=150)
         code = _stop_child(proc)
+        shutil.rmtree(ready_dir, ignore_errors=True)
         for s, h in old.items():
             signal.signal(s, h)
         say(f"demo: stopped ({status.get('traces', 0)} traces sent; serve exited {code})")
+        if gen is not None:
+            say(f"demo: the store stays in {data_dir}; for the full table: {report}")
