@@ -28,3 +28,13 @@ class Overloaded(ShadowlensError):
 
 class ShuttingDown(Overloaded):
     """The server is draining; the client should retry against the restarted sidecar."""
+
+
+class StorageFull(Overloaded):
+    """The data disk is full (or its quota used up): nothing was acknowledged, and the same request
+    succeeds once space returns, so it is answered like a full queue (UNAVAILABLE / 503 with a delay).
+    ``reason`` is ``disk_full`` or ``disk_quota``."""
+
+    def __init__(self, message: str, retry_after_s: float = 5.0, reason: str = "disk_full"):
+        super().__init__(message, retry_after_s)
+        self.reason = reason

@@ -30,12 +30,14 @@ def main(conn, decoder_conn, config_tree: dict, first_segment: int) -> None:
     from .receivers.grpc import GrpcReceiver
     from .receivers.http import HttpReceiver
     from .stats import IngestStats
+    from .store.diskfull import WriteHealth
     from .store.remote import RemoteStore
     from .store.segments import SEGMENTS_DIR, SegmentLog
 
     cfg = build(config_tree)
     stats = IngestStats()
-    segments = SegmentLog(cfg.store.data_dir / SEGMENTS_DIR, first_segment)
+    segments = SegmentLog(cfg.store.data_dir / SEGMENTS_DIR, first_segment,
+                          health=WriteHealth("payload log", stats))
     store = RemoteStore(conn, decoder_conn, segments, stats, cfg.store.queue_max_spans)
     # Checks only: the decoder process builds the columns (no numpy, pyarrow or DuckDB here).
     handler = ExportHandler(Checker(cfg.cohort_labels, cfg.receivers.scanner), store, stats)
@@ -54,6 +56,7 @@ def main(conn, decoder_conn, config_tree: dict, first_segment: int) -> None:
     def report_stats() -> None:
         while not stop.wait(0.5):
             stats.store_sync_seconds = segments.sync_seconds     # the write-ahead fdatasyncs happen here
+            segments.recheck()       # after a full disk, readiness returns with the space, not with a client
             store.send(store.stats_message())
 
     threading.Thread(target=report_stats, name="stats", daemon=True).start()

@@ -40,6 +40,7 @@ from . import startup
 from .config import Config
 from .decode.normalize import Normalizer
 from .stats import IngestStats
+from .store.diskfull import readiness
 from .store.reader import QueryServer
 from .store.remote import StoreBridge
 from .store.retention import Retention, store_bytes
@@ -93,7 +94,7 @@ def build_app(cfg: Config) -> App:
     frontend_stats: dict = {}
     registry.register(IngestCollector(stats, lambda: store_bytes(data_dir), frontend_stats))
     app.metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, registry,
-                                ready=lambda: (True, "ready") if app.ready else (False, "starting or stopping"))
+                                ready=lambda: readiness(app.ready, stats, frontend_stats))
     PriceTable.load(cfg.prices)        # a bad user price entry fails here, before anything starts
     app.frontend = StoreBridge(store, dict(cfg.raw), frontend_stats)
     store.replay_normalizer = Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices), cfg.receivers.scanner)

@@ -22,6 +22,8 @@ class IngestStats:
         self.store_insert_seconds = 0.0               # DuckDB insert + commit
         self.store_sync_seconds = 0.0                 # payload fdatasync
         self.requests_refused: Counter = Counter()    # reason (overloaded, too_large, invalid) -> requests
+        self.store_write_errors: Counter = Counter()  # reason (disk_full, disk_quota) -> failed writes
+        self.store_write_failing = 0                  # writers whose writes fail for want of space now
         self.gauges: dict[str, Callable[[], float]] = {}
 
     def add(self, counter: str, key: str | None = None, n: int = 1) -> None:
@@ -44,6 +46,7 @@ class IngestStats:
                 "unpriced_spans": dict(self.unpriced_spans),
                 "store_commits": self.store_commits, "store_commit_seconds": self.store_commit_seconds,
                 "store_insert_seconds": self.store_insert_seconds, "store_sync_seconds": self.store_sync_seconds,
+                "store_write_errors": dict(self.store_write_errors), "store_write_failing": self.store_write_failing,
             }
 
 

@@ -17,6 +17,9 @@ SELF_METRICS = (
     MetricSpec("shadowlens_spans_rejected", "counter", ("reason",),
                "Spans rejected as invalid and reported in partial_success, by reason."),
     MetricSpec("shadowlens_spans_duplicate", "counter", (), "Spans received again (same trace_id+span_id), stored once."),
+    MetricSpec("shadowlens_records_quarantined", "counter", ("stage",),
+               "Acknowledged requests the store could not decode or insert, set aside in DATA_DIR/quarantine/ (by stage:"
+               " decode, insert) instead of failing the requests committed with them."),
     MetricSpec("shadowlens_log_records_received", "counter", ("receiver",), "OTLP log records received."),
     MetricSpec("shadowlens_log_records_rejected", "counter", ("reason",), "OTLP log records rejected as invalid."),
     MetricSpec("shadowlens_requests_refused", "counter", ("reason",),
@@ -29,6 +32,12 @@ SELF_METRICS = (
                "Time spent in group commits, from taking the group to durable (rate / commits = mean commit)."),
     MetricSpec("shadowlens_store_insert_seconds", "counter", (), "Part of the commit time spent in DuckDB."),
     MetricSpec("shadowlens_store_sync_seconds", "counter", (), "Time spent in fdatasync of payload segments."),
+    MetricSpec("shadowlens_store_write_errors", "counter", ("reason",),
+               "Writes to the data disk refused for want of space (payload log appends and fdatasyncs, DuckDB"
+               " commits and their retries), by reason (disk_full, disk_quota)."),
+    MetricSpec("shadowlens_store_writable", "gauge", (),
+               "0 while writes to the data disk fail for want of space (Exports get UNAVAILABLE / 503, /readyz is"
+               " 503), else 1."),
 )
 
 # CONTRACT §6; <cohort> stands for the configured cohort labels (default intent, language, tier).

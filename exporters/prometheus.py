@@ -41,9 +41,15 @@ class IngestCollector(Collector):
         yield _counter("shadowlens_log_records_received", s["logs_received"])
         yield _counter("shadowlens_log_records_rejected", s["logs_rejected"])
         yield _counter("shadowlens_requests_refused", s["requests_refused"])
+        yield _counter("shadowlens_records_quarantined", {"decode": 0, "insert": 0, **s.get("records_quarantined", {})})
         yield _counter("shadowlens_unpriced_spans", s["unpriced_spans"])
         for name in ("store_commits", "store_commit_seconds", "store_insert_seconds", "store_sync_seconds"):
             yield _counter(f"shadowlens_{name}", s[name])
+        # both reasons from the start, so that increase() sees the first error
+        yield _counter("shadowlens_store_write_errors", {"disk_full": 0, "disk_quota": 0, **s["store_write_errors"]})
+        w = GaugeMetricFamily("shadowlens_store_writable", _SPECS["shadowlens_store_writable"].help)
+        w.add_metric([], 0.0 if s["store_write_failing"] else 1.0)
+        yield w
         q = GaugeMetricFamily("shadowlens_ingest_queue_spans", _SPECS["shadowlens_ingest_queue_spans"].help)
         q.add_metric([], self.stats.gauges.get("ingest_queue_spans", lambda: 0.0)())
         yield q

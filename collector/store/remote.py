@@ -38,6 +38,7 @@ import os
 import threading
 import time
 
+from ..errors import StorageFull
 from ..stats import IngestStats, sum_snapshots
 from .commit import admit
 from .segments import SegmentLog
@@ -113,7 +114,9 @@ class RemoteStore:
                 low = min(min(self._unsent, default=self.segments.segment), self.segments.segment)
             sent = True
             self.send_decoder(("record", rid, seg, off, len(payload), signal, low))
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, StorageFull):
+                self.stats.add("requests_refused", exc.reason)
             with self._lock:
                 if not sent:
                     self._unsent[floor] -= 1

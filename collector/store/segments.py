@@ -7,20 +7,25 @@ decoded to JSON only when a query asks for them.
 Each record is a 16-byte frame header (magic, signal, payload length, CRC-32C of the payload)
 followed by the payload. Once a record is fsynced its spans are durable: ``serve`` acknowledges
 an Export at that point, and on restart ``replay.py`` re-inserts records DuckDB never got. The
-CRC tells a torn tail (never acknowledged) from a record.
+CRC tells a torn record (never acknowledged) from a record. A torn record is not only a crash's
+tail: a write refused for want of space leaves its reserved bytes torn or a hole, and a record
+reserved after it may still be written and acknowledged, so a reader looks past a torn record.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Iterator
 
 from google_crc32c import value as crc32c  # SSE4.2: 0.07 ms per 1.3 MB request; zlib.crc32 0.8 ms
+
+from .diskfull import WriteHealth, refusal
 
 SEGMENTS_DIR = "segments"      # under the data dir
 
@@ -30,6 +35,9 @@ FRAME = struct.Struct("<4sB3xII")       # magic, signal, payload length, CRC-32C
 FRAME_MAGIC = b"SLW1"
 log = logging.getLogger("shadowlens.segments")
 SIGNALS = ("traces", "logs")
+PROBE_FILE = ".space-probe"     # under the segments dir, while writes fail for want of space
+PROBE_BYTES = 256 << 10
+FAILED_SYNCS_KEPT = 64
 
 
 class _Segment:
@@ -47,8 +55,10 @@ class SegmentLog:
     (one ``fdatasync`` per group commit) covers every append that returned before it was called.
     """
 
-    def __init__(self, directory: Path, start_segment: int, segment_bytes: int = SEGMENT_BYTES):
+    def __init__(self, directory: Path, start_segment: int, segment_bytes: int = SEGMENT_BYTES,
+                 health: WriteHealth | None = None):
         self.dir = Path(directory)
+        self.health = health or WriteHealth("payload log")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
         self._lock = threading.Lock()
@@ -63,6 +73,11 @@ class SegmentLog:
         self._written = 0       # appends whose bytes are fully written (the ticket of the latest)
         self._synced = 0        # appends covered by a finished fdatasync
         self._syncing = False
+        # (last synced ticket, last ticket covered, error) of failed fdatasyncs: after one, Linux
+        # may have dropped those dirty pages and reports the error once, so a later fdatasync that
+        # succeeds proves nothing for them. Their appends are never acknowledged. Kept: the last few
+        # (a waiter checks within moments of the failure).
+        self._failed_syncs: deque[tuple[int, int, BaseException]] = deque(maxlen=FAILED_SYNCS_KEPT)
         self.syncs = 0
         self.sync_seconds = 0.0
         _fsync_dir(self.dir)
@@ -75,26 +90,70 @@ class SegmentLog:
         """Write one framed record; returns (segment, payload offset, ticket for ``wait_durable``)."""
         header = FRAME.pack(FRAME_MAGIC, SIGNALS.index(signal), len(data), crc32c(data))
         size = FRAME.size + len(data)
+        generation = self.health.generation
         with self._lock:
             seg = self._current
             if seg.size and seg.size + size > self.segment_bytes:
-                seg.retired = True
-                self._retired.append(seg)
-                seg = self._current = _Segment(self.dir, seg.number + 1)
-                _fsync_dir(self.dir)
+                seg = self._next_segment(seg)
             off = seg.size
             seg.size += size
             seg.inflight += 1
         try:
             with self._write_lock:
                 _pwrite_all(seg.fd, [header, data], off)
-        finally:
+        except OSError as exc:
+            with self._lock:
+                self._cut(seg, off, size)
+                seg.inflight -= 1
+            raise self._refused(exc, "the request") from exc
+        except BaseException:
             with self._lock:
                 seg.inflight -= 1
+            raise
+        with self._lock:
+            seg.inflight -= 1
+        self.health.succeeded(generation)
         with self._sync_cond:
             self._written += 1
             ticket = self._written
         return seg.number, off + FRAME.size, ticket
+
+    def _next_segment(self, seg: _Segment) -> _Segment:
+        """Under ``_lock``: the next segment, made current only once its directory entry is durable
+        (a record acknowledged in a file the directory may forget would be lost)."""
+        try:
+            new = _Segment(self.dir, seg.number + 1)
+        except OSError as exc:
+            raise self._refused(exc, "the request") from exc
+        try:
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            os.close(new.fd)
+            raise self._refused(exc, "the request") from exc
+        seg.retired = True
+        self._retired.append(seg)
+        self._current = new
+        return new
+
+    def _cut(self, seg: _Segment, off: int, size: int) -> None:
+        """Under ``_lock``, after the write of [off, off + size) failed: if no record was reserved after
+        it, give the bytes back (the next record starts there); otherwise they stay torn, and readers
+        look past them (``read_frames``)."""
+        if seg.size != off + size:
+            return
+        try:
+            os.ftruncate(seg.fd, off)      # shrinking needs no space
+        except OSError as exc:
+            log.warning("could not cut a failed write off segment %d at byte %d (%s); readers skip it", seg.number,
+                        off, exc)
+            return
+        seg.size = off
+
+    def _refused(self, exc: OSError, what: str) -> BaseException:
+        out = refusal(exc, what)
+        if out is not exc:
+            self.health.failed(out.reason, exc)
+        return out
 
     def wait_durable(self, ticket: int) -> None:
         """Group commit: block until an fdatasync that began after append ``ticket`` finished.
@@ -103,20 +162,52 @@ class SegmentLog:
         so under load one fdatasync covers many requests (and releases the GIL while it runs).
         """
         with self._sync_cond:
-            while self._synced < ticket:
+            while True:
+                for low, high, error in self._failed_syncs:
+                    if low < ticket <= high:
+                        raise copy.copy(error)      # one instance per waiter: each gets its own traceback
+                if self._synced >= ticket:
+                    return
                 if self._syncing:
                     self._sync_cond.wait()
                     continue
                 self._syncing = True
-                target = self._written
+                low, target = self._synced, self._written
+                generation = self.health.generation
                 self._sync_cond.release()
+                error = None
                 try:
                     self.sync()
+                except OSError as exc:
+                    error = self._refused(exc, "a request waiting for its fdatasync")
                 finally:
                     self._sync_cond.acquire()
                     self._syncing = False
                     self._sync_cond.notify_all()
+                if error is not None:
+                    self._failed_syncs.append((low, target, error))
+                    continue
                 self._synced = max(self._synced, target)
+                self.health.succeeded(generation)
+
+    def recheck(self) -> None:
+        """While writes fail for want of space, try a small write and fdatasync of a probe file, so
+        that readiness comes back with the space even if no client sends meanwhile (clients back off)."""
+        if self.health.ok:
+            return
+        generation = self.health.generation
+        path = self.dir / PROBE_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _pwrite_all(fd, [bytes(PROBE_BYTES)], 0)      # zeros written are allocated, unlike a hole
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(path)
+        except OSError:
+            return
+        self.health.succeeded(generation)
 
     def sync(self) -> None:
         t0 = time.perf_counter()
@@ -136,7 +227,10 @@ class SegmentLog:
                         " or busy", took)
 
     def close(self) -> None:
-        self.sync()
+        try:
+            self.sync()
+        except OSError as exc:      # nothing waits for these bytes any more: unacknowledged ones may be torn
+            log.warning("the last fdatasync of the payload log failed (%s)", exc)
         with self._lock:
             for seg in self._retired + [self._current]:
                 os.close(seg.fd)
@@ -186,8 +280,10 @@ def _pwrite_all(fd: int, parts: list, pos: int) -> None:
 def read_frames(directory: Path, segment: int, start: int = 0) -> Iterator[tuple[int, str, bytes]]:
     """(payload offset, signal, payload) of every intact record from byte ``start`` on.
 
-    Stops at the first torn or foreign frame: only an unacknowledged tail (a crash between
-    write and fdatasync) can be torn, since records are appended in place and never rewritten.
+    A torn frame (a crash between write and fdatasync, or a write refused for want of space: never
+    acknowledged) is skipped by searching for the next frame magic whose record checks out, since a
+    record reserved after a refused write may have been written and acknowledged. Without a tear
+    this reads each record once, as before.
     """
     path = segment_path(directory, segment)
     with open(path, "rb") as fh:
@@ -197,13 +293,33 @@ def read_frames(directory: Path, segment: int, start: int = 0) -> Iterator[tuple
             fh.seek(pos)
             header = fh.read(FRAME.size)
             magic, sig, length, crc = FRAME.unpack(header)
-            if magic != FRAME_MAGIC or sig >= len(SIGNALS) or pos + FRAME.size + length > size:
+            if magic == FRAME_MAGIC and sig < len(SIGNALS) and pos + FRAME.size + length <= size:
+                data = fh.read(length)
+                if len(data) == length and crc32c(data) == crc:
+                    yield pos + FRAME.size, SIGNALS[sig], data
+                    pos += FRAME.size + length
+                    continue
+            found = _find_magic(fh, pos + 1, size)
+            if found is None:
                 return
-            data = fh.read(length)
-            if len(data) != length or crc32c(data) != crc:
-                return
-            yield pos + FRAME.size, SIGNALS[sig], data
-            pos += FRAME.size + length
+            log.warning("segment %d: skipped %d torn bytes at offset %d (a write that was never acknowledged)",
+                        segment, found - pos, pos)
+            pos = found
+
+
+def _find_magic(fh, pos: int, size: int, chunk: int = 1 << 20) -> int | None:
+    """The offset of the next FRAME_MAGIC at or after ``pos``."""
+    keep = len(FRAME_MAGIC) - 1
+    while pos + FRAME.size <= size:
+        fh.seek(pos)
+        block = fh.read(min(chunk, size - pos))
+        i = block.find(FRAME_MAGIC)
+        if i >= 0:
+            return pos + i
+        if len(block) <= keep:
+            return None
+        pos += len(block) - keep
+    return None
 
 
 def segment_path(directory: Path, segment: int) -> Path:

@@ -26,6 +26,7 @@ import pyarrow as pa
 from .. import schema
 from ..decode.normalize import NormalizedBatch, span_keys
 from ..stats import IngestStats
+from . import diskfull
 from .commit import Commit, Committed, admit  # noqa: F401 (Commit is part of this module's API)
 from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions
 from .segments import SegmentLog, SegmentSyncer, list_segments, segment_sizes
@@ -415,7 +416,8 @@ class StoreWriter:
                     self.con.rollback()
                 except duckdb.Error:
                     pass
-                results = [exc] * len(group)
+                # disk full: keep the group and retry it until space returns (diskfull.py); else it fails
+                results = diskfull.retry_group(self, group, low, exc) or [exc] * len(group)
             with self._cond:
                 self._queued_spans -= spans
             for task, result in zip(group, results):
