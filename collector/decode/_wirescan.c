@@ -31,7 +31,8 @@
  * validate_traces(payload, keys, prefixes, event_names) -> (spans, invalid):
  *   the same walk with the same errors (every value scan_traces would read is read), building no
  *   columns: what the receiver needs before it acknowledges. invalid: [(index, trace_id, span_id,
- *   parent_span_id, start, end, name)] for spans with wrong-length or all-zero ids or end < start.
+ *   parent_span_id, start, end, name)] for spans with wrong-length or all-zero ids, a time past
+ *   MAX_TIME_NS, or end < start (scan.invalid_reason names the reason from these fields).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -57,6 +58,8 @@ typedef struct {
 } Grow;
 
 #define RECORD_SIZE 64
+/* The latest span time the store holds (scan.MAX_TIME_NS: DuckDB's TIMESTAMP_NS refuses 2^63 - 1 and up). */
+#define MAX_TIME_NS 9223372036854775806ull
 
 /* The last value read for one alias key: its AnyValue bytes and the object made of them. Spans
  * of a request repeat most values (model, route, kind, span names), so the next span's equal
@@ -234,6 +237,13 @@ static inline __attribute__((always_inline)) int read_field(Ctx *c, Buf *b, uint
     }
 }
 
+static int append_steal(PyObject *list, PyObject *item) {
+    if (!item) return -1;
+    int rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
+
 /* Text of a string field; invalid UTF-8 is replaced, not an error (as the protobuf reference reads it). */
 static PyObject *make_str(Ctx *c, Buf b) {
     (void)c;
@@ -250,66 +260,75 @@ static PyObject *bytes_of(const Buf *s) {
     return PyBytes_FromStringAndSize((const char *)s->p, s->end - s->p);
 }
 
-/* AnyValue -> Python scalar, or the raw AnyValue bytes for arrays/kvlists/bytes. */
-static PyObject *any_value(Ctx *c, Buf v) {
-    Buf whole = v;
-    int kind = 0; /* last oneof field wins */
+/* An AnyValue's value field (fields 1-7; the last one wins, as in protobuf's oneof): its number (0: none) and
+ * its payload slice or scalar. */
+static int any_kind(Ctx *c, Buf v, int *kind, Buf *last_sub, uint64_t *last_scalar) {
     Buf sub = {NULL, NULL};
     uint64_t scalar = 0;
-    Buf last_sub = {NULL, NULL};
-    uint64_t last_scalar = 0;
+    *kind = 0;
     while (v.p < v.end) {
         uint32_t f;
         int wt;
-        if (read_field(c, &v, &f, &wt, &sub, &scalar) < 0) return NULL;
-        if (f >= 1 && f <= 7) {
-            kind = (int)f;
-            last_sub = sub;
-            last_scalar = scalar;
+        if (read_field(c, &v, &f, &wt, &sub, &scalar) < 0) return -1;
+        /* a value field of the wrong wire type is an unknown field to protobuf (and to scan.py) */
+        if (((f == 1 || (f >= 5 && f <= 7)) && wt == 2) || ((f == 2 || f == 3) && wt == 0) || (f == 4 && wt == 1)) {
+            *kind = (int)f;
+            *last_sub = sub;
+            *last_scalar = scalar;
         }
     }
+    return 0;
+}
+
+static PyObject *scalar_value(Ctx *c, int kind, Buf sub, uint64_t scalar) {
     switch (kind) {
-    case 0:
-        Py_RETURN_NONE;
     case 1:
-        return make_str(c, last_sub);
+        return make_str(c, sub);
     case 2:
-        return PyBool_FromLong(last_scalar != 0);
+        return PyBool_FromLong(scalar != 0);
     case 3:
-        return PyLong_FromLongLong((long long)(int64_t)last_scalar);
+        return PyLong_FromLongLong((long long)(int64_t)scalar);
     case 4: {
         double d;
-        memcpy(&d, &last_scalar, 8);
+        memcpy(&d, &scalar, 8);
         return PyFloat_FromDouble(d);
     }
-    case 5: {
-        /* an array of scalars becomes a list; anything nested stays raw AnyValue bytes */
+    default:
+        Py_RETURN_NONE;
+    }
+}
+
+/* AnyValue -> Python scalar, a list for an array of scalars, or the raw AnyValue bytes for anything
+ * else (kvlists, bytes, arrays holding composites). Never recursive: an array nested a million deep
+ * (a few MB) once overflowed the C stack here, in the receiver's check. */
+static PyObject *any_value(Ctx *c, Buf v) {
+    Buf whole = v;
+    int kind;
+    Buf sub = {NULL, NULL};
+    uint64_t scalar = 0;
+    if (any_kind(c, v, &kind, &sub, &scalar) < 0) return NULL;
+    if (kind == 5) {
         PyObject *list = PyList_New(0);
         if (!list) return NULL;
-        Buf arr = last_sub;
+        Buf arr = sub;
         while (arr.p && arr.p < arr.end) {
             uint32_t f;
-            int wt;
-            Buf item = {NULL, NULL};
-            uint64_t sc;
+            int wt, ikind;
+            Buf item = {NULL, NULL}, isub = {NULL, NULL};
+            uint64_t sc, iscalar = 0;
             if (read_field(c, &arr, &f, &wt, &item, &sc) < 0) { Py_DECREF(list); return NULL; }
             if (f != 1 || wt != 2) continue;
-            PyObject *v = any_value(c, item);
-            if (!v) { Py_DECREF(list); return NULL; }
-            if (PyBytes_Check(v)) { /* nested composite: give up, keep the whole value raw */
-                Py_DECREF(v);
+            if (any_kind(c, item, &ikind, &isub, &iscalar) < 0) { Py_DECREF(list); return NULL; }
+            if (ikind >= 5) { /* nested composite: keep the whole value raw */
                 Py_DECREF(list);
                 return bytes_of(&whole);
             }
-            int rc = PyList_Append(list, v);
-            Py_DECREF(v);
-            if (rc < 0) { Py_DECREF(list); return NULL; }
+            if (append_steal(list, scalar_value(c, ikind, isub, iscalar)) < 0) { Py_DECREF(list); return NULL; }
         }
         return list;
     }
-    default:
-        return bytes_of(&whole);
-    }
+    if (kind >= 6) return bytes_of(&whole);
+    return scalar_value(c, kind, sub, scalar);
 }
 
 /* ``make(c, b)`` for the bytes ``b``, or the object the memo holds for equal bytes (a new reference). */
@@ -454,13 +473,6 @@ static int event_wanted(Ctx *c, Buf ev) {
     return 0;
 }
 
-static int append_steal(PyObject *list, PyObject *item) {
-    if (!item) return -1;
-    int rc = PyList_Append(list, item);
-    Py_DECREF(item);
-    return rc;
-}
-
 static int span(Ctx *c, Buf s, PyObject *scope, Py_ssize_t rs_idx, Py_ssize_t ss_idx, Py_ssize_t sp_idx) {
     Buf tid = {NULL, NULL}, sid = {NULL, NULL}, pid = {NULL, NULL}, name = {NULL, NULL}, smsg = {NULL, NULL};
     uint64_t kind = 0, start = 0, end = 0, scode = 0;
@@ -510,7 +522,8 @@ static int span(Ctx *c, Buf s, PyObject *scope, Py_ssize_t rs_idx, Py_ssize_t ss
     static const uint8_t zero[16] = {0};
     Py_ssize_t tl = tid.p ? tid.end - tid.p : 0, sl = sid.p ? sid.end - sid.p : 0, pl = pid.p ? pid.end - pid.p : 0;
     int bad = tl != 16 || sl != 8 || memcmp(tid.p, zero, 16) == 0 || memcmp(sid.p, zero, 8) == 0 ||
-              (pl && (pl != 8 || memcmp(pid.p, zero, 8) == 0)) || end < start;
+              (pl && (pl != 8 || memcmp(pid.p, zero, 8) == 0)) || start > MAX_TIME_NS || end > MAX_TIME_NS ||
+              end < start;
     c->nspans++;
     if (bad && append_steal(c->invalid, Py_BuildValue("(nNNNKKN)", idx, bytes_of(&tid), bytes_of(&sid),
                                                       bytes_of(&pid), (unsigned long long)start,

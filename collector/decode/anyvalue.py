@@ -5,23 +5,28 @@ import json
 import math
 from typing import Any
 
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
+from . import wire
 from .aliases import BOOL, FLOAT, INT, RAW, STR, STRS
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 
 
-def to_python(av) -> Any:
-    """Whole AnyValue -> JSON-able Python (bytes as hex, kvlists as dicts)."""
+def to_python(av, depth: int = 0) -> Any:
+    """Whole AnyValue -> JSON-able Python (bytes as hex, kvlists as dicts). Past ``wire.MAX_DEPTH``
+    levels of arrays/kvlists, the marker text ``wire.TOO_DEEP``: the same value whether the protobuf
+    library read the payload or ``wire`` did (for a payload it refuses)."""
     which = av.WhichOneof("value")
     if which is None:
         return None
+    if which in ("array_value", "kvlist_value") and depth >= wire.MAX_DEPTH:
+        return wire.TOO_DEEP
     if which == "array_value":
-        return [to_python(v) for v in av.array_value.values]
+        return [to_python(v, depth + 1) for v in av.array_value.values]
     if which == "kvlist_value":
-        return {kv.key: to_python(kv.value) for kv in av.kvlist_value.values}
+        return {kv.key: to_python(kv.value, depth + 1) for kv in av.kvlist_value.values}
     if which == "bytes_value":
         return av.bytes_value.hex()
     if which == "double_value":
@@ -36,6 +41,16 @@ def attributes_to_dict(attrs) -> dict[str, Any]:
 
 def attributes_to_json(attrs) -> str:
     return json.dumps(attributes_to_dict(attrs), ensure_ascii=False, separators=(",", ":"))
+
+
+def clean_text(s: str) -> str:
+    """``s`` with lone surrogates (which ``json.loads`` makes of a lone ``\\ud800`` escape) replaced by
+    U+FFFD: Arrow and DuckDB refuse such a string, and with it the whole batch."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 _SCALARS = ("string_value", "bool_value", "int_value", "double_value")
@@ -64,7 +79,9 @@ def raw_value(av) -> Any:
 
 
 def _composite(raw: bytes) -> Any:
-    return to_python(AnyValue.FromString(raw))
+    # not AnyValue.FromString: the receiver did not read inside this value, and the protobuf library
+    # refuses the whole of it for one bad string or a deep nesting (wire.py)
+    return wire.any_value_json(raw)
 
 
 def typed(raw: Any, kind: str) -> Any:
@@ -87,26 +104,34 @@ def typed(raw: Any, kind: str) -> Any:
         if isinstance(raw, bool):
             return None
         if isinstance(raw, int):
-            return raw
-        if isinstance(raw, float):
-            return int(raw) if math.isfinite(raw) else None
-        if isinstance(raw, str):
+            out = raw
+        elif isinstance(raw, float):
+            out = int(raw) if math.isfinite(raw) else None
+        elif isinstance(raw, str):
             try:
-                return int(float(raw))
-            except (ValueError, OverflowError):
-                return None
-        return None
+                out = int(raw)                 # exact: a float holds 53 bits of a large count
+            except ValueError:
+                try:
+                    out = int(float(raw))
+                except (ValueError, OverflowError):
+                    return None
+        else:
+            return None
+        # a BIGINT column holds no more (pyarrow refuses the whole batch for one such value)
+        return out if out is not None and INT64_MIN <= out <= INT64_MAX else None
     if kind == FLOAT:
         if isinstance(raw, bool):
             return None
         if isinstance(raw, (int, float)):
-            return float(raw)
-        if isinstance(raw, str):
+            out = float(raw)
+        elif isinstance(raw, str):
             try:
-                return float(raw)
+                out = float(raw)
             except ValueError:
                 return None
-        return None
+        else:
+            return None
+        return out if math.isfinite(out) else None
     if kind == BOOL:
         if isinstance(raw, bool):
             return raw
@@ -125,7 +150,7 @@ def typed(raw: Any, kind: str) -> Any:
                 try:
                     parsed = json.loads(text)
                     if isinstance(parsed, list):
-                        return [str(x) for x in parsed]
+                        return [clean_text(str(x)) for x in parsed]
                 except ValueError:
                     pass
             return [raw]

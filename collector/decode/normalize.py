@@ -19,13 +19,15 @@ from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from .. import schema
 from ..config import EvalConfig
 from ..errors import PermanentError
 from . import aliases as A
-from .anyvalue import attributes_to_json, raw_value, to_python, typed
+from . import wire
+from .anyvalue import attributes_to_json, clean_text, raw_value, to_python, typed
 from .check import (
     EVENT_NAMES,
     PREFIXES,
@@ -42,6 +44,13 @@ from .scan import ZERO_SPAN, ZERO_TRACE, column_merger, scanner
 SPAN_RECORD = np.dtype([("trace_id", "u1", 16), ("span_id", "u1", 8), ("parent_span_id", "u1", 8),
                         ("start", "<u8"), ("end", "<u8"), ("rs_idx", "<i4"), ("ss_idx", "<i4"), ("sp_idx", "<i4"),
                         ("kind", "u1"), ("status_code", "u1"), ("_pad", "V2")])
+
+# Values that repeat on every span of their resource or scope (resource attributes, scope names) are
+# cut to this many characters before they are copied to each span: a 60 MB service.name on a resource
+# of a million tiny spans would otherwise make a 60 TB column (a request is at most 64 MiB).
+MAX_SHARED_TEXT = 200
+# Token counts below zero are stored as NULL (they would make negative costs).
+_TOKEN_CONCEPTS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 
 _KINDS = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
 _STATUS = ("UNSET", "OK", "ERROR")
@@ -124,6 +133,7 @@ class Normalizer:
         self._converters["finish_reason"] = _finish_text
         self._exact = {c: {A.INT: int, A.FLOAT: float, A.STR: str, A.BOOL: bool}.get(t) for c, t in self._types.items()}
         self._exact["span_kind"] = None
+        self._float_concepts = tuple(c for c, t in self._types.items() if t == A.FLOAT)
         self._cohort_concepts = tuple(extra)
         self._cohort_keys = {c: keys for c, keys in extra.items()}
         self._evals = evals
@@ -170,6 +180,12 @@ class Normalizer:
         rs_idx = rec["rs_idx"].tolist()
         slots = sc["slots"]
         cols: dict[str, list | None] = {c: self._column(c, slots, n) for c in self._concepts}
+        # Numbers DuckDB would store but no query can use: NaN/inf (a double attribute is taken as it
+        # came) and negative token counts become NULL. Out-of-range integers never get here (typed()).
+        for concept in self._float_concepts:
+            _null_where(cols[concept], lambda a: ~np.isfinite(a))
+        for concept in _TOKEN_CONCEPTS:
+            _null_where(cols[concept], lambda a: a < 0)
 
         # Trace-level concepts: the span, else its resource, else the metadata JSON (CONTRACT §4).
         resources = [self._resource_values(r) for r in sc["resources"]]
@@ -207,12 +223,12 @@ class Normalizer:
                         if v is not None:
                             if col is None:
                                 col = cols[concept] = [None] * n
-                            col[i] = str(v)
+                            col[i] = clean_text(str(v))
                 for r, obj in enumerate(res_meta):          # then its resource's, once per resource
                     v = _meta_lookup(obj, concept, self._cohort_keys)
                     if v is None:
                         continue
-                    v = str(v)
+                    v = clean_text(str(v))[:MAX_SHARED_TEXT]
                     if col is None:
                         col = cols[concept] = [None] * n
                     cols[concept] = col = [v if x is None and (len(res_meta) == 1 or ri == r) else x
@@ -222,6 +238,8 @@ class Normalizer:
         # requested one only in its parameters JSON (quirk 1); others may lack a model attribute.
         model, request_model, params = cols["model"], cols["request_model"], cols["json_params"]
         scopes = sc["scope"]
+        if any(len(t) > MAX_SHARED_TEXT for t in set(scopes) if t is not None):
+            scopes = [t if t is None or len(t) <= MAX_SHARED_TEXT else t[:MAX_SHARED_TEXT] for t in scopes]
         if params is not None:
             for i, text in enumerate(params):
                 if text is None:
@@ -320,6 +338,8 @@ class Normalizer:
         for slot, raw in matches:
             for concept, prio in self._slot_hits[slot]:
                 v = self._converters[concept](raw)
+                if type(v) is str and len(v) > MAX_SHARED_TEXT:
+                    v = v[:MAX_SHARED_TEXT]
                 if v is not None and (concept not in best or prio < best[concept][0]):
                     best[concept] = (prio, v)
         return {c: v for c, (_, v) in best.items()}
@@ -342,7 +362,13 @@ class Normalizer:
             for i, pairs in by_span.items():
                 out.extend((i, row) for row in self._openinference_evals(pairs, hex_t[i], hex_s[i]))
         for i, raw in sc["events"]:
-            row = self._event_eval(Span.Event.FromString(raw).attributes, hex_t[i], hex_s[i], "span_event")
+            try:
+                attrs = {kv.key: raw_value(kv.value) for kv in Span.Event.FromString(raw).attributes}
+            except DecodeError:
+                # the receiver read only the event's name: one bad string or a deep value inside it costs
+                # that value (wire.py), not the request
+                attrs = wire.event_raw_attributes(raw)
+            row = self._event_eval(attrs, hex_t[i], hex_s[i], "span_event")
             if row:
                 out.append((i, row))
         return out
@@ -364,8 +390,8 @@ class Normalizer:
                                       "openinference"))
         return out
 
-    def _event_eval(self, attrs, tid_h, sid_h, source) -> tuple | None:
-        d = {kv.key: raw_value(kv.value) for kv in attrs}
+    def _event_eval(self, d: dict, tid_h, sid_h, source) -> tuple | None:
+        """``d``: the event's (or log record's) attributes, key -> raw value."""
         k = A.EVAL_EVENT_KEYS
         name = typed(d.get(k["name"]), A.STR)
         if not name:
@@ -397,7 +423,8 @@ class Normalizer:
                     event_name = getattr(rec, "event_name", "") or next(
                         (kv.value.string_value for kv in rec.attributes if kv.key == "event.name"), "") or None
                     if event_name == A.EVAL_EVENT_NAME:
-                        row = self._event_eval(rec.attributes, tid_h, sid_h, "log")
+                        row = self._event_eval({kv.key: raw_value(kv.value) for kv in rec.attributes}, tid_h, sid_h,
+                                               "log")
                         if row:
                             evals.append(row)
                     body = to_python(rec.body) if rec.HasField("body") else None
@@ -466,6 +493,18 @@ def span_keys(trace_hi: np.ndarray, trace_lo: np.ndarray, span: np.ndarray) -> n
 def _enum_array(names: pa.Array, codes: np.ndarray) -> pa.Array:
     """Enum codes -> their names; a code past the known ones -> null (the last entry of ``names``)."""
     return names.take(np.minimum(codes, len(names) - 1))
+
+
+def _null_where(col: list | None, bad) -> None:
+    """Sets ``col[i]`` to None where ``bad`` (of the column as float64, None read as NaN) holds."""
+    if col is None:
+        return
+    arr = np.array(col, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        hits = bad(arr)
+    if hits.any():
+        for i in np.flatnonzero(hits).tolist():
+            col[i] = None
 
 
 def _int64(values: np.ndarray) -> pa.Array:
@@ -582,7 +621,7 @@ def _param_model(text: str) -> str | None:
     if "\\" not in raw:
         return raw
     try:
-        return json.loads(f'"{raw}"')
+        return clean_text(json.loads(f'"{raw}"'))
     except ValueError:
         return None
 

@@ -22,6 +22,10 @@ except ImportError:  # no compiler at install time
 # normalize.SPAN_RECORD reads them).
 _RECORD = struct.Struct("<16s8s8sQQiiiBBxx")
 ZERO_TRACE, ZERO_SPAN = bytes(16), bytes(8)
+# The latest span time the store can hold: DuckDB's TIMESTAMP_NS is a signed 64-bit count and refuses
+# 2^63 - 1 itself (its "infinity"); a later time passed the end-before-start check and then failed the
+# whole commit group ("Overflow in subtraction of INT64"). _wirescan.c's MAX_TIME_NS is the same number.
+MAX_TIME_NS = 2**63 - 2
 
 
 def invalid_reason(t: bytes, s: bytes, p: bytes, start: int, end: int) -> str | None:
@@ -32,6 +36,8 @@ def invalid_reason(t: bytes, s: bytes, p: bytes, start: int, end: int) -> str | 
         return "invalid_span_id"
     if p and (len(p) != 8 or p == ZERO_SPAN):
         return "invalid_parent_span_id"
+    if start > MAX_TIME_NS or end > MAX_TIME_NS:
+        return "invalid_time"
     if end < start:
         return "end_before_start"
     return None

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from .. import schema
+from ..decode import wire
 from ..decode.anyvalue import attributes_to_dict, to_python
 from .segments import SEGMENTS_DIR, SegmentReader
 
@@ -81,15 +83,16 @@ class PayloadDecoder:
         self._cache: OrderedDict[tuple[int, int], ExportTraceServiceRequest] = OrderedDict()
         self._lock = threading.Lock()
         self._size = cache_requests
+        self._logged = False
 
-    def _request(self, seg: int, off: int, length: int) -> ExportTraceServiceRequest:
+    def _request(self, seg: int, off: int, length: int) -> ExportTraceServiceRequest | wire.Request:
         key = (seg, off)
         with self._lock:
             req = self._cache.get(key)
             if req is not None:
                 self._cache.move_to_end(key)
                 return req
-        req = ExportTraceServiceRequest.FromString(self.segments.read(seg, off, length))
+        req = decode_payload(self.segments.read(seg, off, length))
         with self._lock:
             self._cache[key] = req
             while len(self._cache) > self._size:
@@ -100,19 +103,19 @@ class PayloadDecoder:
         if seg is None:
             return None
         try:
-            resource_spans = self._request(seg, off, length).resource_spans[rs]
-        except (OSError, IndexError, ValueError):
+            req = self._request(seg, off, length)
+        except (OSError, ValueError):
             return None   # payload removed by retention, or never written
-        if part == "resource":
-            return json.dumps(attributes_to_dict(resource_spans.resource.attributes), ensure_ascii=False)
-        span = resource_spans.scope_spans[ss].spans[sp]
-        if part == "attributes":
-            return json.dumps(attributes_to_dict(span.attributes), ensure_ascii=False)
-        if part == "events":
-            return json.dumps([{
-                "name": e.name, "time_unix_nano": e.time_unix_nano,
-                "attributes": attributes_to_dict(e.attributes)} for e in span.events], ensure_ascii=False)
-        return None
+        try:
+            return span_part_json(req, rs, ss, sp, part)
+        except (IndexError, KeyError):
+            return None
+        except Exception:  # noqa: BLE001 - one span's JSON must not fail every query that reads the view
+            if not self._logged:
+                self._logged = True
+                log.exception("store: the %s of span (%s, %s, %s) in segment %s at %s could not be read; it reads"
+                              " as NULL (logged once)", part, rs, ss, sp, seg, off)
+            return None
 
     def arrow_udf(self, seg, off, length, rs, ss, sp, part):
         cols = [c.to_pylist() for c in (seg, off, length, rs, ss, sp, part)]
@@ -120,6 +123,50 @@ class PayloadDecoder:
 
     def close(self) -> None:
         self.segments.close()
+
+
+def decode_payload(payload: bytes) -> ExportTraceServiceRequest | wire.Request:
+    """A stored traces payload, for ``span_part_json``."""
+    try:
+        return ExportTraceServiceRequest.FromString(payload)
+    except DecodeError:
+        # Acknowledged, so readable: the protobuf library refuses a whole request for one value (bad
+        # UTF-8, nesting past its limit, corrupt bytes inside an event); wire.py reads the rest.
+        return wire.Request(payload)
+
+
+def span_part_json(req: ExportTraceServiceRequest | wire.Request, rs: int, ss: int, sp: int, part: str) -> str | None:
+    """One span's ``attributes`` / ``events`` or its ``resource``'s attributes as JSON text (the
+    ``spans`` view's columns). Raises IndexError or KeyError when the request has no such span."""
+    if isinstance(req, wire.Request):
+        return _tolerant_part_json(req, rs, ss, sp, part)
+    return _part_json(req, rs, ss, sp, part)
+
+
+def _part_json(req: ExportTraceServiceRequest, rs: int, ss: int, sp: int, part: str) -> str | None:
+    resource_spans = req.resource_spans[rs]
+    if part == "resource":
+        return json.dumps(attributes_to_dict(resource_spans.resource.attributes), ensure_ascii=False)
+    span = resource_spans.scope_spans[ss].spans[sp]
+    if part == "attributes":
+        return json.dumps(attributes_to_dict(span.attributes), ensure_ascii=False)
+    if part == "events":
+        return json.dumps([{
+            "name": e.name, "time_unix_nano": e.time_unix_nano,
+            "attributes": attributes_to_dict(e.attributes)} for e in span.events], ensure_ascii=False)
+    return None
+
+
+def _tolerant_part_json(req: wire.Request, rs: int, ss: int, sp: int, part: str) -> str | None:
+    """``_part_json`` of a request the protobuf library refused (the same JSON for every readable value)."""
+    if part == "resource":
+        return json.dumps(wire.attributes_json(req.buf, req.resources[rs]), ensure_ascii=False)
+    attrs, events = req.spans[(rs, ss, sp)]          # KeyError: no such span, read as NULL
+    if part == "attributes":
+        return json.dumps(wire.attributes_json(req.buf, attrs), ensure_ascii=False)
+    if part == "events":
+        return json.dumps([req.event_json(e) for e in events], ensure_ascii=False)
+    return None
 
 
 def register_functions(con: duckdb.DuckDBPyConnection, decoder: PayloadDecoder) -> None:
