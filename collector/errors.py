@@ -38,3 +38,8 @@ class StorageFull(Overloaded):
     def __init__(self, message: str, retry_after_s: float = 5.0, reason: str = "disk_full"):
         super().__init__(message, retry_after_s)
         self.reason = reason
+
+
+class SetAside(PermanentError):
+    """The store could not insert this record although it passed the checks: it was copied to the
+    quarantine (``store/quarantine.py``) instead of failing the records committed with it."""

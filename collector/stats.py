@@ -16,6 +16,7 @@ class IngestStats:
         self.logs_received: Counter = Counter()
         self.logs_rejected: Counter = Counter()
         self.spans_duplicate = 0
+        self.records_quarantined: Counter = Counter() # stage (decode, insert) -> acknowledged records set aside
         self.unpriced_spans: Counter = Counter()      # model -> LLM spans with tokens but no price
         self.store_commits = 0                        # group commits
         self.store_commit_seconds = 0.0               # from taking a group to durable (insert ∥ sync)
@@ -43,6 +44,7 @@ class IngestStats:
                 "spans_received": dict(self.spans_received), "spans_rejected": dict(self.spans_rejected),
                 "logs_received": dict(self.logs_received), "logs_rejected": dict(self.logs_rejected),
                 "spans_duplicate": self.spans_duplicate, "requests_refused": dict(self.requests_refused),
+                "records_quarantined": dict(self.records_quarantined),
                 "unpriced_spans": dict(self.unpriced_spans),
                 "store_commits": self.store_commits, "store_commit_seconds": self.store_commit_seconds,
                 "store_insert_seconds": self.store_insert_seconds, "store_sync_seconds": self.store_sync_seconds,

@@ -23,7 +23,7 @@ Messages (pickled over ``multiprocessing`` pipes; Arrow batches as IPC buffers):
                        record stays in the segment log for the next start), ("barrier", token), ("stop",)
   frontend -> decoder: ("record", id, segment, offset, length, signal, low_segment), ("barrier", token)
   decoder -> store:    ("batch", id, NormalizedBatch, (segment, offset, length), low_segment),
-                       ("skip", id, low_segment), ("stats", snapshot), ("barrier", token), ("stopped",)
+                       ("skip", id, low_segment, (segment, offset, length), signal, reason), ("stats", snapshot), ("barrier", token), ("stopped",)
 Pipes are ordered: a barrier the store sends to the frontend comes back through the decoder after
 every record acknowledged before it, which is how a query sees every acknowledged span.
 ``low_segment``: the lowest segment the frontend may still send records of (see writer.replay_from).
@@ -38,7 +38,7 @@ import os
 import threading
 import time
 
-from ..errors import StorageFull
+from ..errors import SetAside, StorageFull
 from ..stats import IngestStats, sum_snapshots
 from .commit import admit
 from .segments import SegmentLog
@@ -135,8 +135,7 @@ class RemoteStore:
     def on_message(self, msg) -> None:
         if msg[0] in ("ack", "nack"):
             if msg[0] == "nack":
-                log.error("the store could not commit request %d (%s); it stays in the segment log and is "
-                          "inserted on the next start", msg[1], msg[2])
+                log.error("the store could not commit request %d: %s", msg[1], msg[2])
             self._release(msg[1])
         elif msg[0] == "barrier":
             self.send(self.stats_message())    # counters as fresh as the data
@@ -246,8 +245,14 @@ class StoreBridge:
                 while not self.store.wait_for_room(DECODED_MAX_SPANS, 1.0):
                     pass
                 self._submit(msg[1], msg[2], msg[3], msg[4])
-            elif kind == "skip":     # a record the decoder could not read: the frontend stops counting it
-                self._send(("nack", msg[1], "the decoder could not read it"))
+            elif kind == "skip":     # a record the decoder could not read: set aside, the frontend stops counting it
+                _, rid, _low, ref, signal, reason = msg
+                try:
+                    where = f"set aside in {self.store.set_aside(ref, signal, 'decode', reason)}"
+                except Exception as exc:  # noqa: BLE001 - the record stays in the segment log either way
+                    log.exception("could not set aside record %d", rid)
+                    where = f"left in the segment log ({exc})"
+                self._send(("nack", rid, f"the decoder could not read it ({reason}); {where}"))
             elif kind == "barrier":
                 ev = self._barriers.pop(msg[1], None)
                 if ev is not None:
@@ -269,7 +274,12 @@ class StoreBridge:
 
         def done(f) -> None:
             exc = f.exception()
-            self._send(("ack", rid) if exc is None else ("nack", rid, f"store commit failed: {exc}"))
+            if exc is None:
+                self._send(("ack", rid))
+            elif isinstance(exc, SetAside):
+                self._send(("nack", rid, str(exc)))
+            else:
+                self._send(("nack", rid, f"{exc}; it stays in the segment log and is inserted on the next start"))
         fut.add_done_callback(done)
 
     def sync(self, timeout: float = 10.0) -> bool:

@@ -4,7 +4,8 @@
 columns into DuckDB a little later. After ``kill -9`` or a power cut in between, those records
 are only in the segments: this walks every segment from the store's ``replay_from_segment`` on,
 decodes each record no ``payloads`` row points at, and inserts it like a new request
-(deduplicated, so a record the client also retried is stored once).
+(deduplicated, so a record the client also retried is stored once). A record that fails to
+decode or to insert is set aside (quarantine.py), never a reason for ``serve`` not to start.
 """
 from __future__ import annotations
 
@@ -46,18 +47,19 @@ def replay(writer, segments_dir: Path, from_segment: int, before_segment: int) -
             group, group_spans = [], 0
 
     for seg in segments:
-        stored = {r[0] for r in writer.con.execute(
+        done = {r[0] for r in writer.con.execute(
             "SELECT byte_offset FROM payloads WHERE segment = ?", [seg]).fetchall()}
+        done |= writer.quarantine.offsets(writer.con, seg)
         for offset, signal, payload in read_frames(segments_dir, seg):
-            if offset in stored:
+            if offset in done:
                 continue
             try:
                 if signal == "traces":
                     batch = normalizer.normalize_traces(payload)
                 else:
                     batch = normalizer.normalize_logs(ExportLogsServiceRequest.FromString(payload), payload)
-            except Exception as exc:  # noqa: BLE001 - a record that cannot be decoded was never acknowledged
-                log.warning("segment %d offset %d: skipped a record that does not decode (%s)", seg, offset, exc)
+            except Exception as exc:  # noqa: BLE001 - acknowledged, yet it does not decode: keep it, go on
+                writer.quarantine.set_aside(writer.con, (seg, offset, len(payload)), signal, "decode", exc, payload)
                 continue
             if not batch.accepted and batch.logs is None:
                 continue

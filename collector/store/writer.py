@@ -25,10 +25,13 @@ import pyarrow as pa
 
 from .. import schema
 from ..decode.normalize import NormalizedBatch, span_keys
+from ..errors import SetAside
 from ..stats import IngestStats
 from . import diskfull
 from .commit import Commit, Committed, admit  # noqa: F401 (Commit is part of this module's API)
 from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions
+from .quarantine import DDL as QUARANTINE_DDL
+from .quarantine import Quarantine, is_data_error
 from .segments import SegmentLog, SegmentSyncer, list_segments, segment_sizes
 
 log = logging.getLogger("shadowlens.store")
@@ -171,6 +174,8 @@ class StoreWriter:
         self.decoder = PayloadDecoder(self.data_dir)
         register_functions(self.con, self.decoder)
         migrate(self.con, self.cohort_labels)
+        self.con.execute(QUARANTINE_DDL)
+        self.quarantine = Quarantine(self.data_dir, self.data_dir / SEGMENTS_DIR, self.stats)
         row = self.con.execute("SELECT coalesce(max(payload_id), 0), coalesce(max(ingest_seq), 0) FROM payloads").fetchone()
         self._next_payload_id = int(row[0]) + 1
         self.committed_seq = int(row[1])
@@ -362,6 +367,14 @@ class StoreWriter:
         Commits before the call are not replayed: read them from the store (``committed_seq``)."""
         self._followers.append(callback)
 
+    def set_aside(self, ref: tuple[int, int, int], signal: str, stage: str, reason: str):
+        """Set an acknowledged record aside from any thread (the decoder could not read it); its path."""
+        con = self.cursor()
+        try:
+            return self.quarantine.set_aside(con, ref, signal, stage, reason)
+        finally:
+            con.close()
+
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A connection for another thread (readers, retention); SQL functions are shared with it."""
         cur = self.con.cursor()
@@ -417,7 +430,8 @@ class StoreWriter:
                 except duckdb.Error:
                     pass
                 # disk full: keep the group and retry it until space returns (diskfull.py); else it fails
-                results = diskfull.retry_group(self, group, low, exc) or [exc] * len(group)
+                # else a record's values: commit the others, set the culprit aside (quarantine.py)
+                results = diskfull.retry_group(self, group, low, exc) or self._isolate(group, low, exc)
             with self._cond:
                 self._queued_spans -= spans
             for task, result in zip(group, results):
@@ -435,8 +449,58 @@ class StoreWriter:
         self.stats.add("store_sync_seconds", None, time.perf_counter() - t0)
 
     def commit_replayed(self, items: list[tuple[NormalizedBatch, tuple[int, int, int]]]) -> None:
-        """Insert records recovered from the segment log (before the writer thread starts)."""
-        self._commit([_Task(batch, Future(), ref, True) for batch, ref in items])
+        """Insert records recovered from the segment log (before the writer thread starts). A record
+        that cannot be inserted is set aside, so that it cannot keep ``serve`` from starting."""
+        group = [_Task(batch, Future(), ref, True) for batch, ref in items]
+        try:
+            self._commit(group)
+        except Exception as exc:  # noqa: BLE001 - isolated, or raised again, below
+            self._rollback()
+            for result in self._isolate(group, None, exc):
+                if isinstance(result, BaseException) and not isinstance(result, SetAside):
+                    raise result
+
+    def _isolate(self, group: list[_Task], low: int | None, exc: BaseException) -> list:
+        """The commit of ``group`` failed with ``exc``: if a record's values can be the cause, commit
+        the records one by one and set aside each that fails alone; the results in ``group``'s order.
+
+        One bad record never takes its group down with it. Failures that are not about values (I/O,
+        a broken database), or that every record of a group shares, set nothing aside: the records
+        stay in the segment log and are inserted on the next start, as before."""
+        if not is_data_error(exc):
+            return [exc] * len(group)
+        results: list = []
+        culprits: list[int] = []
+        for i, task in enumerate(group):
+            try:
+                # replay_from does not move until every record of the group is committed or set aside
+                results.extend(self._commit([task]))
+            except Exception as one:  # noqa: BLE001 - classified below
+                self._rollback()
+                results.append(one)
+                culprits.append(i)
+        if len(group) > 1 and len(culprits) == len(group):
+            log.error("every one of %d records failed alone (%s): the store is at fault, not a record; they stay in "
+                      "the segment log", len(group), exc)
+            return results
+        for i in culprits:
+            task, error = group[i], results[i]
+            if not is_data_error(error):
+                continue
+            path = self.quarantine.set_aside(self.con, task.payload_ref, task.batch.signal, "insert", error,
+                                             task.batch.payload or None)
+            results[i] = SetAside(f"the store could not insert this request ({error}); it was set aside in {path}")
+        if low is not None and low > self.replay_from and all(
+                not isinstance(r, BaseException) or isinstance(r, SetAside) for r in results):
+            self._write_replay_from(low)
+            self.replay_from = low
+        return results
+
+    def _rollback(self) -> None:
+        try:
+            self.con.rollback()
+        except duckdb.Error:      # no transaction open (it failed in COMMIT, or before BEGIN)
+            pass
 
     def _write_replay_from(self, segment: int) -> None:
         """Record in the open transaction (or auto-commit) that segments below ``segment`` are all in DuckDB."""
