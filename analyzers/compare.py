@@ -70,6 +70,9 @@ class Comparison:
     p_value: float | None = None
     critical: bool = False
     kind: str = "ratio"          # ratio | difference: how effect, lower, upper and margin read
+    # insufficient_data because neither route sent a single value of the measure (an agent without
+    # the eval), not because there are too few: a missing input, which no amount of waiting fixes
+    no_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,8 @@ def sufficient_stats(rows: list[dict], settings: GateSettings, labels=()) -> dic
     """stats_sql's rows → {"paired": {(col, cohort): {n, sb, ...}}, "unpaired": {...}, "quantiles": {...}, ...}."""
     moment_cols = sorted({measure_column(r) for r in settings.rules if r.quantile is None})
     quantile_cols = sorted({measure_column(r) for r in settings.rules if r.quantile is not None})
-    out: dict = {"paired": {}, "unpaired": {}, "quantiles": {}, "routes": {}, "keyed": {}, "first_candidate": None}
+    out: dict = {"paired": {}, "unpaired": {}, "quantiles": {}, "routes": {}, "keyed": {}, "first_candidate": None,
+                 "cohort_traces": {}}
     for row in rows:
         cohort, kind = row["cohort"], row["kind"]
         if kind == "keyed":
@@ -278,6 +282,7 @@ def sufficient_stats(rows: list[dict], settings: GateSettings, labels=()) -> dic
         else:
             route = row["route"]
             side = "b" if route == "baseline" else "c"
+            out["cohort_traces"][cohort] = out["cohort_traces"].get(cohort, 0) + (row["traces"] or 0)
             if cohort == ALL:
                 out["routes"][route] = row["traces"]
                 if route == "candidate":
@@ -363,9 +368,12 @@ def judge(stats: dict, settings: GateSettings, now: float) -> Verdict:
     for j in judged:
         rule, cohort, est, nb, nc, paired, why = j
         if est is None:
+            traces = stats["cohort_traces"].get(cohort, 0)
+            missing = nb == 0 and nc == 0 and traces > 0
+            reason = (no_input_reason(rule, cohort, traces, settings.window_s) if missing
+                      else f"{why}; has {nb} baseline / {nc} candidate")
             results.append(Comparison(rule.name, cohort, "insufficient_data", None, None, None, nb, nc, rule.margin,
-                                      f"{why}; has {nb} baseline / {nc} candidate", paired, None, rule.critical,
-                                      rule.kind))
+                                      reason, paired, None, rule.critical, rule.kind, no_input=missing))
             continue
         state, reason = _state(rule, est, significant[id(j)], settings)
         results.append(Comparison(rule.name, cohort, state, est.effect, est.lower, est.upper, nb, nc, rule.margin,
@@ -406,21 +414,65 @@ def _state(rule: Rule, est: _Estimate, significant: bool, settings: GateSettings
     return "inconclusive", f"{ci}: cannot yet tell it from the margin {margin}"
 
 
+def readable_duration(seconds: float) -> str:
+    """A duration as a person writes it, in the largest unit that reads as a whole number or as at
+    least two of it: "10 s", "90 s", "30 min", "1 h", "2.5 h", "7 d" (never "0.166667 min").
+
+    >>> [readable_duration(x) for x in (10, 90, 1800, 3600, 5400, 9000, 7 * 86400, 0.5)]
+    ['10 s', '90 s', '30 min', '1 h', '90 min', '2.5 h', '7 d', '0.5 s']
+    """
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        n = seconds / size
+        if n >= 1 and (float(n).is_integer() or n >= 2):
+            return f"{n:.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
+# Where an eval result comes from (CONTRACT §4 "eval result"), for a rule that has received none.
+EVAL_HOWTO = ("send one per trace: span attributes `eval.name`={name} with `eval.passed` (or `eval.label` /"
+              " `eval.score`), or a `gen_ai.evaluation.result` span event or log record with"
+              " `gen_ai.evaluation.name`={name} and `gen_ai.evaluation.score.label` or `gen_ai.evaluation.score.value`")
+MEASURE_HOWTO = {
+    "cost": "price the agent's models (`prices:` in the config) or report `llm.cost.total` on its LLM spans",
+    "tokens": "report token counts on the LLM spans (`gen_ai.usage.input_tokens` / `output_tokens`)",
+}
+
+
+def no_input_reason(rule: Rule, cohort: str, traces: int, window_s: float) -> str:
+    where = "in the window" if cohort == ALL else f"in {cohort}"
+    drop = f"or drop the rule `{rule.name}` from `gate.rules`"
+    if rule.eval:
+        head = (f"no input: neither route sent a `{rule.eval}` eval result {where} ({traces} traces in the last"
+                f" {readable_duration(window_s)}); that is a missing input, not a regression")
+        return f"{head}. To judge it, {EVAL_HOWTO.format(name=rule.eval)}; {drop}" if cohort == ALL else head
+    head = f"no input: no trace {where} has a {rule.measure} value on either route ({traces} traces)"
+    if cohort != ALL:
+        return head
+    howto = MEASURE_HOWTO.get(rule.measure)
+    return f"{head}. {howto[0].upper() + howto[1:]}, {drop}" if howto else f"{head}; {drop}"
+
+
 def _gate(results: list[Comparison], settings: GateSettings, now: float, first_candidate_s) -> tuple[str, list[str]]:
     fails = [r for r in results if r.state == "fail"]
+    overall = [r for r in results if r.cohort == ALL]
+    # A rule nobody sends input for is said from the first evaluation, and never turns into a block:
+    # waiting cannot decide it, only sending the input (or dropping the rule) can.
+    missing = [f"{r.rule}{' (critical)' if r.critical else ''} cannot be judged: {r.reason}"
+               for r in overall if r.no_input]
     overdue = []
     if first_candidate_s is not None and now - first_candidate_s >= settings.budget_s:
-        overdue = [r for r in results if r.cohort == ALL and r.critical and r.state in ("inconclusive", "insufficient_data")]
+        overdue = [r for r in overall if r.critical and not r.no_input
+                   and r.state in ("inconclusive", "insufficient_data")]
     if fails or overdue:
         reasons = [f"{r.rule} fails for {r.cohort}: {r.reason}" for r in fails]
         reasons += [f"{r.rule} (critical) is still {r.state} for all traffic after the budget of"
-                    f" {settings.budget_s / 60:g} min: {r.reason}" for r in overdue]
-        return "block", reasons
-    overall = [r for r in results if r.cohort == ALL]
+                    f" {readable_duration(settings.budget_s)}: {r.reason}" for r in overdue]
+        return "block", reasons + missing
     if overall and all(r.state == "pass" for r in overall):
         return "promote", [f"every rule passes on all traffic and no cohort fails ({len(results)} results)"]
-    waiting = [f"{r.rule} is {r.state} for all traffic: {r.reason}" for r in overall if r.state != "pass"]
-    return "inconclusive", waiting or ["no baseline and candidate traces in the window"]
+    waiting = [f"{r.rule} is {r.state} for all traffic: {r.reason}" for r in overall
+               if r.state != "pass" and not r.no_input]
+    return "inconclusive", (missing + waiting) or ["no baseline and candidate traces in the window"]
 
 
 def route_summary_sql(labels, eval_names=(), source: str = "t") -> str:

@@ -9,6 +9,8 @@ import html
 import json
 import math
 
+from analyzers.compare import readable_duration
+
 from .verdict_json import verdict_to_json
 
 COLUMNS = ("rule", "cohort", "state", "effect", "lower", "upper", "n_baseline", "n_candidate", "margin")
@@ -81,7 +83,7 @@ def render_html(doc: dict, bars: list[dict] | None = None) -> str:
         "</style></head><body>",
         f"<h1>shadowlens: baseline vs candidate</h1><p class='verdict' style='color:{colour}'>{e(doc['verdict'])}</p>",
         "<ul>" + "".join(f"<li>{e(r)}</li>" for r in doc["reasons"]) + "</ul>",
-        f"<p>as of {e(str(doc.get('as_of', '')))}; window {doc.get('window_seconds', 0) / 60:g} min;"
+        f"<p>as of {e(str(doc.get('as_of', '')))}; window {readable_duration(doc.get('window_seconds', 0))};"
         f" traces {e(json.dumps(doc.get('traces', {})))}; pairs {e(json.dumps(doc.get('pairs', {})))}</p>",
         "<p>Charts: the candidate's effect (dot) with its confidence sequence (bar), the margin (red line) and"
         " no change (dashed).</p>",

@@ -35,7 +35,8 @@ def verdict_to_json(v: Verdict) -> dict:
         "rules": [{"rule": r.rule, "cohort": r.cohort, "state": r.state, "effect": _num(r.effect),
                    "lower": _num(r.lower), "upper": _num(r.upper), "n_baseline": r.n_baseline,
                    "n_candidate": r.n_candidate, "margin": r.margin, "reason": r.reason, "paired": r.paired,
-                   "p_value": _num(r.p_value), "critical": r.critical, "kind": r.kind} for r in ordered],
+                   "p_value": _num(r.p_value), "critical": r.critical, "kind": r.kind,
+                   "no_input": r.no_input} for r in ordered],
     }
 
 
