@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import duckdb
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
@@ -158,7 +159,7 @@ def _stored(server) -> set[str]:
 
 def test_a_full_disk_refuses_exports_as_retryable_and_loses_nothing(serve_factory, mounts, tmp_path):
     disk = mounts(tmp_path / "disk", "24m")
-    srv = serve_factory(data_dir=disk / "data")
+    srv = serve_factory(data_dir=disk)         # its log goes beside, off the full disk
     client = Client(srv, 1)
     for _ in range(5):
         assert client.grpc() is None
@@ -296,3 +297,73 @@ def test_other_write_errors_are_not_disguised_as_a_full_disk(tmp_path, monkeypat
     assert log.health.ok
     monkeypatch.undo()
     log.close()
+
+
+# --- the store writer's retry, at the DuckDB connection boundary -------------------------------------------
+class _FullDiskConnection:
+    """The writer's connection, but COMMIT fails as DuckDB's does on a full disk, ``fail`` times."""
+
+    def __init__(self, con, fail: float):
+        self._con = con
+        self.fail = fail
+        self.failed = 0
+
+    def commit(self):
+        if self.failed < self.fail:
+            self.failed += 1
+            self._con.rollback()
+            raise duckdb.TransactionException('TransactionContext Error: Failed to commit: Could not write file '
+                                              '"shadowlens.duckdb.wal": No space left on device')
+        return self._con.commit()
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)
+
+
+def _writer(tmp_path, stats):
+    from collector.config import default_config
+    from collector.decode.normalize import Normalizer
+    from collector.store.writer import StoreWriter
+    cfg = default_config()
+    store = StoreWriter(tmp_path, cfg.cohort_labels, stats)
+    store.start()
+    batch = Normalizer(cfg.cohort_labels, cfg.evals).normalize_traces(
+        span_request(random_spans(30, random.Random(9))).SerializeToString())
+    return store, batch
+
+
+def test_a_commit_refused_for_want_of_space_is_retried_until_it_succeeds(tmp_path):
+    from collector.stats import IngestStats
+    from collector.store.diskfull import readiness
+    stats = IngestStats()
+    store, batch = _writer(tmp_path, stats)
+    store.con = _FullDiskConnection(store.con, fail=3)
+    fut = store.submit(batch)
+    not_ready = []
+    while not fut.done():
+        ready, why = readiness(True, stats)
+        if not ready:
+            not_ready.append(why)
+        time.sleep(0.01)
+    assert fut.result().stored == 30
+    assert not_ready and "space" in not_ready[0]
+    assert readiness(True, stats) == (True, "ready")
+    assert stats.store_write_errors == {"disk_full": 3} and stats.store_write_failing == 0
+    assert store.cursor().execute("select count(*) from spans_core").fetchone()[0] == 30
+    store.shutdown()
+
+
+def test_stopping_while_the_disk_stays_full_fails_the_group_instead_of_hanging(tmp_path):
+    from collector.stats import IngestStats
+    stats = IngestStats()
+    store, batch = _writer(tmp_path, stats)
+    full = store.con = _FullDiskConnection(store.con, fail=float("inf"))
+    fut = store.submit(batch)
+    deadline = time.monotonic() + 10
+    while not full.failed:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    store.shutdown(timeout=10)
+    assert time.monotonic() - t0 < 5
+    assert "No space left on device" in str(fut.exception(0))
