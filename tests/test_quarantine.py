@@ -157,3 +157,41 @@ def test_a_span_ending_past_int64_never_costs_its_neighbours_or_a_restart(serve_
         assert got == 10 + 3 - resp.partial_success.rejected_spans
         srv.stop(signal.SIGKILL)
     assert resp.partial_success.rejected_spans in (0, 1)
+
+
+def test_a_group_that_fails_for_the_store_is_inserted_on_the_next_start(tmp_path, monkeypatch):
+    """A commit that fails for the store's sake (I/O) leaves its acknowledged records to the next
+    start's replay: later commits must not move the replay point past their segment (they did, and
+    the records were never inserted)."""
+    import duckdb
+    cfg = default_config()
+    norm = Normalizer(cfg.cohort_labels, cfg.evals)
+    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats())
+    store.start()
+    first = store.first_segment
+    real_commit = store._commit
+    calls = []
+
+    def failing_once(group, low=None):
+        calls.append(len(group))
+        if len(calls) == 1:
+            raise duckdb.IOException("IO Error: simulated read error on the store's disk")
+        return real_commit(group, low)
+
+    monkeypatch.setattr(store, "_commit", failing_once)
+    a, b = _payloads(2, 4)
+    log_a = SegmentLog(tmp_path / SEGMENTS_DIR, first)
+    fut_a = store.submit(norm.normalize_traces(a), log_a.append(a), low_segment=first)
+    log_a.sync()
+    assert isinstance(fut_a.exception(10), duckdb.IOException)
+    log_a.close()
+    # the frontend moved on to a new segment (as after a rotation) and says so with its next record
+    log_b = SegmentLog(tmp_path / SEGMENTS_DIR, first + 1)
+    store.submit(norm.normalize_traces(b), log_b.append(b), low_segment=first + 1).result(10)
+    log_b.close()
+    store.shutdown()
+    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats())
+    store.start()
+    assert _count(store, "select count(*) from spans_core") == [(16,)]
+    assert _count(store, "select count(*) from quarantine") == [(0,)]
+    store.shutdown()

@@ -152,6 +152,7 @@ class StoreWriter:
         self._finished_tasks = 0
         self._frontend_low = 0          # lowest segment the frontend may still send records of
         self.replay_from = 0            # every record in lower segments is in DuckDB
+        self._failed_low = 1 << 62      # lowest segment of a record whose commit failed (replayed on start)
         self._cond = threading.Condition()
         self._commit_cond = threading.Condition()
         self._stopping = False
@@ -404,7 +405,8 @@ class StoreWriter:
                     spans += task.batch.accepted
                     self._queued_waiting -= not task.synced
                 # every record below this segment has reached the queue; those still queued are later
-                low = min([self._frontend_low or self.first_segment] + [t.payload_ref[0] for t in self._queue])
+                low = min([self._frontend_low or self.first_segment, self._failed_low]
+                          + [t.payload_ref[0] for t in self._queue])
             try:
                 # the in-process payloads' fdatasync runs while DuckDB inserts and commits; both before any ack
                 t0 = time.perf_counter()
@@ -432,8 +434,12 @@ class StoreWriter:
                 # disk full: keep the group and retry it until space returns (diskfull.py); else it fails
                 # else a record's values: commit the others, set the culprit aside (quarantine.py)
                 results = diskfull.retry_group(self, group, low, exc) or self._isolate(group, low, exc)
+            failed = [t.payload_ref[0] for t, r in zip(group, results)
+                      if isinstance(r, BaseException) and not isinstance(r, SetAside)]
             with self._cond:
                 self._queued_spans -= spans
+                if failed:     # left for the next start's replay: replay_from must not pass them
+                    self._failed_low = min(self._failed_low, *failed)
             for task, result in zip(group, results):
                 if isinstance(result, BaseException):
                     task.future.set_exception(result)
