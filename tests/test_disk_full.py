@@ -367,3 +367,16 @@ def test_stopping_while_the_disk_stays_full_fails_the_group_instead_of_hanging(t
     store.shutdown(timeout=10)
     assert time.monotonic() - t0 < 5
     assert "No space left on device" in str(fut.exception(0))
+
+
+def test_what_counts_as_a_full_disk():
+    from collector.store.diskfull import disk_full_reason
+    assert disk_full_reason(OSError(errno.ENOSPC, "No space left on device")) == "disk_full"
+    assert disk_full_reason(OSError(errno.EDQUOT, "Disk quota exceeded")) == "disk_quota"
+    assert disk_full_reason(duckdb.IOException('Could not write file "x.wal": No space left on device')) == "disk_full"
+    wrapped = RuntimeError("commit failed")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert disk_full_reason(wrapped) == "disk_full"
+    # a client's value quoted in a data error is not the disk speaking
+    assert disk_full_reason(duckdb.ConversionException("Could not convert 'No space left on device' to INT64")) is None
+    assert disk_full_reason(OSError(errno.EIO, "Input/output error")) is None

@@ -49,10 +49,14 @@ def disk_full_reason(exc: BaseException | None) -> str | None:
             return exc.reason
         if isinstance(exc, OSError) and exc.errno in _REASONS:
             return _REASONS[exc.errno]
-        text = str(exc).lower()
-        for needle, reason in _MESSAGES.items():
-            if needle in text:
-                return reason
+        # DuckDB's I/O failures (IOException, a COMMIT's TransactionException, a spill's OutOfMemory) are
+        # OperationalErrors carrying the OS message. Only those: a data error's message may quote a
+        # client's value, and taking it for a full disk would retry it for ever.
+        if any(k.__name__ == "OperationalError" for k in type(exc).__mro__):
+            text = str(exc).lower()
+            for needle, reason in _MESSAGES.items():
+                if needle in text:
+                    return reason
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return None
