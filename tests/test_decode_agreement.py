@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 from conftest import REPO
 from otlp_builders import T0, random_spans, set_attr, span_request
@@ -305,3 +307,101 @@ def test_a_served_request_with_one_poisoned_span_stores_every_span(server):
     assert [(e["name"], e["span_id"]) for e in evals] == [("deep", spans[3]["span_id"].hex()),
                                                           ("\ufffd\ufffdok", spans[3]["span_id"].hex())]
     assert "could not be decoded" not in server.log()
+
+
+# -- the comparison, on generated and mutated requests -------------------------------------------------
+
+def test_the_check_and_the_decoder_agree_on_mutated_requests():
+    """A few seconds of bench/fuzz.py: refused whole, or every acknowledged span stored and readable."""
+    import decode_fuzz
+    tally = decode_fuzz.run(1500, seed=11, python_every=5)
+    assert tally.disagreements == 0, tally.samples[:3]
+    # the run reached what it is for: acknowledged requests with poisoned values, and refusals
+    assert tally.accepted > 400 and tally.rejected_whole > 300
+    assert tally.reasons["invalid_time"] > 0 and tally.spans_accepted > 1000
+    assert tally.python_verdict_differs > 0          # protobuf-refused values reached the acknowledged side
+
+
+@pytest.mark.skipif(scan._wirescan is None, reason="C extension not built")
+def test_the_python_scanner_agrees_with_its_own_check_on_mutated_requests():
+    import decode_fuzz
+    tally = decode_fuzz.run(400, seed=12, scanner="python")
+    assert tally.disagreements == 0, tally.samples[:3]
+    assert tally.accepted > 50
+
+
+
+
+def _any_values(max_leaves: int = 30):
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
+    scalars = st.one_of(
+        st.just(AnyValue()),
+        st.text(max_size=8).map(lambda s: AnyValue(string_value=s)),
+        st.booleans().map(lambda b: AnyValue(bool_value=b)),
+        st.integers(-(2**63), 2**63 - 1).map(lambda i: AnyValue(int_value=i)),
+        st.floats(allow_nan=True).map(lambda d: AnyValue(double_value=d)),
+        st.binary(max_size=6).map(lambda b: AnyValue(bytes_value=b)))
+    return st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=3).map(lambda vs: AnyValue(array_value=ArrayValue(values=vs))),
+        st.lists(st.tuples(st.text(max_size=4), inner), max_size=3).map(
+            lambda kvs: AnyValue(kvlist_value=KeyValueList(values=[KeyValue(key=k, value=v) for k, v in kvs])))),
+        max_leaves=max_leaves)
+
+
+def _same(a, b) -> bool:
+    def norm(x):            # NaN equal to NaN; types kept (True is not 1)
+        if isinstance(x, float):
+            return ("float", "nan" if math.isnan(x) else x)
+        if isinstance(x, list):
+            return [norm(v) for v in x]
+        if isinstance(x, dict):
+            return {k: norm(v) for k, v in x.items()}
+        return (type(x).__name__, x)
+    return norm(a) == norm(b)
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(_any_values())
+def test_the_tolerant_reader_reads_every_value_as_protobuf_does(av):
+    """wire.py is the fallback for payloads protobuf refuses; on what protobuf reads, it must say the same."""
+    from collector.decode import anyvalue, wire
+    raw = av.SerializeToString()
+    assert _same(wire.any_value_json(raw), anyvalue.to_python(av))
+    assert _same(wire.raw_value(raw, 0, len(raw)), anyvalue.raw_value(av))
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(st.data())
+def test_generated_requests_with_extreme_values_are_refused_or_stored_whole(data):
+    """Times at int64's edges, NaN and huge numbers, surrogate escapes and poisoned bytes, placed by hypothesis."""
+    import decode_fuzz
+    oracle = _oracle()
+    spans = _four_spans(data.draw(st.integers(0, 50)))
+    edge_times = st.sampled_from([0, 1, T0, 2**63 - 2, 2**63 - 1, 2**63, 2**64 - 1])
+    for d in spans:
+        d["start"], d["end"] = data.draw(edge_times), data.draw(edge_times)
+        d["attrs"].update({
+            "llm.cost.total": data.draw(st.floats() | st.sampled_from(["inf", "-1e400", "nan", "3"])),
+            "gen_ai.usage.input_tokens": data.draw(st.integers(-(2**63), 2**63 - 1)
+                                                   | st.sampled_from(["1e30", "-5", str(2**64)])),
+            "metadata": data.draw(st.sampled_from(['{"session.id": "\\ud800"}', '{"shadow": {"route": "\\udfff"}}',
+                                                   "{}", "[1]", '{"cohort.tier": "' + "t" * 300 + '"}'])),
+        })
+    rng = random.Random(data.draw(st.integers(0, 2**32)))
+    payload = span_request(spans).SerializeToString()
+    for _ in range(data.draw(st.integers(0, 3))):
+        payload = decode_fuzz._append_to_a_span(rng, payload, decode_fuzz._poison_field(rng)) or payload
+    oracle.run(payload)
+    oracle.flush()
+    assert oracle.tally.disagreements == 0, oracle.tally.samples
+
+
+_ORACLE = []
+
+
+def _oracle():
+    import decode_fuzz
+    if not _ORACLE:
+        _ORACLE.append(decode_fuzz.Oracle())
+    _ORACLE[0].tally = decode_fuzz.Tally()
+    return _ORACLE[0]

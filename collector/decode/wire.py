@@ -51,7 +51,11 @@ def fields(buf: bytes, i: int = 0, end: int | None = None):
     fields, a (start, end) pair for length-delimited ones. Raises Malformed where the bytes break."""
     end = len(buf) if end is None else end
     while i < end:
-        tag, i = _varint(buf, i, end)
+        tag = buf[i]
+        if tag < 0x80:           # one-byte tags and lengths are the rule: no call for them
+            i += 1
+        else:
+            tag, i = _varint(buf, i, end)
         f, wt = tag >> 3, tag & 7
         if f == 0:
             raise Malformed("field number 0")
@@ -68,7 +72,11 @@ def fields(buf: bytes, i: int = 0, end: int | None = None):
             v = int.from_bytes(buf[i:i + 4], "little")
             i += 4
         elif wt == 2:
-            n, i = _varint(buf, i, end)
+            if i < end and buf[i] < 0x80:
+                n = buf[i]
+                i += 1
+            else:
+                n, i = _varint(buf, i, end)
             if n > end - i:
                 raise Malformed("length past end of message")
             v = (i, i + n)
