@@ -221,3 +221,25 @@ def test_repeated_values_may_share_objects_but_arrays_never_do():
     models = c_out["slots"][n._key_slots[b"llm.model_name"]][1]
     assert lists == [["stop"]] * 3 and len({id(v) for v in lists}) == 3
     assert models == ["gpt-4o"] * 3
+
+
+def test_composite_arrays_and_mistyped_value_fields_read_alike_in_c_and_python():
+    # An array holding an array stays raw AnyValue bytes in both (C made nested lists of it, recursing without a
+    # bound); a value field of the wrong wire type is an unknown field to protobuf, and so to C.
+    from opentelemetry.proto.common.v1.common_pb2 import ArrayValue
+    from wire_bytes import attribute, string_value, with_span_extras
+    spans = random_spans(3, random.Random(6))
+    req = span_request(spans)
+    kv = req.resource_spans[0].scope_spans[0].spans[0].attributes.add(key="gen_ai.response.finish_reasons")
+    inner = ArrayValue(values=[AnyValue(string_value="stop")])
+    kv.value.array_value.values.add().array_value.CopyFrom(inner)
+    mistyped = b"\x08\x05"                                  # field 1 (string_value) sent as a varint
+    payload = with_span_extras(req, {(0, 0, 1): attribute(b"llm.model_name", mistyped),
+                                     (0, 0, 2): attribute(b"shadow.route", mistyped + string_value(b"cand"))})
+    c_out, py_out = _both(payload)
+    assert _canonical(c_out) == _canonical(py_out)
+    n = Normalizer(default_config().cohort_labels, default_config().evals)
+    reasons = c_out["slots"][n._key_slots[b"gen_ai.response.finish_reasons"]][1]
+    assert reasons == [kv.value.SerializeToString()]
+    assert c_out["slots"][n._key_slots[b"llm.model_name"]][1] == [None]
+    assert c_out["slots"][n._key_slots[b"shadow.route"]][1][-1] == "cand"
