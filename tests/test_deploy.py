@@ -417,7 +417,10 @@ def test_sidecar_pod_probes_resources_security_and_volume():
         p = probe["httpGet"]["port"]
         return ports[p] if isinstance(p, str) else p
     assert sc["livenessProbe"]["httpGet"]["path"] == "/healthz" and port_of(sc["livenessProbe"]) == metrics_port
-    assert sc["readinessProbe"]["httpGet"]["path"] == "/readyz" and port_of(sc["readinessProbe"]) == metrics_port
+    # the agent starts once shadowlens accepts spans; a native sidecar's readiness would be the pod's, and
+    # /readyz is 503 while shadowlens' disk is full: that must not take the agent out of its Services
+    assert sc["startupProbe"]["httpGet"]["path"] == "/readyz" and port_of(sc["startupProbe"]) == metrics_port
+    assert "readinessProbe" not in sc
     for container in [sc, *spec["containers"]]:
         res = container["resources"]
         assert {"cpu", "memory"} <= set(res["requests"]) and {"memory"} <= set(res["limits"]), container["name"]
