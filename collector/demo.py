@@ -65,6 +65,9 @@ def gate_summary(doc: dict) -> str:
     for r in rules:
         counts[r.get("state", "?")] = counts.get(r.get("state", "?"), 0) + 1
     detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no rules judged yet"
+    missing = [r.get("rule") for r in rules if r.get("cohort") == "all" and r.get("no_input")]
+    if missing:        # waiting will not fix these: say so in the one line too
+        detail += f"; no input for {', '.join(map(str, missing))} (`gate` says how to send it)"
     return f"gate: {verdict} — {detail}"
 
 

@@ -64,3 +64,14 @@ def test_demo_hints_are_commands_that_work_as_printed(tmp_path):
         out = subprocess.run(command, shell=True, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, f"{command!r} -> {out.returncode}: {out.stderr}"
         assert "baseline" in out.stdout or "candidate" in out.stdout, out.stdout
+
+
+def test_the_demos_gate_line_names_rules_without_input():
+    from collector.demo import gate_summary
+    doc = {"verdict": "inconclusive", "rules": [
+        {"rule": "task_completion", "cohort": "all", "state": "insufficient_data", "no_input": True},
+        {"rule": "task_completion", "cohort": "intent=a", "state": "insufficient_data", "no_input": True},
+        {"rule": "steps", "cohort": "all", "state": "pass", "no_input": False}]}
+    line = gate_summary(doc)
+    assert line.startswith("gate: inconclusive — ") and "no input for task_completion" in line, line
+    assert "no input" not in gate_summary({"verdict": "promote", "rules": doc["rules"][2:]})
