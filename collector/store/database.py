@@ -26,6 +26,26 @@ def db_path(data_dir: Path) -> Path:
     return Path(data_dir) / DB_FILE
 
 
+# What a connection that runs users' SQL may do (CONTRACT §8: the store's tables and no other file).
+# External access off: no file functions (read_csv, read_text, glob, COPY, ATTACH, ...), no replacement
+# scans, no extensions; DuckDB still reaches the database's own files (the file, its WAL and temp
+# directory), and the ``spans`` view's decoding is a Python function, outside DuckDB's file access.
+# The configuration is then locked, so that SQL cannot switch any of it back. These are settings of
+# the database instance, so they hold for every cursor of the connection.
+SANDBOX_SETTINGS = (
+    ("autoinstall_known_extensions", "false"),
+    ("autoload_known_extensions", "false"),
+    ("enable_external_access", "false"),
+    ("lock_configuration", "true"),          # last: nothing can be set after it
+)
+
+
+def sandbox(con: duckdb.DuckDBPyConnection) -> None:
+    """Lock ``con``'s database instance down; set any other option before this."""
+    for name, value in SANDBOX_SETTINGS:
+        con.execute(f"SET {name} = {value}")
+
+
 def migrate(con: duckdb.DuckDBPyConnection, cohort_labels) -> None:
     con.execute(schema.META_DDL)
     _migrate_text_ids(con)

@@ -3,6 +3,7 @@
 DuckDB lets one process open a file for writing, and a running ``serve`` holds it; so
 ``serve`` answers queries on a Unix socket in the data directory (owner-only permissions),
 and without a server the file is opened read-only directly. Results travel as Arrow IPC.
+On both paths the connection is sandboxed (database.sandbox): SQL reads the store and no other file.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import duckdb
 import pyarrow as pa
 
 from ..errors import ShadowlensError
-from .database import SOCKET_FILE, PayloadDecoder, db_path, register_functions
+from .database import SOCKET_FILE, PayloadDecoder, db_path, register_functions, sandbox
 
 log = logging.getLogger("shadowlens.query")
 
@@ -69,13 +70,15 @@ def query(data_dir: Path, sql: str, timeout: float = 300.0) -> pa.Table:
         raise QueryError(f"no store at {path}: start `shadowlens serve --data-dir {data_dir}` first "
                          "or pass the right --data-dir")
     try:
-        con = duckdb.connect(str(path), read_only=True)
+        # External access is off from the start (not only once sandbox() runs below).
+        con = duckdb.connect(str(path), read_only=True, config={"enable_external_access": False})
     except duckdb.IOException as exc:
         raise QueryError(f"cannot open {path} read-only ({str(exc).splitlines()[0]}); is a server running "
                          f"without its socket at {sock_path}?") from None
     decoder = PayloadDecoder(data_dir)
     try:
         con.execute("SET enable_progress_bar = false")     # a command's output is its answer, nothing else
+        sandbox(con)
         register_functions(con, decoder)
         return run_query(con, sql)
     finally:

@@ -29,7 +29,7 @@ from ..errors import SetAside
 from ..stats import IngestStats
 from . import diskfull
 from .commit import Commit, Committed, admit  # noqa: F401 (Commit is part of this module's API)
-from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions
+from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions, sandbox
 from .quarantine import DDL as QUARANTINE_DDL
 from .quarantine import Quarantine, is_data_error
 from .segments import SegmentLog, SegmentSyncer, list_segments, segment_sizes
@@ -636,11 +636,17 @@ def _connect(path: Path, settings: dict) -> duckdb.DuckDBPyConnection:
     written twice; the segment log is the write-ahead log that matters here anyway. The size
     is a property of the attachment, not the file: every writing session must ask for it.
     """
-    con = duckdb.connect(config={k: str(v) for k, v in settings.items()})
+    # Spills next to the store (DuckDB's default for an in-memory database is ./.tmp, wherever serve was
+    # started), inside the owner-only data dir and the sandbox's allowed directories.
+    config = {"temp_directory": f"{path}.tmp", **{k: str(v) for k, v in settings.items()}}
+    con = duckdb.connect(config=config)
     name = path.stem       # the catalog name a plain duckdb.connect(path) gives, so SQL reads the same
     quoted_path = str(path).replace("'", "''")
     con.execute(f"ATTACH '{quoted_path}' AS \"{name}\" (ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
     con.execute(f'USE "{name}"')
+    # The query socket's cursors share this database instance: lock it down now that the store is
+    # attached (the writer itself needs no file access beyond the store's own files).
+    sandbox(con)
     return con
 
 
