@@ -20,6 +20,7 @@ from pathlib import Path
 import duckdb
 
 from ..stats import IngestStats
+from .files import make_private_dir, open_private
 from .segments import SegmentReader
 
 log = logging.getLogger("shadowlens.quarantine")
@@ -61,7 +62,7 @@ class Quarantine:
         so a restart's replay skips the record instead of failing on it again."""
         seg, off, length = ref
         reason = (error if isinstance(error, str) else f"{type(error).__name__}: {error}")[:MAX_REASON]
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.dir)
         path = self.dir / f"{seg:08d}-{off:012d}.{signal}.pb"
         if payload is None:
             reader = SegmentReader(self.segments_dir)
@@ -90,7 +91,7 @@ class Quarantine:
 
 def _write_durably(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from ..errors import ShadowlensError
 from .database import SOCKET_FILE, PayloadDecoder, db_path, register_functions, sandbox
+from .files import PRIVATE_FILE
 
 log = logging.getLogger("shadowlens.query")
 
@@ -159,6 +160,7 @@ class QueryServer:
         old = os.umask(0o077)
         try:
             self._server = socketserver.ThreadingUnixStreamServer(str(self.path), Handler)
+            os.chmod(self.path, PRIVATE_FILE)       # connecting needs write permission: the owner's only
         finally:
             os.umask(old)
         self._server.daemon_threads = True

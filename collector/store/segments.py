@@ -26,6 +26,7 @@ from typing import Iterator
 from google_crc32c import value as crc32c  # SSE4.2: 0.07 ms per 1.3 MB request; zlib.crc32 0.8 ms
 
 from .diskfull import WriteHealth, refusal
+from .files import make_private_dir, open_private
 
 SEGMENTS_DIR = "segments"      # under the data dir
 
@@ -43,7 +44,7 @@ FAILED_SYNCS_KEPT = 64
 class _Segment:
     def __init__(self, directory: Path, number: int):
         self.number = number
-        self.fd = os.open(segment_path(directory, number), os.O_WRONLY | os.O_CREAT, 0o644)
+        self.fd = open_private(segment_path(directory, number), os.O_WRONLY)
         self.size = os.fstat(self.fd).st_size
         self.inflight = 0          # writes reserved but not finished
         self.retired = False
@@ -59,7 +60,7 @@ class SegmentLog:
                  health: WriteHealth | None = None):
         self.dir = Path(directory)
         self.health = health or WriteHealth("payload log")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.dir)
         self.segment_bytes = segment_bytes
         self._lock = threading.Lock()
         # One pwrite at a time. The kernel serializes buffered writes to a file anyway (ext4 takes
@@ -198,7 +199,7 @@ class SegmentLog:
         generation = self.health.generation
         path = self.dir / PROBE_FILE
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = open_private(path, os.O_WRONLY | os.O_TRUNC)
             try:
                 _pwrite_all(fd, [bytes(PROBE_BYTES)], 0)      # zeros written are allocated, unlike a hole
                 os.fdatasync(fd)

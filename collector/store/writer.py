@@ -30,6 +30,7 @@ from ..stats import IngestStats
 from . import diskfull
 from .commit import Commit, Committed, admit  # noqa: F401 (Commit is part of this module's API)
 from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions, sandbox
+from .files import make_private_dir, tighten
 from .quarantine import DDL as QUARANTINE_DDL
 from .quarantine import Quarantine, is_data_error
 from .segments import SegmentLog, SegmentSyncer, list_segments, segment_sizes
@@ -169,8 +170,9 @@ class StoreWriter:
     # -- lifecycle -------------------------------------------------------------------------
     def open(self) -> None:
         """Open or create the store (also rebuilds dedup memory); called before receivers start."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.data_dir)
         self.con = _connect(db_path(self.data_dir), self.duckdb_settings)
+        tighten(self.data_dir)      # the database just created, and what an older version left readable
         self._catalog = self.con.execute("SELECT current_database()").fetchall()[0][0]
         self.decoder = PayloadDecoder(self.data_dir)
         register_functions(self.con, self.decoder)
