@@ -405,3 +405,35 @@ def _oracle():
         _ORACLE.append(decode_fuzz.Oracle())
     _ORACLE[0].tally = decode_fuzz.Tally()
     return _ORACLE[0]
+
+
+@pytest.mark.parametrize("time_field", ["time", "observed"])
+def test_a_log_record_time_past_int64_is_rejected_before_the_acknowledgement(time_field, tmp_path):
+    """It passed the check, then the decoder's int64 column refused the whole logs request."""
+    from otlp_builders import log_request
+    req = log_request([{"time": T0, "body": "a"}, {"time": T0, "body": "b"}, {"time": T0, "body": "c"}])
+    bad = req.resource_logs[0].scope_logs[0].log_records[1]
+    if time_field == "time":
+        bad.time_unix_nano = 2**63 + 1
+    else:
+        bad.time_unix_nano, bad.observed_time_unix_nano = 0, 2**64 - 1
+    norm = _normalizer("auto")
+    check = norm.check_logs(req)
+    assert (check.received, check.rejected, dict(check.reasons)) == (3, 1, {"invalid_time": 1})
+    assert check.message == "1 of 3 log records rejected; first: log record 1 rejected: invalid time"
+    batch = norm.normalize_logs(req, req.SerializeToString())
+    assert (batch.received, batch.rejected, batch.message, batch.logs.num_rows) == (3, 1, check.message, 2)
+    store = _store(tmp_path)
+    try:
+        store.submit(batch).result(30)
+        assert _rows(store, "select body from logs order by body") == [('"a"',), ('"c"',)]
+    finally:
+        store.shutdown()
+
+
+def test_the_partial_success_message_says_which_time_is_out_of_range():
+    spans = _four_spans()
+    spans[0]["start"], spans[0]["end"] = T0, 2**64 - 1
+    check = _normalizer("auto").check_traces(span_request(spans).SerializeToString())
+    assert check.message.endswith(f"start_time_unix_nano {T0}, end_time_unix_nano {2**64 - 1}; the latest storable"
+                                  f" time is {2**63 - 2} (2262-04-11)")

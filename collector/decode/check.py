@@ -13,7 +13,7 @@ from typing import Mapping
 
 from ..errors import PermanentError
 from . import aliases as A
-from .scan import invalid_reason, python_scan, validator
+from .scan import MAX_TIME_NS, invalid_reason, python_scan, validator
 
 PREFIXES = (A.OPENINFERENCE_EVAL_PREFIX.encode(),)
 EVENT_NAMES = frozenset({A.EVAL_EVENT_NAME.encode()})
@@ -70,7 +70,7 @@ class Checker:
             for sl in rl.scope_logs:
                 for rec in sl.log_records:
                     received += 1
-                    bad = log_rejection(rec.trace_id, rec.span_id)
+                    bad = log_rejection(rec.trace_id, rec.span_id, log_time(rec))
                     if bad:
                         rejected += 1
                         reasons[bad] += 1
@@ -85,18 +85,29 @@ def span_rejections(invalid: list[tuple], n: int) -> tuple[Counter, str]:
     if not invalid:
         return reasons, ""
     i, t, s_, p, a, b, name = invalid[0]
-    first = (f"span {i} (name {name!r}) rejected: {invalid_reason(t, s_, p, a, b).replace('_', ' ')}"
+    reason = invalid_reason(t, s_, p, a, b)
+    first = (f"span {i} (name {name!r}) rejected: {reason.replace('_', ' ')}"
              f" (trace_id {t.hex() or 'empty'}, span_id {s_.hex() or 'empty'})")
+    if reason == "invalid_time":
+        first += f": start_time_unix_nano {a}, end_time_unix_nano {b}; the latest storable time is {MAX_TIME_NS} (2262-04-11)"
     summary = ", ".join(f"{k} {r.replace('_', ' ')}" for r, k in sorted(reasons.items()))
     return reasons, f"{len(invalid)} of {n} spans rejected ({summary}); first: {first}"
 
 
-def log_rejection(trace_id: bytes, span_id: bytes) -> str | None:
-    """Why a log record is rejected, or None. Ids are optional on log records; present, they must fit."""
+def log_time(rec) -> int:
+    """The time stored for a log record: when it happened, else when it was observed."""
+    return rec.time_unix_nano or rec.observed_time_unix_nano
+
+
+def log_rejection(trace_id: bytes, span_id: bytes, time_ns: int = 0) -> str | None:
+    """Why a log record is rejected, or None. Ids are optional on log records; present, they must fit;
+    its time must fit the store (as a span's: scan.MAX_TIME_NS)."""
     if trace_id and len(trace_id) != 16:
         return "invalid_trace_id"
     if span_id and len(span_id) != 8:
         return "invalid_span_id"
+    if time_ns > MAX_TIME_NS:
+        return "invalid_time"
     return None
 
 

@@ -37,6 +37,7 @@ from .check import (
     log_message,
     log_rejection,
     log_rejection_text,
+    log_time,
     span_rejections,
 )
 from .scan import ZERO_SPAN, ZERO_TRACE, column_merger, scanner
@@ -414,7 +415,7 @@ class Normalizer:
                 for rec in sl.log_records:
                     received += 1
                     tid, sid = rec.trace_id, rec.span_id
-                    bad = log_rejection(tid, sid)
+                    bad = log_rejection(tid, sid, log_time(rec))
                     if bad:
                         reasons[bad] += 1
                         first_error = first_error or log_rejection_text(received - 1, bad)
@@ -430,7 +431,7 @@ class Normalizer:
                             evals.append(row)
                     body = to_python(rec.body) if rec.HasField("body") else None
                     keys.append(f"{tid_h}{sid_h}{received}")
-                    rows.append((tid_h, sid_h, rec.time_unix_nano or rec.observed_time_unix_nano, event_name,
+                    rows.append((tid_h, sid_h, log_time(rec), event_name,
                                  rec.severity_text or None, service,
                                  json.dumps(body, ensure_ascii=False) if body is not None else None,
                                  attributes_to_json(rec.attributes), res_json))
