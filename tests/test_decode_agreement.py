@@ -11,13 +11,12 @@ import math
 import random
 import subprocess
 import sys
-import time
 
 import hypothesis
 import hypothesis.strategies as st
 import pytest
 from conftest import REPO
-from otlp_builders import T0, random_spans, set_attr, span_request
+from otlp_builders import T0, random_spans, span_request
 from wire_bytes import (attribute, event, key_value, ld, nested_array, nested_kvlist, span_event, string_value,
                         with_span_extras)
 
@@ -43,19 +42,19 @@ def _four_spans(seed: int = 1):
     return spans
 
 
-def _store(tmp_path):
-    cfg = default_config()
-    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats())
+def _stored(batch, tmp_path, *queries: str) -> list[list[tuple]]:
+    """Commits ``batch`` through the store writer (the real DDL and insert) and runs ``queries``."""
+    store = StoreWriter(tmp_path, default_config().cohort_labels, IngestStats())
     store.start()
-    return store
-
-
-def _rows(store, sql):
-    con = store.cursor()
     try:
-        return con.execute(sql).fetchall()
+        store.submit(batch).result(30)
+        con = store.cursor()
+        try:
+            return [con.execute(sql).fetchall() for sql in queries]
+        finally:
+            con.close()
     finally:
-        con.close()
+        store.shutdown()
 
 
 # -- part 2: values that reach DuckDB are checked before the acknowledgement --------------------------
@@ -90,13 +89,8 @@ def test_the_latest_storable_time_and_time_zero_are_stored(tmp_path):
     norm = _normalizer("auto")
     batch = norm.normalize_traces(span_request(spans).SerializeToString())
     assert batch.rejected == 0
-    store = _store(tmp_path)
-    try:
-        store.submit(batch).result(30)
-        rows = _rows(store, "select epoch_ns(start_time), epoch_ns(end_time), duration_seconds from spans_core"
-                           " order by sp_idx")
-    finally:
-        store.shutdown()
+    rows, = _stored(batch, tmp_path, "select epoch_ns(start_time), epoch_ns(end_time), duration_seconds"
+                                     " from spans_core order by sp_idx")
     assert rows[1][:2] == (T0, 2**63 - 2) and rows[1][2] == pytest.approx((2**63 - 2 - T0) / 1e9)
     assert rows[2] == (0, 0, 0.0) and rows[3] == (0, T0, T0 / 1e9)
 
@@ -116,14 +110,8 @@ def test_numbers_no_query_can_use_are_stored_as_null(choice, tmp_path):
                                                         "gen_ai.evaluation.score.value": "NaN"})]
     batch = _normalizer(choice).normalize_traces(span_request(spans).SerializeToString())
     assert batch.accepted == 4
-    store = _store(tmp_path)
-    try:
-        store.submit(batch).result(30)
-        rows = _rows(store, "select reported_cost_usd, input_tokens, output_tokens, cache_read_tokens from spans_core"
-                           " order by sp_idx")
-        evals = _rows(store, "select name, score from evals order by name")
-    finally:
-        store.shutdown()
+    rows, evals = _stored(batch, tmp_path, "select reported_cost_usd, input_tokens, output_tokens, cache_read_tokens"
+                                           " from spans_core order by sp_idx", "select name, score from evals order by name")
     assert rows == [(None, None, None, None), (None, None, None, None), (None, 3, 2**63 - 1, None),
                     (0.25, 7, 0, None)]
     assert evals == [("grounded", None), ("helpful", None)]
@@ -138,12 +126,8 @@ def test_metadata_with_a_lone_surrogate_escape_is_stored_with_a_replacement_char
     del spans[1]["attrs"]["gen_ai.request.model"]           # so the parameters' model is the request model
     spans[2]["attrs"]["llm.finish_reason"] = '["stop\\ud800"]'
     batch = _normalizer(choice).normalize_traces(span_request(spans).SerializeToString())
-    store = _store(tmp_path)
-    try:
-        store.submit(batch).result(30)
-        rows = _rows(store, "select session_id, route, request_model, finish_reason from spans_core order by sp_idx")
-    finally:
-        store.shutdown()
+    rows, = _stored(batch, tmp_path, "select session_id, route, request_model, finish_reason from spans_core"
+                                     " order by sp_idx")
     assert rows[0][:2] == ("s\ufffdx", "candidate")
     assert rows[1][2] == "m\ufffd" and rows[2][3] == "stop\ufffd"
 
@@ -247,13 +231,8 @@ def test_the_spans_view_reads_every_span_of_a_request_the_protobuf_library_refus
     """One stored span with a 10,000-level kvlist made every query that decodes attributes fail."""
     payload, spans = _read_side_request()
     batch = _normalizer("auto").normalize_traces(payload)
-    store = _store(tmp_path)
-    try:
-        store.submit(batch).result(30)
-        count = _rows(store, "select count(attributes), count(events), count(resource_attributes) from spans")
-        rows = _rows(store, "select span_id, attributes, events, resource_attributes from spans order by span_id")
-    finally:
-        store.shutdown()
+    count, rows = _stored(batch, tmp_path, "select count(attributes), count(events), count(resource_attributes) from spans",
+                          "select span_id, attributes, events, resource_attributes from spans order by span_id")
     assert count == [(4, 4, 4)]
     by_id = {r[0]: (json.loads(r[1]), json.loads(r[2]), json.loads(r[3])) for r in rows}
     for i, d in enumerate(spans):
@@ -423,12 +402,7 @@ def test_a_log_record_time_past_int64_is_rejected_before_the_acknowledgement(tim
     assert check.message == "1 of 3 log records rejected; first: log record 1 rejected: invalid time"
     batch = norm.normalize_logs(req, req.SerializeToString())
     assert (batch.received, batch.rejected, batch.message, batch.logs.num_rows) == (3, 1, check.message, 2)
-    store = _store(tmp_path)
-    try:
-        store.submit(batch).result(30)
-        assert _rows(store, "select body from logs order by body") == [('"a"',), ('"c"',)]
-    finally:
-        store.shutdown()
+    assert _stored(batch, tmp_path, "select body from logs order by body") == [[('"a"',), ('"c"',)]]
 
 
 def test_the_partial_success_message_says_which_time_is_out_of_range():
