@@ -23,13 +23,14 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 def _worker(args) -> dict:
-    n, seed, python_every, scanner = args
+    n, seed, python_every, scanner, deadline = args
     import decode_fuzz
 
     def progress(t, elapsed):
-        print(f"  worker {seed}: {t.inputs:,} inputs, {t.accepted:,} acknowledged, {t.disagreements} disagreements,"
-              f" {t.inputs / elapsed:,.0f}/s", file=sys.stderr, flush=True)
-    t = decode_fuzz.run(n, seed=seed, scanner=scanner, python_every=python_every, progress=progress)
+        print(f"  worker {seed}: {t.inputs:,} inputs, {t.accepted:,} acknowledged, {t.spans_accepted:,} spans,"
+              f" {t.disagreements} disagreements, {t.inputs / elapsed:,.0f}/s", file=sys.stderr, flush=True)
+    t = decode_fuzz.run(n, seed=seed, scanner=scanner, python_every=python_every, progress=progress,
+                        deadline=deadline)
     return t.__dict__
 
 
@@ -44,9 +45,13 @@ def main(argv=None) -> int:
                     help="every Nth acknowledged input also through the pure-Python check, for its verdict (0: never)")
     ap.add_argument("--out", type=Path, default=Path("fuzz-disagreements"),
                     help="directory for the inputs that disagreed (written only if any)")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop each worker after this long and report what was run (default: run every input)")
     args = ap.parse_args(argv)
     per = [args.inputs // args.workers + (i < args.inputs % args.workers) for i in range(args.workers)]
-    jobs = [(n, args.seed + i, args.python_every, args.scanner) for i, n in enumerate(per)]
+    # time.monotonic() is system-wide on Linux, so the parent's clock bounds the workers
+    deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
+    jobs = [(n, args.seed + i, args.python_every, args.scanner, deadline) for i, n in enumerate(per)]
     t0 = time.monotonic()
     if args.workers == 1:
         results = [_worker(jobs[0])]

@@ -324,19 +324,22 @@ class Oracle:
 
 
 def run(n: int, seed: int = 0, scanner: str = "auto", python_every: int = 0, progress=None,
-        seeds: list[bytes] | None = None) -> Tally:
-    """``n`` mutated inputs; every ``python_every``-th also through the pure-Python check (0: never)."""
+        seeds: list[bytes] | None = None, deadline: float | None = None, progress_every: int = 10_000) -> Tally:
+    """``n`` mutated inputs, or fewer if ``time.monotonic()`` passes ``deadline``; every
+    ``python_every``-th also through the pure-Python check (0: never)."""
     rng = random.Random(seed)
     seeds = seeds or seed_corpus()
     poisoned = poisoned_corpus(rng, seeds, 400)
     oracle = Oracle(scanner)
     t0 = time.monotonic()
     for i in range(n):
+        if deadline is not None and i % 100 == 0 and time.monotonic() > deadline:
+            break
         if i and i % 5000 == 0:
             poisoned = poisoned_corpus(rng, seeds, 400)        # new poison on new bases
         data = mutate(rng, seeds, poisoned)
         oracle.run(data, python_too=bool(python_every) and i % python_every == 0)
-        if progress and i and i % 50_000 == 0:
+        if progress and i and i % progress_every == 0:
             progress(oracle.tally, time.monotonic() - t0)
     oracle.flush()
     return oracle.tally
