@@ -36,11 +36,12 @@ from exporters.http import MetricsServer
 from exporters.prometheus import IngestCollector
 from exporters.verdict_json import http_status, verdict_to_json
 
-from . import startup
+from . import security, startup
 from .config import Config
 from .decode.normalize import Normalizer
 from .stats import IngestStats
 from .store.diskfull import readiness
+from .store.files import private_umask
 from .store.reader import QueryServer
 from .store.remote import StoreBridge
 from .store.retention import Retention, store_bytes
@@ -93,8 +94,10 @@ def build_app(cfg: Config) -> App:
     registry = CollectorRegistry(auto_describe=False)
     frontend_stats: dict = {}
     registry.register(IngestCollector(stats, lambda: store_bytes(data_dir), frontend_stats))
+    listeners = security.load(cfg)
     app.metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, registry,
-                                ready=lambda: readiness(app.ready, stats, frontend_stats))
+                                ready=lambda: readiness(app.ready, stats, frontend_stats),
+                                tls=listeners.metrics_tls, token=listeners.metrics_token)
     PriceTable.load(cfg.prices)        # a bad user price entry fails here, before anything starts
     app.frontend = StoreBridge(store, dict(cfg.raw), frontend_stats)
     store.replay_normalizer = Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices), cfg.receivers.scanner)
@@ -158,6 +161,7 @@ def run(cfg: Config, data_dir_text: str | None = None, ready_file: str | None = 
     so that a parent (``shadowlens demo``) knows the server it reaches is the one it started."""
     data_dir_text = data_dir_text or str(cfg.store.data_dir)
     startup.check(cfg, data_dir_text)
+    private_umask()     # DuckDB's files (database, WAL, spills) and the ingest processes' files: owner-only
     # The GIL is handed over every 1 ms instead of 5 ms: the store writer (DuckDB's binding takes the
     # GIL back often) gets it back sooner from the analyzer threads. Measured +20-25% ingest throughput
     # when decoding still ran in this process; not measured again since it moved out.
@@ -181,8 +185,11 @@ def run(cfg: Config, data_dir_text: str | None = None, ready_file: str | None = 
         if pid is not None:
             raise startup.StartupError(startup.data_dir_in_use(data_dir_text, pid)) from None
         raise
-    log.info("shadowlens serving: OTLP/gRPC %s, OTLP/HTTP %s, metrics http://%s/metrics, store %s",
-             cfg.receivers.grpc, cfg.receivers.http, cfg.metrics, cfg.store.data_dir)
+    log.info("shadowlens serving: OTLP/gRPC %s, OTLP/HTTP %s, metrics %s://%s/metrics, store %s",
+             cfg.receivers.grpc, cfg.receivers.http, "https" if cfg.metrics_tls else "http", cfg.metrics,
+             cfg.store.data_dir)
+    for warning in security.exposure_warnings(cfg):
+        log.warning(warning)
     if ready_file:
         _write_ready_file(ready_file, cfg, app)
     stop.wait()

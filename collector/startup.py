@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 from .config import ENV_PREFIX, Config, Endpoint
-from .errors import ShadowlensError
+from .errors import ConfigError, ShadowlensError
 from .store.database import db_path
 
 # the listeners serve opens, with the config key that sets each
@@ -106,7 +106,13 @@ def lock_error_pid(exc: BaseException) -> int | None:
 
 
 def check(cfg: Config, data_dir_text: str) -> None:
-    """Raise StartupError for a held data dir or a taken address; creates nothing."""
+    """Raise StartupError for a held data dir, a taken address, or an unusable TLS or token file;
+    creates nothing."""
+    from . import security
+    try:
+        security.load(cfg)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
     pid = lock_holder(db_path(Path(cfg.store.data_dir)))
     if pid is not None and pid != os.getpid():
         raise StartupError(data_dir_in_use(data_dir_text, pid))

@@ -1,5 +1,9 @@
 """The metrics endpoint: GET /metrics (text or OpenMetrics by Accept), /healthz, /readyz, and JSON
-routes such as /gate (GET, and POST for webhook callers like Flagger that post a JSON body)."""
+routes such as /gate (GET, and POST for webhook callers like Flagger that post a JSON body).
+
+With ``metrics.tls`` it serves HTTPS (optionally requiring client certificates), and with
+``metrics.auth.bearer_token_file`` /metrics and the JSON routes need ``Authorization: Bearer``;
+/healthz and /readyz stay open, as kubelet probes carry no credentials."""
 from __future__ import annotations
 
 import json
@@ -10,6 +14,10 @@ from typing import Callable
 
 from prometheus_client import exposition
 from prometheus_client.registry import CollectorRegistry
+
+from collector.security import BearerToken, ServerTLS, TLSServerMixin
+
+OPEN_PATHS = ("/healthz", "/readyz")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -27,9 +35,30 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _authorized(self, path: str) -> bool:
+        """False after answering 401 when the path needs the bearer token and the request lacks it."""
+        token = self.app.token
+        if token is None or path in OPEN_PATHS:
+            return True
+        why = token.check(self.headers.get("Authorization"))
+        if why is None:
+            return True
+        body = (why + "\n").encode()
+        self.close_connection = True         # a POST body may be unread
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Bearer realm="shadowlens"')
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        return False
+
     def do_GET(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
         app = self.app
+        if not self._authorized(path):
+            return
         if path == "/metrics":
             encoder, ctype = exposition.choose_encoder(self.headers.get("Accept", ""))
             body = encoder(app.registry)
@@ -60,6 +89,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
+        if not self._authorized(path):
+            return
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(min(length, 1 << 20))     # a webhook's payload; the answer does not depend on it
@@ -70,9 +101,15 @@ class _Handler(BaseHTTPRequestHandler):
                         b"POST is accepted only on JSON routes such as /gate\n")
 
 
+class _Server(TLSServerMixin, ThreadingHTTPServer):
+    daemon_threads = True
+
+
 class MetricsServer:
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]):
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]],
+                 tls: ServerTLS | None = None, token: BearerToken | None = None):
         self.host, self.port = host, port
+        self.tls, self.token = tls, token
         self.registry = registry
         self.ready = ready
         self.json_routes: dict[str, Callable[[dict], tuple[int, object]]] = {}   # path -> f(query) -> (status, doc)
@@ -83,8 +120,8 @@ class MetricsServer:
 
     def start(self) -> None:
         handler = type("MetricsHandler", (_Handler,), {"app": self})
-        self._server = ThreadingHTTPServer((self.host, self.port), handler)
-        self._server.daemon_threads = True
+        self._server = _Server((self.host, self.port), handler)
+        self._server.tls = self.tls
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()

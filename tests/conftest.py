@@ -34,6 +34,7 @@ class Server:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     extra_args: list = field(default_factory=list)
+    ssl_context: object = None      # metrics.tls on: /readyz is polled over HTTPS with this context
 
     @property
     def grpc_endpoint(self) -> str:
@@ -45,7 +46,7 @@ class Server:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.metrics_port}"
 
     def start(self, timeout: float = 30.0) -> "Server":
         self.log_path = self.data_dir.parent / f"serve-{self.metrics_port}.log"
@@ -57,7 +58,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(self.metrics_url + "/readyz", timeout=1) as r:
+                with urllib.request.urlopen(self.metrics_url + "/readyz", timeout=1, context=self.ssl_context) as r:
                     if r.status == 200:
                         return self
             except OSError:

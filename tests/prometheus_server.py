@@ -56,13 +56,15 @@ class PrometheusServer:
     """One ``prometheus`` process with a temporary config and TSDB under ``workdir``."""
 
     def __init__(self, target: str, workdir: Path, scrape_interval: str = "1s", metrics_path: str = "/metrics",
-                 job: str = JOB, extra_args: tuple[str, ...] = ()):
+                 job: str = JOB, extra_args: tuple[str, ...] = (), scrape: dict | None = None):
+        """``scrape``: more keys of the scrape config (scheme, tls_config, authorization, ...)."""
         self.target = target
         self.workdir = Path(workdir)
         self.scrape_interval = scrape_interval
         self.metrics_path = metrics_path
         self.job = job
         self.extra_args = list(extra_args)
+        self.scrape = dict(scrape or {})
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "prometheus.log"
@@ -78,7 +80,7 @@ class PrometheusServer:
             "global": {"scrape_interval": self.scrape_interval, "scrape_timeout": self.scrape_interval,
                        "evaluation_interval": self.scrape_interval},
             "scrape_configs": [{"job_name": self.job, "metrics_path": self.metrics_path, "scheme": "http",
-                                "static_configs": [{"targets": [self.target]}]}],
+                                "static_configs": [{"targets": [self.target]}], **self.scrape}],
         }, indent=2))
         return cfg
 

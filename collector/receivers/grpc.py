@@ -12,6 +12,7 @@ import grpc
 
 from ..config import Endpoint
 from ..decode import codec
+from ..security import BearerToken, ServerTLS
 from .export import ExportHandler
 from .status import classify
 
@@ -23,8 +24,28 @@ _SERVICES = {
 }
 
 
+class _BearerAuth(grpc.ServerInterceptor):
+    """UNAUTHENTICATED for a call without the token, decided on its metadata before the handler runs."""
+
+    def __init__(self, token: BearerToken):
+        self.token = token
+
+    def intercept_service(self, continuation, details):
+        header = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        why = self.token.check(header if isinstance(header, str) else None)
+        if why is None:
+            return continuation(details)
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
 class GrpcReceiver:
-    def __init__(self, endpoint: Endpoint, handler: ExportHandler, max_message_bytes: int, max_workers: int = 32):
+    def __init__(self, endpoint: Endpoint, handler: ExportHandler, max_message_bytes: int, max_workers: int = 32,
+                 tls: ServerTLS | None = None, token: BearerToken | None = None):
+        self.tls = tls
+        self.token = token
         self.endpoint = endpoint
         self.handler = handler
         self.max_message_bytes = max_message_bytes
@@ -52,6 +73,7 @@ class GrpcReceiver:
                      ("grpc.max_send_message_length", 16 << 20),
                      ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=self.max_workers * 4,
+            interceptors=[_BearerAuth(self.token)] if self.token is not None else None,
         )
         self._server.add_generic_rpc_handlers([
             grpc.method_handlers_generic_handler(service, {"Export": self._method(signal)})
@@ -59,7 +81,10 @@ class GrpcReceiver:
         host = self.endpoint.host
         bind = f"[{host}]:{self.endpoint.port}" if ":" in host else f"{host}:{self.endpoint.port}"
         try:
-            self.port = self._server.add_insecure_port(bind)
+            if self.tls is not None:
+                self.port = self._server.add_secure_port(bind, self.tls.grpc_credentials())
+            else:
+                self.port = self._server.add_insecure_port(bind)
         except RuntimeError:     # grpcio >= 1.60 raises where older versions returned port 0
             self.port = 0
         if not self.port:
