@@ -19,7 +19,6 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
-from .security import TLSFiles, tls_files
 
 ENV_PREFIX = "SHADOWLENS_"
 
@@ -47,7 +46,11 @@ GATE_SETTINGS_DEFAULTS: dict[str, Any] = {
 DEFAULTS: dict[str, Any] = {
     "receivers": {
         "grpc": {"endpoint": "127.0.0.1:4317", "max_message_mib": 64, "max_workers": 32},
-        "http": {"endpoint": "127.0.0.1:4318", "max_body_mib": 64},
+        # read_timeout: a request's headers and body; idle_timeout: the wait for the next request on a
+        # connection (the OpenTelemetry Collector's confighttp idles out after 1m too); max_connections:
+        # connection threads, beyond it new connections wait (README "What the OTLP receivers promise")
+        "http": {"endpoint": "127.0.0.1:4318", "max_body_mib": 64,
+                 "read_timeout": "30s", "idle_timeout": "60s", "max_connections": 128},
         "scanner": "auto",          # auto | c | python: the OTLP wire scanner (decode/scan.py)
     },
     "metrics": {"endpoint": "0.0.0.0:9464"},
@@ -84,12 +87,6 @@ DEFAULTS: dict[str, Any] = {
     "routes": {},
     "gate": {"rules": copy.deepcopy(DEFAULT_GATE_RULES), **GATE_SETTINGS_DEFAULTS},
 }
-
-# Security keys (CONTRACT §8), all off by default; collector/security.py reads them. Empty = not set.
-for _section in (DEFAULTS["receivers"]["grpc"], DEFAULTS["receivers"]["http"], DEFAULTS["metrics"]):
-    _section["tls"] = {"cert_file": "", "key_file": "", "client_ca_file": ""}
-DEFAULTS["receivers"]["auth"] = {"bearer_token_file": ""}
-DEFAULTS["metrics"]["auth"] = {"bearer_token_file": ""}
 
 # Sections whose children are user data (names chosen by the user), not fixed keys.
 FREE_FORM = {("cohorts", "labels"), ("routes",), ("evals", "thresholds"), ("prices",)}
@@ -132,9 +129,9 @@ class ReceiversConfig:
     http: Endpoint
     http_max_bytes: int
     scanner: str = "auto"
-    grpc_tls: TLSFiles | None = None
-    http_tls: TLSFiles | None = None
-    token_file: str | None = None       # receivers.auth.bearer_token_file
+    http_read_timeout_s: float = 30.0
+    http_idle_timeout_s: float = 60.0
+    http_max_connections: int = 128
 
 
 @dataclass(frozen=True)
@@ -197,8 +194,6 @@ class Config:
     prices: tuple[Mapping[str, Any], ...]
     routes: Mapping[str, tuple[str, ...]]
     gate: Mapping[str, Any]
-    metrics_tls: TLSFiles | None = None
-    metrics_token_file: str | None = None
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def gate_settings(self):
@@ -328,19 +323,18 @@ def _bool(value: Any, key: str) -> bool:
     raise ConfigError(f"{key}: {value!r} is not true or false")
 
 
+def _positive_duration(value: Any, key: str) -> float:
+    out = parse_duration(value, key)
+    if out <= 0:
+        raise ConfigError(f"{key}: must be more than 0 (a timeout of 0 would refuse every request), got {value!r}")
+    return out
+
+
 def _float(value: Any, key: str) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: {value!r} is not a number") from None
-
-
-def _token_file(section: Any, key: str) -> str | None:
-    if section in (None, ""):
-        return None
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{key} must be a mapping with bearer_token_file")
-    return str(section.get("bearer_token_file") or "") or None
 
 
 def build(tree: dict) -> Config:
@@ -352,9 +346,9 @@ def build(tree: dict) -> Config:
         http=Endpoint(*parse_endpoint(r["http"]["endpoint"], "receivers.http.endpoint")),
         http_max_bytes=_int(tree, "receivers", "http", "max_body_mib", minimum=1) << 20,
         scanner=_choice(r["scanner"], ("auto", "c", "python"), "receivers.scanner"),
-        grpc_tls=tls_files(r["grpc"].get("tls"), "receivers.grpc.tls"),
-        http_tls=tls_files(r["http"].get("tls"), "receivers.http.tls"),
-        token_file=_token_file(r.get("auth"), "receivers.auth"),
+        http_read_timeout_s=_positive_duration(r["http"]["read_timeout"], "receivers.http.read_timeout"),
+        http_idle_timeout_s=_positive_duration(r["http"]["idle_timeout"], "receivers.http.idle_timeout"),
+        http_max_connections=_int(tree, "receivers", "http", "max_connections", minimum=1),
     )
     s = tree["store"]
     store = StoreConfig(
@@ -419,8 +413,6 @@ def build(tree: dict) -> Config:
         prices=tuple(prices),
         routes=route_map,
         gate=tree["gate"] or {},
-        metrics_tls=tls_files(tree["metrics"].get("tls"), "metrics.tls"),
-        metrics_token_file=_token_file(tree["metrics"].get("auth"), "metrics.auth"),
         raw=tree,
     )
     cfg.gate_settings()      # validates gate.rules and the gate settings (names the bad key)

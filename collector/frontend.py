@@ -42,7 +42,8 @@ def main(conn, decoder_conn, config_tree: dict, first_segment: int) -> None:
     # Checks only: the decoder process builds the columns (no numpy, pyarrow or DuckDB here).
     handler = ExportHandler(Checker(cfg.cohort_labels, cfg.receivers.scanner), store, stats)
     receivers = [GrpcReceiver(cfg.receivers.grpc, handler, cfg.receivers.grpc_max_bytes, cfg.receivers.grpc_max_workers),
-                 HttpReceiver(cfg.receivers.http, handler, cfg.receivers.http_max_bytes)]
+                 HttpReceiver(cfg.receivers.http, handler, cfg.receivers.http_max_bytes, cfg.receivers.http_read_timeout_s,
+                              cfg.receivers.http_idle_timeout_s, cfg.receivers.http_max_connections)]
     started = []
     try:
         for r in receivers:
