@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
+from .security import TLSFiles, tls_files
 
 ENV_PREFIX = "SHADOWLENS_"
 
@@ -88,6 +89,12 @@ DEFAULTS: dict[str, Any] = {
     "gate": {"rules": copy.deepcopy(DEFAULT_GATE_RULES), **GATE_SETTINGS_DEFAULTS},
 }
 
+# Security keys (CONTRACT §8), all off by default; collector/security.py reads them. Empty = not set.
+for _section in (DEFAULTS["receivers"]["grpc"], DEFAULTS["receivers"]["http"], DEFAULTS["metrics"]):
+    _section["tls"] = {"cert_file": "", "key_file": "", "client_ca_file": ""}
+DEFAULTS["receivers"]["auth"] = {"bearer_token_file": ""}
+DEFAULTS["metrics"]["auth"] = {"bearer_token_file": ""}
+
 # Sections whose children are user data (names chosen by the user), not fixed keys.
 FREE_FORM = {("cohorts", "labels"), ("routes",), ("evals", "thresholds"), ("prices",)}
 
@@ -129,6 +136,9 @@ class ReceiversConfig:
     http: Endpoint
     http_max_bytes: int
     scanner: str = "auto"
+    grpc_tls: TLSFiles | None = None
+    http_tls: TLSFiles | None = None
+    token_file: str | None = None       # receivers.auth.bearer_token_file
     http_read_timeout_s: float = 30.0
     http_idle_timeout_s: float = 60.0
     http_max_connections: int = 128
@@ -194,6 +204,8 @@ class Config:
     prices: tuple[Mapping[str, Any], ...]
     routes: Mapping[str, tuple[str, ...]]
     gate: Mapping[str, Any]
+    metrics_tls: TLSFiles | None = None
+    metrics_token_file: str | None = None
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def gate_settings(self):
@@ -337,6 +349,14 @@ def _float(value: Any, key: str) -> float:
         raise ConfigError(f"{key}: {value!r} is not a number") from None
 
 
+def _token_file(section: Any, key: str) -> str | None:
+    if section in (None, ""):
+        return None
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{key} must be a mapping with bearer_token_file")
+    return str(section.get("bearer_token_file") or "") or None
+
+
 def build(tree: dict) -> Config:
     r = tree["receivers"]
     receivers = ReceiversConfig(
@@ -349,6 +369,9 @@ def build(tree: dict) -> Config:
         http_read_timeout_s=_positive_duration(r["http"]["read_timeout"], "receivers.http.read_timeout"),
         http_idle_timeout_s=_positive_duration(r["http"]["idle_timeout"], "receivers.http.idle_timeout"),
         http_max_connections=_int(tree, "receivers", "http", "max_connections", minimum=1),
+        grpc_tls=tls_files(r["grpc"].get("tls"), "receivers.grpc.tls"),
+        http_tls=tls_files(r["http"].get("tls"), "receivers.http.tls"),
+        token_file=_token_file(r.get("auth"), "receivers.auth"),
     )
     s = tree["store"]
     store = StoreConfig(
@@ -413,6 +436,8 @@ def build(tree: dict) -> Config:
         prices=tuple(prices),
         routes=route_map,
         gate=tree["gate"] or {},
+        metrics_tls=tls_files(tree["metrics"].get("tls"), "metrics.tls"),
+        metrics_token_file=_token_file(tree["metrics"].get("auth"), "metrics.auth"),
         raw=tree,
     )
     cfg.gate_settings()      # validates gate.rules and the gate settings (names the bad key)
