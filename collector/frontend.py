@@ -29,6 +29,7 @@ def main(conn, decoder_conn, config_tree: dict, first_segment: int) -> None:
     from .receivers.export import ExportHandler
     from .receivers.grpc import GrpcReceiver
     from .receivers.http import HttpReceiver
+    from .security import load as load_security
     from .stats import IngestStats
     from .store.diskfull import WriteHealth
     from .store.remote import RemoteStore
@@ -41,9 +42,12 @@ def main(conn, decoder_conn, config_tree: dict, first_segment: int) -> None:
     store = RemoteStore(conn, decoder_conn, segments, stats, cfg.store.queue_max_spans)
     # Checks only: the decoder process builds the columns (no numpy, pyarrow or DuckDB here).
     handler = ExportHandler(Checker(cfg.cohort_labels, cfg.receivers.scanner), store, stats)
-    receivers = [GrpcReceiver(cfg.receivers.grpc, handler, cfg.receivers.grpc_max_bytes, cfg.receivers.grpc_max_workers),
+    listeners = load_security(cfg)      # serve checked the files before starting this process
+    receivers = [GrpcReceiver(cfg.receivers.grpc, handler, cfg.receivers.grpc_max_bytes, cfg.receivers.grpc_max_workers,
+                              tls=listeners.grpc_tls, token=listeners.receivers_token),
                  HttpReceiver(cfg.receivers.http, handler, cfg.receivers.http_max_bytes, cfg.receivers.http_read_timeout_s,
-                              cfg.receivers.http_idle_timeout_s, cfg.receivers.http_max_connections)]
+                              cfg.receivers.http_idle_timeout_s, cfg.receivers.http_max_connections,
+                              tls=listeners.http_tls, token=listeners.receivers_token)]
     started = []
     try:
         for r in receivers:

@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ..config import Endpoint
 from ..decode import codec
 from ..errors import PermanentError, TooLarge
+from ..security import BearerToken, ServerTLS, TLSServerMixin
 from .export import ExportHandler
 from .status import classify
 
@@ -204,6 +205,13 @@ class _Handler(BaseHTTPRequestHandler):
         signal = PATHS.get(path)
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         reply_type = codec.JSON if ctype == codec.JSON else codec.PROTOBUF
+        if self.receiver.token is not None:
+            why = self.receiver.token.check(self.headers.get("Authorization"))
+            if why is not None:
+                self.close_connection = True        # the body is left unread
+                self._reply(401, reply_type, codec.status_bytes(reply_type, 16, why, ()),
+                            {"WWW-Authenticate": 'Bearer realm="shadowlens"', "Connection": "close"})
+                return
         if signal is None:
             self._fail(reply_type, 404, f"no OTLP endpoint at {path}; use /v1/traces or /v1/logs", rpc_code=5)
             return
@@ -247,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = do_GET
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(TLSServerMixin, ThreadingHTTPServer):
     """A thread per connection, at most ``max_connections`` of them.
 
     At the cap the acceptor stops accepting, so a new connection waits in the listen backlog (its
@@ -319,7 +327,10 @@ class _Server(ThreadingHTTPServer):
 
 class HttpReceiver:
     def __init__(self, endpoint: Endpoint, handler: ExportHandler, max_body_bytes: int,
-                 read_timeout_s: float = 30.0, idle_timeout_s: float = 60.0, max_connections: int = 128):
+                 read_timeout_s: float = 30.0, idle_timeout_s: float = 60.0, max_connections: int = 128,
+                 tls: ServerTLS | None = None, token: BearerToken | None = None):
+        self.tls = tls
+        self.token = token
         self.endpoint = endpoint
         self.handler = handler
         self.max_body_bytes = max_body_bytes
@@ -335,6 +346,7 @@ class HttpReceiver:
     def start(self) -> None:
         handler_cls = type("OtlpHttpHandler", (_Handler,), {"receiver": self})
         server = _Server((self.endpoint.host, self.endpoint.port), handler_cls, self.max_connections)
+        server.tls = self.tls
         self._server = server
         self.port = server.server_address[1]
         self._thread = threading.Thread(target=server.serve_forever, name="otlp-http", daemon=True)
