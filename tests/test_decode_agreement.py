@@ -411,3 +411,33 @@ def test_the_partial_success_message_says_which_time_is_out_of_range():
     check = _normalizer("auto").check_traces(span_request(spans).SerializeToString())
     assert check.message.endswith(f"start_time_unix_nano {T0}, end_time_unix_nano {2**64 - 1}; the latest storable"
                                   f" time is {2**63 - 2} (2262-04-11)")
+
+
+def test_replay_stores_every_span_of_an_acknowledged_poisoned_request(tmp_path):
+    """Synced (acknowledged) but not yet in DuckDB when the process died: replay used to skip it whole."""
+    from collector.store.database import SEGMENTS_DIR
+    from collector.store.segments import SegmentLog
+    store = StoreWriter(tmp_path, default_config().cohort_labels, IngestStats())
+    store.open()
+    first = store.first_segment
+    store.shutdown()
+    payload, spans = _read_side_request()
+    payload = with_span_extras(span_request(spans), {(0, 0, 2): attribute(b"llm.model_name", nested_kvlist(200)),
+                                                     (0, 0, 3): CASES["eval event with invalid UTF-8"]})
+    log = SegmentLog(tmp_path / SEGMENTS_DIR, first)
+    _, _, ticket = log.append(payload)
+    log.wait_durable(ticket)
+    log.close()
+    store = StoreWriter(tmp_path, default_config().cohort_labels, IngestStats())
+    store.open()
+    try:
+        con = store.cursor()
+        try:
+            ids = sorted(r[0] for r in con.execute("select span_id from spans where attributes is not null").fetchall())
+            evals = con.execute("select name from evals").fetchall()
+        finally:
+            con.close()
+    finally:
+        store.shutdown()
+    assert ids == sorted(d["span_id"].hex() for d in spans)
+    assert evals == [("\ufffd\ufffdok",)]
