@@ -23,14 +23,14 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 def _worker(args) -> dict:
-    n, seed, python_every, scanner, deadline = args
+    n, seed, python_every, scanner, deadline, group = args
     import decode_fuzz
 
     def progress(t, elapsed):
         print(f"  worker {seed}: {t.inputs:,} inputs, {t.accepted:,} acknowledged, {t.spans_accepted:,} spans,"
               f" {t.disagreements} disagreements, {t.inputs / elapsed:,.0f}/s", file=sys.stderr, flush=True)
     t = decode_fuzz.run(n, seed=seed, scanner=scanner, python_every=python_every, progress=progress,
-                        deadline=deadline)
+                        deadline=deadline, group_size=group)
     return t.__dict__
 
 
@@ -45,13 +45,17 @@ def main(argv=None) -> int:
                     help="every Nth acknowledged input also through the pure-Python check, for its verdict (0: never)")
     ap.add_argument("--out", type=Path, default=Path("fuzz-disagreements"),
                     help="directory for the inputs that disagreed (written only if any)")
+    ap.add_argument("--group", type=int, default=32,
+                    help="acknowledged inputs decoded together, as one request of their joined bytes (sums of"
+                         " their counts compared; every 8th input alone, in full; any difference re-run input by"
+                         " input). 1: each alone (default 32)")
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="stop each worker after this long and report what was run (default: run every input)")
     args = ap.parse_args(argv)
     per = [args.inputs // args.workers + (i < args.inputs % args.workers) for i in range(args.workers)]
     # time.monotonic() is system-wide on Linux, so the parent's clock bounds the workers
     deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
-    jobs = [(n, args.seed + i, args.python_every, args.scanner, deadline) for i, n in enumerate(per)]
+    jobs = [(n, args.seed + i, args.python_every, args.scanner, deadline, args.group) for i, n in enumerate(per)]
     t0 = time.monotonic()
     if args.workers == 1:
         results = [_worker(jobs[0])]
@@ -69,7 +73,7 @@ def main(argv=None) -> int:
         reasons.update(r["reasons"])
         samples.extend(r["samples"])
     print(f"inputs {total['inputs']:,} in {elapsed:,.0f} s ({total['inputs'] / elapsed:,.0f}/s, {args.workers} workers,"
-          f" scanner {args.scanner})")
+          f" scanner {args.scanner}, group {args.group})")
     print(f"  refused whole (INVALID_ARGUMENT): {total['rejected_whole']:,}")
     print(f"  acknowledged: {total['accepted']:,} requests, {total['spans_accepted']:,} spans stored,"
           f" {total['spans_rejected']:,} spans rejected in partial_success ("

@@ -441,3 +441,25 @@ def test_replay_stores_every_span_of_an_acknowledged_poisoned_request(tmp_path):
         store.shutdown()
     assert ids == sorted(d["span_id"].hex() for d in spans)
     assert evals == [("\ufffd\ufffdok",)]
+
+
+@pytest.mark.parametrize("group_size", [1, 8])
+def test_the_fuzz_oracle_finds_a_decoder_that_loses_an_acknowledged_span(group_size, monkeypatch):
+    """The comparison can fail: a decoder that drops requests holding invalid UTF-8 (as it did) is caught,
+    input by input even when inputs are decoded in groups."""
+    import decode_fuzz
+    real = Normalizer.normalize_traces
+
+    def lossy(self, payload):
+        if b"\xff" in payload:
+            raise ValueError("could not be decoded")
+        return real(self, payload)
+    monkeypatch.setattr(Normalizer, "normalize_traces", lossy)
+    oracle = decode_fuzz.Oracle(group_size=group_size, solo_every=1000)
+    good = _poisoned(b"")
+    bad = _poisoned(CASES["eval event with invalid UTF-8"])
+    for data in [good] * 5 + [bad] + [good] * 20:
+        oracle.run(data)
+    oracle.flush()
+    assert oracle.tally.disagreements == 1 and oracle.tally.samples[0][1] == bad
+    assert oracle.tally.accepted == 26
