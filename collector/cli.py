@@ -305,5 +305,67 @@ def demo(config_file, data_dir, rate, duration, scenario, seed) -> None:
                       scenario=scenario, seed=seed))
 
 
+def _export_time(value: str, flag: str, now: float) -> float:
+    """A duration back from now (2h, 7d) or an ISO date / time (UTC unless it names a zone)."""
+    from datetime import datetime, timezone
+    try:
+        return now - config_mod.parse_duration(value, flag)
+    except ConfigError:
+        pass
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.UsageError(f"{flag} {value!r} is neither a duration (2h, 7d) nor an ISO time"
+                               " (2026-11-29, 2026-11-29T13:00Z)") from None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+
+
+@main.group("export", cls=click.Group)
+def export_group() -> None:
+    """Copy the store out of shadowlens (Parquet lake)."""
+
+
+@export_group.command("parquet")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="The lake's directory: OUT/<table>/date=YYYY-MM-DD/*.parquet.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="The store's directory (store.data_dir).")
+@click.option("--since", help="Rows from this long ago (e.g. 2h, 7d) or this ISO time on; default: all.")
+@click.option("--until", help="Rows before this ISO time (UTC unless it says) or this long ago; default: now.")
+@click.option("--tables", default=",".join(("spans", "traces", "evals", "logs")), show_default=True,
+              help="Comma-separated tables to write.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML config file (store.data_dir, export.parquet.source).")
+def export_parquet_cmd(out, data_dir, since, until, tables, config_file) -> None:
+    """Write the store as Hive-partitioned Parquet (zstd), one file per UTC hour; idempotent; works with
+    serve running or stopped."""
+    import time
+
+    from exporters.parquet import ExportError, export, parse_tables, store_source
+
+    from .store.reader import QueryError
+    from .store.reader import query as run_query
+    cfg = _load(config_file, {("store", "data_dir"): data_dir})
+    now = time.time()
+    try:
+        names = parse_tables(tables)
+    except ExportError as exc:
+        raise click.UsageError(f"--{exc}") from None
+    since_s = _export_time(since, "--since", now) if since else None
+    until_s = _export_time(until, "--until", now) if until else now
+    store = Path(cfg.store.data_dir)
+    try:
+        run_query(store, "SELECT 1")        # no store, or one we cannot open: say so before writing anything
+    except QueryError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        res = export(lambda sql: run_query(store, sql), Path(out), store_source(store, cfg.export_parquet.source),
+                     names, since_us=None if since_s is None else int(since_s * 1e6), until_us=int(until_s * 1e6))
+    except OSError as exc:
+        raise ShadowlensError(f"cannot write the lake at {out}: {exc}") from None
+    rate = sum(res.rows.values()) / res.seconds if res.seconds > 0 else 0.0
+    click.echo(f"exported {', '.join(f'{n} {t}' for t, n in res.rows.items())} in {res.files} files"
+               f" ({res.bytes / 1e6:.1f} MB, {res.seconds:.1f} s, {rate:,.0f} rows/s) to {out}")
+
+
 if __name__ == "__main__":
     main()

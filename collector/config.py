@@ -87,6 +87,9 @@ DEFAULTS: dict[str, Any] = {
     "prices": [],
     "routes": {},
     "gate": {"rules": copy.deepcopy(DEFAULT_GATE_RULES), **GATE_SETTINGS_DEFAULTS},
+    # developers' addition: serve writes closed hours to a Parquet lake (exporters/parquet.py); dir "" = off
+    "export": {"parquet": {"dir": "", "interval": "1h", "delay": "10m", "source": "",
+                           "tables": ["spans", "traces", "evals", "logs"]}},
 }
 
 # Security keys (CONTRACT §8), all off by default; collector/security.py reads them. Empty = not set.
@@ -191,6 +194,15 @@ class AnalyzersConfig:
 
 
 @dataclass(frozen=True)
+class ExportParquetConfig:
+    dir: str                   # "" = off
+    interval_s: float
+    delay_s: float
+    source: str
+    tables: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Config:
     receivers: ReceiversConfig
     metrics: Endpoint
@@ -206,6 +218,7 @@ class Config:
     gate: Mapping[str, Any]
     metrics_tls: TLSFiles | None = None
     metrics_token_file: str | None = None
+    export_parquet: ExportParquetConfig | None = None
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def gate_settings(self):
@@ -438,10 +451,25 @@ def build(tree: dict) -> Config:
         gate=tree["gate"] or {},
         metrics_tls=tls_files(tree["metrics"].get("tls"), "metrics.tls"),
         metrics_token_file=_token_file(tree["metrics"].get("auth"), "metrics.auth"),
+        export_parquet=_export_parquet(tree["export"]["parquet"]),
         raw=tree,
     )
     cfg.gate_settings()      # validates gate.rules and the gate settings (names the bad key)
     return cfg
+
+
+def _export_parquet(p: Mapping[str, Any]) -> ExportParquetConfig:
+    from exporters.parquet import ExportError, parse_tables  # noqa: PLC0415 - config stays importable alone
+    interval = parse_duration(p["interval"], "export.parquet.interval")
+    if interval <= 0:
+        raise ConfigError(f"export.parquet.interval: must be more than 0, got {p['interval']!r}")
+    try:
+        tables = parse_tables(p["tables"] if isinstance(p["tables"], (str, list, tuple)) else "")
+    except ExportError as exc:
+        raise ConfigError(f"export.parquet.{exc}") from None
+    return ExportParquetConfig(dir=str(p["dir"] or ""), interval_s=interval,
+                               delay_s=parse_duration(p["delay"], "export.parquet.delay"),
+                               source=str(p["source"] or ""), tables=tables)
 
 
 def default_config() -> Config:

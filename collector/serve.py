@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client.registry import CollectorRegistry
 
@@ -33,6 +34,7 @@ from analyzers.rules import GateSettings
 from analyzers.window import WindowRefresher, WindowStats
 from exporters.analysis import AnalysisMetrics, GateMetrics
 from exporters.http import MetricsServer
+from exporters.parquet import ExportCollector, ParquetRunner, store_source
 from exporters.prometheus import IngestCollector
 from exporters.verdict_json import http_status, verdict_to_json
 
@@ -110,9 +112,20 @@ def build_app(cfg: Config) -> App:
     operations = {"reprice": lambda con, req: reprice_table(con, PriceTable.load(req.get("prices") or []),
                                                             req.get("since_s"))}
     app.components = [store, QueryServer(data_dir, store.cursor, operations, sync=app.frontend.sync),
-                      retention, *analyzers, app.metrics,
+                      retention, *analyzers, *_parquet_export(cfg, store, registry), app.metrics,
                       app.frontend]
     return app
+
+
+def _parquet_export(cfg: Config, store: StoreWriter, registry: CollectorRegistry) -> list:
+    """export.parquet: closed hours into the lake, on the exporter's own thread and cursor."""
+    p = cfg.export_parquet
+    if p is None or not p.dir:
+        return []
+    runner = ParquetRunner(store.cursor, Path(p.dir), lambda: store_source(cfg.store.data_dir, p.source), p.tables,
+                           p.interval_s, p.delay_s)
+    registry.register(ExportCollector(runner))
+    return [runner]
 
 
 def reprice_table(con, prices, since_s):

@@ -97,7 +97,18 @@ COMPARE_METRICS = (
     MetricSpec("shadowlens_gate_refresh_seconds", "gauge", (), "How long the last gate evaluation took."),
 )
 
-ALL_METRICS = SELF_METRICS + STREAMING_METRICS + WINDOW_METRICS + ANALYZER_SELF_METRICS + COMPARE_METRICS
+# `export.parquet` in serve (exporters/parquet.py); present only when export.parquet.dir is set.
+EXPORT_METRICS = (
+    MetricSpec("shadowlens_export_parquet_lag_seconds", "gauge", (),
+               "Seconds since the end of the newest hour up to which the Parquet lake holds every closed hour"
+               " (grows while exports fail)."),
+    MetricSpec("shadowlens_export_parquet_failures", "counter", (),
+               "Export passes to the Parquet lake that failed (each is retried; ingest never waits for them)."),
+    MetricSpec("shadowlens_export_parquet_rows", "counter", ("table",),
+               "Rows written to the Parquet lake, by table (an hour written again counts again)."),
+)
+
+ALL_METRICS = SELF_METRICS + STREAMING_METRICS + WINDOW_METRICS + ANALYZER_SELF_METRICS + COMPARE_METRICS + EXPORT_METRICS
 
 
 def exposed_names(spec: MetricSpec) -> list[str]:
