@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ./data
 
-.PHONY: run test bench clean prometheus
+.PHONY: run test bench clean prometheus chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,16 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(wildcard tests/requirements-*
 run: $(VENV)/.installed
 	$(BIN)/shadowlens serve --data-dir $(DATA)
 
-test: $(VENV)/.installed prometheus
+test: $(VENV)/.installed prometheus chromium
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # A real Prometheus server for tests/test_prometheus_e2e.py (Debian's package; a no-op when installed).
 prometheus:
 	@sh scripts/install-prometheus.sh
+
+# A real headless browser for tests/test_report_html.py (Debian's chromium + chromium-driver; a no-op when installed).
+chromium:
+	@sh scripts/install-chromium.sh
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/ingest.py --duration 20 --runs 3
