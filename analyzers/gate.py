@@ -16,6 +16,7 @@ import pyarrow as pa
 from .compare import Verdict, judge, route_summary_sql, statistics
 from .compare import sql_ident as _q
 from .compare import sql_literal as _lit
+from .evidence import with_evidence
 from .periodic import Periodic
 from .rules import GateSettings
 
@@ -31,7 +32,7 @@ def trace_frame_sql(settings: GateSettings, labels, now: float) -> str:
         f" THEN list_contains(t.failed_evals, {_lit(n)})::DOUBLE END AS {_q('eval_fail:' + n)}"
         for n in settings.eval_names)
     return (
-        f"SELECT t.route, t.request_id, epoch_us(t.start_time) / 1e6 AS start_s{cohort},"
+        f"SELECT t.trace_id, t.route, t.request_id, epoch_us(t.start_time) / 1e6 AS start_s{cohort},"
         " t.duration_seconds AS duration, t.cost_usd AS cost, CAST(t.steps AS DOUBLE) AS steps,"
         " CAST(t.input_tokens + t.output_tokens AS DOUBLE) AS tokens, CAST(t.refused AS DOUBLE) AS refused,"
         f" CAST(t.escalated AS DOUBLE) AS escalated{evals}"
@@ -46,6 +47,14 @@ def evaluate(run_sql: Callable[[str], pa.Table], settings: GateSettings, labels,
     return judge(statistics(run_sql, settings, labels, source), settings, now)
 
 
+def evaluate_with_evidence(run_sql: Callable[[str], pa.Table], settings: GateSettings, labels,
+                           now: float | None = None, trace_url: str | None = None) -> Verdict:
+    """evaluate(), then example pairs and attribution for the failing results (analyzers/evidence.py)."""
+    now = time.time() if now is None else now
+    verdict = evaluate(run_sql, settings, labels, now)
+    return with_evidence(verdict, run_sql, settings, labels, trace_frame_sql(settings, labels, now), trace_url)
+
+
 def route_summary(run_sql: Callable[[str], pa.Table], settings: GateSettings, labels, now: float) -> list[dict]:
     """The report's per-cohort, per-route figures over the same window."""
     source = f"({trace_frame_sql(settings, labels, now)}) AS t"
@@ -56,8 +65,10 @@ class GateRefresher(Periodic):
     """Component: recomputes the verdict every ``gate.refresh``; readers take ``latest`` (one reference swap)."""
     thread_name = "shadowlens-gate"
 
-    def __init__(self, cursor_factory, settings: GateSettings, labels, now: Callable[[], float] = time.time):
+    def __init__(self, cursor_factory, settings: GateSettings, labels, now: Callable[[], float] = time.time,
+                 trace_url: str | None = None):
         self.cursor_factory = cursor_factory
+        self.trace_url = trace_url
         self.settings = settings
         self.interval_s = settings.refresh_s
         self.labels = tuple(labels)
@@ -69,7 +80,8 @@ class GateRefresher(Periodic):
         started = time.perf_counter()
         cur = self.cursor_factory()
         try:
-            verdict = evaluate(lambda sql: cur.sql(sql).to_arrow_table(), self.settings, self.labels, self.now())
+            verdict = evaluate_with_evidence(lambda sql: cur.sql(sql).to_arrow_table(), self.settings, self.labels,
+                                             self.now(), self.trace_url)
         finally:
             cur.close()
         self.last_seconds = time.perf_counter() - started

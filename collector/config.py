@@ -90,6 +90,9 @@ DEFAULTS: dict[str, Any] = {
     # developers' addition: serve writes closed hours to a Parquet lake (exporters/parquet.py); dir "" = off
     "export": {"parquet": {"dir": "", "interval": "1h", "delay": "10m", "source": "",
                            "tables": ["spans", "traces", "evals", "logs"]}},
+    # where the team's trace UI shows a trace: "{trace_id}" is replaced, e.g.
+    # https://tempo.example/explore?...{trace_id}...; empty: trace ids are printed, not linked
+    "links": {"trace_url": ""},
 }
 
 # Security keys (CONTRACT §8), all off by default; collector/security.py reads them. Empty = not set.
@@ -203,6 +206,11 @@ class ExportParquetConfig:
 
 
 @dataclass(frozen=True)
+class LinksConfig:
+    trace_url: str | None = None      # links.trace_url, with "{trace_id}" where the trace id goes
+
+
+@dataclass(frozen=True)
 class Config:
     receivers: ReceiversConfig
     metrics: Endpoint
@@ -219,6 +227,7 @@ class Config:
     metrics_tls: TLSFiles | None = None
     metrics_token_file: str | None = None
     export_parquet: ExportParquetConfig | None = None
+    links: LinksConfig = LinksConfig()
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def gate_settings(self):
@@ -370,6 +379,15 @@ def _token_file(section: Any, key: str) -> str | None:
     return str(section.get("bearer_token_file") or "") or None
 
 
+def _trace_url(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or "{trace_id}" not in value:
+        raise ConfigError(f"links.trace_url: {value!r} has no {{trace_id}} placeholder; write the trace UI's URL"
+                          " with {trace_id} where the trace id goes, e.g. https://tempo.example/trace/{trace_id}")
+    return value
+
+
 def build(tree: dict) -> Config:
     r = tree["receivers"]
     receivers = ReceiversConfig(
@@ -452,6 +470,7 @@ def build(tree: dict) -> Config:
         metrics_tls=tls_files(tree["metrics"].get("tls"), "metrics.tls"),
         metrics_token_file=_token_file(tree["metrics"].get("auth"), "metrics.auth"),
         export_parquet=_export_parquet(tree["export"]["parquet"]),
+        links=LinksConfig(trace_url=_trace_url((tree.get("links") or {}).get("trace_url"))),
         raw=tree,
     )
     cfg.gate_settings()      # validates gate.rules and the gate settings (names the bad key)

@@ -10,6 +10,7 @@ import math
 from datetime import datetime, timezone
 
 from analyzers.compare import Verdict
+from analyzers.evidence import NO_PAIRS, NO_TRACE_DATA
 
 EXIT_CODES = {"promote": 0, "block": 1, "inconclusive": 3}
 # /gate: 2xx unless blocked, so a Flagger webhook (any non-2xx = failed check) fails only on a block.
@@ -25,7 +26,7 @@ def _num(x):
 
 def verdict_to_json(v: Verdict) -> dict:
     ordered = sorted(v.results, key=lambda r: (r.state != "fail", r.cohort != "all", r.rule, r.cohort))
-    return {
+    doc = {
         "verdict": v.verdict,
         "reasons": list(v.reasons),
         "as_of": datetime.fromtimestamp(v.as_of, timezone.utc).isoformat(timespec="seconds"),
@@ -36,8 +37,28 @@ def verdict_to_json(v: Verdict) -> dict:
                    "lower": _num(r.lower), "upper": _num(r.upper), "n_baseline": r.n_baseline,
                    "n_candidate": r.n_candidate, "margin": r.margin, "reason": r.reason, "paired": r.paired,
                    "p_value": _num(r.p_value), "critical": r.critical, "kind": r.kind,
-                   "no_input": r.no_input} for r in ordered],
+                   "no_input": r.no_input, **_evidence(v, r)} for r in ordered],
     }
+    if getattr(v, "trace_url", None):
+        doc["trace_url"] = v.trace_url
+    return doc
+
+
+def _evidence(v: Verdict, r) -> dict:
+    """A result's example pairs and attribution (analyzers/evidence.py). A failing result judged without
+    the store's traces has no examples, and says why."""
+    key = (r.rule, r.cohort)
+    explained = getattr(v, "explained_by", {})
+    out = {"explained_by": explained.get(key), "root_cause": key in explained and explained[key] is None}
+    examples = getattr(v, "examples", None)
+    if examples is None:       # a plain Verdict: judged without trace data
+        if r.state == "fail":
+            out.update(examples=[], examples_note=NO_TRACE_DATA)
+    elif key in examples or r.state == "fail":
+        out["examples"] = [dict(e) for e in examples.get(key, ())]
+        if not out["examples"]:
+            out["examples_note"] = v.examples_note or NO_PAIRS
+    return out
 
 
 def http_status(verdict: str, strict: bool = False, always_ok: bool = False) -> int:
