@@ -170,13 +170,16 @@ def _gate_settings(cfg: config_mod.Config, rules_file: str | None):
         raise click.UsageError(str(exc)) from None
 
 
-def _judge_store(cfg: config_mod.Config, settings, window: str | None, summary: bool = False):
-    """(Verdict, per-cohort route figures or None) from the store: through a running serve's socket,
-    else the file itself (read-only)."""
+def _judge_store(cfg: config_mod.Config, settings, window: str | None, summary: bool = False,
+                 rule: str | None = None, cohort: str | None = None):
+    """(Verdict with its evidence, per-cohort route figures or None) from the store: through a running
+    serve's socket, else the file itself (read-only). ``rule`` / ``cohort`` keep only those results,
+    each with its example pairs."""
     import time
     from dataclasses import replace
 
-    from analyzers.gate import evaluate, route_summary
+    from analyzers.evidence import select
+    from analyzers.gate import evaluate_with_evidence, route_summary, trace_frame_sql
 
     from .store.reader import query as run_query
     if window:
@@ -187,11 +190,22 @@ def _judge_store(cfg: config_mod.Config, settings, window: str | None, summary: 
     now = time.time()
     labels = tuple(cfg.cohort_labels)
     run_sql = lambda sql: run_query(Path(cfg.store.data_dir), sql)  # noqa: E731
+    if rule is not None and rule not in {r.name for r in settings.rules}:
+        raise click.UsageError(f"--rule {rule}: no such gate rule (rules: {', '.join(r.name for r in settings.rules)})")
+    trace_url = cfg.links.trace_url
     try:
-        verdict = evaluate(run_sql, settings, labels, now)
+        verdict = evaluate_with_evidence(run_sql, settings, labels, now, trace_url)
+        if cohort is not None and cohort not in {r.cohort for r in verdict.results}:
+            known = ", ".join(dict.fromkeys(r.cohort for r in verdict.results)) or "none: no traces in the window"
+            raise click.UsageError(f"--cohort {cohort}: not a cohort of this window (as label=value; cohorts: {known})")
+        if rule is not None or cohort is not None:
+            verdict = select(verdict, run_sql, settings, labels, trace_frame_sql(settings, labels, now), rule, cohort,
+                             trace_url)
         bars = route_summary(run_sql, settings, labels, now) if summary else None
     except ShadowlensError as exc:
         raise click.UsageError(str(exc)) from None
+    if bars is not None and cohort is not None:
+        bars = [b for b in bars if b["cohort"] == cohort]
     return verdict, bars
 
 
@@ -246,11 +260,14 @@ def gate_cmd(data_dir, url, rules_file, window, config_file, fmt) -> None:
               help="Write to this file (html defaults to shadowlens-report.html; the others print).")
 @click.option("--rules", "rules_file", type=click.Path(dir_okay=False), help="YAML with gate rules (as for gate).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file.")
-def report_cmd(data_dir, window, fmt, out, rules_file, config_file) -> None:
-    """Per-cohort baseline-vs-candidate table with verdicts and reasons."""
+@click.option("--cohort", help="Only this cohort's results (label=value, or all), with their example pairs.")
+@click.option("--rule", "rule_name", help="Only this rule's results (e.g. refusal_rate), with their example pairs.")
+def report_cmd(data_dir, window, fmt, out, rules_file, config_file, cohort, rule_name) -> None:
+    """Per-cohort baseline-vs-candidate table with verdicts, reasons and example pairs of failing results."""
     from exporters.report import render
     cfg = _load(config_file, {("store", "data_dir"): data_dir})
-    verdict, bars = _judge_store(cfg, _gate_settings(cfg, rules_file), window, summary=True)
+    verdict, bars = _judge_store(cfg, _gate_settings(cfg, rules_file), window, summary=True, rule=rule_name,
+                                 cohort=cohort)
     text = render(verdict, fmt, bars)
     if fmt == "html" and not out:
         out = "shadowlens-report.html"

@@ -150,7 +150,7 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
 
     window = WindowRefresher(WindowStats(store.cursor, limiter, cfg.window_s), cfg.analyzers.window_refresh_s,
                              forget=forget)
-    verdicts = GateRefresher(store.cursor, gate, cfg.cohort_labels)
+    verdicts = GateRefresher(store.cursor, gate, cfg.cohort_labels, trace_url=cfg.links.trace_url)
     analysis = AnalysisMetrics(aggregates, lambda: window.latest, assembler.stats, limiter)
     gate_metrics = GateMetrics(lambda: verdicts.latest, pairing, cfg.cohort_labels, lambda: verdicts.last_seconds)
     metrics.extra = lambda openmetrics: analysis.render(openmetrics) + gate_metrics.render(openmetrics)

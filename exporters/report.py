@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from .evidence_text import markdown_lines, table_lines
 from .report_html import render_html
 from .verdict_json import verdict_to_json
 
@@ -31,7 +32,7 @@ def render_table(doc: dict) -> str:
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
     out = [f"verdict: {doc['verdict']}", *[f"  {r}" for r in doc["reasons"]], "",
-           line(COLUMNS), line(["-" * w for w in widths]), *[line(r) for r in rows]]
+           line(COLUMNS), line(["-" * w for w in widths]), *[line(r) for r in rows], *table_lines(doc)]
     return "\n".join(out) + "\n"
 
 
@@ -40,6 +41,7 @@ def render_markdown(doc: dict) -> str:
            "| " + " | ".join(COLUMNS) + " | reason |", "|" + "---|" * (len(COLUMNS) + 1)]
     for r, cells in zip(doc["rules"], _rows(doc)):
         out.append("| " + " | ".join(cells) + " | " + r["reason"].replace("|", "\\|") + " |")
+    out += markdown_lines(doc)
     return "\n".join(out) + "\n"
 
 
