@@ -76,11 +76,12 @@ code{font:12px ui-monospace,Menlo,Consolas,monospace}
 # ------------------------------------------------------------------------------------------ numbers
 
 def _unit(r: dict) -> str:
-    """The unit a result's effect reads in. A ratio is "ratio"; a difference is in points of a rate
-    unless the result names its own unit (a difference of costs in usd, of durations in s)."""
-    if r.get("unit"):
-        return str(r["unit"])
-    return "ratio" if r.get("kind") == "ratio" else "points"
+    """The unit a result's effect reads in. A ratio is "ratio" (even of costs: x1.1, not $); a difference
+    is in points of a rate unless the result names its own unit (a difference of costs in usd, of s)."""
+    if r.get("kind") == "ratio":
+        return "ratio"
+    unit = str(r.get("unit") or "points")
+    return "points" if unit in ("ratio", "rate", "%", "bool") else unit
 
 
 def _null(unit: str) -> float:
@@ -368,7 +369,8 @@ def _grid(rows: list[dict], rules: list[str], cohorts: list[str], fmt) -> str:
            " failure explained by another cohort. A cell links to its row below.</p>",
            "<table class='grid'><colgroup><col style='width:22%'>"
            + "".join(f"<col style='width:{width:.2f}%'>" for _ in rules) + "</colgroup>",
-           "<tr><th>cohort</th>" + "".join(f"<th>{e(rule)}</th>" for rule in rules) + "</tr>"]
+           "<tr><th>cohort</th>" + "".join(f"<th><a href='#{_anchor(rule, '')}'>{e(rule)}</a></th>" for rule in rules)
+           + "</tr>"]
     for cohort in cohorts:
         cells = [f"<td class='cohort'>{e(cohort)}</td>"]
         for rule in rules:
@@ -378,7 +380,8 @@ def _grid(rows: list[dict], rules: list[str], cohorts: list[str], fmt) -> str:
                 continue
             st = r["state"]
             eff = fmt[rule](r.get("effect")) if _finite(r.get("effect")) else ""
-            cells.append(f"<td class='cell {e(st)}' style='background:{STATE_TINTS.get(st, '#fff')}'>"
+            outline = ";box-shadow:inset 0 0 0 2px #c62828" if r.get("root_cause") else ""
+            cells.append(f"<td class='cell {e(st)}' style='background:{STATE_TINTS.get(st, '#fff')}{outline}'>"
                          f"<a href='#{_anchor(rule, cohort)}'><span class='st' style='color:{STATE_COLOURS.get(st)}'>"
                          f"{e(STATE_WORDS.get(st, st))}</span> <span class='eff'>{e(eff)}</span>{_marks(r)}</a></td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
@@ -398,33 +401,36 @@ def _trace_link(trace_id, template: str | None) -> str:
     return text
 
 
-def _example_value(v, unit: str) -> str:
+def _example_value(v, unit: str, decimals: int) -> str:
     if v is None:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
-    if not isinstance(v, (int, float)):
+    if not _finite(v):
         return html.escape(str(v))
     if unit in ("usd", "$"):
-        return f"${v:.4g}"
-    if unit in ("s", "seconds"):
-        return f"{v:.3g} s"
-    return f"{v:.4g}" + (f" {html.escape(unit)}" if unit and unit not in ("ratio", "points", "bool") else "")
+        return f"${v:.{decimals}f}"
+    suffix = f" {unit}" if unit and unit not in ("ratio", "points", "bool", "rate") else ""
+    return html.escape(f"{v:,.{decimals}f}{suffix}")
 
 
 def _examples(r: dict, template: str | None) -> str:
     ex = r.get("examples") or []
     if not ex:
-        return ""
+        note = r.get("examples_note")
+        return f"<div class='muted'>{html.escape(str(note))}</div>" if note else ""
     out = ["<table class='examples'><tr><th>request</th><th>baseline trace</th><th>candidate trace</th>"
            "<th>baseline \u2192 candidate</th></tr>"]
+    numbers = [x.get(k) for x in ex for k in ("baseline_value", "candidate_value")]
+    # the pairs' values share one precision: three significant digits of the largest
+    decimals = _route_decimals([v for v in numbers if _finite(v)], "")
     for x in ex:
         unit = str(x.get("unit") or "")
         out.append(f"<tr><td>{_trace_link(x.get('request_id'), None)}</td>"
                    f"<td>{_trace_link(x.get('baseline_trace_id'), template)}</td>"
                    f"<td>{_trace_link(x.get('candidate_trace_id'), template)}</td>"
-                   f"<td>{_example_value(x.get('baseline_value'), unit)} \u2192 "
-                   f"{_example_value(x.get('candidate_value'), unit)}</td></tr>")
+                   f"<td>{_example_value(x.get('baseline_value'), unit, decimals)} \u2192 "
+                   f"{_example_value(x.get('candidate_value'), unit, decimals)}</td></tr>")
     out.append("</table>")
     return "".join(out)
 
@@ -449,7 +455,7 @@ def _rule_section(rule: str, rows: list[dict], cohorts: list[str], template: str
     crit = " \u00b7 <b>critical</b>" if any(r.get("critical") for r in rows) else ""
     order = {c: i for i, c in enumerate(cohorts)}
     rows = sorted(rows, key=lambda r: order.get(r["cohort"], len(order)))
-    out = [f"<h2 id='rule-{_anchor(rule, '')}'>{e(rule)}</h2>",
+    out = [f"<h2 id='{_anchor(rule, '')}'>{e(rule)}</h2>",
            f"<p class='muted'>effect = {e(what)}; margin {e(margin)} (worse when {direction}){crit}</p>",
            "<table class='detail'><colgroup><col style='width:20%'><col style='width:15%'><col style='width:51%'>"
            "<col style='width:14%'></colgroup>",
@@ -468,7 +474,8 @@ def _rule_section(rule: str, rows: list[dict], cohorts: list[str], template: str
             f"<span class='chip' style='background:{STATE_TINTS.get(st, '#fff')};color:{colour}'>"
             f"{e(STATE_WORDS.get(st, st))}</span>{_marks(r)}</td><td class='eff'>{eff}</td>"
             f"<td class='chart'>{_chart_svg(r, axis, d)}</td><td class='num'>{e(_n(r))}</td></tr>"
-            f"<tr class='why'><td></td><td colspan='3'>{e(str(r.get('reason', '')))}{_examples(r, template)}</td></tr>")
+            f"<tr class='why'><td></td><td colspan='3'><div>{e(str(r.get('reason', '')))}</div>{_examples(r, template)}"
+            "</td></tr>")
     out.append(f"<tr><td colspan='2'></td><td>{_axis_svg(axis, d, top=False)}</td><td></td></tr></table>")
     return "".join(out)
 
