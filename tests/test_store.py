@@ -85,7 +85,7 @@ def test_query_command_formats(server):
     code, out, _ = run("select count(*) as n from spans")
     assert code == 0 and "(1 row)" in out
     code, _, err = run("select * from no_such_table")
-    assert code == 1 and "no_such_table" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "no_such_table" in err and len(err.strip().splitlines()) == 1
 
 
 def test_store_bytes_metric_reports_disk_use(server):
