@@ -46,13 +46,17 @@ def _count(store: StoreWriter, sql: str):
         con.close()
 
 
-def test_a_record_that_fails_its_commit_group_is_set_aside_and_its_neighbours_are_stored(tmp_path):
+def _running_store(tmp_path):
+    """A started writer and a segment log to append to, as serve's frontend does."""
     cfg = default_config()
-    norm = Normalizer(cfg.cohort_labels, cfg.evals)
     stats = IngestStats()
     store = StoreWriter(tmp_path, cfg.cohort_labels, stats)
     store.start()
-    log = SegmentLog(tmp_path / SEGMENTS_DIR, 100)
+    return store, Normalizer(cfg.cohort_labels, cfg.evals), stats, SegmentLog(tmp_path / SEGMENTS_DIR, 100)
+
+
+def test_a_record_that_fails_its_commit_group_is_set_aside_and_its_neighbours_are_stored(tmp_path):
+    store, norm, stats, log = _running_store(tmp_path)
     payloads = _payloads(4, 1)
     futures = []
     for i, payload in enumerate(payloads):           # as the frontend hands them over: appended, synced, acked
@@ -123,12 +127,7 @@ def _offsets(data_dir) -> list[int]:
 def test_a_failure_every_record_shares_sets_nothing_aside(tmp_path):
     """When each record fails alone too, the store is at fault (here: every batch poisoned), not a
     record: nothing is set aside, nothing acknowledged is lost, the records stay for the next start."""
-    cfg = default_config()
-    norm = Normalizer(cfg.cohort_labels, cfg.evals)
-    stats = IngestStats()
-    store = StoreWriter(tmp_path, cfg.cohort_labels, stats)
-    store.start()
-    log = SegmentLog(tmp_path / SEGMENTS_DIR, 100)
+    store, norm, stats, log = _running_store(tmp_path)
     futures = [store.submit(poison(norm.normalize_traces(p)), log.append(p)) for p in _payloads(3, 3)]
     log.sync()
     assert all(f.exception(10) is not None and not isinstance(f.exception(), SetAside) for f in futures)
