@@ -179,7 +179,7 @@ def example_pairs(run_sql: Callable[[str], pa.Table], settings: GateSettings, la
 
 def _plain(v):
     if isinstance(v, float):
-        return round(v, 6) if math.isfinite(v) else None
+        return float(f"{v:.9g}") if math.isfinite(v) else None      # significant digits: costs are small
     return v
 
 
