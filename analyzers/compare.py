@@ -18,15 +18,18 @@ Each rule is judged on all traffic and on every value of every cohort label with
 * quantiles (p99): the ratio of the two routes' quantiles, with the order-statistic standard error
   (analyzers/sequential.py); no verdict below the distribution-free minimum (368 traces for p99).
 
-Every interval is a confidence sequence and every p-value anytime-valid, so repeated looks do not
-inflate false blocks. All traffic is tested at ``gate.alpha``; the cohort results of all rules go
-through one e-BH (false discovery rate ``gate.fdr``).
-A rule *fails* when the candidate is significantly worse than the baseline after that correction
-and the estimated effect is past the margin; it *passes* when the whole interval is within the margin.
+Every interval is a confidence sequence (level ``gate.alpha``) and every p-value anytime-valid, so
+repeated looks do not inflate false blocks. A result *passes* when its whole interval is within the
+margin. It *fails* only when the candidate is shown worse than the margin itself: its whole interval is
+past the margin, and its anytime p-value against "the effect is within the margin" survives one
+weighted e-BH over every rule x cohort result at ``gate.fdr`` (all traffic holds half the weight,
+the cohorts share the other half). So while every true effect is within its margin, the chance that
+the gate ever blocks on a fail, over all looks, is at most ``gate.fdr``.
 """
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 from .rules import GateSettings, Rule
@@ -73,6 +76,9 @@ class Comparison:
     # insufficient_data because neither route sent a single value of the measure (an agent without
     # the eval), not because there are too few: a missing input, which no amount of waiting fixes
     no_input: bool = False
+    # inconclusive with the whole confidence sequence past the margin, not yet a fail after the
+    # correction for every result: holds the verdict at inconclusive (never promote on it)
+    past_margin: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,14 +95,42 @@ class Verdict:
 # ---------------------------------------------------------------- statistics from sufficient stats
 
 @dataclass
+class _Test:
+    """One one-sided comparison with the margin, on the scale its standard error is on."""
+    estimate: float          # e.g. log(ratio), or candidate - baseline
+    se: float
+    bound: float             # the margin on that scale (log(max_ratio), the signed difference, the floor)
+    worse: int               # +1: larger is worse
+
+
+@dataclass
 class _Estimate:
     effect: float | None
     lower: float | None
     upper: float | None
-    p_worse: float           # anytime p-value for "the candidate is worse than the baseline"
+    tests: list              # _Test: every one must be past its bound for a fail (intersection-union)
     diff: float              # candidate - baseline on the measure's scale
+    diff_lower: float
     diff_upper: float
     n: int
+    radius: float
+
+    @property
+    def p_past(self) -> float:
+        """Anytime p-value for "the effect is within the margin" (one-sided; the largest of its tests)."""
+        return max((anytime_p_one_sided((t.estimate - t.bound) * t.worse / t.se, self.n) for t in self.tests),
+                   default=1.0)
+
+    @property
+    def past(self) -> bool:
+        """The whole confidence sequence is past the margin (and past the floor, if the rule has one)."""
+        return bool(self.tests) and all((t.estimate - t.worse * self.radius * t.se - t.bound) * t.worse > 0
+                                        for t in self.tests)
+
+    @property
+    def within(self) -> bool:
+        """The whole confidence sequence is within the margin (or the rise is bounded below the floor)."""
+        return any((t.estimate + t.worse * self.radius * t.se - t.bound) * t.worse <= 0 for t in self.tests)
 
 
 def _var(sum_: float, sumsq: float, n: int, binary: bool) -> float:
@@ -124,17 +158,19 @@ def _judge_moments(rule: Rule, s: dict, paired: bool, alpha: float) -> _Estimate
         n_eff = min(nb, nc)
     r = radius(n_eff, alpha)
     d = mc - mb
-    z_worse = (d / se_d) * (1 if rule.worse > 0 else -1)
-    p = anytime_p_one_sided(z_worse, n_eff)
+    floor = [_Test(d, se_d, rule.min_increase, 1)] if rule.min_increase > 0 else []
     if rule.kind == "difference":
-        return _Estimate(d, d - r * se_d, d + r * se_d, p, d, d + r * se_d, n_eff)
+        return _Estimate(d, d - r * se_d, d + r * se_d, [_Test(d, se_d, rule.margin, rule.worse)],
+                         d, d - r * se_d, d + r * se_d, n_eff, r)
     # ratio of means, on the log scale; rates get half a pseudo-count so 0 refusals stay finite
     if binary:
         mb_, mc_ = (s["sb"] + 0.5) / (nb + 1), (s["sc"] + 0.5) / (nc + 1)
     else:
         mb_, mc_ = mb, mc
     if mb_ <= 0 or mc_ <= 0:
-        return _Estimate(None, None, None, p, d, d + r * se_d, n_eff)
+        # no ratio (a baseline mean of 0): any rise is past a ratio margin, so judge the rise alone
+        rise = floor or [_Test(d, se_d, 0.0, 1)]
+        return _Estimate(None, None, None, rise, d, d - r * se_d, d + r * se_d, n_eff, r)
     if paired:
         vb, vc = _var(s["sb"], s["sbb"], n, binary), _var(s["sc"], s["scc"], n, binary)
         cov = (s["sbc"] - s["sb"] * s["sc"] / n) / max(n - 1, 1)
@@ -146,7 +182,8 @@ def _judge_moments(rule: Rule, s: dict, paired: bool, alpha: float) -> _Estimate
     se_log = math.sqrt(max(var_log, 1e-18))
     log_ratio = math.log(mc_ / mb_)
     return _Estimate(math.exp(log_ratio), math.exp(log_ratio - r * se_log), math.exp(log_ratio + r * se_log),
-                     p, d, d + r * se_d, n_eff)
+                     [_Test(log_ratio, se_log, math.log(rule.margin), 1), *floor],
+                     d, d - r * se_d, d + r * se_d, n_eff, r)
 
 
 def _judge_quantile(rule: Rule, b: tuple, c: tuple, alpha: float) -> _Estimate:
@@ -157,18 +194,53 @@ def _judge_quantile(rule: Rule, b: tuple, c: tuple, alpha: float) -> _Estimate:
     qc, se_c = log_se_from_grid(grid, gc, rule.quantile, nc)
     n = min(nb, nc)
     if not (qb > 0 and qc > 0) or not math.isfinite(se_b + se_c):
-        return _Estimate(None, None, None, 1.0, qc - qb, math.inf, n)
+        return _Estimate(None, None, None, [], qc - qb, -math.inf, math.inf, n, math.inf)
     log_ratio = math.log(qc / qb)
     se = math.sqrt(se_b ** 2 + se_c ** 2)
     r = radius(n, alpha)
-    p = anytime_p_one_sided(log_ratio / se, n)
-    return _Estimate(qc / qb, math.exp(log_ratio - r * se), math.exp(log_ratio + r * se), p, qc - qb, math.inf, n)
+    # the quantiles' difference, for a floor (min_increase): delta method from the log scale
+    se_d = math.hypot(qb * se_b, qc * se_c)
+    floor = [_Test(qc - qb, se_d, rule.min_increase, 1)] if rule.min_increase > 0 else []
+    return _Estimate(qc / qb, math.exp(log_ratio - r * se), math.exp(log_ratio + r * se),
+                     [_Test(log_ratio, se, math.log(rule.margin), 1), *floor],
+                     qc - qb, qc - qb - r * se_d, qc - qb + r * se_d, n, r)
 
 
-def _fmt(rule: Rule, x: float | None) -> str:
+def _fmt(rule: Rule, x: float | None, decimals: int = 2, unit: bool = True) -> str:
     if x is None:
         return "n/a"
-    return f"x{x:.3g}" if rule.kind == "ratio" else f"{x * 100:+.2f} points"
+    if rule.kind == "ratio":
+        return f"x{x:.{decimals}f}"
+    return f"{x * 100:+.{decimals}f}{' points' if unit else ''}"
+
+
+def _decimals(values, bound: float, scale: float = 1.0) -> int:
+    """Decimals (2 to 6) with which no value that differs from the bound prints as the bound, so a
+    bound just past the margin reads past it (x1.1004 is "x1.1004", never "x1.10" next to "x1.10")."""
+    for d in range(2, 7):
+        shown = f"{bound * scale:.{d}f}"
+        if all(v is None or v == bound or f"{v * scale:.{d}f}" != shown for v in values):
+            return d
+    return 6
+
+
+def describe(rule: Rule, est: _Estimate, alpha: float) -> tuple[str, str]:
+    """(the effect with its confidence sequence, the margin) written with the same decimals, in the
+    rule's unit: ("x1.27 (95% CS x1.15..x1.41)", "x1.10"); a floor (min_increase) adds the rise in points."""
+    level = f"{(1 - alpha) * 100:g}% CS"
+    if est.effect is None:
+        ci, margin = "no ratio (baseline mean is 0)", rule.describe_margin()
+    else:
+        d = _decimals((est.effect, est.lower, est.upper), rule.margin, 1.0 if rule.kind == "ratio" else 100.0)
+        ci = (f"{_fmt(rule, est.effect, d)} ({level} {_fmt(rule, est.lower, d, False)}.."
+              f"{_fmt(rule, est.upper, d)})")
+        margin = _fmt(rule, rule.margin, d)
+    if rule.min_increase > 0:
+        d = _decimals((est.diff, est.diff_lower, est.diff_upper), rule.min_increase, 100.0)
+        pts = lambda x: f"{x * 100:+.{d}f}"  # noqa: E731
+        ci += f", {pts(est.diff)} points ({level} {pts(est.diff_lower)}..{pts(est.diff_upper)} points)"
+        margin += f" and {pts(rule.min_increase)} points"
+    return ci, margin
 
 
 # ---------------------------------------------------------------- trace relation → sufficient statistics
@@ -314,13 +386,20 @@ def statistics(run_sql, settings: GateSettings, labels, source: str = "t") -> di
 
 def frame_statistics(frame, settings: GateSettings, labels) -> dict:
     """The same statistics for an in-memory trace frame (a polars DataFrame or Arrow table; simulations, tests)."""
-    import duckdb
-    con = duckdb.connect(config={"threads": 1})     # small frames: one thread is faster than two
+    con = getattr(_frame_connection, "con", None)
+    if con is None:
+        # one in-memory connection per thread, kept: simulations judge thousands of frames and
+        # opening a connection costs as much as judging a small frame
+        import duckdb
+        con = _frame_connection.con = duckdb.connect(config={"threads": 1})   # small frames: one thread is faster
+    con.register("t", frame.to_arrow() if hasattr(frame, "to_arrow") else frame)
     try:
-        con.register("t", frame.to_arrow() if hasattr(frame, "to_arrow") else frame)
         return statistics(lambda sql: con.sql(sql).to_arrow_table(), settings, labels)
     finally:
-        con.close()
+        con.unregister("t")
+
+
+_frame_connection = threading.local()
 
 
 # ---------------------------------------------------------------- judging
@@ -362,7 +441,7 @@ def judge(stats: dict, settings: GateSettings, now: float) -> Verdict:
     for rule in settings.rules:
         for cohort in cohorts:
             judged.append((rule, cohort, *_judge(rule, cohort, stats, settings.alpha)))
-    significant = _significance(judged, settings)
+    selected, family = _selection(judged, settings)
 
     results = []
     for j in judged:
@@ -375,10 +454,10 @@ def judge(stats: dict, settings: GateSettings, now: float) -> Verdict:
             results.append(Comparison(rule.name, cohort, "insufficient_data", None, None, None, nb, nc, rule.margin,
                                       reason, paired, None, rule.critical, rule.kind, no_input=missing))
             continue
-        state, reason = _state(rule, est, significant[id(j)], settings)
+        state, reason = _state(rule, est, selected.get(id(j), False), family, settings)
         results.append(Comparison(rule.name, cohort, state, est.effect, est.lower, est.upper, nb, nc, rule.margin,
-                                  reason + f" ({'paired' if paired else 'unpaired'}, n={est.n})", paired, est.p_worse,
-                                  rule.critical, rule.kind))
+                                  reason + f" ({'paired' if paired else 'unpaired'}, n={est.n})", paired, est.p_past,
+                                  rule.critical, rule.kind, past_margin=est.past))
     verdict, reasons = _gate(results, settings, now, stats["first_candidate"])
     matched = stats["paired"].get((None, ALL), 0)
     pairs = {"matched": matched, **{f"unmatched_{r}": stats["keyed"].get(r, 0) - matched
@@ -386,31 +465,46 @@ def judge(stats: dict, settings: GateSettings, now: float) -> Verdict:
     return Verdict(verdict, tuple(results), tuple(reasons), now, settings.window_s, dict(stats["routes"]), pairs)
 
 
-def _significance(judged: list, settings: GateSettings) -> dict[int, bool]:
-    """All traffic: the anytime p-value at alpha (one test per rule, consistent with its interval).
-    Cohorts: one e-BH over every rule x cohort result at ``gate.fdr``, so fifty cohorts and five
-    rules looked at together do not turn noise into a blocked release."""
-    tested = [j for j in judged if j[2] is not None]
-    out = {id(j): j[2].p_worse <= settings.alpha for j in tested if j[1] == ALL}
-    cohorts = [j for j in tested if j[1] != ALL]
-    out.update(zip([id(j) for j in cohorts], ebh([j[2].p_worse for j in cohorts], settings.fdr)))
-    return out
+def _selection(judged: list, settings: GateSettings) -> tuple[dict[int, bool], int]:
+    """Which results are shown worse than their margin, after the correction for looking at them all.
+
+    One weighted e-BH (sequential.ebh) at ``gate.fdr`` over every rule x cohort result that has input:
+    the all-traffic results share half the weight, the cohort results the other half, so adding cohorts
+    does not dilute the all-traffic tests and fifty cohorts do not turn noise into a blocked release.
+    A result whose confidence sequence is not wholly past its margin takes part with an e-value of 0
+    (it is never selected, and still counts in the family). Returns ({id(result): selected}, family size).
+    """
+    family = [j for j in judged if j[2] is not None or not _no_input(j)]
+    m = len(family)
+    if not m:
+        return {}, 0
+    overall = sum(1 for j in family if j[1] == ALL)
+    cohorts = m - overall
+    share = (m / 2 if cohorts and overall else m)
+    weights = [(share / overall if j[1] == ALL else share / cohorts) for j in family]
+    pvalues = [j[2].p_past if j[2] is not None and j[2].past else math.inf for j in family]
+    return {id(j): s for j, s in zip(family, ebh(pvalues, settings.fdr, weights))}, m
 
 
-def _state(rule: Rule, est: _Estimate, significant: bool, settings: GateSettings) -> tuple[str, str]:
-    ci = f"{_fmt(rule, est.effect)} ({(1 - settings.alpha) * 100:g}% CS {_fmt(rule, est.lower)}..{_fmt(rule, est.upper)})"
-    margin = rule.describe_margin()
-    if est.effect is None:      # a ratio whose baseline mean is 0: judge the difference alone
-        if significant and est.diff > rule.min_increase:
-            return "fail", f"baseline is 0, candidate +{est.diff:.3g}: significantly worse"
-        return "inconclusive", "baseline mean is 0, no ratio yet"
-    beyond = rule.beyond(est.effect) and (rule.min_increase <= 0 or est.diff >= rule.min_increase)
-    if significant and beyond:
-        return "fail", f"{ci}: significantly worse than baseline (p={est.p_worse:.2g}) and past the margin {margin}"
-    bound = est.upper if rule.worse > 0 else est.lower
-    within = not rule.beyond(bound) or (rule.min_increase > 0 and est.diff_upper < rule.min_increase)
-    if within:
+def _no_input(j) -> bool:
+    """A result without a single value of its measure on either route (see judge)."""
+    _, _, est, nb, nc, _, _ = j
+    return est is None and nb == 0 and nc == 0
+
+
+def _state(rule: Rule, est: _Estimate, selected: bool, family: int, settings: GateSettings) -> tuple[str, str]:
+    ci, margin = describe(rule, est, settings.alpha)
+    correction = f"e-BH over {family} results at {settings.fdr * 100:g}%"
+    if est.past and selected:
+        return "fail", (f"{ci} is past the margin {margin} (p={est.p_past:.2g} that it is within the margin;"
+                        f" {correction})")
+    if est.past:
+        return "inconclusive", (f"{ci} is past the margin {margin}, but not yet after the correction for looking"
+                                f" at every result (p={est.p_past:.2g} that it is within the margin; {correction})")
+    if est.within:
         return "pass", f"{ci}: within the margin {margin}"
+    if not est.tests:
+        return "inconclusive", f"no estimate yet (a quantile of 0 on a route); the margin is {margin}"
     return "inconclusive", f"{ci}: cannot yet tell it from the margin {margin}"
 
 
@@ -466,13 +560,18 @@ def _gate(results: list[Comparison], settings: GateSettings, now: float, first_c
     if fails or overdue:
         reasons = [f"{r.rule} fails for {r.cohort}: {r.reason}" for r in fails]
         reasons += [f"{r.rule} (critical) is still {r.state} for all traffic after the budget of"
-                    f" {readable_duration(settings.budget_s)}: {r.reason}" for r in overdue]
+                    f" {readable_duration(settings.budget_s)}: {r.reason}. A critical rule still undecided"
+                    f" `gate.budget` after the first candidate trace blocks" for r in overdue]
         return "block", reasons + missing
-    if overall and all(r.state == "pass" for r in overall):
+    # past its margin at the confidence sequence's level but not yet after the correction: not a
+    # fail, and no reason to promote either
+    holding = [f"{r.rule} for {r.cohort} is not yet a fail: {r.reason}" for r in results
+               if r.state == "inconclusive" and r.past_margin]
+    if overall and all(r.state == "pass" for r in overall) and not holding:
         return "promote", [f"every rule passes on all traffic and no cohort fails ({len(results)} results)"]
     waiting = [f"{r.rule} is {r.state} for all traffic: {r.reason}" for r in overall
-               if r.state != "pass" and not r.no_input]
-    return "inconclusive", (missing + waiting) or ["no baseline and candidate traces in the window"]
+               if r.state != "pass" and not r.no_input and not r.past_margin]
+    return "inconclusive", (missing + holding + waiting) or ["no baseline and candidate traces in the window"]
 
 
 def route_summary_sql(labels, eval_names=(), source: str = "t") -> str:

@@ -69,20 +69,32 @@ def anytime_p_one_sided(z: float, n: float, n0: float = N0) -> float:
     return min(1.0, math.exp(-log_lambda))
 
 
-def ebh(pvalues: Sequence[float], q: float) -> list[bool]:
+def ebh(pvalues: Sequence[float], q: float, weights: Sequence[float] | None = None) -> list[bool]:
     """Benjamini-Hochberg at level q over anytime p-values that are 1/e-values.
 
     Applied to p = 1/Lambda this is the e-BH procedure (Wang & Ramdas 2022), which controls the
     false discovery rate under any dependence between the tests, so rules and cohorts that share
     traces (all traffic, language=de, tier=pro, ...) need no independence assumption.
+
+    ``weights`` (>= 0, summing to at most m) multiply the e-values: e-BH's proof bounds the FDR by
+    q * (sum of the null tests' weights) / m, so the guarantee holds and a test may be given more of
+    the level than another (the gate gives all traffic half of it). A 0 weight never rejects.
+    When every hypothesis is null, FDR = P(any rejection): so, at the first look that would
+    reject anything (a stopping time, at which every e-process is still an e-value), the chance of
+    ever rejecting anything over all looks is at most q.
     """
     m = len(pvalues)
-    ranked = sorted(pvalues)
+    if weights is None:
+        weights = [1.0] * m
+    if m and sum(weights) > m * (1 + 1e-9):
+        raise ValueError(f"e-BH weights sum to {sum(weights):g}, more than the {m} tests: the level would not hold")
+    adjusted = [p / w if w > 0 else math.inf for p, w in zip(pvalues, weights)]
+    ranked = sorted(adjusted)
     passing = [p for i, p in enumerate(ranked, 1) if p <= q * i / m]
     if not passing:
         return [False] * m
     cutoff = max(passing)
-    return [p <= cutoff for p in pvalues]
+    return [p <= cutoff for p in adjusted]
 
 
 def min_samples_for_quantile(q: float, alpha: float = 0.05) -> int:

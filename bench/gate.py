@@ -1,15 +1,23 @@
 #!/usr/bin/env python3
-"""Gate benchmark and statistical figures. Prints numbers (medians); it is not a test.
+"""Gate benchmark and statistical figures. Prints numbers (medians, shares of seeds); it is not a test.
 
-  python bench/gate.py speed              # `shadowlens gate --data-dir` over 1M stored traces, 200 cohorts
-  python bench/gate.py aa --seeds 300     # A/A false-block rate, 50 cohorts, 6 looks per seed
-  python bench/gate.py power --seeds 200  # share of seeds in which each planted regression is blocked
+  python bench/gate.py speed                    # `shadowlens gate --data-dir` over 1M stored traces, 200 cohorts
+  python bench/gate.py errors --seeds 200       # false blocks: A/A, every rule at half its margin, at the margin
+  python bench/gate.py power --seeds 100        # pairs each rule needs to block in >= 90 % of seeds
+  python bench/gate.py all --seeds 200 --json gate-stats.json     # both, and the figures as JSON
+  python bench/gate.py aa --seeds 300           # A/A alone (kept for comparisons with earlier figures)
 
-Bar (issue 4): the gate over 1M stored traces and 200 cohorts answers in <= 2 s (median of 3).
+Bars (issue 4, issue 16): the gate over 1M stored traces and 200 cohorts answers in <= 2 s (median of 3);
+with every true effect inside its margin (half of it) the gate blocks in <= 5 % of seeds (aim <= 1 %) over
+continuous looks and 50 cohort values; exactly at the margin at most at the test's level (gate.fdr);
+A/A <= 1 %; task completion -4 points (10 % discordant pairs) blocks by 8,000 pairs, -10 points by 1,000.
+Seeds run in 2 processes (`--jobs`).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import statistics
 import subprocess
@@ -25,7 +33,6 @@ sys.path.insert(0, str(REPO / "tests"))
 import duckdb  # noqa: E402
 import polars as pl  # noqa: E402
 
-from analyzers.compare import compare  # noqa: E402
 from analyzers.rules import parse_gate  # noqa: E402
 from collector.store.database import PayloadDecoder, db_path, migrate, register_functions  # noqa: E402
 
@@ -92,41 +99,141 @@ def speed(args) -> None:
               f" verdict {v.verdict}; traces {v.traces}")
 
 
-def aa(args) -> None:
+LOOKS = (1000, 2000, 4000, 6000, 8000, 10000)      # requests per route at each look (a look every ~2 min)
+
+
+def _blocked_at(frame, looks, rule: str | None = None, labels=("intent",)):
+    """The first look (requests per route) at which the gate blocks (on a fail of ``rule`` on all traffic,
+    when given), and the failing results then; None when no look blocks."""
+    from analyzers.compare import compare
+    settings = parse_gate({})
+    b, c = frame.filter(pl.col("route") == "baseline"), frame.filter(pl.col("route") == "candidate")
+    for n in looks:
+        g = pl.concat([b.head(n), c.head(n)])
+        v = compare(g, settings, labels, now=float(g["start_s"].max()))
+        fails = [(r.rule, r.cohort) for r in v.results if r.state == "fail"]
+        if v.verdict == "block" and (rule is None or (rule, "all") in fails):
+            return n, fails
+    return None, []
+
+
+def _false_block_seed(job):
     from gate_sim import simulate
-    settings = parse_gate({})
-    looks = (1000, 2000, 4000, 6000, 8000, 10000)
-    blocked = 0
+    name, effect, values, seed = job
+    n, fails = _blocked_at(simulate(max(LOOKS), seed=seed, effect=effect, n_values=values), LOOKS)
+    return name, n, fails
+
+
+def _pool(jobs, fn, workers):
+    if workers <= 1:
+        return [fn(j) for j in jobs]
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(fn, jobs, chunksize=1)
+
+
+def error_cases():
+    """(name, effect, cohort values): the false-block experiments."""
+    from gate_sim import Effect, half_margin
+    return [
+        ("A/A, no effect, 50 cohort values", Effect(), 50),
+        ("every rule at half its margin, 50 cohort values", half_margin(), 50),
+        ("every rule at half its margin, 5 cohort values", half_margin(), 5),
+        ("cost x1.049 alone (margin x1.10), 5 cohort values", Effect(cost_x=1.1 ** 0.5), 5),
+        ("task completion -1 point alone (margin -2), 5 cohort values", Effect(pass_drop=0.01), 5),
+        ("p99 x1.14 alone (margin x1.30), 5 cohort values", Effect(latency_x=1.3 ** 0.5), 5),
+        ("refusal x1.41 alone (margin x2 and +0.5 points), 5 cohort values", Effect(refusal_x=2 ** 0.5), 5),
+        ("every rule exactly at its margin, 5 cohort values", half_margin(scale=1.0), 5),
+        ("every rule exactly at its margin, 50 cohort values", half_margin(scale=1.0), 50),
+    ]
+
+
+def errors(args) -> list[dict]:
     t = time.perf_counter()
-    for seed in range(args.seeds):
-        frame = simulate(max(looks), seed=10_000 + seed, n_values=args.values)
-        b, c = frame.filter(pl.col("route") == "baseline"), frame.filter(pl.col("route") == "candidate")
-        for n in looks:
-            g = pl.concat([b.head(n), c.head(n)])
-            if compare(g, settings, ("intent",), now=float(g["start_s"].max())).verdict == "block":
-                blocked += 1
-                break
+    out = []
+    cases = error_cases()
+    jobs = [(name, effect, values, 10_000 + seed) for name, effect, values in cases for seed in range(args.seeds)]
+    results = _pool(jobs, _false_block_seed, args.jobs)
+    print(f"false blocks: share of {args.seeds} seeds the gate blocks at any of {len(LOOKS)} looks"
+          f" ({LOOKS[0]:,}..{LOOKS[-1]:,} requests per route), default rules, one cohort label")
+    for name, _, values in cases:
+        mine = [(n, fails) for case, n, fails in results if case == name]
+        blocked = sum(n is not None for n, _ in mine)
+        rules = sorted({rule for _, fails in mine for rule, _ in fails})
+        print(f"  {name}: {blocked}/{args.seeds} ({100 * blocked / args.seeds:.1f} %)"
+              + (f"; failing rules: {', '.join(rules)}" if rules else ""))
+        out.append({"case": name, "cohort_values": values, "seeds": args.seeds, "blocked": blocked,
+                    "rate": blocked / args.seeds, "looks": list(LOOKS)})
+    print(f"  ({time.perf_counter() - t:.0f} s)")
+    return out
+
+
+def aa(args) -> None:
+    from gate_sim import Effect
+    jobs = [("A/A", Effect(), args.values, 10_000 + seed) for seed in range(args.seeds)]
+    blocked = sum(n is not None for _, n, _ in _pool(jobs, _false_block_seed, args.jobs))
     print(f"A/A: {blocked}/{args.seeds} seeds falsely blocked ({100 * blocked / args.seeds:.2f} %);"
-          f" {args.values} cohorts x 5 rules, {len(looks)} looks per seed (1k..10k requests);"
-          f" {time.perf_counter() - t:.0f} s")
+          f" {args.values} cohorts x 5 rules, {len(LOOKS)} looks per seed (1k..10k requests)")
 
 
-def power(args) -> None:
-    from gate_sim import Effect, simulate
-    settings = parse_gate({})
-    cases = (("task completion -4 points (10 % discordance), 2,000 pairs", Effect(pass_drop=0.04), "task_completion"),
-             ("refusal x3 from 2 %, 2,000 pairs", Effect(refusal_x=3.0), "refusal_rate"),
-             ("p99 x1.5, 2,000 traces per route", Effect(latency_x=1.5), "p99_latency"),
-             ("cost x1.25, 2,000 pairs", Effect(cost_x=1.25), "cost_per_trace"),
-             ("steps x1.4, 2,000 pairs", Effect(steps_x=1.4), "steps"))
-    for name, effect, rule in cases:
-        hit = 0
-        for seed in range(args.seeds):
-            frame = simulate(2000, seed=20_000 + seed, effect=effect)
-            v = compare(frame, settings, ("intent",), now=float(frame["start_s"].max()))
-            hit += v.verdict == "block" and any(r.rule == rule and r.cohort == "all" and r.state == "fail"
-                                                 for r in v.results)
-        print(f"power: {name}: blocked in {hit}/{args.seeds} seeds ({100 * hit / args.seeds:.1f} %)")
+POWER_LOOKS = (250, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 7000, 8000, 10000, 12000, 16000)
+
+
+def power_cases():
+    """(name, effect, rule, simulate() options, bar in pairs or None): twice the margin's distance."""
+    from gate_sim import Effect
+    return [
+        ("task completion -4 points (margin -2), 10 % of pairs discordant", Effect(pass_drop=0.04),
+         "task_completion", {"discordance": 0.06}, 8000),
+        ("task completion -4 points, 10 % discordant before the effect (~14 % with it)", Effect(pass_drop=0.04),
+         "task_completion", {}, None),
+        ("task completion -10 points", Effect(pass_drop=0.10), "task_completion", {}, 1000),
+        ("cost x1.21 (margin x1.10)", Effect(cost_x=1.21), "cost_per_trace", {}, None),
+        ("steps x1.44 (margin x1.20; cost rises with them)", Effect(steps_x=1.44), "steps", {}, None),
+        ("refusal x4 from 2 % (margin x2 and +0.5 points)", Effect(refusal_x=4.0), "refusal_rate", {}, None),
+        ("p99 x1.69 (margin x1.30)", Effect(latency_x=1.69), "p99_latency", {}, None),
+    ]
+
+
+def _power_seed(job):
+    from gate_sim import simulate
+    name, effect, rule, options, seed = job
+    frame = simulate(POWER_LOOKS[-1], seed=seed, effect=effect, **options)
+    b, c = frame.filter(pl.col("route") == "baseline"), frame.filter(pl.col("route") == "candidate")
+    discordant = float((b["eval_pass:task_completion"] != c["eval_pass:task_completion"]).mean())
+    return name, _blocked_at(frame, POWER_LOOKS, rule)[0], discordant
+
+
+def power(args) -> list[dict]:
+    t = time.perf_counter()
+    cases = power_cases()
+    jobs = [(name, effect, rule, options, 20_000 + seed) for name, effect, rule, options, _ in cases
+            for seed in range(args.seeds)]
+    results = _pool(jobs, _power_seed, args.jobs)
+    print(f"power: pairs by which the rule fails on all traffic and the gate blocks, in 90 % of {args.seeds} seeds"
+          f" (looks at {', '.join(f'{n:,}' for n in POWER_LOOKS)} pairs)")
+    out = []
+    for name, _, rule, _, bar in cases:
+        firsts = sorted((n if n is not None else math.inf) for case, n, _ in results if case == name)
+        disc = statistics.mean(d for case, _, d in results if case == name)
+        need = firsts[math.ceil(0.9 * len(firsts)) - 1]
+        median = statistics.median(firsts)
+        shown = f"{need:,}" if math.isfinite(need) else f"> {POWER_LOOKS[-1]:,}"
+        verdict = "" if bar is None else f" (bar: by {bar:,}: {'met' if need <= bar else 'NOT MET'})"
+        extra = f"; discordant pairs {100 * disc:.1f} %" if rule == "task_completion" else ""
+        print(f"  {name}: {shown} pairs (median {median:,.0f}){verdict}{extra}")
+        out.append({"case": name, "rule": rule, "seeds": args.seeds, "pairs_for_90pct": need if math.isfinite(need) else None,
+                    "median_pairs": median if math.isfinite(median) else None, "bar_pairs": bar,
+                    **({"discordant_share": round(disc, 4)} if rule == "task_completion" else {})})
+    print(f"  ({time.perf_counter() - t:.0f} s)")
+    return out
+
+
+def everything(args) -> None:
+    doc = {"false_blocks": errors(args), "power": power(args)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 def main() -> None:
@@ -136,13 +243,16 @@ def main() -> None:
     s.add_argument("--traces", type=int, default=1_000_000)
     s.add_argument("--values", type=int, nargs=3, default=(100, 60, 40), help="cohort values per label")
     s.add_argument("--repeat", type=int, default=3)
-    a = sub.add_parser("aa")
-    a.add_argument("--seeds", type=int, default=300)
-    a.add_argument("--values", type=int, default=50, help="cohorts (values of one label)")
-    p = sub.add_parser("power")
-    p.add_argument("--seeds", type=int, default=200)
+    for name, seeds in (("aa", 300), ("errors", 200), ("power", 100), ("all", 200)):
+        p = sub.add_parser(name)
+        p.add_argument("--seeds", type=int, default=seeds)
+        p.add_argument("--jobs", type=int, default=2, help="processes")
+        if name == "aa":
+            p.add_argument("--values", type=int, default=50, help="cohorts (values of one label)")
+        if name == "all":
+            p.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
-    {"speed": speed, "aa": aa, "power": power}[args.what](args)
+    {"speed": speed, "aa": aa, "errors": errors, "power": power, "all": everything}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,36 @@ import polars as pl
 
 @dataclass(frozen=True)
 class Effect:
-    pass_drop: float = 0.0        # absolute drop of the task_completion pass probability
-    refusal_x: float = 1.0        # refusal probability multiplier
+    """True effects, exact in expectation so that "at the margin" means at it."""
+    pass_drop: float = 0.0        # the task_completion pass rate is this much lower (absolute)
+    refusal_x: float = 1.0        # refusal rate multiplier
     latency_x: float = 1.0        # multiplies every duration (so p99 too)
-    cost_x: float = 1.0
-    steps_x: float = 1.0          # multiplies the Poisson mean of extra steps
+    cost_x: float = 1.0           # cost per trace multiplier (on top of steps_x: cost grows with steps)
+    steps_x: float = 1.0          # mean steps multiplier
     cohort: tuple[str, str] | None = None    # only requests with this (label, value)
+
+
+def half_margin(max_drop: float = 0.02, refusal: float = 2.0, p99: float = 1.3, cost: float = 1.1,
+                steps: float = 1.2, scale: float = 0.5) -> Effect:
+    """Every default rule's effect at ``scale`` of its margin's distance from no change (log scale for
+    ratios): 0.5 is half the margin (cost x1.049), 1 at the margin, 2 twice as far (cost x1.21)."""
+    return Effect(pass_drop=max_drop * scale, refusal_x=refusal ** scale, latency_x=p99 ** scale,
+                  cost_x=(cost / steps) ** scale, steps_x=steps ** scale)
+
+
+def _resampled(rng, u, share):
+    """u, with a fresh uniform in place of each value with probability ``share``: still uniform."""
+    fresh = rng.random(u.shape[0])
+    return np.where(rng.random(u.shape[0]) < share, fresh, u)
 
 
 def simulate(n_requests: int, seed: int, effect: Effect = Effect(), n_values: int = 5, labels=("intent",),
              base_pass: float = 0.85, discordance: float = 0.10, base_refusal: float = 0.02,
              latency_sigma: float = 0.5, request_ids: bool = True) -> pl.DataFrame:
-    """A trace frame (analyzers/compare.py's input) of n_requests baseline + n_requests candidate traces."""
+    """A trace frame (analyzers/compare.py's input) of n_requests baseline + n_requests candidate traces.
+
+    ``discordance``: the share of pairs whose task_completion outcomes differ when there is no effect.
+    """
     rng = np.random.default_rng(seed)
     n = n_requests
     cohorts = {label: rng.integers(0, n_values, n) for label in labels}
@@ -35,34 +53,25 @@ def simulate(n_requests: int, seed: int, effect: Effect = Effect(), n_values: in
         hit = np.array([f"v{i}" for i in cohorts[label]]) == value
     z = rng.normal(size=n)
 
-    # Pass/fail: a shared uniform makes the routes agree unless one flips. With flip probability f
-    # on each route the discordance is ~2f(1-f)... set f from the requested discordance at no effect.
-    flip = (1 - np.sqrt(1 - 2 * discordance)) / 2
+    # Outcomes read one shared uniform per request, each route redrawing it with probability s: the
+    # routes disagree only when a redraw lands on the other side, so pairs are correlated and each
+    # route's rate is exactly its threshold. Discordance (no effect) = (1 - (1-s)^2) * 2p(1-p).
+    s = 1 - np.sqrt(max(0.0, 1 - discordance / (2 * base_pass * (1 - base_pass))))
     u = rng.random(n)
-    base_ok = u < base_pass
-    def outcome(p_drop):
-        ok = base_ok.copy()
-        f = rng.random(n) < flip
-        ok[f] = ~ok[f]
-        # a drop of the pass probability: turn passes into fails with the matching probability
-        if np.any(p_drop):
-            turn = rng.random(n) < p_drop / base_pass
-            ok = ok & ~turn
-        return ok
-    pass_b = outcome(0.0)
-    pass_c = outcome(np.where(hit, effect.pass_drop, 0.0))
+    pass_b = _resampled(rng, u, s) < base_pass
+    pass_c = _resampled(rng, u, s) < base_pass - np.where(hit, effect.pass_drop, 0.0)
 
+    # refusals: the same construction, a tenth of the requests redrawn
     ur = rng.random(n)
-    ref_b = ur < base_refusal
-    p_ref_c = np.where(hit, base_refusal * effect.refusal_x, base_refusal)
-    ref_c = ur < p_ref_c
-    ur2 = rng.random(n) < 0.002          # a little independent noise on both
-    ref_b, ref_c = ref_b ^ ur2, ref_c ^ (rng.random(n) < 0.002)
+    ref_b = _resampled(rng, ur, 0.1) < base_refusal
+    ref_c = _resampled(rng, ur, 0.1) < base_refusal * np.where(hit, effect.refusal_x, 1.0)
 
     lat_b = np.exp(np.log(4.0) + 0.3 * z + latency_sigma * rng.normal(size=n))
     lat_c = np.exp(np.log(4.0) + 0.3 * z + latency_sigma * rng.normal(size=n)) * np.where(hit, effect.latency_x, 1.0)
-    steps_b = 1 + rng.poisson(2.0 * np.exp(0.25 * z))
-    steps_c = 1 + rng.poisson(2.0 * np.exp(0.25 * z) * np.where(hit, effect.steps_x, 1.0))
+    # steps: 1 + Poisson(lam); the candidate's lam is set so its mean is steps_x times the baseline's
+    lam = 2.0 * np.exp(0.25 * z)
+    steps_b = 1 + rng.poisson(lam)
+    steps_c = 1 + rng.poisson(np.maximum(np.where(hit, effect.steps_x, 1.0) * (1 + lam) - 1, 0.0))
     cost_b = steps_b * 0.004 * np.exp(0.3 * rng.normal(size=n))
     cost_c = steps_c * 0.004 * np.exp(0.3 * rng.normal(size=n)) * np.where(hit, effect.cost_x, 1.0)
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 
+import re
+
 import numpy as np
 import polars as pl
 import pytest
-from gate_sim import Effect, simulate
+from gate_sim import Effect, half_margin, simulate
 
 from analyzers.compare import compare
 from analyzers.pairing import pair
@@ -19,6 +21,9 @@ from analyzers.rules import RuleError, parse_gate
 from analyzers.sequential import anytime_p, anytime_p_one_sided, ebh, min_samples_for_quantile, radius
 
 SETTINGS = parse_gate({})
+# pairs by which each rule blocks an effect twice its margin's distance from no change in >= 90 % of 40
+# seeds (`bench/gate.py power`), rounded up to a look of the bench
+COST_PAIRS, STEPS_PAIRS, REFUSAL_PAIRS, P99_PAIRS = 2500, 1000, 3000, 5000
 
 
 def judge(frame, labels=("intent",), settings=SETTINGS):
@@ -56,6 +61,16 @@ def test_ebh_matches_benjamini_hochberg_by_hand():
     assert ebh([], 0.05) == []
 
 
+def test_weighted_ebh_divides_each_p_value_by_its_weight():
+    # weights 3, 0.5, 0.5 (sum 4 = m... of 4 tests with the 4th weighted 0): p/w = 0.004, 0.02, 0.06, inf
+    # BH at q=0.05, m=4: thresholds 0.0125, 0.025, 0.0375, 0.05: the first two pass
+    assert ebh([0.012, 0.01, 0.03, 0.0], 0.05, [3.0, 0.5, 0.5, 0.0]) == [True, True, False, False]
+    # unweighted the 0.03 passes too (<= 0.0375): its weight of 0.5 is what holds it back
+    assert ebh([0.012, 0.01, 0.03, 0.5], 0.05) == [True, True, True, False]
+    with pytest.raises(ValueError, match="weights sum to 5"):
+        ebh([0.01, 0.02], 0.05, [4.0, 1.0])
+
+
 def test_p99_needs_368_traces_per_route():
     assert min_samples_for_quantile(0.99) == 368                  # 0.99**368 < 0.025 <= 0.99**367
     assert 0.99 ** 368 < 0.025 <= 0.99 ** 367
@@ -79,58 +94,121 @@ def test_pairs_further_apart_than_the_pairing_window_do_not_pair():
     assert pair(shifted, 800)[1]["matched"] == 200
 
 
-# ------------------------------------------------------------------ A/A: false blocks under repeated looks
+# ------------------------------------------------------------------ false blocks under repeated looks
+
+def blocked_seeds(effect, seeds, looks, values, first_seed):
+    """Seeds in which any look (requests per route, growing) blocks; a seed counts once."""
+    out = []
+    for seed in range(first_seed, first_seed + seeds):
+        frame = simulate(max(looks), seed=seed, effect=effect, n_values=values)
+        b, c = frame.filter(pl.col("route") == "baseline"), frame.filter(pl.col("route") == "candidate")
+        if any(judge(pl.concat([b.head(n), c.head(n)])).verdict == "block" for n in looks):
+            out.append(seed)
+    return out
+
 
 def test_identical_routes_over_50_cohorts_are_not_blocked_when_looked_at_repeatedly():
-    """A/A: 50 cohorts, 5 rules, 4 looks per seed (1k..10k requests); a seed counts once if any look blocks.
-    (bench/gate.py aa runs 300 seeds with 6 looks for the README figure.)"""
-    seeds, looks = 40, (1000, 3000, 6000, 10000)
-    false_blocks = 0
-    for seed in range(seeds):
-        frame = simulate(max(looks), seed=seed, n_values=50)
-        b, c = frame.filter(pl.col("route") == "baseline"), frame.filter(pl.col("route") == "candidate")
-        for n in looks:
-            if judge(pl.concat([b.head(n), c.head(n)])).verdict == "block":
-                false_blocks += 1
-                break
-    assert false_blocks / seeds <= 0.05, f"false-block rate {false_blocks}/{seeds}"
+    """A/A: 50 cohorts, 5 rules, 3 looks per seed (bench/gate.py errors runs more seeds and 6 looks)."""
+    blocked = blocked_seeds(Effect(), seeds=20, looks=(1000, 4000, 10000), values=50, first_seed=0)
+    assert blocked == [], f"A/A blocked in seeds {blocked}"
 
 
 def test_identical_routes_in_a_few_large_cohorts_are_not_blocked():
     """A/A where every cohort is large enough for its own p99 verdict (5 cohorts, up to 1,600 traces each)."""
-    seeds, looks = 30, (2000, 5000, 8000)
-    false_blocks = 0
-    for seed in range(seeds):
-        frame = simulate(max(looks), seed=500 + seed, n_values=5)
-        b, c = frame.filter(pl.col("route") == "baseline"), frame.filter(pl.col("route") == "candidate")
-        false_blocks += any(judge(pl.concat([b.head(n), c.head(n)])).verdict == "block" for n in looks)
-    assert false_blocks / seeds <= 0.05, f"false-block rate {false_blocks}/{seeds}"
+    blocked = blocked_seeds(Effect(), seeds=15, looks=(2000, 5000, 8000), values=5, first_seed=500)
+    assert blocked == [], f"A/A blocked in seeds {blocked}"
+
+
+def test_every_rule_at_half_its_margin_over_50_cohorts_is_not_blocked():
+    """The rule taken literally: cost x1.049 (margin x1.10), task completion -1 point (-2), p99 x1.14 (x1.30),
+    refusals x1.41 (x2), steps x1.095 (x1.2), all at once, in every cohort, looked at three times.
+    The gate used to block when the point estimate crossed the margin: 22 % of seeds for cost alone."""
+    blocked = blocked_seeds(half_margin(), seeds=20, looks=(1000, 4000, 10000), values=50, first_seed=40)
+    assert len(blocked) <= 1, f"blocked in seeds {blocked} of 20"
+
+
+def test_every_rule_exactly_at_its_margin_blocks_at_most_at_the_tests_level():
+    """At the margin the null holds with equality: fdr = 5 % is the bound; 20 seeds allow 3 (binomial
+    tail P(X > 3) = 1.6 % at 5 %). The point-estimate rule blocked about half of them."""
+    blocked = blocked_seeds(half_margin(scale=1.0), seeds=20, looks=(2000, 6000, 10000), values=5, first_seed=80)
+    assert len(blocked) <= 3, f"blocked in seeds {blocked} of 20"
+
+
+def test_an_estimate_past_the_margin_does_not_fail_while_the_interval_still_holds_the_margin():
+    """Cost exactly at x1.10 over 10,000 pairs: the estimate lands past the margin in about half the seeds,
+    far from 'no change'; only a confidence sequence wholly past x1.10 may fail."""
+    seen_past = 0
+    for seed in range(6):
+        r = result(judge(simulate(10000, seed=300 + seed, effect=Effect(cost_x=1.1))), "cost_per_trace")
+        assert r.state != "fail" or r.lower > 1.1, r
+        if r.effect > 1.1 and r.lower <= 1.1:
+            seen_past += 1
+            assert r.state == "inconclusive", r.reason
+            assert "cannot yet tell it from the margin x1.10" in r.reason, r.reason
+    assert seen_past >= 2        # the case above was exercised
+
+
+def test_a_fail_prints_effect_interval_and_margin_so_the_bound_is_visibly_past_it():
+    v = judge(simulate(4000, seed=12, effect=Effect(cost_x=1.35)))
+    r = result(v, "cost_per_trace")
+    assert r.state == "fail", r.reason
+    m = re.match(r"x(\d+\.\d+) \(95% CS x(\d+\.\d+)\.\.x(\d+\.\d+)\) is past the margin x(\d+\.\d+)", r.reason)
+    assert m, r.reason
+    effect, lower, upper, margin = map(float, m.groups())
+    assert lower > margin == 1.1 and lower <= effect <= upper
+    assert effect == pytest.approx(r.effect, abs=0.006) and lower == pytest.approx(r.lower, abs=0.006)
+    assert len(m.group(4).split(".")[1]) == len(m.group(2).split(".")[1])       # same decimals: comparable
+    assert any(x.startswith("cost_per_trace fails for all: x") for x in v.reasons)
+
+
+def test_digits_grow_until_a_bound_next_to_the_margin_reads_apart_from_it():
+    from analyzers.compare import _decimals
+    assert _decimals((1.27, 1.15, 1.41), 1.1) == 2                       # x1.27 x1.15 x1.41 vs x1.10
+    assert _decimals((1.3, 1.1004, 1.5), 1.1) == 4                       # x1.1004, not x1.10 or x1.100
+    assert _decimals((-0.0412, -0.02004, -0.06), -0.02, 100.0) == 3      # -2.004 points vs -2.000
 
 
 # ------------------------------------------------------------------ power: planted regressions are blocked
 
+def first_fail(effect, rule, looks, seed, **options):
+    frame = simulate(max(looks), seed=seed, effect=effect, **options)
+    b, c = frame.filter(pl.col("route") == "baseline"), frame.filter(pl.col("route") == "candidate")
+    for n in looks:
+        v = judge(pl.concat([b.head(n), c.head(n)]))
+        if v.verdict == "block" and result(v, rule).state == "fail":
+            assert any(reason.startswith(f"{rule} fails for all") for reason in v.reasons)
+            return n
+    return None
+
+
+def test_task_completion_four_points_down_blocks_by_8000_pairs():
+    """-4 points against a -2 point margin, 10 % of pairs discordant (6 % before the effect + its 4 points)."""
+    found = [first_fail(Effect(pass_drop=0.04), "task_completion", (4000, 8000), 700 + s, discordance=0.06)
+             for s in range(20)]
+    assert sum(n is not None for n in found) >= 18, found
+
+
+def test_task_completion_ten_points_down_blocks_within_1000_pairs():
+    found = [first_fail(Effect(pass_drop=0.10), "task_completion", (500, 1000), 800 + s) for s in range(20)]
+    assert sum(n is not None for n in found) >= 18, found
+
+
 @pytest.mark.parametrize("name, effect, rule, n", [
-    ("task completion -4 points, 10 % discordance", Effect(pass_drop=0.04), "task_completion", 2000),
-    ("refusal x3 from 2 %", Effect(refusal_x=3.0), "refusal_rate", 2000),
-    ("p99 x1.5", Effect(latency_x=1.5), "p99_latency", 2000),
-    ("cost x1.25", Effect(cost_x=1.25), "cost_per_trace", 2000),
-    ("steps x1.4", Effect(steps_x=1.4), "steps", 2000),
+    # twice the margin's distance from no change; n from `bench/gate.py power` (90 % of 40 seeds), rounded up
+    ("cost x1.21", Effect(cost_x=1.21), "cost_per_trace", COST_PAIRS),
+    ("steps x1.44", Effect(steps_x=1.44), "steps", STEPS_PAIRS),
+    ("refusal x4 from 2 %", Effect(refusal_x=4.0), "refusal_rate", REFUSAL_PAIRS),
+    ("p99 x1.69", Effect(latency_x=1.69), "p99_latency", P99_PAIRS),
 ])
 def test_planted_regressions_are_blocked_and_named(name, effect, rule, n):
-    seeds = 30
-    named = 0
-    for seed in range(seeds):
-        v = judge(simulate(n, seed=100 + seed, effect=effect))
-        if v.verdict == "block" and result(v, rule).state == "fail":
-            named += 1
-            assert any(reason.startswith(f"{rule} fails for all") for reason in v.reasons)
-    assert named / seeds >= 0.9, f"{name}: blocked in {named}/{seeds} seeds"
+    found = [first_fail(effect, rule, (n,), 100 + s) for s in range(15)]
+    assert sum(x is not None for x in found) >= 13, f"{name}: blocked in {found}"
 
 
 def test_a_cohort_regression_blocks_even_when_all_traffic_improves():
     """Refusals x4 in one intent while the candidate is 20 % cheaper everywhere: the gate names the cohort."""
     effect = Effect(refusal_x=4.0, cohort=("intent", "v2"))
-    frame = simulate(6000, seed=7, effect=effect, base_refusal=0.03)
+    frame = simulate(10000, seed=7, effect=effect, base_refusal=0.03)
     cheaper = frame.with_columns(pl.when(pl.col("route") == "candidate").then(pl.col("cost") * 0.8)
                                  .otherwise(pl.col("cost")).alias("cost"))
     v = judge(cheaper)
@@ -202,7 +280,21 @@ def test_critical_rule_still_inconclusive_after_its_budget_blocks():
     assert result(early, "task_completion").state == result(late, "task_completion").state == "inconclusive"
     assert early.verdict == "inconclusive"
     assert late.verdict == "block"
-    assert any("task_completion (critical)" in r for r in late.reasons)
+    reason = next(r for r in late.reasons if r.startswith("task_completion (critical)"))
+    assert "is still inconclusive for all traffic after the budget of 30 min:" in reason, reason
+    assert "still undecided `gate.budget` after the first candidate trace blocks" in reason, reason
+
+
+def test_a_cohort_past_its_margin_before_the_correction_holds_the_verdict_at_inconclusive():
+    """Refusals x4 in one of five intents, 1,160 pairs: its 95 % CS is past x2 but e-BH over 30 results does
+    not select it yet. Every all-traffic result passes; promoting over it would ignore what the page shows."""
+    frame = simulate(6000, seed=7, effect=Effect(refusal_x=4.0, cohort=("intent", "v2")), base_refusal=0.03)
+    v = judge(frame)
+    r = result(v, "refusal_rate", "intent=v2")
+    assert r.state == "inconclusive" and r.past_margin and r.lower > 2.0, r
+    assert all(result(v, rule).state == "pass" for rule in ("cost_per_trace", "steps", "task_completion")), v.reasons
+    assert v.verdict == "inconclusive"
+    assert any(x.startswith("refusal_rate for intent=v2 is not yet a fail: x") for x in v.reasons), v.reasons
 
 
 @pytest.mark.parametrize("section, message", [
