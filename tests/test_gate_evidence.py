@@ -344,3 +344,37 @@ def test_examples_rank_is_stable_across_outputs():
     assert a.examples == b.examples and a.explained_by == b.explained_by
     assert not any(math.isnan(e["candidate_value"]) for ex in a.examples.values() for e in ex
                    if isinstance(e["candidate_value"], float))
+
+
+# ---------------------------------------------------------------- a real serve
+
+def test_serve_gate_the_cli_and_the_metrics_agree_and_gate_links_its_traces(serve_factory):
+    from test_gate_e2e import FAST, get, metric, send, wait_for_gate
+
+    from analyzers.compare import cohort_label_values
+    server = serve_factory(env={**FAST, "SHADOWLENS_LINKS__TRACE_URL": URL})
+    sent = send(server, "regression", 3000)
+    doc = wait_for_gate(server, sent.traces)
+    assert doc["verdict"] == "block" and doc["trace_url"] == URL
+    fails = [r for r in doc["rules"] if r["state"] == "fail"]
+    assert fails and all(r["examples"] for r in fails)
+    assert sum(r["root_cause"] for r in fails) >= 1 and all(r["root_cause"] or r["explained_by"] for r in fails)
+    stored = {(x["trace_id"], x["request_id"]) for x in server.query("SELECT trace_id, request_id FROM traces")}
+    for r in fails:
+        for e in r["examples"]:
+            assert {(e["baseline_trace_id"], e["request_id"]), (e["candidate_trace_id"], e["request_id"])} <= stored
+            assert e["baseline_trace_url"] == URL.replace("{trace_id}", e["baseline_trace_id"])
+    # the metrics carry the same state for every result
+    text = server.metrics_text()
+    for r in doc["rules"]:
+        labels = dict(zip(LABELS, cohort_label_values(r["cohort"], LABELS)))
+        assert metric(text, "shadowlens_verdict", rule=r["rule"], **labels, state=r["state"]) == 1.0, r
+    # the CLI, through the sidecar and over the store, says the same (the window holds the same traces)
+    by_url = json.loads(cli("gate", "--url", server.metrics_url, "--format", "json", env=server.env).stdout)
+    by_store = json.loads(cli("gate", "--data-dir", str(server.data_dir), "--format", "json",
+                              env=server.env).stdout)
+    report = json.loads(cli("report", "--data-dir", str(server.data_dir), "--format", "json", env=server.env).stdout)
+    key = lambda d: ([(r["rule"], r["cohort"], r["state"], r["explained_by"], r["root_cause"],  # noqa: E731
+                       [e["request_id"] for e in r.get("examples", [])]) for r in d["rules"]], d["reasons"])
+    assert key(by_url) == key(doc) == key(by_store) == key(report)
+    assert get(server.metrics_url + "/gate")[0] == 409
