@@ -36,7 +36,9 @@ from .catalog import EXPORT_METRICS
 log = logging.getLogger("shadowlens.export")
 
 HOUR_US = 3_600_000_000
-SLICE_ROWS = 50_000           # rows per query and row group: bounds memory on both read paths
+# Rows per query and row group. They bound memory on both read paths: serve's DuckDB has 128 MB
+# (store.duckdb_memory_limit) and a span's JSON is a few kB (50k spans of bench traffic ran out of it).
+SLICE_ROWS = {"spans": 10_000, "traces": 50_000, "evals": 50_000, "logs": 20_000}
 SOURCE_FILE = "export-source"  # in the data dir: this store's name in the lake's file names
 META_ROWS, META_SEQ = b"shadowlens.rows", b"shadowlens.max_ingest_seq"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -203,8 +205,13 @@ def export_hour(run: Run, spec: TableSpec, hour: int, rows_hint: int, seq: int, 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     start = hour * HOUR_US
-    slices = max(1, math.ceil(rows_hint / SLICE_ROWS))
-    edges = [start + HOUR_US * i // slices for i in range(slices + 1)]
+    edges = [start, start + HOUR_US]
+    slices = math.ceil(rows_hint / SLICE_ROWS[spec.name])
+    if slices > 1:        # cut at quantiles of the time: rows arrive in bursts, not spread over the hour
+        qs = ", ".join(f"{i / slices:.6f}" for i in range(1, slices))
+        cuts = run(f"SELECT quantile_disc(epoch_us({spec.time_sql}), [{qs}]) AS q FROM {spec.source}"
+                   f" WHERE {_range_sql(spec, *edges)}").column("q").to_pylist()[0] or []
+        edges = sorted({start, start + HOUR_US, *(c for c in cuts if c is not None and start < c < start + HOUR_US)})
     writer = None
     rows = 0
     try:
@@ -216,7 +223,7 @@ def export_hour(run: Run, spec: TableSpec, hour: int, rows_hint: int, seq: int, 
                 continue
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema, compression="zstd", compression_level=3)
-            writer.write_table(table, row_group_size=SLICE_ROWS)
+            writer.write_table(table, row_group_size=SLICE_ROWS[spec.name])
             rows += table.num_rows
         if writer is None:
             return 0, 0

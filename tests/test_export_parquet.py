@@ -204,6 +204,20 @@ def test_export_round_trips_with_serve_running_then_stopped(loaded, tmp_path):
     assert [p.relative_to(lake2) for p in _parquet_files(lake2)] == [p.relative_to(lake) for p in files]
 
 
+def test_an_hour_larger_than_a_slice_is_read_in_slices_and_written_whole(loaded, tmp_path, monkeypatch):
+    """Hours are read in slices cut at quantiles of the time (memory); every row lands in one slice."""
+    from collector.store.reader import query
+    from exporters import parquet
+    server, base, spans, logs = loaded
+    store = _store_figures(server)
+    assert server.stop() == 0
+    monkeypatch.setattr(parquet, "SLICE_ROWS", {t: 40 for t in TABLES})
+    lake = tmp_path / "lake"
+    parquet.export(lambda sql: query(server.data_dir, sql), lake, "s1", TABLES)
+    assert _lake_figures_duckdb(lake) == store
+    assert max(pq.read_metadata(p).num_row_groups for p in _parquet_files(lake)) >= 2
+
+
 def test_exporting_again_and_overlapping_ranges_keep_each_row_once(loaded, tmp_path):
     server, base, spans, logs = loaded
     store = _store_figures(server)
