@@ -397,12 +397,12 @@ def build(tree: dict) -> Config:
         http=Endpoint(*parse_endpoint(r["http"]["endpoint"], "receivers.http.endpoint")),
         http_max_bytes=_int(tree, "receivers", "http", "max_body_mib", minimum=1) << 20,
         scanner=_choice(r["scanner"], ("auto", "c", "python"), "receivers.scanner"),
-        http_read_timeout_s=_positive_duration(r["http"]["read_timeout"], "receivers.http.read_timeout"),
-        http_idle_timeout_s=_positive_duration(r["http"]["idle_timeout"], "receivers.http.idle_timeout"),
-        http_max_connections=_int(tree, "receivers", "http", "max_connections", minimum=1),
         grpc_tls=tls_files(r["grpc"].get("tls"), "receivers.grpc.tls"),
         http_tls=tls_files(r["http"].get("tls"), "receivers.http.tls"),
         token_file=_token_file(r.get("auth"), "receivers.auth"),
+        http_read_timeout_s=_positive_duration(r["http"]["read_timeout"], "receivers.http.read_timeout"),
+        http_idle_timeout_s=_positive_duration(r["http"]["idle_timeout"], "receivers.http.idle_timeout"),
+        http_max_connections=_int(tree, "receivers", "http", "max_connections", minimum=1),
     )
     s = tree["store"]
     store = StoreConfig(
@@ -477,15 +477,21 @@ def build(tree: dict) -> Config:
     return cfg
 
 
+# the lake's tables (exporters/parquet.py exports them); named here so that loading the config, which the
+# ingest frontend does, never imports pyarrow
+EXPORT_TABLES = ("spans", "traces", "evals", "logs")
+
+
 def _export_parquet(p: Mapping[str, Any]) -> ExportParquetConfig:
-    from exporters.parquet import ExportError, parse_tables  # noqa: PLC0415 - config stays importable alone
     interval = parse_duration(p["interval"], "export.parquet.interval")
     if interval <= 0:
         raise ConfigError(f"export.parquet.interval: must be more than 0, got {p['interval']!r}")
-    try:
-        tables = parse_tables(p["tables"] if isinstance(p["tables"], (str, list, tuple)) else "")
-    except ExportError as exc:
-        raise ConfigError(f"export.parquet.{exc}") from None
+    raw = p["tables"] if isinstance(p["tables"], (str, list, tuple)) else ""
+    names = [str(t).strip() for t in (raw.split(",") if isinstance(raw, str) else raw) if str(t).strip()]
+    bad = [t for t in names if t not in EXPORT_TABLES]
+    if bad or not names:
+        raise ConfigError(f"export.parquet.tables {','.join(bad) or '(none)'}: choose from {','.join(EXPORT_TABLES)}")
+    tables = tuple(dict.fromkeys(names))
     return ExportParquetConfig(dir=str(p["dir"] or ""), interval_s=interval,
                                delay_s=parse_duration(p["delay"], "export.parquet.delay"),
                                source=str(p["source"] or ""), tables=tables)
