@@ -111,17 +111,20 @@ def example_sql(settings: GateSettings, labels, frame_sql: str, targets: list[tu
     """One statement: the window's pairs (as the gate pairs them), then the top ``limit`` pairs of each target."""
     labels = tuple(labels)
     cols = list(dict.fromkeys(measure_column(rule) for rule, _ in targets))
-    keep = ["trace_id", "start_s", *labels, *cols]
+    keep = ["trace_id", "request_id", "start_s", *labels, *cols]
     row = "{" + ", ".join(f"{_lit(k)}: {_q(k)}" for k in keep) + "}"
     names = {c: f"m{i}" for i, c in enumerate(cols)}      # measure columns as plain identifiers
     pick = ", ".join([*(f"b.{_q(lab)} AS {_q(lab)}" for lab in labels),
                       *(f"b.{_q(c)} AS {names[c]}_b, c.{_q(c)} AS {names[c]}_c" for c in cols)])
+    # only the traces of the failing cohorts (both routes of a request share its cohort), grouped on the
+    # id's hash as the gate's statistics do: a third of the time of grouping on the text
+    cohorts = " OR ".join(dict.fromkeys(cohort_condition(cohort, listed) for _, cohort in targets))
     ctes = [f"w AS ({frame_sql})",
-            f"k AS (SELECT request_id, any_value({row}) FILTER (WHERE route = 'baseline') AS b,"
+            f"k AS (SELECT any_value({row}) FILTER (WHERE route = 'baseline') AS b,"
             f" any_value({row}) FILTER (WHERE route = 'candidate') AS c"
-            " FROM w WHERE request_id IS NOT NULL GROUP BY request_id)",
+            f" FROM w WHERE request_id IS NOT NULL AND ({cohorts}) GROUP BY hash(request_id))",
             # the cohort of a pair is its baseline trace's, as in the gate's statistics
-            f"p AS MATERIALIZED (SELECT request_id, b.trace_id AS b_trace, c.trace_id AS c_trace, b.start_s AS start_s,"
+            f"p AS MATERIALIZED (SELECT b.request_id AS request_id, b.trace_id AS b_trace, c.trace_id AS c_trace, b.start_s AS start_s,"
             f" {pick} FROM k WHERE b IS NOT NULL AND c IS NOT NULL"
             f" AND abs(b.start_s - c.start_s) <= {float(settings.pairing_window_s)!r})"]
     selects = []
