@@ -23,7 +23,7 @@ from analyzers.sequential import anytime_p, anytime_p_one_sided, ebh, min_sample
 SETTINGS = parse_gate({})
 # pairs by which each rule blocks an effect twice its margin's distance from no change in >= 90 % of 40
 # seeds (`bench/gate.py power`), rounded up to a look of the bench
-COST_PAIRS, STEPS_PAIRS, REFUSAL_PAIRS, P99_PAIRS = 2500, 1000, 3000, 5000
+COST_PAIRS, STEPS_PAIRS, REFUSAL_PAIRS, P99_PAIRS = 2000, 1000, 3000, 5000
 
 
 def judge(frame, labels=("intent",), settings=SETTINGS):
