@@ -65,9 +65,13 @@ def test_regression_is_blocked_and_the_planted_cohorts_are_named(serve_factory, 
     doc = wait_for_gate(server, sent.traces)
     assert doc["verdict"] == "block"
     failing = {(r["rule"], r["cohort"]) for r in doc["rules"] if r["state"] == "fail"}
-    # the generator's planted effects (collector/generate.py SCENARIOS["regression"])
-    assert {("refusal_rate", "language=de"), ("steps", "intent=billing")} <= failing
-    assert ("p99_latency", "tier=enterprise") in failing
+    # the generator's planted effects (collector/generate.py SCENARIOS["regression"]). A result fails only
+    # once its interval is wholly past the margin (issue 16): at 3,000 requests steps x1.4 (margin x1.2)
+    # in billing does; refusals x3 (x2) in de and p99 x1.5 (x1.3) in enterprise are past it or on their way
+    assert ("steps", "intent=billing") in failing
+    by_key = {(r["rule"], r["cohort"]): r for r in doc["rules"]}
+    for key in (("refusal_rate", "language=de"), ("p99_latency", "tier=enterprise")):
+        assert by_key[key]["state"] in ("fail", "inconclusive") and by_key[key]["effect"] > 1.0, by_key[key]
     for r in doc["rules"]:
         assert set(r) >= {"rule", "cohort", "state", "effect", "lower", "upper", "n_baseline", "n_candidate",
                           "margin", "reason"}
@@ -80,17 +84,17 @@ def test_regression_is_blocked_and_the_planted_cohorts_are_named(serve_factory, 
     # the CLI asks the running sidecar, or reads the store through its socket: exit 1 = block
     by_url = cli(server, "gate", "--url", server.metrics_url)
     assert by_url.returncode == 1, by_url.stderr
-    assert "refusal_rate fails for language=de" in by_url.stdout
+    assert "steps fails for intent=billing" in by_url.stdout
     by_store = cli(server, "gate", "--data-dir", str(server.data_dir), "--format", "json")
     assert by_store.returncode == 1, by_store.stderr
-    assert ("refusal_rate", "language=de") in {(r["rule"], r["cohort"]) for r in json.loads(by_store.stdout)["rules"]
-                                               if r["state"] == "fail"}
+    assert ("steps", "intent=billing") in {(r["rule"], r["cohort"]) for r in json.loads(by_store.stdout)["rules"]
+                                           if r["state"] == "fail"}
 
     # metrics: gate state, the verdict per rule and cohort, effects, pairs
     text = server.metrics_text()
     assert metric(text, "shadowlens_gate_state", state="block") == 1.0
     assert metric(text, "shadowlens_gate_state", state="promote") == 0.0
-    assert metric(text, "shadowlens_verdict", rule="refusal_rate", intent="__all__", language="de", tier="__all__",
+    assert metric(text, "shadowlens_verdict", rule="steps", intent="billing", language="__all__", tier="__all__",
                   state="fail") == 1.0
     assert metric(text, "shadowlens_compare_effect", rule="refusal_rate", language="de", bound="lower") > 1.0
     assert metric(text, "shadowlens_pairs_total", status="matched") == sent.requests
@@ -108,7 +112,7 @@ def test_regression_is_blocked_and_the_planted_cohorts_are_named(serve_factory, 
     table = cli(server, "report", "--data-dir", str(server.data_dir))
     assert table.returncode == 0 and "language=de" in table.stdout and "verdict: block" in table.stdout
     md = cli(server, "report", "--data-dir", str(server.data_dir), "--format", "markdown")
-    assert md.stdout.startswith("## shadowlens gate: **block**") and "| refusal_rate | language=de | fail |" in md.stdout
+    assert md.stdout.startswith("## shadowlens gate: **block**") and "| steps | intent=billing | fail |" in md.stdout
     js = json.loads(cli(server, "report", "--data-dir", str(server.data_dir), "--format", "json").stdout)
     assert {c["cohort"] for c in js["cohorts"]} >= {"all", "language=de", "tier=enterprise", "intent=billing"}
     page = tmp_path / "report.html"
