@@ -37,7 +37,7 @@ def verdict_to_json(v: Verdict) -> dict:
                    "lower": _num(r.lower), "upper": _num(r.upper), "n_baseline": r.n_baseline,
                    "n_candidate": r.n_candidate, "margin": r.margin, "reason": r.reason, "paired": r.paired,
                    "p_value": _num(r.p_value), "critical": r.critical, "kind": r.kind,
-                   "no_input": r.no_input, **_evidence(v, r)} for r in ordered],
+                   "no_input": r.no_input, "past_margin": r.past_margin, **_evidence(v, r)} for r in ordered],
     }
     if getattr(v, "trace_url", None):
         doc["trace_url"] = v.trace_url

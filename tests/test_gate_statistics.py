@@ -295,6 +295,9 @@ def test_a_cohort_past_its_margin_before_the_correction_holds_the_verdict_at_inc
     assert all(result(v, rule).state == "pass" for rule in ("cost_per_trace", "steps", "task_completion")), v.reasons
     assert v.verdict == "inconclusive"
     assert any(x.startswith("refusal_rate for intent=v2 is not yet a fail: x") for x in v.reasons), v.reasons
+    from exporters.verdict_json import verdict_to_json
+    doc = next(x for x in verdict_to_json(v)["rules"] if x["rule"] == "refusal_rate" and x["cohort"] == "intent=v2")
+    assert doc["past_margin"] is True and doc["state"] == "inconclusive"      # /gate and gate --format json say so
 
 
 @pytest.mark.parametrize("section, message", [
