@@ -7,6 +7,7 @@ With ``metrics.tls`` it serves HTTPS (optionally requiring client certificates),
 from __future__ import annotations
 
 import json
+import re
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,12 +19,18 @@ from prometheus_client.registry import CollectorRegistry
 from collector.security import BearerToken, ServerTLS, TLSServerMixin
 
 OPEN_PATHS = ("/healthz", "/readyz")
+MAX_POST_BYTES = 1 << 20        # a webhook's payload (the answer does not depend on it)
+# RFC 9112: Content-Length is 1*DIGIT; int() would also take "-1" (read until the client closes), "+5", "1_0"
+_DIGITS = re.compile(r"[0-9]+")
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "shadowlens"
     app: "MetricsServer"
+    # the socket's timeout: a client that stops sending (inside a request or idle between scrapes) is let
+    # go after it, instead of holding a thread
+    timeout = 30
 
     def log_message(self, fmt, *args):
         pass
@@ -34,6 +41,45 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answers ``status`` and closes: what is left of the request cannot be framed."""
+        self.close_connection = True
+        body = (message + "\n").encode("utf-8", "backslashreplace")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _skip_body(self) -> bool:
+        """Reads (and drops) a POST body; False after answering a request whose body cannot be read."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            self._refuse(411, "send the request body with a Content-Length (Transfer-Encoding is not accepted here)")
+            return False
+        values = self.headers.get_all("Content-Length") or []
+        fields = {v.strip() for value in values for v in value.split(",")}
+        if not values:
+            return True
+        if len(fields) != 1 or not _DIGITS.fullmatch(text := next(iter(fields))):
+            shown = ", ".join(values)[:100]
+            self._refuse(400, f"bad Content-Length {shown!r}: it must be one non-negative decimal number")
+            return False
+        digits = text.lstrip("0") or "0"
+        length = int(digits) if len(digits) <= 18 else MAX_POST_BYTES + 1     # int() refuses over 4,300 digits
+        if length > MAX_POST_BYTES:
+            self._refuse(413, f"request body of {text[:20]} bytes is over the limit of {MAX_POST_BYTES} bytes")
+            return False
+        try:
+            got = len(self.rfile.read(length)) if length else 0
+        except TimeoutError:
+            self._refuse(408, f"the request body did not arrive within {self.timeout} s")
+            return False
+        if got != length:
+            self._refuse(400, f"request body ended after {got} of {length} bytes; send the whole body")
+            return False
+        return True
 
     def _authorized(self, path: str) -> bool:
         """False after answering 401 when the path needs the bearer token and the request lacks it."""
@@ -91,9 +137,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if not self._authorized(path):
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(min(length, 1 << 20))     # a webhook's payload; the answer does not depend on it
+        if not self._skip_body():
+            return
         if path in self.app.json_routes:
             self._json(path)
         else:

@@ -103,17 +103,38 @@ def _items(node, camel: str):
 def decode_json(signal: Signal, data: bytes):
     try:
         doc = json.loads(data)
+    except RecursionError:
+        raise PermanentError("body is not valid OTLP/JSON: arrays or objects nest deeper than ~1,000 levels;"
+                             " send attribute values that nest less deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise PermanentError(f"body is not valid JSON: {exc}") from None
+        raise PermanentError(f"body is not valid JSON: {readable(str(exc))}") from None
     if not isinstance(doc, dict):
         raise PermanentError(f"OTLP/JSON {signal.name} request must be a JSON object")
     _fix_ids(signal, doc)
     msg = signal.request_type()
     try:
         json_format.ParseDict(doc, msg, ignore_unknown_fields=True)
-    except (json_format.ParseError, ValueError, TypeError) as exc:
-        raise PermanentError(f"body is not a valid OTLP/JSON {signal.name} request: {exc}") from None
+    except RecursionError:
+        raise PermanentError(f"body is not a valid OTLP/JSON {signal.name} request: attribute values nest too"
+                             " deeply for the protobuf mapping; send values that nest less deeply") from None
+    except Exception as exc:  # noqa: BLE001 - the document is the client's: json_format and the protobuf
+        # runtime fail on it with ParseError, ValueError, TypeError, but also SystemError (an enum given as a
+        # lone surrogate) and others; whatever they raise, it is this body that could not be mapped
+        why = str(exc) if isinstance(exc, (json_format.ParseError, ValueError, TypeError)) else \
+            f"a field's value does not fit its type ({type(exc).__name__})"
+        raise PermanentError(f"body is not a valid OTLP/JSON {signal.name} request: {readable(why)}") from None
     return msg
+
+
+MESSAGE_MAX_CHARS = 1_000
+
+
+def readable(message: str) -> str:
+    """``message`` as text every client can take: lone surrogates escaped (they cannot be encoded in UTF-8,
+    and json_format quotes the client's values in its errors) and at most MESSAGE_MAX_CHARS characters."""
+    if len(message) > MESSAGE_MAX_CHARS:
+        message = message[:MESSAGE_MAX_CHARS] + "..."
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def decode(signal: Signal, content_type: str, data: bytes):
@@ -128,14 +149,14 @@ def response_bytes(signal: Signal, content_type: str, rejected: int, message: st
     resp = signal.response_type()
     if rejected or message:
         setattr(resp.partial_success, signal.rejected_field, rejected)
-        resp.partial_success.error_message = message
+        resp.partial_success.error_message = readable(message)
     if content_type == JSON:
         return json_format.MessageToJson(resp, indent=None).encode()
     return resp.SerializeToString()
 
 
 def status_bytes(content_type: str, code: int, message: str, details=()) -> bytes:
-    st = status_pb2.Status(code=code, message=message)
+    st = status_pb2.Status(code=code, message=readable(message))
     for d in details:
         st.details.add().Pack(d)
     if content_type == JSON:
