@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from .assembly import CompletedTraces
-from .cohorts import CohortLimiter
+from .cohorts import OVERFLOW, CohortLimiter
 
 # Agents run for minutes: the duration buckets reach 30 min. Few enough buckets that 1,000 cohort
 # series stay a cheap scrape (each bucket is a line per series).
@@ -85,15 +85,32 @@ class Series:
 class StreamingAggregates:
     """The sink of TraceAssembler; read by the Prometheus exporter through ``snapshot``."""
 
-    def __init__(self, limiter: CohortLimiter, now: Callable[[], float] = time.time):
+    def __init__(self, limiter: CohortLimiter, now: Callable[[], float] = time.time, max_series: int = 100,
+                 max_models: int = 50, max_evals: int = 10):
         self.limiter = limiter
         self.labels = limiter.labels
         self.now = now
+        # the other client-set labels, capped like a cohort label (analyzers/cohorts.py)
+        forget = limiter.forget_after_s
+        self.combos = CohortLimiter(("series",), max_series, forget, limiter.now)
+        self.models = CohortLimiter(("model",), max_models, forget, limiter.now)
+        self.eval_names = CohortLimiter(("eval",), max_evals, forget, limiter.now)
         self.series: dict[tuple, Series] = {}
         self.evals: dict[tuple, int] = {}           # (series key, eval, result) -> count
         self.tokens: dict[tuple, int] = {}          # (route, model, type) -> count
         self.cost_total: dict[tuple, float] = {}    # (route, model) -> USD
+        self._seen: dict[tuple[str, str], float] = {}  # ("model" | "eval", value) -> last update
         self._lock = threading.Lock()
+
+    @property
+    def limiters(self) -> tuple[CohortLimiter, ...]:
+        return (self.limiter, self.combos, self.models, self.eval_names)
+
+    def cohort_key(self, combos: list[tuple]) -> list[tuple]:
+        """Each trace's cohort values (each label already capped) -> within the cap on combinations: a new
+        combination past ``max_series`` becomes __overflow__ in every label."""
+        overflow = (OVERFLOW,) * len(self.labels)
+        return [overflow if c == OVERFLOW else c for c in self.combos.map("series", combos)]
 
     def __call__(self, done: CompletedTraces) -> None:
         self.add(done)
@@ -102,10 +119,11 @@ class StreamingAggregates:
         t = done.traces
         if t.height == 0:
             return
-        columns = [[route_label(r) for r in t["route"].to_list()]]
+        routes = [route_label(r) for r in t["route"].to_list()]
+        columns = [routes]
         for label in self.labels:
             columns.append(self.limiter.map(label, t[label].fill_null("unknown").to_list()))
-        key_rows = list(zip(*columns))                     # each trace's series key
+        key_rows = [(r, *c) for r, c in zip(routes, self.cohort_key(list(zip(*columns[1:]))))]   # series keys
         index: dict[tuple, int] = {}                       # series key -> group, in order of appearance
         gid = np.fromiter((index.setdefault(k, len(index)) for k in key_rows), dtype=np.int64, count=len(key_rows))
         groups, ngroups = list(index), len(index)
@@ -137,15 +155,26 @@ class StreamingAggregates:
                 per_series = done.evals.join(pl.DataFrame({"trace_id": ids, "_g": gid}), on="trace_id").filter(
                     pl.col("name").is_not_null()).group_by("_g", "name", pl.col("passed") == False).agg(  # noqa: E712
                     pl.col("n").sum())
-                for g, name, failed, n in per_series.iter_rows():
+                names = self.eval_names.map("eval", per_series["name"].to_list(), count=False)
+                overflowed = 0
+                for (g, _, failed, n), name in zip(per_series.iter_rows(), names):
                     k = (groups[g], name, "fail" if failed else "pass")
                     self.evals[k] = self.evals.get(k, 0) + int(n)
+                    self._seen[("eval", name)] = now
+                    overflowed += int(n) if name == OVERFLOW else 0
+                self.eval_names.add_overflow("eval", overflowed)     # eval results
             if done.models is not None and done.models.height:
-                per_route = done.models.join(pl.DataFrame({"trace_id": ids, "_route": columns[0]}), on="trace_id").group_by(
+                per_route = done.models.join(pl.DataFrame({"trace_id": ids, "_route": routes}), on="trace_id").group_by(
                     "_route", pl.col("model").fill_null("unknown")).agg(
                     *(e for c in ("input_tokens", "output_tokens", "cost_usd")
-                      for e in (pl.col(c).sum(), pl.col(c).count().alias(c + "_n"))))
-                for route, model, prompt, prompt_n, completion, completion_n, cost, cost_n in per_route.iter_rows():
+                      for e in (pl.col(c).sum(), pl.col(c).count().alias(c + "_n"))), pl.len().alias("_rows"))
+                models = self.models.map("model", per_route["model"].to_list(), count=False)
+                # one a trace and model (the rows of done.models), as cohorts count one a trace
+                self.models.add_overflow("model", sum(n for m, n in zip(models, per_route["_rows"].to_list())
+                                                      if m == OVERFLOW))
+                for (route, _, prompt, prompt_n, completion, completion_n, cost, cost_n, _), model in zip(
+                        per_route.iter_rows(), models):
+                    self._seen[("model", model)] = now
                     if prompt_n:
                         self.tokens[(route, model, "prompt")] = self.tokens.get((route, model, "prompt"), 0) + int(prompt)
                     if completion_n:
@@ -155,14 +184,21 @@ class StreamingAggregates:
                         self.cost_total[(route, model)] = self.cost_total.get((route, model), 0.0) + float(cost)
 
     def forget_stale(self, older_than_s: float) -> int:
-        """Remove series (and their eval counters) unseen for ``older_than_s``."""
+        """Remove series (and their eval counters) unseen for ``older_than_s``, and the counters of models and
+        eval names unseen as long (their limiters free the place: a new value may take it)."""
         cutoff = self.now() - older_than_s
         with self._lock:
             stale = {k for k, s in self.series.items() if s.last_seen < cutoff}
             for k in stale:
                 del self.series[k]
-            for k in [k for k in self.evals if k[0] in stale]:
+            gone = {k for k, t in self._seen.items() if t < cutoff}
+            for k in gone:
+                del self._seen[k]
+            for k in [k for k in self.evals if k[0] in stale or ("eval", k[1]) in gone]:
                 del self.evals[k]
+            for d in (self.tokens, self.cost_total):
+                for k in [k for k in d if ("model", k[1]) in gone]:
+                    del d[k]
         return len(stale)
 
     def snapshot(self):

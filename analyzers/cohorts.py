@@ -3,6 +3,10 @@
 The first values seen win; later new values become ``__overflow__`` and are counted per label in
 ``shadowlens_cohort_overflow_total``. Values unseen for ``forget_after_s`` (two windows) free their
 place, so a cohort that disappears stops occupying a series.
+
+Every other label whose values come from clients is capped by a limiter of its own, the same way:
+``model`` (``metrics.max_models``), ``eval`` (``metrics.max_evals``) and ``series``, whose values are
+whole cohort combinations (``cohorts.max_series``: per-label caps alone still allow 51^3 combinations).
 """
 from __future__ import annotations
 
@@ -47,6 +51,12 @@ class CohortLimiter:
             if overflowed and count:
                 self.overflow[label] += overflowed
         return [as_label[v] for v in values]
+
+    def add_overflow(self, label: str, n: int) -> None:
+        """Counts ``n`` overflowed occurrences where one value stands for several (an eval row's results)."""
+        if n:
+            with self._lock:
+                self.overflow[label] += n
 
     def allowed(self, label: str) -> list[str]:
         with self._lock:

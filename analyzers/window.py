@@ -36,31 +36,45 @@ def _label_expr(label: str) -> str:
 
 class WindowStats:
     def __init__(self, cursor_factory, limiter: CohortLimiter, window_s: float,
-                 now: Callable[[], float] = time.time):
+                 now: Callable[[], float] = time.time, combos: CohortLimiter | None = None,
+                 eval_names: CohortLimiter | None = None):
+        """``combos`` and ``eval_names``: the streaming aggregates' limiters of cohort combinations and eval
+        names (StreamingAggregates), so that both kinds of series have the same values; None: not capped."""
         self.cursor_factory = cursor_factory
         self.limiter = limiter
         self.labels = limiter.labels
+        self.combos = combos
+        self.eval_names = eval_names
         self.window_s = window_s
         self.now = now
         route = f"CASE WHEN route IN {ROUTES!r} THEN route ELSE 'other' END AS route"
         cohort = ", ".join(_label_expr(label) for label in self.labels)
-        group = ", ".join(["route", *(f'"{label}"' for label in self.labels)])
+        quoted = [f'"{label}"' for label in self.labels]
+        group = ", ".join(["route", *quoted])
+        # a combination of cohort values past cohorts.max_series is __overflow__ in every label
+        combo = ", ".join(f"CASE WHEN list_contains($allowed_series, [{', '.join(quoted)}]) THEN {q} "
+                          f"ELSE '{OVERFLOW}' END AS {q}" for q in quoted) if combos is not None and quoted else \
+            ", ".join(quoted)
+        sep = ", " if quoted else ""
+
+        def windowed(cols: str) -> str:
+            return f"""w0 AS (SELECT {route}{sep}{cohort}, {cols}
+                       FROM traces WHERE completed_at >= make_timestamp($cutoff::BIGINT)),
+                 w AS (SELECT route{sep}{combo}, {cols} FROM w0)"""
         self._sql_traces = f"""
-            WITH w AS (SELECT {route}, {cohort}, duration_seconds, steps, cost_usd, refused, escalated
-                       FROM traces WHERE completed_at >= make_timestamp($cutoff::BIGINT))
+            WITH {windowed("duration_seconds, steps, cost_usd, refused, escalated")}
             SELECT {group}, count(*) AS n,
                    quantile_cont(duration_seconds, {list(QUANTILES)}) AS q,
                    avg(steps) AS steps_mean, avg(cost_usd) AS cost_mean,
                    avg(refused::INTEGER) AS refusal_ratio, avg(escalated::INTEGER) AS escalation_ratio
             FROM w GROUP BY ALL"""
         self._sql_evals = f"""
-            WITH w AS (SELECT trace_id, {route}, {cohort} FROM traces
-                       WHERE completed_at >= make_timestamp($cutoff::BIGINT))
+            WITH {windowed("trace_id")}
             SELECT {group}, e.name AS eval, avg(CASE WHEN e.passed = false THEN 1.0 ELSE 0.0 END) AS fail_ratio,
                    count(*) AS n
             FROM w JOIN evals e USING (trace_id) WHERE e.name IS NOT NULL GROUP BY ALL"""
-        self._distinct = {label: f'SELECT DISTINCT coalesce("{label}", \'unknown\') FROM traces '
-                                 f'WHERE completed_at >= make_timestamp($cutoff::BIGINT)' for label in self.labels}
+        raw = ", ".join(f"coalesce({q}, 'unknown')" for q in quoted) or "1"
+        self._distinct = f"SELECT DISTINCT {raw} FROM traces WHERE completed_at >= make_timestamp($cutoff::BIGINT)"
 
     def refresh(self) -> WindowSnapshot:
         t0 = time.perf_counter()
@@ -69,15 +83,33 @@ class WindowStats:
         con = self.cursor_factory()
         try:
             params: dict = {"cutoff": cutoff}
-            for label in self.labels:
-                values = [r[0] for r in con.execute(self._distinct[label], {"cutoff": cutoff}).fetchall()]
-                mapped = self.limiter.map(label, values, count=False)
-                params[f"allowed_{label}"] = [v for v, m in zip(values, mapped) if m != OVERFLOW]
+            combos = con.execute(self._distinct, {"cutoff": cutoff}).fetchall()     # one query for every label
+            as_label = []
+            for i, label in enumerate(self.labels):
+                values = list(dict.fromkeys(c[i] for c in combos))
+                mapped = dict(zip(values, self.limiter.map(label, values, count=False)))
+                params[f"allowed_{label}"] = [v for v, m in mapped.items() if m != OVERFLOW]
+                as_label.append(mapped)
+            if self.combos is not None and self.labels:
+                kept = list(dict.fromkeys(tuple(m[v] for m, v in zip(as_label, c)) for c in combos))
+                params["allowed_series"] = [list(c) for c, m in zip(kept, self.combos.map("series", kept, count=False))
+                                            if m != OVERFLOW]
             traces = frame(con, self._sql_traces, params)
-            evals = frame(con, self._sql_evals, params)
+            evals = self._cap_evals(frame(con, self._sql_evals, params))
         finally:
             con.close()
         return WindowSnapshot(traces, evals, now, time.perf_counter() - t0)
+
+    def _cap_evals(self, evals: pl.DataFrame) -> pl.DataFrame:
+        """Eval names past metrics.max_evals pooled as __overflow__ (their ratio over all their results)."""
+        if self.eval_names is None or not evals.height:
+            return evals
+        names = self.eval_names.map("eval", evals["eval"].to_list(), count=False)
+        if OVERFLOW not in names:
+            return evals
+        keys = ["route", *self.labels, "eval"]
+        return evals.with_columns(pl.Series("eval", names)).group_by(keys, maintain_order=True).agg(
+            ((pl.col("fail_ratio") * pl.col("n")).sum() / pl.col("n").sum()).alias("fail_ratio"), pl.col("n").sum())
 
 
 class WindowRefresher(Periodic):

@@ -54,7 +54,9 @@ DEFAULTS: dict[str, Any] = {
                  "read_timeout": "30s", "idle_timeout": "60s", "max_connections": 128},
         "scanner": "auto",          # auto | c | python: the OTLP wire scanner (decode/scan.py)
     },
-    "metrics": {"endpoint": "0.0.0.0:9464"},
+    # developers' additions: max_models / max_evals cap the model and eval labels as cohorts.max_values caps
+    # a cohort label (README "Metrics": the most series /metrics can have)
+    "metrics": {"endpoint": "0.0.0.0:9464", "max_models": 50, "max_evals": 10},
     "store": {
         "data_dir": "./data",
         "retention": "7d",
@@ -73,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "analyzers": {"enabled": True, "window_refresh": "5s"},
     "cohorts": {
         "max_values": 50,
+        "max_series": 100,          # developers' addition: route x cohort combinations, see README "Metrics"
         "labels": {
             "intent": ["cohort.intent"],
             "language": ["cohort.language"],
@@ -228,6 +231,9 @@ class Config:
     metrics_token_file: str | None = None
     export_parquet: ExportParquetConfig | None = None
     links: LinksConfig = LinksConfig()
+    cohort_max_series: int = 100
+    metrics_max_models: int = 50
+    metrics_max_evals: int = 10
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def gate_settings(self):
@@ -459,6 +465,9 @@ def build(tree: dict) -> Config:
         ),
         cohort_labels=cohort_labels,
         cohort_max_values=_int(tree, "cohorts", "max_values", minimum=1),
+        cohort_max_series=_int(tree, "cohorts", "max_series", minimum=1),
+        metrics_max_models=_int(tree, "metrics", "max_models", minimum=1),
+        metrics_max_evals=_int(tree, "metrics", "max_evals", minimum=1),
         evals=EvalConfig(
             threshold=_float(ev["threshold"], "evals.threshold"),
             thresholds={str(k): _float(v, f"evals.thresholds.{k}") for k, v in (ev["thresholds"] or {}).items()},

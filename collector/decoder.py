@@ -33,7 +33,7 @@ def main(conn_in, conn_out, config_tree: dict) -> None:
     from .store.segments import SEGMENTS_DIR, SegmentReader
 
     cfg = build(config_tree)
-    stats = IngestStats()
+    stats = IngestStats(max_models=cfg.metrics_max_models)
     normalizer = Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices), cfg.receivers.scanner)
     reader = SegmentReader(cfg.store.data_dir / SEGMENTS_DIR)
     gc.freeze()

@@ -86,7 +86,7 @@ class App:
 
 def build_app(cfg: Config) -> App:
     gate = cfg.gate_settings()           # a bad gate rule fails here, before anything starts
-    stats = IngestStats()
+    stats = IngestStats(max_models=cfg.metrics_max_models)
     data_dir = cfg.store.data_dir
     store = StoreWriter(data_dir, cfg.cohort_labels, stats, queue_max_spans=cfg.store.queue_max_spans,
                         dedup_max_keys=cfg.store.dedup_max_keys, duckdb_settings={
@@ -95,7 +95,8 @@ def build_app(cfg: Config) -> App:
     app = App(config=cfg, stats=stats, store=store)
     registry = CollectorRegistry(auto_describe=False)
     frontend_stats: dict = {}
-    registry.register(IngestCollector(stats, lambda: store_bytes(data_dir), frontend_stats))
+    registry.register(IngestCollector(stats, lambda: store_bytes(data_dir), frontend_stats,
+                                      max_models=cfg.metrics_max_models))
     listeners = security.load(cfg)
     app.metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, registry,
                                 ready=lambda: readiness(app.ready, stats, frontend_stats),
@@ -139,20 +140,24 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
     """store -> TraceAssembler -> StreamingAggregates, PairingSink; WindowRefresher, GateRefresher;
     all exposed by AnalysisMetrics / GateMetrics, the verdict also at /gate."""
     limiter = CohortLimiter(cfg.cohort_labels, cfg.cohort_max_values, forget_after_s=2 * cfg.window_s)
-    aggregates = StreamingAggregates(limiter)
+    aggregates = StreamingAggregates(limiter, max_series=cfg.cohort_max_series, max_models=cfg.metrics_max_models,
+                                     max_evals=cfg.metrics_max_evals)
     pairing = PairingSink(gate, limiter)
     assembler = TraceAssembler(store, cfg.cohort_labels, cfg.traces.idle_seconds, cfg.traces.max_seconds, cfg.routes,
                                max_open=cfg.traces.max_open, sinks=[aggregates, pairing])
 
     def forget(older_than_s: float) -> None:
         aggregates.forget_stale(older_than_s)
-        limiter.forget_stale()
+        for each in aggregates.limiters:
+            each.forget_stale()
 
-    window = WindowRefresher(WindowStats(store.cursor, limiter, cfg.window_s), cfg.analyzers.window_refresh_s,
+    window = WindowRefresher(WindowStats(store.cursor, limiter, cfg.window_s, combos=aggregates.combos,
+                                         eval_names=aggregates.eval_names), cfg.analyzers.window_refresh_s,
                              forget=forget)
     verdicts = GateRefresher(store.cursor, gate, cfg.cohort_labels, trace_url=cfg.links.trace_url)
     analysis = AnalysisMetrics(aggregates, lambda: window.latest, assembler.stats, limiter)
-    gate_metrics = GateMetrics(lambda: verdicts.latest, pairing, cfg.cohort_labels, lambda: verdicts.last_seconds)
+    gate_metrics = GateMetrics(lambda: verdicts.latest, pairing, cfg.cohort_labels, lambda: verdicts.last_seconds,
+                               limiter=limiter)
     metrics.extra = lambda openmetrics: analysis.render(openmetrics) + gate_metrics.render(openmetrics)
 
     def gate_route(query: dict) -> tuple[int, object]:

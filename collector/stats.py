@@ -6,10 +6,16 @@ from collections import Counter
 from typing import Callable
 
 
+OVERFLOW = "__overflow__"     # as analyzers/cohorts.py: the label value of everything past a cap
+
+
 class IngestStats:
     """Thread-safe counters by label; gauges are callbacks read when collected."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_models: int | None = None) -> None:
+        """``max_models``: the ``model`` values unpriced_spans keeps (metrics.max_models); later models count
+        under __overflow__. None: not capped."""
+        self.max_models = max_models
         self._lock = threading.Lock()
         self.spans_received: Counter = Counter()      # receiver -> spans
         self.spans_rejected: Counter = Counter()      # reason -> spans
@@ -36,6 +42,8 @@ class IngestStats:
 
     def add_many(self, counter: str, counts: Counter) -> None:
         with self._lock:
+            if counter == "unpriced_spans" and self.max_models is not None:
+                counts = cap_keys(self.unpriced_spans, counts, self.max_models)
             getattr(self, counter).update(counts)
 
     def snapshot(self) -> dict:
@@ -63,4 +71,19 @@ def sum_snapshots(a: dict, b: dict) -> dict:
             out[k] = merged
         else:
             out[k] = out.get(k, 0) + v
+    return out
+
+
+def cap_keys(kept, counts, limit: int) -> Counter:
+    """``counts`` with the keys that are neither in ``kept`` nor among the first to fill it up to ``limit``
+    keys summed under __overflow__ (model names are the clients': one series each would be unbounded)."""
+    out: Counter = Counter()
+    room = limit - sum(1 for k in kept if k != OVERFLOW)
+    for key, n in counts.items():
+        if key != OVERFLOW and key not in kept and key not in out:
+            if room <= 0:
+                out[OVERFLOW] += n
+                continue
+            room -= 1
+        out[key] += n
     return out

@@ -8,7 +8,8 @@ from operator import add
 from typing import Callable
 
 from analyzers.aggregates import COST_BUCKETS, DURATION_BUCKETS, STEPS_BUCKETS, StreamingAggregates
-from analyzers.compare import GATE_STATES, PAIR_STATUSES, STATES, cohort_label_values
+from analyzers.cohorts import OVERFLOW
+from analyzers.compare import GATE_STATES, OTHER, PAIR_STATUSES, STATES, cohort_label_values
 from analyzers.pairing import STAT_NAMES
 from analyzers.window import QUANTILES, WindowSnapshot
 
@@ -84,8 +85,10 @@ class AnalysisMetrics:
                 f.chunks.append(f"{f.name}_count{{{lab}}} {cum[-1]}\n{f.name}_sum{{{lab}}} {fmt_value(total_)}\n")
         out = list(fam.values()) + list(hist.values())
         ev = Family("shadowlens_evals", "counter", _HELP["shadowlens_evals"])
-        for (key, name, result), n in sorted(evals.items()):
-            ev.add("_total", f'{self._labels(key)},eval="{escape(name)}",result="{result}"', n)
+        names = {name: escape(name) for name in {k[1] for k in evals}}
+        # in the order the series first came (sorting 10k+ keys of tuples cost ~10 ms a scrape)
+        ev.chunks.extend(f'shadowlens_evals_total{{{self._labels(key)},eval="{names[name]}",result="{result}"}} '
+                         f'{fmt_value(n)}\n' for (key, name, result), n in evals.items())
         tok = Family("shadowlens_tokens", "counter", _HELP["shadowlens_tokens"])
         for k, n in sorted(tokens.items()):
             tok.add("_total", label_string(("route", "model", "type"), k), n)
@@ -138,17 +141,53 @@ class AnalysisMetrics:
         of = Family("shadowlens_cohort_overflow", "counter", _HELP["shadowlens_cohort_overflow"])
         for label in self.labels[1:]:
             of.add("_total", f'label="{label}"', self.limiter.overflow.get(label, 0))
+        for limiter in self.aggregates.limiters[1:]:         # series (cohort combinations), model, eval
+            of.add("_total", label_string(("label",), limiter.labels), limiter.overflow.get(limiter.labels[0], 0))
         return [late, open_, ev, of]
 
 
 class GateMetrics:
     """The comparison families: verdicts and effects from the latest gate evaluation, pair counters."""
 
-    def __init__(self, verdict: Callable[[], object], pairing, labels, refresh_seconds: Callable[[], float]):
+    def __init__(self, verdict: Callable[[], object], pairing, labels, refresh_seconds: Callable[[], float],
+                 limiter=None):
+        """``limiter``: the cohort limiter; then each label shows at most its ``max_values`` values (those the
+        other families show first, then the largest) and the results of the rest as one __overflow__ result."""
         self.verdict = verdict
         self.pairing = pairing
         self.labels = tuple(labels)
         self.refresh_seconds = refresh_seconds
+        self.limiter = limiter
+
+    # the state an __overflow__ result shows for the results it stands for: the one that needs a look first
+    _WORST = ("fail", "inconclusive", "insufficient_data", "pass")
+
+    def _capped(self, results) -> tuple[list, list]:
+        """(results shown as they are, [(rule, label, state, n_baseline, n_candidate)] of the __overflow__ ones)."""
+        if self.limiter is None:
+            return list(results), []
+        by_label: dict[str, dict[str, int]] = {}
+        for r in results:
+            label, _, value = r.cohort.partition("=")
+            if label in self.labels and value not in (OTHER, OVERFLOW):     # a client's "__overflow__" is pooled
+                by_label.setdefault(label, {})
+                by_label[label][value] = by_label[label].get(value, 0) + r.n_baseline + r.n_candidate
+        keep: dict[str, set] = {}
+        for label, sizes in by_label.items():
+            allowed = set(self.limiter.allowed(label))
+            first = [v for v in sizes if v in allowed]
+            rest = sorted((v for v in sizes if v not in allowed), key=lambda v: -sizes[v])
+            keep[label] = set((first + rest)[:self.limiter.max_values])
+        shown, pooled = [], {}
+        for r in results:
+            label, _, value = r.cohort.partition("=")
+            if label not in keep or value == OTHER or value in keep[label]:
+                shown.append(r)
+                continue
+            state, nb, nc = pooled.get((r.rule, label), ("pass", 0, 0))
+            worst = min(state, r.state, key=lambda x: self._WORST.index(x) if x in self._WORST else 0)
+            pooled[(r.rule, label)] = (worst, nb + r.n_baseline, nc + r.n_candidate)
+        return shown, [(rule, label, *v) for (rule, label), v in pooled.items()]
 
     def render(self, openmetrics: bool) -> str:
         return render(self.families(), openmetrics)
@@ -160,7 +199,8 @@ class GateMetrics:
         if v is not None:
             for state in GATE_STATES:
                 fam["shadowlens_gate_state"].add("", f'state="{state}"', 1 if v.verdict == state else 0)
-            for r in v.results:
+            shown, pooled = self._capped(v.results)
+            for r in shown:
                 lab = label_string(names, (r.rule, *cohort_label_values(r.cohort, self.labels)))
                 for state in STATES:
                     fam["shadowlens_verdict"].add("", f'{lab},state="{state}"', 1 if r.state == state else 0)
@@ -169,6 +209,12 @@ class GateMetrics:
                         fam["shadowlens_compare_effect"].add("", f'{lab},bound="{bound}"', x)
                 fam["shadowlens_compare_samples"].add("", f'{lab},route="baseline"', r.n_baseline)
                 fam["shadowlens_compare_samples"].add("", f'{lab},route="candidate"', r.n_candidate)
+            for rule, label, worst, nb, nc in pooled:       # no effect: they are several results
+                lab = label_string(names, (rule, *cohort_label_values(f"{label}={OVERFLOW}", self.labels)))
+                for state in STATES:
+                    fam["shadowlens_verdict"].add("", f'{lab},state="{state}"', 1 if worst == state else 0)
+                fam["shadowlens_compare_samples"].add("", f'{lab},route="baseline"', nb)
+                fam["shadowlens_compare_samples"].add("", f'{lab},route="candidate"', nc)
         if self.pairing is not None:
             pairs, stats = self.pairing.snapshot()
             for status in PAIR_STATUSES:

@@ -74,7 +74,10 @@ ANALYZER_SELF_METRICS = (
     MetricSpec("shadowlens_traces_evicted", "counter", (),
                "Open traces finalized early (as incomplete) because traces.max_open was reached."),
     MetricSpec("shadowlens_cohort_overflow", "counter", ("label",),
-               "Traces whose cohort value became __overflow__ (cohorts.max_values reached)."),
+               "Values of a client-set label that became __overflow__ because its cap was reached: traces for a"
+               " cohort label (cohorts.max_values) and for label=series (a new cohort combination past"
+               " cohorts.max_series), a trace's model for label=model (metrics.max_models), eval results for"
+               " label=eval (metrics.max_evals)."),
     MetricSpec("shadowlens_window_refresh_seconds", "gauge", (), "How long the last window refresh took."),
 )
 

@@ -18,6 +18,8 @@ def label_string(names, values) -> str:
 
 
 def fmt_value(v) -> str:
+    if type(v) is int:           # counters: the common case, and exact below 2**53
+        return f"{v}.0" if -(1 << 53) < v < (1 << 53) else repr(float(v))
     if isinstance(v, bool):
         return "1.0" if v else "0.0"
     f = float(v)

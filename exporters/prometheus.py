@@ -4,12 +4,13 @@ Values are read at scrape time from plain counters: a scrape never touches DuckD
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from collector.stats import IngestStats, sum_snapshots
+from collector.stats import IngestStats, cap_keys, sum_snapshots
 
 from .catalog import SELF_METRICS
 
@@ -28,10 +29,24 @@ def _counter(name: str, values) -> CounterMetricFamily:
 
 
 class IngestCollector(Collector):
-    def __init__(self, stats: IngestStats, store_bytes: Callable[[], float], frontend_stats: dict | None = None):
+    def __init__(self, stats: IngestStats, store_bytes: Callable[[], float], frontend_stats: dict | None = None,
+                 max_models: int | None = None):
         self.stats = stats
         self.store_bytes = store_bytes
         self.frontend_stats = frontend_stats if frontend_stats is not None else {}
+        self.max_models = max_models
+        # The processes cap their unpriced models each, so their sum may hold twice as many: the models
+        # shown are the first max_models seen here, for good (counters never forget, so neither does this).
+        self._unpriced_shown: dict[str, None] = {}
+        self._lock = threading.Lock()         # scrapes may run at once
+
+    def _unpriced(self, counts: dict) -> dict:
+        if self.max_models is None:
+            return counts
+        with self._lock:
+            capped = cap_keys(self._unpriced_shown, counts, self.max_models)
+            self._unpriced_shown.update(dict.fromkeys(k for k in capped if k not in self._unpriced_shown))
+        return dict(capped)
 
     def collect(self) -> Iterable:
         s = sum_snapshots(self.stats.snapshot(), dict(self.frontend_stats))
@@ -42,7 +57,7 @@ class IngestCollector(Collector):
         yield _counter("shadowlens_log_records_rejected", s["logs_rejected"])
         yield _counter("shadowlens_requests_refused", s["requests_refused"])
         yield _counter("shadowlens_records_quarantined", {"decode": 0, "insert": 0, **s.get("records_quarantined", {})})
-        yield _counter("shadowlens_unpriced_spans", s["unpriced_spans"])
+        yield _counter("shadowlens_unpriced_spans", self._unpriced(s["unpriced_spans"]))
         for name in ("store_commits", "store_commit_seconds", "store_insert_seconds", "store_sync_seconds"):
             yield _counter(f"shadowlens_{name}", s[name])
         # both reasons from the start, so that increase() sees the first error
