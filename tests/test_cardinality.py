@@ -224,3 +224,12 @@ def test_metrics_at_every_cap_render_within_the_stated_bound(tmp_path):
         # the caps are reached, not just respected: the bound is what a full sidecar shows
         assert got + pairs >= bound_at_defaults() - OTHERS - 400
         assert min(times) < 1.0
+    # the gate's values past the cap stand as one __overflow__ result per rule and label, with the worst state
+    # of those it stands for (every other value fails here)
+    text = gate.render(False)
+    for rule in ("r1", "r2", "r3", "r4", "r5"):
+        over = {lab["state"]: v for lab, v in values(text, "shadowlens_verdict")
+                if lab["rule"] == rule and lab["intent"] == "__overflow__"}
+        assert over == {"pass": 0, "fail": 1, "inconclusive": 0, "insufficient_data": 0}
+        shown = {lab["intent"] for lab, _ in values(text, "shadowlens_verdict") if lab["rule"] == rule}
+        assert len(shown - {"__all__", "__other__", "__overflow__"}) == MAX_VALUES
