@@ -50,7 +50,7 @@ def memory_figures(max_keys: int) -> None:
         seq += 1
         batch = rng.integers(0, 2**64 - 1, size=GROUP, dtype=np.uint64)
         t0 = time.perf_counter()
-        seen, _range = keys.lookup(batch)
+        seen, _range, _repeated = keys.lookup(batch)
         keys.remember(batch[~seen], seq)
         times.append((time.perf_counter() - t0) / GROUP * 1e9)
     print(f"pre-filter with the memory full: lookup + remember {statistics.median(times):.0f} ns/key (median of 30 groups)")

@@ -104,14 +104,14 @@ def test_recent_keys_nominate_what_they_remember_and_forget_the_oldest():
     batch = rng.integers(1, 2**63, size=1000, dtype=np.uint64)
     assert not keys.lookup(batch)[0].any()
     keys.remember(batch, seq=1)
-    seen, commits = keys.lookup(batch[::7])
+    seen, commits, _ = keys.lookup(batch[::7])
     assert seen.all() and commits == (1, 1)
     # three generations later the first batch is forgotten (memory is bounded), the newest is not
     later = [rng.integers(1, 2**63, size=RecentKeys.GENERATION, dtype=np.uint64) for _ in range(3)]
     for seq, arr in enumerate(later, start=2):
         keys.remember(arr, seq)
     assert not keys.lookup(batch[:100])[0].any()
-    seen, commits = keys.lookup(later[-1][:100])
+    seen, commits, _ = keys.lookup(later[-1][:100])
     assert seen.all() and commits == (4, 4)
     assert keys.size() <= keys.max_keys + 100
     assert keys.nbytes() == 8 * keys.size()

@@ -136,8 +136,10 @@ def test_recent_keys_only_nominate_and_say_which_commits_to_compare_with():
     a = rng.integers(0, 2**63, size=1000, dtype=np.uint64)
     assert keys.lookup(a)[1] is None
     keys.remember(a[:500], seq=7)
-    hit, commits = keys.lookup(a)
-    assert hit[:500].all() and not hit[500:].any() and commits == (7, 7)
+    hit, commits, repeated = keys.lookup(a)
+    assert hit[:500].all() and not hit[500:].any() and commits == (7, 7) and not repeated
     keys.remember(a[500:], seq=9)          # a small run merges into the last one: the range widens
     assert keys.lookup(a[600:700]) [1] == (7, 9)
     assert keys.lookup(rng.integers(2**63, 2**64 - 1, size=10, dtype=np.uint64))[1] is None
+    assert keys.lookup(np.concatenate([a[:3], a[1:2]]))[2]          # a key repeated within the batch
+    assert RecentKeys(RecentKeys.GENERATION).lookup(np.array([5, 5], dtype=np.uint64))[2]
