@@ -21,6 +21,8 @@ from urllib.parse import quote
 
 from analyzers.compare import readable_duration
 
+from .evidence_text import attribution
+
 STATE_COLOURS = {"pass": "#2e7d32", "fail": "#c62828", "inconclusive": "#b35c00", "insufficient_data": "#616161"}
 STATE_TINTS = {"pass": "#e6f2e7", "fail": "#fbe2df", "inconclusive": "#fff0d9", "insufficient_data": "#eeeeee"}
 STATE_WORDS = {"pass": "pass", "fail": "fail", "inconclusive": "inconclusive", "insufficient_data": "insufficient data"}
@@ -325,11 +327,11 @@ def _cohort_order(rows: list[dict]) -> list[str]:
 
 
 def _marks(r: dict) -> str:
-    if r.get("root_cause"):
-        return '<span class="mark root">\u25c6 root cause</span>'
-    if r.get("explained_by"):
-        return f'<span class="mark expl">\u21b3 explained by {html.escape(str(r["explained_by"]))}</span>'
-    return ""
+    text = attribution(r)
+    if not text:
+        return ""
+    cls, sign = ("root", "\u25c6") if r.get("root_cause") else ("expl", "\u21b3")
+    return f'<span class="mark {cls}">{sign} {html.escape(text)}</span>'
 
 
 def _header(doc: dict, rows: list[dict]) -> str:
