@@ -47,6 +47,7 @@ RECENT_COMPLETED = 50_000
 # of query planning and fixed work whatever its size, and ran after every commit (3-4 a second under
 # load). Completion is at most this much later than idle_seconds.
 ROUND_S = 1.0
+FAILURE_LOG_S = 60.0           # while rounds keep failing, a reminder this often (the first has the traceback)
 
 
 @dataclass(slots=True)
@@ -127,6 +128,8 @@ class TraceAssembler:
         self._thread: threading.Thread | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
         self._columns: list[str] | None = None
+        self._failing_since: float | None = None     # monotonic time of the first failure of a run of them
+        self._failure_logged = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -188,9 +191,25 @@ class TraceAssembler:
                 if now - self._last_round >= self.round_s or len(self._open) > self.max_open:
                     self._last_round = now
                     self.complete_due()
-            except Exception:  # noqa: BLE001 - the assembler must outlive one bad round; it is logged
-                log.exception("trace assembly round failed; retrying")
+                if self._failing_since is not None:
+                    log.info("trace assembly rounds succeed again after %.0f s of failures",
+                             time.monotonic() - self._failing_since)
+                    self._failing_since = None
+            except Exception as exc:  # noqa: BLE001 - the assembler must outlive a bad round; it is logged
+                self._log_failure(exc)
                 time.sleep(self.poll_s)
+
+    def _log_failure(self, exc: Exception) -> None:
+        """The first failure with its traceback, then one line a minute while rounds keep failing (a
+        full disk fails every round for as long as it lasts: a traceback each time buried the log)."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = self._failure_logged = now
+            log.exception("trace assembly round failed; retrying")
+        elif now - self._failure_logged >= FAILURE_LOG_S:
+            self._failure_logged = now
+            log.error("trace assembly rounds still fail after %.0f s (%s: %s); retrying",
+                      now - self._failing_since, type(exc).__name__, exc)
 
     def _touch(self, tid: str, root: bool, first_seq: int, last_seq: int, first: float, last: float,
                row_completed_us: int | None = None) -> None:

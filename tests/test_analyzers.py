@@ -422,3 +422,39 @@ def test_the_traces_of_a_commit_are_its_distinct_trace_ids_with_their_root_count
     ids, roots = traces_of(table)
     assert dict(zip(ids, roots)) == want and len(ids) == len(want)
     assert traces_of(table.slice(0, 0)) == ([], [])
+
+
+def test_a_round_that_keeps_failing_logs_one_traceback_then_a_line_a_minute_then_its_recovery(caplog, monkeypatch):
+    """A full DuckDB disk fails every assembly round for as long as it lasts: the log gets the first
+    traceback, a reminder a minute (FAILURE_LOG_S), and one line when rounds succeed again."""
+    import threading
+
+    from analyzers import assembly
+
+    clock = [1000.0]
+    monkeypatch.setattr(assembly.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(assembly.time, "sleep", lambda s: None)
+
+    class Store:                     # announces no commits; the round itself is what fails
+        def wait_for_commit(self, seq, timeout):
+            return seq
+
+    asm = assembly.TraceAssembler(Store(), ("intent",), idle_s=4.0, max_s=60.0, routes={}, poll_s=0.0)
+    failures = iter([True] * 5 + [False])
+    done = threading.Event()
+
+    def complete_due():
+        clock[0] += 20.0             # each round 20 s later
+        if next(failures, False):
+            raise OSError(28, "No space left on device")
+        asm._stop.set()
+        done.set()
+
+    asm.complete_due = complete_due
+    with caplog.at_level("INFO", logger=assembly.log.name):
+        asm._run()
+    assert done.is_set()
+    records = [r for r in caplog.records if r.name == assembly.log.name]
+    assert [r.exc_info is not None for r in records] == [True, False, False]
+    assert "still fail after 60 s" in records[1].getMessage() and "No space left" in records[1].getMessage()
+    assert "succeed again after 100 s" in records[2].getMessage()
