@@ -362,17 +362,22 @@ def _header(doc: dict, rows: list[dict]) -> str:
         "<ul class='reasons'>" + "".join(f"<li>{e(str(x))}</li>" for x in doc.get("reasons", [])) + "</ul></header>")
 
 
+def _table_head(cls: str, first_pct: int, heads: list[str]) -> str:
+    """A table's opening, colgroup and header row: a ``cohort`` column of ``first_pct`` %, the others
+    sharing the rest equally; ``heads`` are HTML already."""
+    width = (100 - first_pct) / max(1, len(heads))
+    return (f"<table class='{cls}'><colgroup><col style='width:{first_pct}%'>"
+            + "".join(f"<col style='width:{width:.2f}%'>" for _ in heads) + "</colgroup>"
+            + "<tr><th>cohort</th>" + "".join(f"<th>{h}</th>" for h in heads) + "</tr>")
+
+
 def _grid(rows: list[dict], rules: list[str], cohorts: list[str], fmt) -> str:
     e = html.escape
     by = {(r["rule"], r["cohort"]): r for r in rows}
-    width = 78 / max(1, len(rules))
     out = ["<h2>Overview: rule \u00d7 cohort</h2>",
            "<p class='muted small'>Each cell: the result's state and effect; \u25c6 marks a root cause, \u21b3 a"
            " failure explained by another cohort. A cell links to its row below.</p>",
-           "<table class='grid'><colgroup><col style='width:22%'>"
-           + "".join(f"<col style='width:{width:.2f}%'>" for _ in rules) + "</colgroup>",
-           "<tr><th>cohort</th>" + "".join(f"<th><a href='#{_anchor(rule, '')}'>{e(rule)}</a></th>" for rule in rules)
-           + "</tr>"]
+           _table_head("grid", 22, [f"<a href='#{_anchor(rule, '')}'>{e(rule)}</a>" for rule in rules])]
     for cohort in cohorts:
         cells = [f"<td class='cohort'>{e(cohort)}</td>"]
         for rule in rules:
@@ -533,13 +538,10 @@ def _routes(bars: list[dict]) -> str:
     numeric = {m: [b[m] for b in bars if _finite(b.get(m))] for m in measures}
     top = {m: max((abs(v) for v in numeric[m]), default=0) or 1 for m in measures}
     dec = {m: _route_decimals(numeric[m], _measure_unit(m)[1]) for m in measures}
-    width = 84 / max(1, len(measures))
     out = ["<h2>Routes side by side, per cohort</h2>",
            "<p class='muted small'>Each cell: baseline (blue) over candidate (purple); bars share one scale per"
            " column.</p>",
-           "<table class='routes'><colgroup><col style='width:16%'>"
-           + "".join(f"<col style='width:{width:.2f}%'>" for _ in measures) + "</colgroup>",
-           "<tr><th>cohort</th>" + "".join(f"<th>{e(_measure_unit(m)[0])}</th>" for m in measures) + "</tr>"]
+           _table_head("routes", 16, [e(_measure_unit(m)[0]) for m in measures])]
     by_cohort: dict[str, list[dict]] = {}
     for b in bars:
         by_cohort.setdefault(b["cohort"], []).append(b)

@@ -14,6 +14,7 @@ from google.rpc import code_pb2, status_pb2
 from otlp_builders import span_request
 
 from conftest import Server, free_port, server_env
+from test_receivers import send_chunked
 
 IDLE_S, READ_S, MAX_CONNECTIONS = 2, 2, 8
 LIMIT_MIB = 1
@@ -147,14 +148,7 @@ def test_valid_requests_still_work_on_one_keep_alive_connection(srv):
         body, ids = _request()
         all_ids += ids
         if chunked:
-            conn.putrequest("POST", "/v1/traces")
-            conn.putheader("Content-Type", "application/x-protobuf")
-            conn.putheader("Transfer-Encoding", "chunked")
-            conn.endheaders()
-            for i in range(0, len(body), 100):
-                part = body[i:i + 100]
-                conn.send(f"{len(part):x}\r\n".encode() + part + b"\r\n")
-            conn.send(b"0\r\n\r\n")
+            send_chunked(conn, body, 100)
         else:
             conn.request("POST", "/v1/traces", body, {"Content-Type": "application/x-protobuf"})
         r = conn.getresponse()

@@ -25,6 +25,18 @@ def grpc_export(endpoint: str, body: bytes, method: str = TRACE_METHOD, compress
         return call(body, timeout=30, compression=compression)
 
 
+def send_chunked(conn, body: bytes, chunk: int, path: str = "/v1/traces") -> None:
+    """POST ``body`` on an open http.client connection as a chunked protobuf body, ``chunk`` bytes a chunk."""
+    conn.putrequest("POST", path)
+    conn.putheader("Content-Type", "application/x-protobuf")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    for i in range(0, len(body), chunk):
+        part = body[i:i + chunk]
+        conn.send(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+    conn.send(b"0\r\n\r\n")
+
+
 def http_post(url: str, body: bytes, ctype="application/x-protobuf", headers=None):
     req = urllib.request.Request(url, data=body, method="POST",
                                  headers={"Content-Type": ctype, **(headers or {})})
@@ -204,14 +216,7 @@ def test_chunked_http_body_is_accepted(server):
     import http.client
     body = span_request(random_spans(4, random.Random(3))).SerializeToString()
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
-    conn.putrequest("POST", "/v1/traces")
-    conn.putheader("Content-Type", "application/x-protobuf")
-    conn.putheader("Transfer-Encoding", "chunked")
-    conn.endheaders()
-    for i in range(0, len(body), 1000):
-        chunk = body[i:i + 1000]
-        conn.send(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-    conn.send(b"0\r\n\r\n")
+    send_chunked(conn, body, 1000)
     assert conn.getresponse().status == 200
     assert count(server) == 4
 
