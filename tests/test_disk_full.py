@@ -137,6 +137,22 @@ def _metric(server, name: str) -> float:
     raise AssertionError(f"{name} is not exposed")
 
 
+def _settled_metric(server, name: str, done, timeout: float = 10.0) -> float:
+    """``name``'s value once ``done(value)`` holds, or its last value after ``timeout``: counters of the
+    frontend process reach /metrics with its next stats message (twice a second), not at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = _metric(server, name)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if done(value) or time.monotonic() > deadline:
+                return value
+        time.sleep(0.1)
+
+
 def _assert_refused_as_retryable(client: Client) -> None:
     err = client.grpc()
     assert err is not None, "an Export was acknowledged although nothing could be written"
@@ -173,7 +189,7 @@ def test_a_full_disk_refuses_exports_as_retryable_and_loses_nothing(serve_factor
     _wait_readyz(srv, 503)
     assert _metric(srv, "shadowlens_store_writable") == 0
     assert _metric(srv, "shadowlens_store_write_errors_total") >= 1
-    assert _metric(srv, "shadowlens_requests_refused_total") >= 1
+    assert _settled_metric(srv, "shadowlens_requests_refused_total", lambda v: v >= 1) >= 1
 
     filler.unlink()
     _wait_readyz(srv, 200)          # no Export needed: the payload log probes the disk itself
