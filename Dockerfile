@@ -16,6 +16,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY collector ./collector
 COPY analyzers ./analyzers
 COPY exporters ./exporters
+COPY shadowlens ./shadowlens
 RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
  && python -c "import glob, sys, zipfile; w = glob.glob('/wheels/shadowlens-*.whl')[0]; \
 sys.exit(0 if any(n.endswith('.so') for n in zipfile.ZipFile(w).namelist()) else 'the C wire scanner was not built')"

@@ -31,8 +31,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from collector.store.commit import Committed
-from collector.store.database import frame
+from shadowlens.collector.store.commit import Committed
+from shadowlens.collector.store.database import frame
 
 from .rollup import EVALS_SQL, MODELS_SQL, NO_EVALS, RouteResolver, rollup_sql, trace_rows
 

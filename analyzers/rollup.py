@@ -22,7 +22,7 @@ from typing import Mapping
 
 import polars as pl
 
-from collector.schema import with_trace_id_ints
+from shadowlens.collector.schema import with_trace_id_ints
 
 _DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from collector.config import DEFAULT_GATE_RULES, GATE_SETTINGS_DEFAULTS, parse_duration
+from shadowlens.config import DEFAULT_GATE_RULES, GATE_SETTINGS_DEFAULTS, parse_duration
 
 from .sequential import min_samples_for_quantile
 

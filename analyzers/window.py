@@ -12,7 +12,7 @@ from typing import Callable
 
 import polars as pl
 
-from collector.store.database import frame
+from shadowlens.collector.store.database import frame
 
 from .aggregates import ROUTES
 from .cohorts import OVERFLOW, CohortLimiter

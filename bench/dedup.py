@@ -27,10 +27,10 @@ sys.path.insert(0, str(REPO / "tests"))
 import numpy as np  # noqa: E402
 from otlp_builders import random_spans, span_request  # noqa: E402
 
-from collector.config import default_config  # noqa: E402
-from collector.decode.normalize import Normalizer  # noqa: E402
-from collector.stats import IngestStats  # noqa: E402
-from collector.store.writer import RecentKeys, StoreWriter  # noqa: E402
+from shadowlens.config import default_config  # noqa: E402
+from shadowlens.collector.decode.normalize import Normalizer  # noqa: E402
+from shadowlens.collector.stats import IngestStats  # noqa: E402
+from shadowlens.collector.store.writer import RecentKeys, StoreWriter  # noqa: E402
 
 GROUP = 32768
 

@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import duckdb  # noqa: E402
 import polars as pl  # noqa: E402
 
-from analyzers.rules import parse_gate  # noqa: E402
-from collector.store.database import PayloadDecoder, db_path, migrate, register_functions  # noqa: E402
+from shadowlens.analyzers.rules import parse_gate  # noqa: E402
+from shadowlens.collector.store.database import PayloadDecoder, db_path, migrate, register_functions  # noqa: E402
 
 LABELS = ("intent", "language", "tier")
 
@@ -83,15 +83,15 @@ def speed(args) -> None:
         times, rc = [], None
         for _ in range(args.repeat):
             t = time.perf_counter()
-            out = subprocess.run([sys.executable, "-m", "collector.cli", "gate", "--data-dir", str(data)],
+            out = subprocess.run([sys.executable, "-m", "shadowlens.cli", "gate", "--data-dir", str(data)],
                                  capture_output=True, text=True, cwd=REPO, env=env)
             times.append(time.perf_counter() - t)
             rc = out.returncode
         print(f"shadowlens gate --data-dir: median {statistics.median(times):.2f} s over {args.repeat} runs"
               f" (min {min(times):.2f}, max {max(times):.2f}); exit {rc}; first line: {out.stdout.splitlines()[0]}")
         # where the time goes, in process
-        from analyzers.gate import evaluate
-        from collector.store.reader import query
+        from shadowlens.analyzers.gate import evaluate
+        from shadowlens.collector.store.reader import query
         settings = parse_gate({})
         t = time.perf_counter()
         v = evaluate(lambda sql: query(data, sql), settings, LABELS)
@@ -105,7 +105,7 @@ LOOKS = (1000, 2000, 4000, 6000, 8000, 10000)      # requests per route at each 
 def _blocked_at(frame, looks, rule: str | None = None, labels=("intent",)):
     """The first look (requests per route) at which the gate blocks (on a fail of ``rule`` on all traffic,
     when given), and the failing results then; None when no look blocks."""
-    from analyzers.compare import compare
+    from shadowlens.analyzers.compare import compare
     settings = parse_gate({})
     b, c = frame.filter(pl.col("route") == "baseline"), frame.filter(pl.col("route") == "candidate")
     for n in looks:

@@ -25,9 +25,9 @@ def main(conn_in, conn_out, config_tree: dict) -> None:
     log = logging.getLogger("shadowlens.decoder")
     from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
-    from analyzers.pricing import PriceTable
+    from shadowlens.analyzers.pricing import PriceTable
 
-    from .config import build
+    from shadowlens.config import build
     from .decode.normalize import Normalizer
     from .stats import IngestStats
     from .store.segments import SEGMENTS_DIR, SegmentReader

@@ -24,7 +24,7 @@ def main(conn, decoder_conn, config_tree: dict, first_segment: int) -> None:
     # (measured on the benchmark: 1 ms 32.7k, 10 ms 37-38k, 50 ms 36k acknowledged spans/s).
     sys.setswitchinterval(0.01)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .config import build
+    from shadowlens.config import build
     from .decode.check import Checker
     from .receivers.export import ExportHandler
     from .receivers.grpc import GrpcReceiver

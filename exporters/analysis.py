@@ -7,11 +7,11 @@ from __future__ import annotations
 from operator import add
 from typing import Callable
 
-from analyzers.aggregates import COST_BUCKETS, DURATION_BUCKETS, STEPS_BUCKETS, StreamingAggregates
-from analyzers.cohorts import OVERFLOW
-from analyzers.compare import GATE_STATES, OTHER, PAIR_STATUSES, STATES, cohort_label_values
-from analyzers.pairing import STAT_NAMES
-from analyzers.window import QUANTILES, WindowSnapshot
+from shadowlens.analyzers.aggregates import COST_BUCKETS, DURATION_BUCKETS, STEPS_BUCKETS, StreamingAggregates
+from shadowlens.analyzers.cohorts import OVERFLOW
+from shadowlens.analyzers.compare import GATE_STATES, OTHER, PAIR_STATUSES, STATES, cohort_label_values
+from shadowlens.analyzers.pairing import STAT_NAMES
+from shadowlens.analyzers.window import QUANTILES, WindowSnapshot
 
 from .catalog import ALL_METRICS, COMPARE_METRICS
 from .exposition import Family, escape, fmt_value, label_string, render

@@ -16,7 +16,7 @@ from typing import Callable
 from prometheus_client import exposition
 from prometheus_client.registry import CollectorRegistry
 
-from collector.security import BearerToken, ServerTLS, TLSServerMixin
+from shadowlens.collector.security import BearerToken, ServerTLS, TLSServerMixin
 
 OPEN_PATHS = ("/healthz", "/readyz")
 MAX_POST_BYTES = 1 << 20        # a webhook's payload (the answer does not depend on it)

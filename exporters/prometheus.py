@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from collector.stats import IngestStats, cap_keys, sum_snapshots
+from shadowlens.collector.stats import IngestStats, cap_keys, sum_snapshots
 
 from .catalog import SELF_METRICS
 

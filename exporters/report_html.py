@@ -19,7 +19,7 @@ import math
 import re
 from urllib.parse import quote
 
-from analyzers.compare import readable_duration
+from shadowlens.analyzers.compare import readable_duration
 
 from .evidence_text import attribution
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 
-from analyzers.compare import Verdict
-from analyzers.evidence import NO_PAIRS, NO_TRACE_DATA
+from shadowlens.analyzers.compare import Verdict
+from shadowlens.analyzers.evidence import NO_PAIRS, NO_TRACE_DATA
 
 EXIT_CODES = {"promote": 0, "block": 1, "inconclusive": 3}
 # /gate: 2xx unless blocked, so a Flagger webhook (any non-2xx = failed check) fails only on a block.

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHADOWLENS = [sys.executable, "-m", "collector.cli"]
+SHADOWLENS = [sys.executable, "-m", "shadowlens.cli"]
 
 
 def free_port() -> int:

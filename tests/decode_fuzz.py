@@ -221,9 +221,9 @@ class Oracle:
         ``read_every``-th time. 1 (the suite's default): every input alone, every one read back."""
         import duckdb
 
-        from collector import schema
-        from collector.config import default_config
-        from collector.decode.normalize import Normalizer
+        from shadowlens.collector import schema
+        from shadowlens.config import default_config
+        from shadowlens.collector.decode.normalize import Normalizer
         cfg = default_config()
         self.labels = cfg.cohort_labels
         self.norm = Normalizer(cfg.cohort_labels, cfg.evals, scanner_choice=scanner)
@@ -245,7 +245,7 @@ class Oracle:
             self.tally.samples.append((what, data))
 
     def run(self, data: bytes, python_too: bool = False) -> None:
-        from collector.errors import PermanentError
+        from shadowlens.collector.errors import PermanentError
         t = self.tally
         t.inputs += 1
         try:
@@ -321,7 +321,7 @@ class Oracle:
     @staticmethod
     def _readable(batch, data: bytes) -> str | None:
         """None if every stored span's attributes, events and resource read back as JSON (the view's way)."""
-        from collector.store.database import decode_payload, span_part_json
+        from shadowlens.collector.store.database import decode_payload, span_part_json
         try:
             req = decode_payload(data)
             seen_rs = set()

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from collector.errors import Overloaded, ShuttingDown
-from collector.stats import IngestStats
-from collector.store import remote
-from collector.store.remote import RemoteStore
-from collector.store.segments import SegmentLog, read_frames
+from shadowlens.collector.errors import Overloaded, ShuttingDown
+from shadowlens.collector.stats import IngestStats
+from shadowlens.collector.store import remote
+from shadowlens.collector.store.remote import RemoteStore
+from shadowlens.collector.store.segments import SegmentLog, read_frames
 
 
 @pytest.fixture

@@ -385,7 +385,7 @@ def test_reprice_recomputes_span_and_trace_costs(priced_server, tmp_path):
 
 
 def test_histograms_of_many_series_at_once_equal_one_value_at_a_time():
-    from analyzers.aggregates import bucket_by_group
+    from shadowlens.analyzers.aggregates import bucket_by_group
     rng = random.Random(7)
     bounds = (0.5, 1, 2, 5)
     values = np.array([rng.choice([0.5, 0.7, 1.0, 3.0, 9.0, rng.random() * 10]) for _ in range(300)])
@@ -408,7 +408,7 @@ def test_histograms_of_many_series_at_once_equal_one_value_at_a_time():
 def test_the_traces_of_a_commit_are_its_distinct_trace_ids_with_their_root_counts():
     import pyarrow as pa
 
-    from analyzers.assembly import traces_of
+    from shadowlens.analyzers.assembly import traces_of
     rng = random.Random(9)
     tids = [rng.randbytes(16) for _ in range(40)] + [bytes(8) + rng.randbytes(8), rng.randbytes(8) + bytes(8)]
     rows = [(rng.choice(tids), rng.random() < 0.2) for _ in range(500)]       # (trace id, is a root)
@@ -429,7 +429,7 @@ def test_a_round_that_keeps_failing_logs_one_traceback_then_a_line_a_minute_then
     traceback, a reminder a minute (FAILURE_LOG_S), and one line when rounds succeed again."""
     import threading
 
-    from analyzers import assembly
+    from shadowlens.analyzers import assembly
 
     clock = [1000.0]
     monkeypatch.setattr(assembly.time, "monotonic", lambda: clock[0])

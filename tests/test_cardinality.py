@@ -165,12 +165,12 @@ def test_metrics_at_every_cap_render_within_the_stated_bound(tmp_path):
     import duckdb
     import polars as pl
 
-    from analyzers.aggregates import StreamingAggregates
-    from analyzers.assembly import AssemblyStats, CompletedTraces
-    from analyzers.cohorts import CohortLimiter
-    from analyzers.compare import Comparison, Verdict
-    from analyzers.window import WindowStats
-    from exporters.analysis import AnalysisMetrics, GateMetrics
+    from shadowlens.analyzers.aggregates import StreamingAggregates
+    from shadowlens.analyzers.assembly import AssemblyStats, CompletedTraces
+    from shadowlens.analyzers.cohorts import CohortLimiter
+    from shadowlens.analyzers.compare import Comparison, Verdict
+    from shadowlens.analyzers.window import WindowStats
+    from shadowlens.exporters.analysis import AnalysisMetrics, GateMetrics
 
     labels = ("intent", "language", "tier")
     limiter = CohortLimiter(labels, MAX_VALUES, 1800)

@@ -20,11 +20,11 @@ from otlp_builders import T0, random_spans, span_request
 from wire_bytes import (attribute, event, key_value, ld, nested_array, nested_kvlist, span_event, string_value,
                         with_span_extras)
 
-from collector.config import default_config
-from collector.decode import scan
-from collector.decode.normalize import Normalizer
-from collector.stats import IngestStats
-from collector.store.writer import StoreWriter
+from shadowlens.config import default_config
+from shadowlens.collector.decode import scan
+from shadowlens.collector.decode.normalize import Normalizer
+from shadowlens.collector.stats import IngestStats
+from shadowlens.collector.store.writer import StoreWriter
 
 SCANNERS = ["python"] + (["c"] if scan._wirescan is not None else [])
 EVAL = b"gen_ai.evaluation.result"
@@ -194,8 +194,8 @@ def test_a_million_nested_arrays_under_an_alias_key_do_not_crash_the_check():
         "from wire_bytes import attribute, nested_array, with_span_extras\n"
         "from otlp_builders import span_request, random_spans\n"
         "import random\n"
-        "from collector.config import default_config\n"
-        "from collector.decode.normalize import Normalizer\n"
+        "from shadowlens.config import default_config\n"
+        "from shadowlens.collector.decode.normalize import Normalizer\n"
         "payload = with_span_extras(span_request(random_spans(3, random.Random(2))),\n"
         "    {(0, 0, 1): attribute(b'llm.model_name', nested_array(1_000_000))})\n"
         "cfg = default_config(); n = Normalizer(cfg.cohort_labels, cfg.evals)\n"
@@ -251,7 +251,7 @@ def test_the_spans_view_reads_every_span_of_a_request_the_protobuf_library_refus
 
 
 def test_a_deep_value_reads_the_same_whether_or_not_protobuf_could_read_its_request():
-    from collector.store.database import decode_payload, span_part_json
+    from shadowlens.collector.store.database import decode_payload, span_part_json
     spans = _four_spans(5)
     deep = attribute(b"tool.args", nested_kvlist(25))                   # protobuf reads 25 kvlist levels
     readable = with_span_extras(span_request(spans), {(0, 0, 0): deep})
@@ -343,7 +343,7 @@ def _same(a, b) -> bool:
 @hypothesis.given(_any_values())
 def test_the_tolerant_reader_reads_every_value_as_protobuf_does(av):
     """wire.py is the fallback for payloads protobuf refuses; on what protobuf reads, it must say the same."""
-    from collector.decode import anyvalue, wire
+    from shadowlens.collector.decode import anyvalue, wire
     raw = av.SerializeToString()
     assert _same(wire.any_value_json(raw), anyvalue.to_python(av))
     assert _same(wire.raw_value(raw, 0, len(raw)), anyvalue.raw_value(av))
@@ -415,8 +415,8 @@ def test_the_partial_success_message_says_which_time_is_out_of_range():
 
 def test_replay_stores_every_span_of_an_acknowledged_poisoned_request(tmp_path):
     """Synced (acknowledged) but not yet in DuckDB when the process died: replay used to skip it whole."""
-    from collector.store.database import SEGMENTS_DIR
-    from collector.store.segments import SegmentLog
+    from shadowlens.collector.store.database import SEGMENTS_DIR
+    from shadowlens.collector.store.segments import SegmentLog
     store = StoreWriter(tmp_path, default_config().cohort_labels, IngestStats())
     store.open()
     first = store.first_segment

@@ -67,7 +67,7 @@ def test_demo_hints_are_commands_that_work_as_printed(tmp_path):
 
 
 def test_the_demos_gate_line_names_rules_without_input():
-    from collector.demo import gate_summary
+    from shadowlens.demo import gate_summary
     doc = {"verdict": "inconclusive", "rules": [
         {"rule": "task_completion", "cohort": "all", "state": "insufficient_data", "no_input": True},
         {"rule": "task_completion", "cohort": "intent=a", "state": "insufficient_data", "no_input": True},

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from collector import config as config_mod
-from exporters.catalog import ALL_METRICS, exposed_names
+from shadowlens import config as config_mod
+from shadowlens.exporters.catalog import ALL_METRICS, exposed_names
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -492,7 +492,7 @@ def test_compose_stack():
     assert (cfg.receivers.grpc.port, cfg.receivers.http.port, cfg.metrics.port) == (4317, 4318, 9464)
     gen = " ".join(services["generator"]["command"])
     assert gen.startswith("generate ") and "--endpoint shadowlens:4317" in gen and "--scenario regression" in gen
-    from collector.cli import main
+    from shadowlens.cli import main
     assert "generate" in main.commands
     # every bind-mounted path exists
     for name, svc in services.items():

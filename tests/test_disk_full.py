@@ -26,9 +26,9 @@ from google.rpc import error_details_pb2, status_pb2
 from otlp_builders import random_spans, span_request
 from test_receivers import TRACE_METHOD, http_post
 
-from collector.errors import StorageFull
-from collector.store import segments as segments_mod
-from collector.store.segments import SegmentLog, read_frames, segment_path
+from shadowlens.collector.errors import StorageFull
+from shadowlens.collector.store import segments as segments_mod
+from shadowlens.collector.store.segments import SegmentLog, read_frames, segment_path
 
 
 # --- a real full disk -------------------------------------------------------------------------------------
@@ -337,9 +337,9 @@ class _FullDiskConnection:
 
 
 def _writer(tmp_path, stats):
-    from collector.config import default_config
-    from collector.decode.normalize import Normalizer
-    from collector.store.writer import StoreWriter
+    from shadowlens.config import default_config
+    from shadowlens.collector.decode.normalize import Normalizer
+    from shadowlens.collector.store.writer import StoreWriter
     cfg = default_config()
     store = StoreWriter(tmp_path, cfg.cohort_labels, stats)
     store.start()
@@ -349,8 +349,8 @@ def _writer(tmp_path, stats):
 
 
 def test_a_commit_refused_for_want_of_space_is_retried_until_it_succeeds(tmp_path):
-    from collector.stats import IngestStats
-    from collector.store.diskfull import readiness
+    from shadowlens.collector.stats import IngestStats
+    from shadowlens.collector.store.diskfull import readiness
     stats = IngestStats()
     store, batch = _writer(tmp_path, stats)
     store.con = _FullDiskConnection(store.con, fail=3)
@@ -370,7 +370,7 @@ def test_a_commit_refused_for_want_of_space_is_retried_until_it_succeeds(tmp_pat
 
 
 def test_stopping_while_the_disk_stays_full_fails_the_group_instead_of_hanging(tmp_path):
-    from collector.stats import IngestStats
+    from shadowlens.collector.stats import IngestStats
     stats = IngestStats()
     store, batch = _writer(tmp_path, stats)
     full = store.con = _FullDiskConnection(store.con, fail=float("inf"))
@@ -386,7 +386,7 @@ def test_stopping_while_the_disk_stays_full_fails_the_group_instead_of_hanging(t
 
 
 def test_what_counts_as_a_full_disk():
-    from collector.store.diskfull import disk_full_reason
+    from shadowlens.collector.store.diskfull import disk_full_reason
     assert disk_full_reason(OSError(errno.ENOSPC, "No space left on device")) == "disk_full"
     assert disk_full_reason(OSError(errno.EDQUOT, "Disk quota exceeded")) == "disk_quota"
     assert disk_full_reason(duckdb.IOException('Could not write file "x.wal": No space left on device')) == "disk_full"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from collector.config import DEFAULTS, FREE_FORM
-from exporters.catalog import ALL_METRICS, exposed_names
+from shadowlens.config import DEFAULTS, FREE_FORM
+from shadowlens.exporters.catalog import ALL_METRICS, exposed_names
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -32,7 +32,7 @@ def test_every_config_key_is_in_the_readme():
 
 
 def test_every_command_is_in_the_readme():
-    from collector.cli import main
+    from shadowlens.cli import main
     missing = [name for name in main.commands if f"shadowlens {name}" not in README]
     assert not missing, f"commands missing from README.md: {missing}"
 
@@ -44,7 +44,7 @@ def _section(title: str) -> str:
 
 
 def test_the_commands_table_is_one_table_with_every_command():
-    from collector.cli import main
+    from shadowlens.cli import main
     lines = _section("Commands").splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("|"))
     table = []
@@ -81,7 +81,7 @@ def test_every_readme_query_example_returns_something_on_the_demos_data(serve_fa
 
     from conftest import REPO, SHADOWLENS
 
-    from collector.generate import GenerateOptions, run_generate
+    from shadowlens.traffic import GenerateOptions, run_generate
     server = serve_factory(env={"SHADOWLENS_TRACES__IDLE_SECONDS": "1"})
     sent = run_generate(GenerateOptions(endpoint=server.grpc_endpoint, rate=200, requests=400, scenario="regression",
                                         seed=1, service_name="shadowlens-demo"), out=None)

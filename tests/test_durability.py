@@ -150,13 +150,13 @@ def test_full_queue_answers_unavailable_with_retry_info_and_503(tmp_path):
     """A writer that is not draining (not started) fills its queue; the next export is pushed back."""
     from google.rpc import error_details_pb2, status_pb2
 
-    from collector.config import Endpoint, default_config
-    from collector.decode.normalize import Normalizer
-    from collector.receivers.export import ExportHandler
-    from collector.receivers.grpc import GrpcReceiver
-    from collector.receivers.http import HttpReceiver
-    from collector.stats import IngestStats
-    from collector.store.writer import StoreWriter
+    from shadowlens.config import Endpoint, default_config
+    from shadowlens.collector.decode.normalize import Normalizer
+    from shadowlens.collector.receivers.export import ExportHandler
+    from shadowlens.collector.receivers.grpc import GrpcReceiver
+    from shadowlens.collector.receivers.http import HttpReceiver
+    from shadowlens.collector.stats import IngestStats
+    from shadowlens.collector.store.writer import StoreWriter
 
     cfg = default_config()
     stats = IngestStats()

@@ -206,8 +206,8 @@ def test_export_round_trips_with_serve_running_then_stopped(loaded, tmp_path):
 
 def test_an_hour_larger_than_a_slice_is_read_in_slices_and_written_whole(loaded, tmp_path, monkeypatch):
     """Hours are read in slices cut at quantiles of the time (memory); every row lands in one slice."""
-    from collector.store.reader import query
-    from exporters import parquet
+    from shadowlens.collector.store.reader import query
+    from shadowlens.exporters import parquet
     server, base, spans, logs = loaded
     store = _store_figures(server)
     assert server.stop() == 0

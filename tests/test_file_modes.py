@@ -13,8 +13,8 @@ import duckdb
 from otlp_builders import random_spans, span_request
 from test_receivers import grpc_export
 
-from collector.stats import IngestStats
-from collector.store.quarantine import DDL, Quarantine
+from shadowlens.collector.stats import IngestStats
+from shadowlens.collector.store.quarantine import DDL, Quarantine
 
 
 @contextmanager

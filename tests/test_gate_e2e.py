@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from conftest import REPO, SHADOWLENS
 
-from collector.generate import GenerateOptions, run_generate
+from shadowlens.traffic import GenerateOptions, run_generate
 
 FAST = {"SHADOWLENS_TRACES__IDLE_SECONDS": "1", "SHADOWLENS_GATE__REFRESH": "1s",
         "SHADOWLENS_ANALYZERS__WINDOW_REFRESH": "1s"}
@@ -65,7 +65,7 @@ def test_regression_is_blocked_and_the_planted_cohorts_are_named(serve_factory, 
     doc = wait_for_gate(server, sent.traces)
     assert doc["verdict"] == "block"
     failing = {(r["rule"], r["cohort"]) for r in doc["rules"] if r["state"] == "fail"}
-    # the generator's planted effects (collector/generate.py SCENARIOS["regression"]). A result fails only
+    # the generator's planted effects (shadowlens/traffic.py SCENARIOS["regression"]). A result fails only
     # once its interval is wholly past the margin (issue 16): at 3,000 requests steps x1.4 (margin x1.2)
     # in billing does; refusals x3 (x2) in de and p99 x1.5 (x1.3) in enterprise are past it or on their way
     assert ("steps", "intent=billing") in failing

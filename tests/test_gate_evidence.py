@@ -1,5 +1,5 @@
 """Gate evidence (analyzers/evidence.py): example pairs of failing results, trace links, and the cohort
-that explains a failure; on planted scenarios of the demo's own traffic model (collector/generate.py)
+that explains a failure; on planted scenarios of the demo's own traffic model (shadowlens/traffic.py)
 written into a store's ``traces`` table, and through the CLI.
 
 Expected values are computed here from the sampled request plans (numpy), not by the product's SQL.
@@ -18,16 +18,16 @@ import pyarrow as pa
 import pytest
 from conftest import REPO, SHADOWLENS
 
-from analyzers.compare import compare
-from analyzers.evidence import NO_TRACE_DATA, trace_link
-from analyzers.gate import evaluate, evaluate_with_evidence
-from collector import config as config_mod
-from collector.errors import ConfigError
-from collector.generate import SCENARIOS, Effect, Scenario, sample_request
-from collector.schema import traces_ddl
-from collector.store.database import PayloadDecoder, db_path, migrate, register_functions
-from exporters.report import render
-from exporters.verdict_json import verdict_to_json
+from shadowlens.analyzers.compare import compare
+from shadowlens.analyzers.evidence import NO_TRACE_DATA, trace_link
+from shadowlens.analyzers.gate import evaluate, evaluate_with_evidence
+from shadowlens import config as config_mod
+from shadowlens.collector.errors import ConfigError
+from shadowlens.traffic import SCENARIOS, Effect, Scenario, sample_request
+from shadowlens.collector.schema import traces_ddl
+from shadowlens.collector.store.database import PayloadDecoder, db_path, migrate, register_functions
+from shadowlens.exporters.report import render
+from shadowlens.exporters.verdict_json import verdict_to_json
 
 LABELS = ("intent", "language", "tier")
 SETTINGS = config_mod.default_config().gate_settings()
@@ -351,7 +351,7 @@ def test_examples_rank_is_stable_across_outputs():
 def test_serve_gate_the_cli_and_the_metrics_agree_and_gate_links_its_traces(serve_factory):
     from test_gate_e2e import FAST, get, metric, send, wait_for_gate
 
-    from analyzers.compare import cohort_label_values
+    from shadowlens.analyzers.compare import cohort_label_values
     server = serve_factory(env={**FAST, "SHADOWLENS_LINKS__TRACE_URL": URL})
     sent = send(server, "regression", 3000)
     doc = wait_for_gate(server, sent.traces)

@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 from gate_sim import Effect, simulate
 
-from analyzers.compare import compare
-from analyzers.rules import parse_gate
+from shadowlens.analyzers.compare import compare
+from shadowlens.analyzers.rules import parse_gate
 
 SETTINGS = parse_gate({})
 EVAL_COLS = ("eval_pass:task_completion", "eval_fail:task_completion")

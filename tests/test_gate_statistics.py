@@ -15,10 +15,10 @@ import polars as pl
 import pytest
 from gate_sim import Effect, half_margin, simulate
 
-from analyzers.compare import compare
-from analyzers.pairing import pair
-from analyzers.rules import RuleError, parse_gate
-from analyzers.sequential import anytime_p, anytime_p_one_sided, ebh, min_samples_for_quantile, radius
+from shadowlens.analyzers.compare import compare
+from shadowlens.analyzers.pairing import pair
+from shadowlens.analyzers.rules import RuleError, parse_gate
+from shadowlens.analyzers.sequential import anytime_p, anytime_p_one_sided, ebh, min_samples_for_quantile, radius
 
 SETTINGS = parse_gate({})
 # pairs by which each rule blocks an effect twice its margin's distance from no change in >= 90 % of 40
@@ -162,7 +162,7 @@ def test_a_fail_prints_effect_interval_and_margin_so_the_bound_is_visibly_past_i
 
 
 def test_digits_grow_until_a_bound_next_to_the_margin_reads_apart_from_it():
-    from analyzers.compare import _decimals
+    from shadowlens.analyzers.compare import _decimals
     assert _decimals((1.27, 1.15, 1.41), 1.1) == 2                       # x1.27 x1.15 x1.41 vs x1.10
     assert _decimals((1.3, 1.1004, 1.5), 1.1) == 4                       # x1.1004, not x1.10 or x1.100
     assert _decimals((-0.0412, -0.02004, -0.06), -0.02, 100.0) == 3      # -2.004 points vs -2.000
@@ -295,7 +295,7 @@ def test_a_cohort_past_its_margin_before_the_correction_holds_the_verdict_at_inc
     assert all(result(v, rule).state == "pass" for rule in ("cost_per_trace", "steps", "task_completion")), v.reasons
     assert v.verdict == "inconclusive"
     assert any(x.startswith("refusal_rate for intent=v2 is not yet a fail: x") for x in v.reasons), v.reasons
-    from exporters.verdict_json import verdict_to_json
+    from shadowlens.exporters.verdict_json import verdict_to_json
     doc = next(x for x in verdict_to_json(v)["rules"] if x["rule"] == "refusal_rate" and x["cohort"] == "intent=v2")
     assert doc["past_margin"] is True and doc["state"] == "inconclusive"      # /gate and gate --format json say so
 
@@ -316,7 +316,7 @@ def test_bad_rules_name_the_problem(section, message):
 # ------------------------------------------------------------------ streaming pairs and mergeable counters
 
 def _completed(rows, evals=()):
-    from analyzers.assembly import CompletedTraces
+    from shadowlens.analyzers.assembly import CompletedTraces
     base = {"trace_id": None, "route": None, "request_id": None, "intent": "a", "language": "en", "tier": "free",
             "duration_seconds": 1.0, "cost_usd": 0.01, "steps": 2, "input_tokens": 10, "output_tokens": 5,
             "refused": False, "escalated": False}
@@ -327,8 +327,8 @@ def _completed(rows, evals=()):
 
 
 def test_pairing_sink_sums_matched_pairs_and_counts_the_unmatched_after_the_window():
-    from analyzers.cohorts import CohortLimiter
-    from analyzers.pairing import PairingSink
+    from shadowlens.analyzers.cohorts import CohortLimiter
+    from shadowlens.analyzers.pairing import PairingSink
     clock = [1000.0]
     settings = parse_gate({"pairing_window": "60s"})
     sink = PairingSink(settings, CohortLimiter(("intent", "language", "tier"), 50, 3600, now=lambda: clock[0]),
@@ -357,7 +357,7 @@ def test_pairing_sink_sums_matched_pairs_and_counts_the_unmatched_after_the_wind
 
 
 def test_cohort_values_beyond_the_cap_overflow_the_first_seen_win_and_each_overflowed_trace_counts():
-    from analyzers.cohorts import OVERFLOW, CohortLimiter
+    from shadowlens.analyzers.cohorts import OVERFLOW, CohortLimiter
     limiter = CohortLimiter(("intent",), 2, 3600)
     assert limiter.map("intent", ["a", "b", "c", "a", "c", "d"]) == ["a", "b", OVERFLOW, "a", OVERFLOW, OVERFLOW]
     assert limiter.overflow["intent"] == 3                    # c twice and d once: one per trace

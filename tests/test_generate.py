@@ -12,8 +12,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from collector.demo import gate_summary
-from collector.generate import MODEL, MODELS, SCENARIOS, sample_request
+from shadowlens.demo import gate_summary
+from shadowlens.traffic import MODEL, MODELS, SCENARIOS, sample_request
 from tests.conftest import REPO, SHADOWLENS, free_port, server_env
 
 SUMMARY = re.compile(r"generate: done, (\d+) traces sent \((\d+) requests\), (\d+) spans, (\d+) failed")
@@ -86,7 +86,7 @@ def test_noisy_drops_candidates_and_request_ids_without_a_true_regression():
 
 
 def test_cli_scenarios_match_the_table():
-    from collector.cli import SCENARIO_NAMES
+    from shadowlens.cli import SCENARIO_NAMES
     assert tuple(SCENARIO_NAMES) == tuple(SCENARIOS)
 
 

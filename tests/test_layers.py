@@ -1,6 +1,6 @@
 """Data flows one way: receivers -> decode -> store -> analyzers -> exporters (imports follow it).
 
-Only the composition roots (collector/serve.py, collector/frontend.py, collector/cli.py) wire stages
+Only the composition roots (shadowlens/serve.py, collector/frontend.py, shadowlens/cli.py) wire stages
 together; everything else imports only from earlier layers.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ROOTS = {"collector/serve.py", "collector/frontend.py", "collector/cli.py"}
+ROOTS = {"shadowlens/serve.py", "collector/frontend.py", "shadowlens/cli.py"}
 # layer -> module prefixes it must not import
 FORBIDDEN = {
     "collector/decode": ("collector.store", "collector.receivers", "analyzers", "exporters"),

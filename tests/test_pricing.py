@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analyzers.pricing import SHIPPED_PATH, PriceEntry, PriceTable, cost_usd, price_columns, specificity
-from collector.errors import ConfigError
+from shadowlens.analyzers.pricing import SHIPPED_PATH, PriceEntry, PriceTable, cost_usd, price_columns, specificity
+from shadowlens.collector.errors import ConfigError
 
 
 def ns(y: int, m: int, d: int, hh: int = 0, mm: int = 0, ss: int = 0) -> int:

@@ -26,7 +26,7 @@ from otlp_builders import span_request
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import PrometheusServer, prometheus_binary, value
 
-from analyzers.aggregates import DURATION_BUCKETS
+from shadowlens.analyzers.aggregates import DURATION_BUCKETS
 
 TRACE_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 SEED = 20_261_128

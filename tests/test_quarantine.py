@@ -14,14 +14,14 @@ import pytest
 from otlp_builders import T0, random_spans, span_request
 from test_receivers import grpc_export
 
-from collector.config import default_config
-from collector.decode.normalize import Normalizer
-from collector.errors import SetAside
-from collector.stats import IngestStats
-from collector.store.database import SEGMENTS_DIR
-from collector.store.quarantine import QUARANTINE_DIR
-from collector.store.segments import SegmentLog
-from collector.store.writer import StoreWriter
+from shadowlens.config import default_config
+from shadowlens.collector.decode.normalize import Normalizer
+from shadowlens.collector.errors import SetAside
+from shadowlens.collector.stats import IngestStats
+from shadowlens.collector.store.database import SEGMENTS_DIR
+from shadowlens.collector.store.quarantine import QUARANTINE_DIR
+from shadowlens.collector.store.segments import SegmentLog
+from shadowlens.collector.store.writer import StoreWriter
 
 INT64_MIN = -(2**63)
 
@@ -120,7 +120,7 @@ def test_replay_sets_aside_what_fails_again_and_the_store_opens(tmp_path):
 
 
 def _offsets(data_dir) -> list[int]:
-    from collector.store.segments import read_frames
+    from shadowlens.collector.store.segments import read_frames
     return [off for off, _, _ in read_frames(data_dir / SEGMENTS_DIR, 1)]
 
 

@@ -15,11 +15,11 @@ import pytest
 from conftest import REPO, SHADOWLENS
 from otlp_builders import span_request
 
-from collector.config import default_config
-from collector.decode.normalize import Normalizer
-from collector.stats import IngestStats
-from collector.store.reader import QueryError, QueryServer, query
-from collector.store.writer import StoreWriter
+from shadowlens.config import default_config
+from shadowlens.collector.decode.normalize import Normalizer
+from shadowlens.collector.stats import IngestStats
+from shadowlens.collector.store.reader import QueryError, QueryServer, query
+from shadowlens.collector.store.writer import StoreWriter
 
 SECRET = "do-not-leak-7f3a"
 
@@ -93,7 +93,7 @@ def test_queries_see_the_store_and_no_other_file_on_both_paths(tmp_path, secrets
     data = tmp_path / "data"
     store = StoreWriter(data, cfg.cohort_labels, IngestStats())
     store.start()
-    server = QueryServer(data, store.cursor)           # as serve composes it (collector/serve.py)
+    server = QueryServer(data, store.cursor)           # as serve composes it (shadowlens/serve.py)
     server.start()
     try:
         store.submit(norm.normalize_traces(_request(3, 1))).result(10)

@@ -2,7 +2,7 @@
 Chromium (Debian's ``chromium`` + ``chromium-driver``, installed by ``make test`` through
 scripts/install-chromium.sh) and measured in the browser.
 
-The page is built from a realistic verdict: the demo's ``regression`` scenario (collector/generate.py's
+The page is built from a realistic verdict: the demo's ``regression`` scenario (shadowlens/traffic.py's
 own sampler, three planted cohorts) judged by analyzers.compare, 14 cohorts x 5 rules = 70 results.
 Every expected position and number below is computed from that verdict's JSON, not from the renderer.
 
@@ -21,11 +21,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analyzers.compare import compare, route_summary_sql
-from analyzers.rules import parse_gate
-from collector.generate import COHORTS, SCENARIOS, sample_request
-from exporters.report import render
-from exporters.verdict_json import verdict_to_json
+from shadowlens.analyzers.compare import compare, route_summary_sql
+from shadowlens.analyzers.rules import parse_gate
+from shadowlens.traffic import COHORTS, SCENARIOS, sample_request
+from shadowlens.exporters.report import render
+from shadowlens.exporters.verdict_json import verdict_to_json
 
 TRACE_URL = "https://tempo.example/explore?trace={trace_id}&orgId=1"
 PLANTED = {("refusal_rate", "language=de"), ("p99_latency", "tier=enterprise"), ("steps", "intent=billing"),

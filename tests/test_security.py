@@ -24,8 +24,8 @@ from otlp_builders import random_spans, span_request
 from prometheus_server import PrometheusServer
 from tls_certs import CA
 
-from collector.config import load
-from collector.security import exposure_warnings
+from shadowlens.config import load
+from shadowlens.collector.security import exposure_warnings
 
 TOKEN = "s3cret-token-0123456789"
 TRACE_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from otlp_builders import span_request
 from test_receivers import grpc_export
 
-from collector.config import default_config
-from collector.decode.normalize import Normalizer
-from collector.stats import IngestStats
-from collector.store.writer import RecentKeys, StoreWriter
+from shadowlens.config import default_config
+from shadowlens.collector.decode.normalize import Normalizer
+from shadowlens.collector.stats import IngestStats
+from shadowlens.collector.store.writer import RecentKeys, StoreWriter
 
 
 def zipkin_b3_spans(n: int, rng: random.Random) -> list[dict]:

@@ -1,6 +1,6 @@
 """The shipped SRE artefacts against a real Prometheus and a real ``serve`` (README "Deployment").
 
-For each synthetic scenario (``regression``, ``healthy``; collector/generate.py) a ``shadowlens serve`` gets
+For each synthetic scenario (``regression``, ``healthy``; shadowlens/traffic.py) a ``shadowlens serve`` gets
 shadow traffic through the OTel SDK (``run_generate``) while a real Prometheus scrapes it with
 deploy/prometheus/prometheus.yml and loads deploy/prometheus/rules/*.yml. Only what a test cannot wait for
 is rewritten, in copies under ``tmp_path``: the target (the server's metrics port), the scrape and evaluation
@@ -42,7 +42,7 @@ import yaml
 from conftest import REPO
 from prometheus_server import PrometheusError, PrometheusServer, prometheus_binary, value
 
-from collector.generate import GenerateOptions, run_generate
+from shadowlens.traffic import GenerateOptions, run_generate
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -55,7 +55,7 @@ FAST = {"SHADOWLENS_TRACES__IDLE_SECONDS": "1", "SHADOWLENS_GATE__REFRESH": "1s"
 RATE = 250.0
 # scenario -> (requests, seed): the same workloads as tests/test_gate_e2e.py, which reach block / promote.
 SCENARIOS = {"regression": (3000, 1), "healthy": (3500, 5)}
-# The planted cohort (collector/generate.py) whose result fails at this traffic, and the gate rule naming it.
+# The planted cohort (shadowlens/traffic.py) whose result fails at this traffic, and the gate rule naming it.
 PLANTED = {("steps", "intent", "billing")}
 FOR = "2s"              # every alert's `for:` in the test copy (pending, then firing, within a few evaluations)
 

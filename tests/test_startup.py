@@ -62,7 +62,7 @@ def test_bad_sql_is_a_usage_error_that_keeps_duckdbs_hint(tmp_path):
     # exit 2 like every other mistake in what the user typed; DuckDB's suggestion survives
     import duckdb
 
-    from collector.store.database import db_path
+    from shadowlens.collector.store.database import db_path
     con = duckdb.connect(str(db_path(tmp_path)))
     con.execute("CREATE TABLE spans (name TEXT, model TEXT)")
     con.close()

@@ -10,14 +10,14 @@ import pytest
 from conftest import REPO, SHADOWLENS
 from otlp_builders import random_spans, span_request
 
-from collector.config import default_config
-from collector.decode.normalize import Normalizer
-from collector.stats import IngestStats
-from collector.store.database import SEGMENTS_DIR
-from collector.store.reader import QueryError, query
-from collector.store.retention import Retention
-from collector.store.segments import list_segments
-from collector.store.writer import StoreWriter
+from shadowlens.config import default_config
+from shadowlens.collector.decode.normalize import Normalizer
+from shadowlens.collector.stats import IngestStats
+from shadowlens.collector.store.database import SEGMENTS_DIR
+from shadowlens.collector.store.reader import QueryError, query
+from shadowlens.collector.store.retention import Retention
+from shadowlens.collector.store.segments import list_segments
+from shadowlens.collector.store.writer import StoreWriter
 
 HOUR_NS = 3600 * 10**9
 
@@ -99,7 +99,7 @@ def test_stored_ids_read_back_as_hex_and_dedup_keys_match_the_reloaded_ones(tmp_
     parent: null), and the key a restart computes from the stored columns equals the one ingest computed."""
     import numpy as np
 
-    from collector.decode.normalize import span_keys
+    from shadowlens.collector.decode.normalize import span_keys
     rng = random.Random(8)
     spans = random_spans(50, rng)
     spans[0]["trace_id"] = bytes(15) + b"\x01"             # leading zeros must survive
@@ -128,7 +128,7 @@ def test_a_store_with_text_ids_is_converted_on_open(tmp_path):
     """Stores written before ids were integers: spans_core is rebuilt once, every row and column kept."""
     import duckdb
 
-    from collector.store.database import db_path
+    from shadowlens.collector.store.database import db_path
     rng = random.Random(3)
     rows = [(rng.randbytes(16).hex(), rng.randbytes(8).hex(), rng.choice([None, rng.randbytes(8).hex()]), f"s{i}",
              rng.choice(["de", "en"]), i) for i in range(40)]
@@ -204,7 +204,7 @@ def test_the_decoders_read_drops_the_record_from_the_page_cache(tmp_path):
     cache, its neighbours stay, and the bytes read are the bytes written."""
     import mmap
 
-    from collector.store.segments import SegmentLog, SegmentReader, segment_path
+    from shadowlens.collector.store.segments import SegmentLog, SegmentReader, segment_path
     log = SegmentLog(tmp_path, 1)
     payloads = [bytes([k]) * (40 * mmap.PAGESIZE + 123) for k in (1, 2, 3)]
     places = []

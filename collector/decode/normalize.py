@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from .. import schema
-from ..config import EvalConfig
+from shadowlens.config import EvalConfig
 from ..errors import PermanentError
 from . import aliases as A
 from . import wire

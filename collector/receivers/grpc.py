@@ -10,7 +10,7 @@ from concurrent import futures
 
 import grpc
 
-from ..config import Endpoint
+from shadowlens.config import Endpoint
 from ..decode import codec
 from ..security import BearerToken, ServerTLS
 from .export import ExportHandler

@@ -18,7 +18,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from ..config import Endpoint
+from shadowlens.config import Endpoint
 from ..decode import codec
 from ..errors import PermanentError, TooLarge
 from ..security import BearerToken, ServerTLS, TLSServerMixin

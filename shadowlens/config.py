@@ -18,8 +18,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import ConfigError
-from .security import TLSFiles, tls_files
+from .collector.errors import ConfigError
+from .collector.security import TLSFiles, tls_files
 
 ENV_PREFIX = "SHADOWLENS_"
 
@@ -238,7 +238,7 @@ class Config:
 
     def gate_settings(self):
         """The ``gate`` section as analyzers.rules.GateSettings; a bad rule raises ConfigError naming it."""
-        from analyzers.rules import RuleError, parse_gate  # noqa: PLC0415 - config stays importable alone
+        from shadowlens.analyzers.rules import RuleError, parse_gate  # noqa: PLC0415 - config stays importable alone
         try:
             return parse_gate(self.gate)
         except RuleError as exc:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import startup
 from .config import Config, Endpoint, parse_endpoint
-from .generate import GenerateOptions, run_generate
+from .traffic import GenerateOptions, run_generate
 
 POLL_S = 5.0
 
@@ -133,7 +133,7 @@ def _free_port_near(ep: Endpoint) -> int:
 def shadowlens_command() -> str:
     """How to run shadowlens from the user's shell, exactly as printed: ``shadowlens`` when that is what
     PATH finds, else this install's script (relative when under the current directory, e.g.
-    ``.venv/bin/shadowlens``), else ``python -m collector.cli``."""
+    ``.venv/bin/shadowlens``), else ``python -m shadowlens.cli``."""
     scripts = []
     if os.path.basename(sys.argv[0]) == "shadowlens":
         scripts.append(os.path.abspath(sys.argv[0]))
@@ -146,7 +146,7 @@ def shadowlens_command() -> str:
             return "shadowlens"
         rel = os.path.relpath(script)
         return shlex.quote(rel if not rel.startswith("..") else script)
-    return f"{shlex.quote(sys.executable)} -m collector.cli"
+    return f"{shlex.quote(sys.executable)} -m shadowlens.cli"
 
 
 def ports_taken_message(taken: list[tuple[str, Endpoint]]) -> str:
@@ -188,7 +188,7 @@ def run_demo(cfg: Config, *, config_file: str | None, data_dir: str, rate: float
     log_path = Path(data_dir) / "serve.log"
     ready_dir = Path(tempfile.mkdtemp(prefix="shadowlens-demo-"))
     ready_file = ready_dir / "ready.json"
-    cmd = [sys.executable, "-m", "collector.cli", "serve", "--data-dir", str(data_dir), "--ready-file", str(ready_file)]
+    cmd = [sys.executable, "-m", "shadowlens.cli", "serve", "--data-dir", str(data_dir), "--ready-file", str(ready_file)]
     if config_file:
         cmd += ["--config", str(config_file)]
     log_start = log_path.stat().st_size if log_path.exists() else 0

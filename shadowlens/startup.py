@@ -15,8 +15,8 @@ import struct
 from pathlib import Path
 
 from .config import ENV_PREFIX, Config, Endpoint
-from .errors import ConfigError, ShadowlensError
-from .store.database import db_path
+from .collector.errors import ConfigError, ShadowlensError
+from .collector.store.database import db_path
 
 # the listeners serve opens, with the config key that sets each
 ENDPOINT_KEYS = ("receivers.grpc.endpoint", "receivers.http.endpoint", "metrics.endpoint")
@@ -89,7 +89,7 @@ def describe_process(pid: int) -> str:
         return "another process"
     words = [os.path.basename(a.decode(errors="replace")) for a in args if a]
     for i, w in enumerate(words):
-        if w in ("shadowlens", "collector.cli") and i + 1 < len(words) and not words[i + 1].startswith("-"):
+        if w in ("shadowlens", "shadowlens.cli") and i + 1 < len(words) and not words[i + 1].startswith("-"):
             return f"shadowlens {words[i + 1]}"
     return words[0] if words else "another process"
 
@@ -108,7 +108,7 @@ def lock_error_pid(exc: BaseException) -> int | None:
 def check(cfg: Config, data_dir_text: str) -> None:
     """Raise StartupError for a held data dir, a taken address, or an unusable TLS or token file;
     creates nothing."""
-    from . import security
+    from .collector import security
     try:
         security.load(cfg)
     except ConfigError as exc:
@@ -135,7 +135,7 @@ class StoreFootprint:
         self.store_existed = db_path(self.data_dir).exists()
 
     def _log_is_empty(self) -> bool:
-        from .store.segments import SEGMENTS_DIR
+        from .collector.store.segments import SEGMENTS_DIR
         seg = self.data_dir / SEGMENTS_DIR
         return not seg.exists() or all(p.stat().st_size == 0 for p in seg.rglob("*") if p.is_file())
 

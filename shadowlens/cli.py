@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from . import config as config_mod
-from .errors import ConfigError, ShadowlensError
+from .collector.errors import ConfigError, ShadowlensError
 
 
 def _load(config_file, overrides) -> config_mod.Config:
@@ -105,8 +105,8 @@ def format_table(table, fmt: str) -> str:
 def query(sql, config_file, data_dir, fmt) -> None:
     """Read-only SQL over the store (spans, traces, evals, logs); works while serve runs."""
     cfg = _load(config_file, {("store", "data_dir"): data_dir})
-    from .store.reader import QueryError
-    from .store.reader import query as run_query
+    from .collector.store.reader import QueryError
+    from .collector.store.reader import query as run_query
     try:
         table = run_query(Path(cfg.store.data_dir), sql)
     except QueryError as exc:
@@ -126,15 +126,15 @@ def reprice_cmd(since, config_file, data_dir) -> None:
         since_s = config_mod.parse_duration(since, "--since") if since else None
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    from .store.reader import call_server
+    from .collector.store.reader import call_server
     table = call_server(Path(cfg.store.data_dir), {"op": "reprice", "since_s": since_s, "prices": list(cfg.prices)})
     if table is None:   # no server running: open the store ourselves
         import duckdb
 
-        from analyzers.pricing import PriceTable
+        from shadowlens.analyzers.pricing import PriceTable
 
         from .serve import reprice_table
-        from .store.database import db_path
+        from .collector.store.database import db_path
         path = db_path(Path(cfg.store.data_dir))
         if not path.exists():
             raise click.UsageError(f"no store at {path}")
@@ -150,7 +150,7 @@ def reprice_cmd(since, config_file, data_dir) -> None:
 
 def _gate_settings(cfg: config_mod.Config, rules_file: str | None):
     """The config's gate section, or the one in --rules (a list of rules, or a mapping with `rules:`)."""
-    from analyzers.rules import RuleError, parse_gate
+    from shadowlens.analyzers.rules import RuleError, parse_gate
     section = dict(cfg.gate)
     if rules_file:
         import yaml
@@ -178,10 +178,10 @@ def _judge_store(cfg: config_mod.Config, settings, window: str | None, summary: 
     import time
     from dataclasses import replace
 
-    from analyzers.evidence import select
-    from analyzers.gate import evaluate_with_evidence, route_summary, trace_frame_sql
+    from shadowlens.analyzers.evidence import select
+    from shadowlens.analyzers.gate import evaluate_with_evidence, route_summary, trace_frame_sql
 
-    from .store.reader import query as run_query
+    from .collector.store.reader import query as run_query
     if window:
         try:
             settings = replace(settings, window_s=config_mod.parse_duration(window, "--window"))
@@ -237,7 +237,7 @@ def _fetch_gate(url: str) -> dict:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def gate_cmd(data_dir, url, rules_file, window, config_file, fmt) -> None:
     """May the candidate be promoted? Exit 0 promote, 1 block, 3 inconclusive or insufficient data, 2 usage error."""
-    from exporters.verdict_json import EXIT_CODES, verdict_text, verdict_to_json
+    from shadowlens.exporters.verdict_json import EXIT_CODES, verdict_text, verdict_to_json
     if url and (data_dir or rules_file or window):
         raise click.UsageError("--url asks a running sidecar, which judges with its own gate config;"
                                " do not combine it with --data-dir, --rules or --window")
@@ -264,7 +264,7 @@ def gate_cmd(data_dir, url, rules_file, window, config_file, fmt) -> None:
 @click.option("--rule", "rule_name", help="Only this rule's results (e.g. refusal_rate), with their example pairs.")
 def report_cmd(data_dir, window, fmt, out, rules_file, config_file, cohort, rule_name) -> None:
     """Per-cohort baseline-vs-candidate table with verdicts, reasons and example pairs of failing results."""
-    from exporters.report import render
+    from shadowlens.exporters.report import render
     cfg = _load(config_file, {("store", "data_dir"): data_dir})
     verdict, bars = _judge_store(cfg, _gate_settings(cfg, rules_file), window, summary=True, rule=rule_name,
                                  cohort=cohort)
@@ -304,7 +304,7 @@ def generate(endpoint, protocol, rate, duration, scenario, seed) -> None:
         host, port = config_mod.parse_endpoint(endpoint, "--endpoint")
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    from .generate import GenerateOptions, main_generate
+    from .traffic import GenerateOptions, main_generate
     sys.exit(main_generate(GenerateOptions(endpoint=f"{host}:{port}", protocol=protocol, rate=rate,
                                            duration=duration, scenario=scenario, seed=seed)))
 
@@ -357,10 +357,10 @@ def export_parquet_cmd(out, data_dir, since, until, tables, config_file) -> None
     serve running or stopped."""
     import time
 
-    from exporters.parquet import ExportError, export, parse_tables, store_source
+    from shadowlens.exporters.parquet import ExportError, export, parse_tables, store_source
 
-    from .store.reader import QueryError
-    from .store.reader import query as run_query
+    from .collector.store.reader import QueryError
+    from .collector.store.reader import query as run_query
     cfg = _load(config_file, {("store", "data_dir"): data_dir})
     now = time.time()
     try:

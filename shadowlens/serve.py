@@ -23,31 +23,32 @@ from pathlib import Path
 
 from prometheus_client.registry import CollectorRegistry
 
-from analyzers.aggregates import StreamingAggregates
-from analyzers.assembly import TraceAssembler
-from analyzers.cohorts import CohortLimiter
-from analyzers.gate import GateRefresher
-from analyzers.pairing import PairingSink
-from analyzers.pricing import PriceTable
-from analyzers.reprice import reprice
-from analyzers.rules import GateSettings
-from analyzers.window import WindowRefresher, WindowStats
-from exporters.analysis import AnalysisMetrics, GateMetrics
-from exporters.http import MetricsServer
-from exporters.parquet import ExportCollector, ParquetRunner, store_source
-from exporters.prometheus import IngestCollector
-from exporters.verdict_json import http_status, verdict_to_json
+from shadowlens.analyzers.aggregates import StreamingAggregates
+from shadowlens.analyzers.assembly import TraceAssembler
+from shadowlens.analyzers.cohorts import CohortLimiter
+from shadowlens.analyzers.gate import GateRefresher
+from shadowlens.analyzers.pairing import PairingSink
+from shadowlens.analyzers.pricing import PriceTable
+from shadowlens.analyzers.reprice import reprice
+from shadowlens.analyzers.rules import GateSettings
+from shadowlens.analyzers.window import WindowRefresher, WindowStats
+from shadowlens.exporters.analysis import AnalysisMetrics, GateMetrics
+from shadowlens.exporters.http import MetricsServer
+from shadowlens.exporters.parquet import ExportCollector, ParquetRunner, store_source
+from shadowlens.exporters.prometheus import IngestCollector
+from shadowlens.exporters.verdict_json import http_status, verdict_to_json
 
-from . import security, startup
+from . import startup
+from .collector import security
 from .config import Config
-from .decode.normalize import Normalizer
-from .stats import IngestStats
-from .store.diskfull import readiness
-from .store.files import private_umask
-from .store.reader import QueryServer
-from .store.remote import StoreBridge
-from .store.retention import Retention, store_bytes
-from .store.writer import StoreWriter
+from .collector.decode.normalize import Normalizer
+from .collector.stats import IngestStats
+from .collector.store.diskfull import readiness
+from .collector.store.files import private_umask
+from .collector.store.reader import QueryServer
+from .collector.store.remote import StoreBridge
+from .collector.store.retention import Retention, store_bytes
+from .collector.store.writer import StoreWriter
 
 log = logging.getLogger("shadowlens.serve")
 
