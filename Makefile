@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ./data
 
-.PHONY: run test bench clean prometheus chromium
+.PHONY: run test lint bench clean prometheus chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(wildcard tests/requirements-*
 run: $(VENV)/.installed
 	$(BIN)/shadowlens serve --data-dir $(DATA)
 
-test: $(VENV)/.installed prometheus chromium
+# The suite includes tests/test_doctests.py, which runs every `>>>` example in the product modules.
+test: lint prometheus chromium
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check collector analyzers exporters shadowlens tests bench
 
 # A real Prometheus server for tests/test_prometheus_e2e.py (Debian's package; a no-op when installed).
 prometheus:
