@@ -195,7 +195,7 @@ class TraceAssembler:
                     log.info("trace assembly rounds succeed again after %.0f s of failures",
                              time.monotonic() - self._failing_since)
                     self._failing_since = None
-            except Exception as exc:  # noqa: BLE001 - the assembler must outlive a bad round; it is logged
+            except Exception as exc:  # the assembler must outlive a bad round; it is logged
                 self._log_failure(exc)
                 time.sleep(self.poll_s)
 
@@ -280,7 +280,7 @@ class TraceAssembler:
         # an eval that comes by log after its trace completed counts only if a late span revises the trace
         evals_hi = max(st.evals_seq for st in states)
         revisit = {t: st.row_completed_us for t, st in zip(due, states) if st.row_completed_us is not None}
-        done = pa.table({"trace_id": list(due), "evicted": list(due.values())})  # noqa: F841 (scanned by name)
+        done = pa.table({"trace_id": list(due), "evicted": list(due.values())})
         con.register("done", done)
         old: dict = {}
         try:

@@ -237,7 +237,7 @@ def describe(rule: Rule, est: _Estimate, alpha: float) -> tuple[str, str]:
         margin = _fmt(rule, rule.margin, d)
     if rule.min_increase > 0:
         d = _decimals((est.diff, est.diff_lower, est.diff_upper), rule.min_increase, 100.0)
-        pts = lambda x: f"{x * 100:+.{d}f}"  # noqa: E731
+        pts = lambda x: f"{x * 100:+.{d}f}"
         ci += f", {pts(est.diff)} points ({level} {pts(est.diff_lower)}..{pts(est.diff_upper)} points)"
         margin += f" and {pts(rule.min_increase)} points"
     return ci, margin

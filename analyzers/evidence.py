@@ -142,7 +142,7 @@ def describe_pair(rule: Rule, b: float | bool | None, c: float | bool | None) ->
     """'baseline answered, candidate refused' or 'cost $0.012 → $0.031 (x2.58)'."""
     if rule.binary:
         yes, no = _WORDS[rule.measure]
-        word = lambda v: "-" if v is None else (yes if v else no)  # noqa: E731
+        word = lambda v: "-" if v is None else (yes if v else no)
         what = f"{rule.eval} " if rule.eval else ""
         return f"{what}baseline {word(b)}, candidate {word(c)}"
     if b is None or c is None:
@@ -213,7 +213,7 @@ def attribute(run_sql: Callable[[str], pa.Table], settings: GateSettings, labels
     fails = sorted((r for r in verdict.results if r.state == "fail" and r.rule in rules), key=_strength)
     if not fails:
         return {}
-    label_of = lambda cohort: cohort.partition("=")[0]  # noqa: E731
+    label_of = lambda cohort: cohort.partition("=")[0]
     candidates = {(r.rule, r.cohort): [b.cohort for b in fails if b.rule == r.rule and b.cohort != ALL
                                        and label_of(b.cohort) != label_of(r.cohort)] for r in fails}
     listed = listed_values(verdict)

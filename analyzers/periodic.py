@@ -24,7 +24,7 @@ class Periodic:
         while True:
             try:
                 self.refresh_now()
-            except Exception:  # noqa: BLE001 - keep refreshing; the error is logged
+            except Exception:  # keep refreshing; the error is logged
                 log.exception("%s failed", self.thread_name)
             if self._stop.wait(self.interval_s):
                 return

@@ -37,7 +37,7 @@ def reprice(con: duckdb.DuckDBPyConnection, prices: PriceTable, since_s: float |
     costs, unpriced = prices.price_columns(col["model"], col["start_ns"], col["input_tokens"], col["output_tokens"],
                                            col["cache_read_tokens"], col["cache_write_tokens"],
                                            col["reported_cost_usd"])
-    new_costs = pa.table({"rid": rows.column("rid"), "trace_id": rows.column("trace_id"),  # noqa: F841
+    new_costs = pa.table({"rid": rows.column("rid"), "trace_id": rows.column("trace_id"),
                           "cost": pa.array(costs, pa.float64())})
     con.begin()
     try:

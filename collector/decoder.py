@@ -65,7 +65,7 @@ def main(conn_in, conn_out, config_tree: dict) -> None:
                     batch = normalizer.normalize_traces(payload)
                 else:
                     batch = normalizer.normalize_logs(ExportLogsServiceRequest.FromString(payload), payload)
-            except Exception as exc:  # noqa: BLE001 - the frontend checked it; a failure here is a bug, not input
+            except Exception as exc:  # the frontend checked it; a failure here is a bug, not input
                 log.exception("record %d (segment %d, offset %d) could not be decoded; the store sets it aside", rid,
                               seg, off)
                 send(("skip", rid, low, (seg, off, length), sig, f"{type(exc).__name__}: {exc}"))

@@ -175,7 +175,7 @@ class ServerTLS:
                     return None
                 self._grpc_generation = self._watched.generation
                 return grpc.ssl_server_certificate_configuration([(value[2], value[1])], root_certificates=value[3])
-            except Exception:  # noqa: BLE001 - an error here would fail the handshake; the old files serve on
+            except Exception:  # an error here would fail the handshake; the old files serve on
                 log.exception("reloading the gRPC TLS certificate (%s) failed", self.files.key)
                 return None
 
@@ -289,7 +289,7 @@ class Listeners:
 def load(cfg) -> Listeners:
     """Read every configured file; ConfigError names the key of the first that is unusable."""
     r = cfg.receivers
-    tls = lambda files: ServerTLS(files) if files is not None else None  # noqa: E731
-    token = lambda path, key: BearerToken(path, key) if path else None  # noqa: E731
+    tls = lambda files: ServerTLS(files) if files is not None else None
+    token = lambda path, key: BearerToken(path, key) if path else None
     return Listeners(tls(r.grpc_tls), tls(r.http_tls), token(r.token_file, "receivers.auth.bearer_token_file"),
                      tls(cfg.metrics_tls), token(cfg.metrics_token_file, "metrics.auth.bearer_token_file"))

@@ -100,7 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
         return False
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         app = self.app
         if not self._authorized(path):
@@ -133,7 +133,7 @@ class _Handler(BaseHTTPRequestHandler):
         status, doc = self.app.json_routes[path](query)
         self._reply(status, "application/json", json.dumps(doc, indent=2).encode() + b"\n")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         if not self._authorized(path):
             return

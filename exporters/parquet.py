@@ -339,7 +339,7 @@ class ParquetRunner:
             try:
                 self.run_once()
                 wait, retry = self.interval_s, 10.0
-            except Exception as exc:  # noqa: BLE001 - counted, logged, retried; ingest goes on
+            except Exception as exc:  # counted, logged, retried; ingest goes on
                 if self._stop.is_set():
                     return
                 self.failures += 1

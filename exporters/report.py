@@ -30,7 +30,7 @@ def _rows(doc: dict) -> list[list[str]]:
 def render_table(doc: dict) -> str:
     rows = _rows(doc)
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
     out = [f"verdict: {doc['verdict']}", *[f"  {r}" for r in doc["reasons"]], "",
            line(COLUMNS), line(["-" * w for w in widths]), *[line(r) for r in rows], *table_lines(doc)]
     return "\n".join(out) + "\n"

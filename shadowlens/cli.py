@@ -91,7 +91,7 @@ def format_table(table, fmt: str) -> str:
         return buf.getvalue()
     cells = [[("NULL" if r[c] is None else str(r[c])) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-    line = lambda vals: " | ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    line = lambda vals: " | ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
     out = [line(cols), "-+-".join("-" * w for w in widths)] + [line(r) for r in cells]
     out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(out) + "\n"
@@ -189,7 +189,7 @@ def _judge_store(cfg: config_mod.Config, settings, window: str | None, summary: 
             raise click.UsageError(str(exc)) from None
     now = time.time()
     labels = tuple(cfg.cohort_labels)
-    run_sql = lambda sql: run_query(Path(cfg.store.data_dir), sql)  # noqa: E731
+    run_sql = lambda sql: run_query(Path(cfg.store.data_dir), sql)
     if rule is not None and rule not in {r.name for r in settings.rules}:
         raise click.UsageError(f"--rule {rule}: no such gate rule (rules: {', '.join(r.name for r in settings.rules)})")
     trace_url = cfg.links.trace_url

@@ -238,7 +238,7 @@ class Config:
 
     def gate_settings(self):
         """The ``gate`` section as analyzers.rules.GateSettings; a bad rule raises ConfigError naming it."""
-        from shadowlens.analyzers.rules import RuleError, parse_gate  # noqa: PLC0415 - config stays importable alone
+        from shadowlens.analyzers.rules import RuleError, parse_gate  # config stays importable alone
         try:
             return parse_gate(self.gate)
         except RuleError as exc:

@@ -173,7 +173,7 @@ def run_demo(cfg: Config, *, config_file: str | None, data_dir: str, rate: float
              scenario: str, seed: int, out=sys.stdout, err=sys.stderr) -> int:
     """Start serve, feed it synthetic traffic, print the gate every 5 s; SIGINT/SIGTERM stop everything, exit 0.
     Exit 2, having started and sent nothing, when an address or the data dir is taken; 1 when serve fails."""
-    say = lambda text, to=out: (to.write(text + "\n"), to.flush())  # noqa: E731
+    say = lambda text, to=out: (to.write(text + "\n"), to.flush())
     taken = startup.endpoints_in_use(cfg)
     if taken:
         say(ports_taken_message(taken), err)

@@ -81,7 +81,7 @@ class App:
         for c in reversed(self.components):
             try:
                 c.shutdown(timeout)
-            except Exception:  # noqa: BLE001 - keep stopping the rest
+            except Exception:  # keep stopping the rest
                 log.exception("error while stopping %s", type(c).__name__)
 
 
@@ -162,7 +162,7 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
     metrics.extra = lambda openmetrics: analysis.render(openmetrics) + gate_metrics.render(openmetrics)
 
     def gate_route(query: dict) -> tuple[int, object]:
-        flag = lambda name: query.get(name, "").lower() in ("1", "true", "yes")  # noqa: E731
+        flag = lambda name: query.get(name, "").lower() in ("1", "true", "yes")
         v = verdicts.latest
         if v is None:
             return 200 if flag("always_ok") else 503, {

@@ -149,7 +149,7 @@ def _append_to_a_span(rng: random.Random, payload: bytes, extra: bytes) -> bytes
     from wire_bytes import with_span_extras
     try:
         req = ExportTraceServiceRequest.FromString(payload)
-    except Exception:  # noqa: BLE001 - a mutated seed: append nothing
+    except Exception:  # a mutated seed: append nothing
         return None
     where = [(r, s, p) for r, rs in enumerate(req.resource_spans) for s, ss in enumerate(rs.scope_spans)
              for p in range(len(ss.spans))]
@@ -286,7 +286,7 @@ class Oracle:
             batch = self.norm.normalize_traces(joined)
             rows = batch.spans.num_rows if batch.spans is not None else 0
             ok = (batch.received, batch.rejected, dict(batch.reasons), rows) == want
-        except Exception:  # noqa: BLE001 - found below, input by input
+        except Exception:  # found below, input by input
             ok = False
         if ok and rows and self._groups % self.read_every == 0:
             ok = self._readable(batch, joined) is None
@@ -301,7 +301,7 @@ class Oracle:
         """One acknowledged input: the decoder's batch against the check, then the read side."""
         try:
             batch = self.norm.normalize_traces(data)
-        except Exception as exc:  # noqa: BLE001 - the disagreement being looked for
+        except Exception as exc:  # the disagreement being looked for
             self._disagree(f"normalize raised {type(exc).__name__}: {exc}"[:300], data)
             return
         rows = batch.spans.num_rows if batch.spans is not None else 0
@@ -333,7 +333,7 @@ class Oracle:
                     if text is None:
                         raise ValueError(f"no {part} for accepted span {r}")
                     json.loads(text)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return f"read side: {type(exc).__name__}: {exc}"[:300]
         return None
 
@@ -351,11 +351,11 @@ class Oracle:
         pending, self.pending = self.pending, []
         try:
             self._insert([b for b, _ in pending])
-        except Exception:  # noqa: BLE001
+        except Exception:
             for batch, data in pending:
                 try:
                     self._insert([batch])
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     self._disagree(f"DuckDB refused: {type(exc).__name__}: {exc}"[:300], data)
         self.con.execute("DELETE FROM spans_core")
         self.con.execute("DELETE FROM evals")

@@ -290,7 +290,7 @@ def test_gate_json_and_every_report_format_carry_the_same_evidence(store_dir, st
     doc = json.loads(gate.stdout)
     assert doc["trace_url"] == URL
     report = json.loads(cli("report", "--data-dir", str(store_dir), "--format", "json", env=env).stdout)
-    key = lambda d: [(r["rule"], r["cohort"], r["state"], r["explained_by"], r["root_cause"],  # noqa: E731
+    key = lambda d: [(r["rule"], r["cohort"], r["state"], r["explained_by"], r["root_cause"],
                       [e["request_id"] for e in r.get("examples", [])]) for r in d["rules"]]
     assert key(doc) == key(report) and doc["reasons"] == report["reasons"]
     fails = [r for r in doc["rules"] if r["state"] == "fail"]
@@ -374,7 +374,7 @@ def test_serve_gate_the_cli_and_the_metrics_agree_and_gate_links_its_traces(serv
     by_store = json.loads(cli("gate", "--data-dir", str(server.data_dir), "--format", "json",
                               env=server.env).stdout)
     report = json.loads(cli("report", "--data-dir", str(server.data_dir), "--format", "json", env=server.env).stdout)
-    key = lambda d: ([(r["rule"], r["cohort"], r["state"], r["explained_by"], r["root_cause"],  # noqa: E731
+    key = lambda d: ([(r["rule"], r["cohort"], r["state"], r["explained_by"], r["root_cause"],
                        [e["request_id"] for e in r.get("examples", [])]) for r in d["rules"]], d["reasons"])
     assert key(by_url) == key(doc) == key(by_store) == key(report)
     assert get(server.metrics_url + "/gate")[0] == 409

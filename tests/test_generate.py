@@ -62,12 +62,12 @@ def test_regression_plants_exactly_the_tabled_effects():
     reqs = _sample("regression", 12000)
     quantity = {"refusal_rate": "refusal_rate", "duration": "duration", "steps": "steps"}
     for e in SCENARIOS["regression"].effects:
-        in_cohort = lambda r, e=e: r.cohort[e.label] == e.value  # noqa: E731
-        out_cohort = lambda r, e=e: r.cohort[e.label] != e.value  # noqa: E731
+        in_cohort = lambda r, e=e: r.cohort[e.label] == e.value
+        out_cohort = lambda r, e=e: r.cohort[e.label] != e.value
         tol = 0.6 if e.quantity == "refusal_rate" else 0.08     # refusals are rare: a wider band
         assert _ratio(reqs, quantity[e.quantity], in_cohort) == pytest.approx(e.factor, abs=tol), e
         assert _ratio(reqs, quantity[e.quantity], out_cohort) == pytest.approx(1.0, abs=tol / 2), e
-    billing = lambda r: r.cohort["intent"] == "billing"  # noqa: E731
+    billing = lambda r: r.cohort["intent"] == "billing"
     assert _ratio(reqs, "cost", billing) == pytest.approx(1.4, abs=0.08)      # cost follows steps
     ent = [r for r in reqs if r.cohort["tier"] == "enterprise"]
     p99 = [np.quantile([r.traces[i].duration_s for r in ent], 0.99) for i in (0, 1)]

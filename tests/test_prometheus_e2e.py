@@ -56,7 +56,7 @@ def trace_spans(rng: np.random.Generator, route: str, request_id: str, start_us:
     still max(end) - min(start), not the root's duration.
     """
     tid, root = rng.bytes(16), rng.bytes(8)
-    ns = lambda us: int(us) * 1_000                                       # noqa: E731
+    ns = lambda us: int(us) * 1_000
     end_us = start_us + dur_us
     root_end = end_us if int(request_id[1:]) % 2 == 0 else start_us + dur_us * 9 // 10
     c1 = (start_us + dur_us // 20, start_us + dur_us * 2 // 5)

@@ -291,7 +291,7 @@ def test_unusable_tls_or_token_settings_stop_serve_with_the_key_named(tmp_path, 
 
 
 def test_a_non_loopback_listener_without_tls_or_token_is_named_in_a_warning(tmp_path, pki, serve_factory):
-    env = lambda **kv: {f"SHADOWLENS_{k}": str(v) for k, v in kv.items()}  # noqa: E731
+    env = lambda **kv: {f"SHADOWLENS_{k}": str(v) for k, v in kv.items()}
     assert len(exposure_warnings(load(None, env={}))) == 1                 # the default metrics 0.0.0.0:9464
     [line] = exposure_warnings(load(None, env={}))
     assert line.startswith("metrics.endpoint 0.0.0.0:9464") and "no TLS (metrics.tls.cert_file)" in line \

@@ -117,7 +117,7 @@ def decode_json(signal: Signal, data: bytes):
     except RecursionError:
         raise PermanentError(f"body is not a valid OTLP/JSON {signal.name} request: attribute values nest too"
                              " deeply for the protobuf mapping; send values that nest less deeply") from None
-    except Exception as exc:  # noqa: BLE001 - the document is the client's: json_format and the protobuf
+    except Exception as exc:  # the document is the client's: json_format and the protobuf
         # runtime fail on it with ParseError, ValueError, TypeError, but also SystemError (an enum given as a
         # lone surrogate) and others; whatever they raise, it is this body that could not be mapped
         why = str(exc) if isinstance(exc, (json_format.ParseError, ValueError, TypeError)) else \

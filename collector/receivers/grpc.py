@@ -57,7 +57,7 @@ class GrpcReceiver:
         def export(body: bytes, context: grpc.ServicerContext) -> bytes:
             try:
                 return self.handler.export(signal, codec.PROTOBUF, body, "grpc")
-            except Exception as exc:  # noqa: BLE001 - every failure is classified and answered
+            except Exception as exc:  # every failure is classified and answered
                 failure = classify(exc)
                 if failure.http_status >= 500 and failure.retry_after_s is None:
                     log.exception("gRPC %s export failed", signal.name)

@@ -190,7 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self._reply(status, content_type, codec.status_bytes(content_type, rpc_code, message, details), extra)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         with self.receiver.inflight:
             self.receiver.inflight_count += 1
         try:
@@ -241,7 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif encoding not in ("", "identity"):
                 raise PermanentError(f"unsupported Content-Encoding {encoding!r}; use gzip or none")
             out = self.receiver.handler.export(signal, ctype, body, "http")
-        except Exception as exc:  # noqa: BLE001 - every failure is classified and answered
+        except Exception as exc:  # every failure is classified and answered
             f = classify(exc)
             if f.http_status == 500:
                 log.exception("HTTP %s export failed", signal.name)
@@ -249,7 +249,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._reply(200, reply_type, out)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._fail(codec.JSON, 405, "OTLP/HTTP accepts POST only", rpc_code=12)
 
     do_PUT = do_DELETE = do_PATCH = do_GET

@@ -130,7 +130,7 @@ class PayloadDecoder:
             return span_part_json(req, rs, ss, sp, part)
         except (IndexError, KeyError):
             return None
-        except Exception:  # noqa: BLE001 - one span's JSON must not fail every query that reads the view
+        except Exception:  # one span's JSON must not fail every query that reads the view
             if not self._logged:
                 self._logged = True
                 log.exception("store: the %s of span (%s, %s, %s) in segment %s at %s could not be read; it reads"

@@ -179,10 +179,10 @@ def retry_group(writer, group: list, low, exc: BaseException) -> list | None:
         generation = health.generation
         try:
             results = writer._commit(group, low)
-        except BaseException as again:  # noqa: BLE001 - classified below; the writer thread must go on
+        except BaseException as again:  # classified below; the writer thread must go on
             try:
                 writer.con.rollback()
-            except Exception:  # noqa: BLE001 - no transaction open after a failed COMMIT
+            except Exception:  # no transaction open after a failed COMMIT
                 pass
             reason = disk_full_reason(again)
             if reason is None:

@@ -149,7 +149,7 @@ class QueryServer:
                             raise QueryError(f"unknown operation {op!r}")
                     finally:
                         con.close()
-                except Exception as exc:  # noqa: BLE001 - the client gets every failure as a message
+                except Exception as exc:  # the client gets every failure as a message
                     msg = str(exc) if isinstance(exc, QueryError) else f"{type(exc).__name__}: {exc}"
                     self.wfile.write(json.dumps({"ok": False, "error": msg}).encode() + b"\n")
                     return

@@ -249,7 +249,7 @@ class StoreBridge:
                 _, rid, _low, ref, signal, reason = msg
                 try:
                     where = f"set aside in {self.store.set_aside(ref, signal, 'decode', reason)}"
-                except Exception as exc:  # noqa: BLE001 - the record stays in the segment log either way
+                except Exception as exc:  # the record stays in the segment log either way
                     log.exception("could not set aside record %d", rid)
                     where = f"left in the segment log ({exc})"
                 self._send(("nack", rid, f"the decoder could not read it ({reason}); {where}"))

@@ -58,7 +58,7 @@ def replay(writer, segments_dir: Path, from_segment: int, before_segment: int) -
                     batch = normalizer.normalize_traces(payload)
                 else:
                     batch = normalizer.normalize_logs(ExportLogsServiceRequest.FromString(payload), payload)
-            except Exception as exc:  # noqa: BLE001 - acknowledged, yet it does not decode: keep it, go on
+            except Exception as exc:  # acknowledged, yet it does not decode: keep it, go on
                 writer.quarantine.set_aside(writer.con, (seg, offset, len(payload)), signal, "decode", exc, payload)
                 continue
             if not batch.accepted and batch.logs is None:

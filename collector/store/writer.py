@@ -28,7 +28,7 @@ from ..decode.normalize import NormalizedBatch, span_keys
 from ..errors import SetAside
 from ..stats import IngestStats
 from . import diskfull
-from .commit import Commit, Committed, admit  # noqa: F401 (Commit is part of this module's API)
+from .commit import Commit, Committed, admit
 from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions, sandbox
 from .files import make_private_dir, tighten
 from .quarantine import DDL as QUARANTINE_DDL
@@ -243,7 +243,7 @@ class StoreWriter:
             ids = _identities(traced) if ids is None else ids
             idx = np.flatnonzero(maybe)
             cand = ids[idx]
-            candidates = pa.table({"i": pa.array(idx, pa.int64()), "hi": cand["hi"], "lo": cand["lo"],  # noqa: F841
+            candidates = pa.table({"i": pa.array(idx, pa.int64()), "hi": cand["hi"], "lo": cand["lo"],
                                    "s": cand["s"]})
             self.con.register("dedup_candidates", candidates)
             try:
@@ -465,7 +465,7 @@ class StoreWriter:
         group = [_Task(batch, Future(), ref, True) for batch, ref in items]
         try:
             self._commit(group)
-        except Exception as exc:  # noqa: BLE001 - isolated, or raised again, below
+        except Exception as exc:  # isolated, or raised again, below
             self._rollback()
             for result in self._isolate(group, None, exc):
                 if isinstance(result, BaseException) and not isinstance(result, SetAside):
@@ -486,7 +486,7 @@ class StoreWriter:
             try:
                 # replay_from does not move until every record of the group is committed or set aside
                 results.extend(self._commit([task]))
-            except Exception as one:  # noqa: BLE001 - classified below
+            except Exception as one:  # classified below
                 self._rollback()
                 results.append(one)
                 culprits.append(i)
@@ -586,7 +586,7 @@ class StoreWriter:
             con.unregister("new_logs")
         if payload_rows:
             cols = list(zip(*payload_rows))
-            new_payloads = pa.table({  # noqa: F841 (scanned by name)
+            new_payloads = pa.table({
                 "payload_id": pa.array(cols[0], pa.int64()), "segment": pa.array(cols[1], pa.int32()),
                 "byte_offset": pa.array(cols[2], pa.int64()), "length": pa.array(cols[3], pa.int32()),
                 "signal": pa.array(cols[4], pa.string())})
@@ -609,7 +609,7 @@ class StoreWriter:
             for follower in self._followers:
                 try:
                     follower(committed)
-                except Exception:  # noqa: BLE001 - the rows are committed; a follower's bug must not fail the commit
+                except Exception:  # the rows are committed; a follower's bug must not fail the commit
                     log.exception("a commit follower failed")
         with self._commit_cond:
             self.committed_seq = seq

@@ -146,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep quiet
+    def log_message(self, format: str, *args: Any) -> None:  # keep quiet
         pass
 
     def _json(self, status: int, obj: Any) -> None:
@@ -157,13 +157,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path.rstrip("/").endswith("/models"):
             self._json(200, {"object": "list", "data": []})
         else:
             self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         if not self.path.split("?")[0].rstrip("/").endswith("/chat/completions"):

@@ -46,8 +46,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import drive  # noqa: E402
-from fake_openai import FakeOpenAI, Record  # noqa: E402
+import drive
+from fake_openai import FakeOpenAI, Record
 
 pytestmark = [pytest.mark.realinst, pytest.mark.timeout(240)]
 
