@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
-from .pricing import PriceTable
+from shadowlens.collector.decode.pricing import PriceTable
 
 
 @dataclass(frozen=True)

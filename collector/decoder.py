@@ -25,7 +25,7 @@ def main(conn_in, conn_out, config_tree: dict) -> None:
     log = logging.getLogger("shadowlens.decoder")
     from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
-    from shadowlens.analyzers.pricing import PriceTable
+    from shadowlens.collector.decode.pricing import PriceTable
 
     from shadowlens.config import build
     from .decode.normalize import Normalizer

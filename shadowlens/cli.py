@@ -131,7 +131,7 @@ def reprice_cmd(since, config_file, data_dir) -> None:
     if table is None:   # no server running: open the store ourselves
         import duckdb
 
-        from shadowlens.analyzers.pricing import PriceTable
+        from shadowlens.collector.decode.pricing import PriceTable
 
         from .serve import reprice_table
         from .collector.store.database import db_path

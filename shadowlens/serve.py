@@ -28,7 +28,6 @@ from shadowlens.analyzers.assembly import TraceAssembler
 from shadowlens.analyzers.cohorts import CohortLimiter
 from shadowlens.analyzers.gate import GateRefresher
 from shadowlens.analyzers.pairing import PairingSink
-from shadowlens.analyzers.pricing import PriceTable
 from shadowlens.analyzers.reprice import reprice
 from shadowlens.analyzers.rules import GateSettings
 from shadowlens.analyzers.window import WindowRefresher, WindowStats
@@ -42,6 +41,7 @@ from . import startup
 from .collector import security
 from .config import Config
 from .collector.decode.normalize import Normalizer
+from .collector.decode.pricing import PriceTable
 from .collector.stats import IngestStats
 from .collector.store.diskfull import readiness
 from .collector.store.files import private_umask

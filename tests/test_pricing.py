@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shadowlens.analyzers.pricing import SHIPPED_PATH, PriceEntry, PriceTable, cost_usd, price_columns, specificity
+from shadowlens.collector.decode.pricing import SHIPPED_PATH, PriceEntry, PriceTable, cost_usd, price_columns, specificity
 from shadowlens.collector.errors import ConfigError
 
 

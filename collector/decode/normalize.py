@@ -110,7 +110,7 @@ class Normalizer:
 
     def __init__(self, cohort_labels: Mapping[str, tuple[str, ...]], evals: EvalConfig, prices=None,
                  scanner_choice: str = "auto"):
-        """``prices``: an ``analyzers.pricing.PriceTable``; without one, only reported costs are stored.
+        """``prices``: an ``decode.pricing.PriceTable``; without one, only reported costs are stored.
         ``scanner_choice``: auto (the C scanner when built), c or python (the reference)."""
         self.prices = prices
         self._scan = scanner(scanner_choice)

@@ -54,7 +54,7 @@ from typing import Any
 
 import yaml
 
-from shadowlens.collector.errors import ConfigError
+from ..errors import ConfigError
 
 try:  # the stdlib regex parser; named sre_parse before 3.11
     from re import _parser as _sre  # type: ignore[attr-defined]
