@@ -5,7 +5,7 @@ One run: starts `shadowlens serve` on a fresh data dir, sends the ingest benchma
 (bench/ingest.py's pool: 512-span requests, ~15-20 attributes and 200-2000 bytes of prompt text per
 span) over OTLP/HTTP, waits for every trace row, then times the command (a subprocess, start-up
 included) with serve running (rows through the query socket) and stopped (the store file read-only),
-for all tables and for spans alone. Prints one JSON object.
+for all tables and for spans alone. Prints one JSON document (bench/common.py), or writes it with --json FILE.
 
   python bench/export.py                 # 100k spans
   python bench/export.py --spans 300000
@@ -13,7 +13,6 @@ for all tables and for spans alone. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -26,8 +25,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import SHADOWLENS, Server, free_port, server_env  # noqa: E402
-from ingest import _http_sender, build_pool, id_suffix, materialize  # noqa: E402
+from clients import http_sender  # noqa: E402
+from common import add_json_arg, emit, say  # noqa: E402
+from harness import SHADOWLENS, Server, free_port, server_env  # noqa: E402
+from pool import build_pool, id_suffix, materialize  # noqa: E402
 
 
 def _dir_bytes(path: Path, pattern: str = "*") -> int:
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--spans", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", help="work in this directory and keep it (the store and the lakes)")
+    add_json_arg(ap)
     args = ap.parse_args()
     n_req = max(1, args.spans // 512)
     templates, pool_stats, _ = build_pool(min(n_req, 64), args.seed)
@@ -59,7 +61,7 @@ def main() -> None:
         server = Server(data_dir=tmp / "data", grpc_port=g, http_port=h, metrics_port=m,
                         env=server_env(g, h, m, SHADOWLENS_TRACES__IDLE_SECONDS="1")).start(60)
         try:
-            send = _http_sender("127.0.0.1", h, 60)
+            send = http_sender("127.0.0.1", h, 60)
             for i in range(n_req):
                 t = templates[i % len(templates)]
                 status, _ = send(materialize(t, id_suffix(os.getpid(), 0, i)))
@@ -98,7 +100,8 @@ def main() -> None:
                                "store_all_tables": round(store_bytes / spans, 1)},
             "files": len(list(lake.rglob("*.parquet"))),
         }
-        print(json.dumps(out, indent=2))
+        say(f"export parquet: {out['export_rows_per_s']} rows/s; bytes/span {out['bytes_per_span']}")
+        emit("export", args, out, args.json)
 
 
 if __name__ == "__main__":
