@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Analyzer benchmark: /metrics latency with many cohort series, and the window refresh over 1M spans.
 
-Prints figures (medians); it is not a test. Bars (issue): /metrics with 1,000 cohort series answers
-in <= 100 ms; windowed gauges refresh in <= 1 s with 1M spans in the window.
+Prints figures (medians) as one JSON document (stdout, or --json FILE), its lines on stderr; it is not a
+test. Bars (issue): /metrics with 1,000 cohort series answers in <= 100 ms; windowed gauges refresh in
+<= 1 s with 1M spans in the window.
 
   python bench/analyzers.py                  # both measurements
   python bench/analyzers.py --series 1000 --spans 1000000 --repeat 5
@@ -25,17 +26,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import polars as pl  # noqa: E402
+from common import add_json_arg, emit, say, spread  # noqa: E402
 from prometheus_client.registry import CollectorRegistry  # noqa: E402
-
 from shadowlens.analyzers.aggregates import StreamingAggregates  # noqa: E402
 from shadowlens.analyzers.assembly import AssemblyStats, CompletedTraces  # noqa: E402
 from shadowlens.analyzers.cohorts import CohortLimiter  # noqa: E402
 from shadowlens.analyzers.window import WindowStats  # noqa: E402
-from shadowlens.config import default_config  # noqa: E402
 from shadowlens.collector.stats import IngestStats  # noqa: E402
 from shadowlens.collector.store.writer import StoreWriter  # noqa: E402
 from shadowlens.exporters.analysis import AnalysisMetrics  # noqa: E402
 from shadowlens.exporters.http import MetricsServer  # noqa: E402
+
+from shadowlens.config import default_config  # noqa: E402
 
 LABELS = ("intent", "language", "tier")
 
@@ -100,7 +102,7 @@ def bench_window(data_dir: Path, series, repeat: int) -> list[float]:
         snap = window.refresh()
         times.append(time.perf_counter() - t0)
     store.shutdown()
-    print(f"  window rows: {snap.traces.height} (route x cohort), eval rows: {snap.evals.height}")
+    say(f"  window rows: {snap.traces.height} (route x cohort), eval rows: {snap.evals.height}")
     return times, snap
 
 
@@ -141,8 +143,8 @@ def bench_metrics(series, snap, repeat: int) -> list[float]:
                     times.append((f"curl {accept}", float(out.stdout)))
     finally:
         server.shutdown()
-    print(f"  /metrics: {lines:,} lines, {size / 1e6:.1f} MB")
-    return times
+    say(f"  /metrics: {lines:,} lines, {size / 1e6:.1f} MB")
+    return times, lines, size
 
 
 def main(argv=None) -> int:
@@ -150,23 +152,28 @@ def main(argv=None) -> int:
     ap.add_argument("--series", type=int, default=1000, help="route x cohort series (default 1000)")
     ap.add_argument("--spans", type=int, default=1_000_000, help="spans in the window (default 1M)")
     ap.add_argument("--repeat", type=int, default=5)
+    add_json_arg(ap)
     args = ap.parse_args(argv)
     series = cohorts(args.series)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as d:
         t0 = time.perf_counter()
         n_traces = fill_store(Path(d), args.spans, series)
-        print(f"store: {args.spans:,} spans, {n_traces:,} traces over {len(series)} series "
+        say(f"store: {args.spans:,} spans, {n_traces:,} traces over {len(series)} series "
               f"(filled in {time.perf_counter() - t0:.1f} s)")
         times, snap = bench_window(Path(d), series, args.repeat)
         med = statistics.median(times)
-        print(f"window refresh: median {med * 1000:.0f} ms (min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f})"
-              f"  bar <= 1000 ms: {'PASS' if med <= 1.0 else 'MISS'}")
-    mt = bench_metrics(series, snap, args.repeat)
+        say(f"window refresh: median {med * 1000:.0f} ms (min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f})"
+            f"  bar <= 1000 ms: {'PASS' if med <= 1.0 else 'MISS'}")
+    out = {"spans": args.spans, "traces": n_traces, "series": len(series), "window_refresh_s": spread(times)}
+    mt, lines, size = bench_metrics(series, snap, args.repeat)
+    out.update({"metrics_lines": lines, "metrics_bytes": size, "metrics_get_s": {}})
     for accept in dict.fromkeys(a for a, _ in mt):
         xs = [t for a, t in mt if a == accept]
         med = statistics.median(xs)
-        print(f"GET /metrics ({accept}): median {med * 1000:.0f} ms (min {min(xs) * 1000:.0f}, max {max(xs) * 1000:.0f})"
-              f"  bar <= 100 ms: {'PASS' if med <= 0.1 else 'MISS'}")
+        out["metrics_get_s"][accept] = spread(xs)
+        say(f"GET /metrics ({accept}): median {med * 1000:.0f} ms (min {min(xs) * 1000:.0f}, max {max(xs) * 1000:.0f})"
+            f"  bar <= 100 ms: {'PASS' if med <= 0.1 else 'MISS'}")
+    emit("analyzers", args, out, args.json)
     return 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Deduplication benchmark: what remembering span identities costs the store.
 
-Prints figures (medians); it is not a test. Three measures:
+Prints figures (medians) as one JSON document (stdout, or --json FILE), its lines on stderr; it is not a
+test. Three measures:
 - the memory of recent keys at its default size: keys remembered, bytes per key;
 - the pre-filter alone: ns per key to look up and remember 32k-key groups, with the memory full;
 - the store's insert rate with deduplication on and off: in-process StoreWriter commits of
@@ -25,17 +26,18 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
+from common import add_json_arg, emit, say  # noqa: E402
 from otlp_builders import random_spans, span_request  # noqa: E402
-
-from shadowlens.config import default_config  # noqa: E402
 from shadowlens.collector.decode.normalize import Normalizer  # noqa: E402
 from shadowlens.collector.stats import IngestStats  # noqa: E402
 from shadowlens.collector.store.writer import RecentKeys, StoreWriter  # noqa: E402
 
+from shadowlens.config import default_config  # noqa: E402
+
 GROUP = 32768
 
 
-def memory_figures(max_keys: int) -> None:
+def memory_figures(max_keys: int) -> dict:
     rng = np.random.default_rng(0)
     keys = RecentKeys(max_keys)
     seq = 0
@@ -44,7 +46,7 @@ def memory_figures(max_keys: int) -> None:
         batch = rng.integers(0, 2**64 - 1, size=GROUP, dtype=np.uint64)
         keys.remember(batch[~keys.lookup(batch)[0]], seq)
     n, nbytes = keys.size(), keys.nbytes()
-    print(f"memory: {n:,} keys remembered (dedup_max_keys {max_keys:,}), {nbytes / n:.2f} bytes/key, {nbytes / 1e6:.1f} MB")
+    say(f"memory: {n:,} keys remembered (dedup_max_keys {max_keys:,}), {nbytes / n:.2f} bytes/key, {nbytes / 1e6:.1f} MB")
     times = []
     for _ in range(30):
         seq += 1
@@ -53,7 +55,9 @@ def memory_figures(max_keys: int) -> None:
         seen, _range, _repeated = keys.lookup(batch)
         keys.remember(batch[~seen], seq)
         times.append((time.perf_counter() - t0) / GROUP * 1e9)
-    print(f"pre-filter with the memory full: lookup + remember {statistics.median(times):.0f} ns/key (median of 30 groups)")
+    say(f"pre-filter with the memory full: lookup + remember {statistics.median(times):.0f} ns/key (median of 30 groups)")
+    return {"max_keys": max_keys, "keys": n, "bytes_per_key": round(nbytes / n, 2), "bytes": nbytes,
+            "prefilter_ns_per_key": round(statistics.median(times), 1)}
 
 
 def insert_rate(spans: int, dedup_keys: int, retry_share: float, repeat: int) -> float:
@@ -88,12 +92,15 @@ def main() -> None:
     ap.add_argument("--spans", type=int, default=262144, help="distinct spans per insert run")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--max-keys", type=int, default=4_000_000, help="store.dedup_max_keys")
+    add_json_arg(ap)
     args = ap.parse_args()
-    memory_figures(args.max_keys)
+    out = {"memory": memory_figures(args.max_keys), "insert_us_per_stored_span": {}}
     for keys, share, what in ((0, 0.0, "dedup off"), (args.max_keys, 0.0, "dedup on, no retries"),
                               (args.max_keys, 0.1, "dedup on, 10% of requests retried")):
-        print(f"insert rate, {what}: {insert_rate(args.spans, keys, share, args.repeat):.2f} us/stored span "
-              f"(median of {args.repeat}, {args.spans:,} spans)")
+        us = insert_rate(args.spans, keys, share, args.repeat)
+        out["insert_us_per_stored_span"][what] = round(us, 3)
+        say(f"insert rate, {what}: {us:.2f} us/stored span (median of {args.repeat}, {args.spans:,} spans)")
+    emit("dedup", args, out, args.json)
 
 
 if __name__ == "__main__":

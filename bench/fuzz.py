@@ -7,6 +7,7 @@ exactly the spans the check acknowledged, goes into DuckDB's real tables, and re
 ``spans`` view's decoding; anything else is a disagreement (an acknowledged span that would be lost).
 tests/decode_fuzz.py has the seeds, the mutations and the oracle; tests/test_decode_agreement.py runs a
 few thousand inputs of it in the suite. Disagreeing inputs are written to --out for a reproduction.
+The counts print as one JSON document (stdout, or --json FILE), the human-readable lines on stderr.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+from common import add_json_arg, emit, say  # noqa: E402
 
 
 def _worker(args) -> dict:
@@ -49,6 +52,7 @@ def main(argv=None) -> int:
                     help="acknowledged inputs decoded together, as one request of their joined bytes (sums of"
                          " their counts compared; every 8th input alone, in full; any difference re-run input by"
                          " input). 1: each alone (default 32)")
+    add_json_arg(ap)
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="stop each worker after this long and report what was run (default: run every input)")
     args = ap.parse_args(argv)
@@ -72,22 +76,24 @@ def main(argv=None) -> int:
             total[k] += r[k]
         reasons.update(r["reasons"])
         samples.extend(r["samples"])
-    print(f"inputs {total['inputs']:,} in {elapsed:,.0f} s ({total['inputs'] / elapsed:,.0f}/s, {args.workers} workers,"
+    say(f"inputs {total['inputs']:,} in {elapsed:,.0f} s ({total['inputs'] / elapsed:,.0f}/s, {args.workers} workers,"
           f" scanner {args.scanner}, group {args.group})")
-    print(f"  refused whole (INVALID_ARGUMENT): {total['rejected_whole']:,}")
-    print(f"  acknowledged: {total['accepted']:,} requests, {total['spans_accepted']:,} spans stored,"
+    say(f"  refused whole (INVALID_ARGUMENT): {total['rejected_whole']:,}")
+    say(f"  acknowledged: {total['accepted']:,} requests, {total['spans_accepted']:,} spans stored,"
           f" {total['spans_rejected']:,} spans rejected in partial_success ("
           + ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items())) + ")")
-    print(f"  disagreements (acknowledged but not stored, or not readable): {total['disagreements']:,}")
+    say(f"  disagreements (acknowledged but not stored, or not readable): {total['disagreements']:,}")
     if total["python_checked"]:
-        print(f"  pure-Python check (receivers.scanner: python) on {total['python_checked']:,} of the acknowledged:"
+        say(f"  pure-Python check (receivers.scanner: python) on {total['python_checked']:,} of the acknowledged:"
               f" refuses {total['python_verdict_differs']:,} whole (what the protobuf library refuses; never acknowledged"
               " there, so never lost)")
     if samples:
         args.out.mkdir(parents=True, exist_ok=True)
         for i, (what, data) in enumerate(samples):
             (args.out / f"{i:03d}.bin").write_bytes(data)
-            print(f"  {args.out / f'{i:03d}.bin'}: {what}")
+            say(f"  {args.out / f'{i:03d}.bin'}: {what}")
+    emit("fuzz", args, {**total, "seconds": round(elapsed, 1), "inputs_per_s": round(total["inputs"] / elapsed, 1),
+                        "rejected_reasons": dict(reasons), "disagreement_files": len(samples)}, args.json)
     return 1 if total["disagreements"] else 0
 
 

@@ -4,13 +4,12 @@
 
 Every OTLP/JSON body must get 200 or a 400 with a google.rpc.Status message, every /gate request an answer
 (no 500, no connection closed in silence). tests/json_fuzz.py has the mutations and the oracle;
-tests/test_json_fuzz.py runs a few hundred in the suite. Prints the counts as JSON; failing inputs go to
---out. Exit status 1 when any input failed.
+tests/test_json_fuzz.py runs a few hundred in the suite. Prints the counts as one JSON document (stdout, or
+--json FILE); failing inputs go to --out. Exit status 1 when any input failed.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -24,7 +23,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import json_fuzz  # noqa: E402
-from conftest import Server, free_port, server_env  # noqa: E402
+from common import add_json_arg, emit, say  # noqa: E402
+from harness import Server, free_port, server_env  # noqa: E402
 
 
 def _otlp(port: int, seed: int) -> tuple[int | None, str | None, bytes]:
@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--out", default="fuzz_json_failures", help="directory for failing inputs")
+    add_json_arg(ap)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         g, h, m = free_port(), free_port(), free_port()
@@ -77,7 +78,10 @@ def main() -> int:
         for name, seed, data in failures[:200]:
             (out / f"{name}-{seed}.bin").write_bytes(data)
         report["failures_written_to"] = str(out)
-    print(json.dumps(report, indent=2))
+    for name in ("otlp_json", "gate"):
+        r = report.get(name, {})
+        say(f"{name}: {r.get('inputs', 0):,} inputs, {r.get('failures', 0)} failures, {r.get('per_second', 0):,.0f}/s")
+    emit("fuzz_json", args, report, args.json)
     return 1 if failures or rc != 0 else 0
 
 

@@ -11,12 +11,12 @@ Bars (issue 4, issue 16): the gate over 1M stored traces and 200 cohorts answers
 with every true effect inside its margin (half of it) the gate blocks in <= 5 % of seeds (aim <= 1 %) over
 continuous looks and 50 cohort values; exactly at the margin at most at the test's level (gate.fdr);
 A/A <= 1 %; task completion -4 points (10 % discordant pairs) blocks by 8,000 pairs, -10 points by 1,000.
-Seeds run in 2 processes (`--jobs`).
+Seeds run in 2 processes (`--jobs`). Every command prints its figures as one JSON document on stdout
+(or into `--json FILE`), its human-readable lines on stderr.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import duckdb  # noqa: E402
 import polars as pl  # noqa: E402
-
+from common import add_json_arg, emit, say, spread  # noqa: E402
 from shadowlens.analyzers.rules import parse_gate  # noqa: E402
 from shadowlens.collector.store.database import PayloadDecoder, db_path, migrate, register_functions  # noqa: E402
 
@@ -72,13 +72,14 @@ def build_store(data_dir: Path, traces: int, values: tuple[int, int, int]) -> No
     con.close()
 
 
-def speed(args) -> None:
+def speed(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="shadowlens-gate-bench-") as tmp:
         data = Path(tmp) / "data"
         started = time.perf_counter()
         build_store(data, args.traces, tuple(args.values))
-        print(f"built a store with {args.traces:,} traces and {sum(args.values)} cohort values"
-              f" ({'/'.join(map(str, args.values))} for {', '.join(LABELS)}) in {time.perf_counter() - started:.1f} s")
+        build_s = time.perf_counter() - started
+        say(f"built a store with {args.traces:,} traces and {sum(args.values)} cohort values"
+              f" ({'/'.join(map(str, args.values))} for {', '.join(LABELS)}) in {build_s:.1f} s")
         env = {k: v for k, v in os.environ.items() if not k.startswith("SHADOWLENS_")}
         times, rc = [], None
         for _ in range(args.repeat):
@@ -87,16 +88,23 @@ def speed(args) -> None:
                                  capture_output=True, text=True, cwd=REPO, env=env)
             times.append(time.perf_counter() - t)
             rc = out.returncode
-        print(f"shadowlens gate --data-dir: median {statistics.median(times):.2f} s over {args.repeat} runs"
-              f" (min {min(times):.2f}, max {max(times):.2f}); exit {rc}; first line: {out.stdout.splitlines()[0]}")
+        first = out.stdout.splitlines()[0] if out.stdout else ""
+        if not first:   # a verdict always prints; no output means the command failed, and the time means nothing
+            say(f"PROBLEM: shadowlens gate printed no verdict (exit {rc}):\n{out.stderr[-2000:]}")
+        say(f"shadowlens gate --data-dir: median {statistics.median(times):.2f} s over {args.repeat} runs"
+              f" (min {min(times):.2f}, max {max(times):.2f}); exit {rc}; first line: {first}")
         # where the time goes, in process
         from shadowlens.analyzers.gate import evaluate
         from shadowlens.collector.store.reader import query
         settings = parse_gate({})
         t = time.perf_counter()
         v = evaluate(lambda sql: query(data, sql), settings, LABELS)
-        print(f"  in process: evaluate {time.perf_counter() - t:.2f} s, {len(v.results)} rule results;"
-              f" verdict {v.verdict}; traces {v.traces}")
+        evaluate_s = time.perf_counter() - t
+        say(f"  in process: evaluate {evaluate_s:.2f} s, {len(v.results)} rule results;"
+            f" verdict {v.verdict}; traces {v.traces}")
+    return {"traces": args.traces, "cohort_values": sum(args.values), "build_store_s": round(build_s, 2),
+            "gate_cli_s": spread(times, 3), "gate_exit": rc, "gate_first_line": first, "failed": not first,
+            "evaluate_in_process_s": round(evaluate_s, 3), "rule_results": len(v.results), "verdict": v.verdict}
 
 
 LOOKS = (1000, 2000, 4000, 6000, 8000, 10000)      # requests per route at each look (a look every ~2 min)
@@ -154,26 +162,28 @@ def errors(args) -> list[dict]:
     cases = error_cases()
     jobs = [(name, effect, values, 10_000 + seed) for name, effect, values in cases for seed in range(args.seeds)]
     results = _pool(jobs, _false_block_seed, args.jobs)
-    print(f"false blocks: share of {args.seeds} seeds the gate blocks at any of {len(LOOKS)} looks"
+    say(f"false blocks: share of {args.seeds} seeds the gate blocks at any of {len(LOOKS)} looks"
           f" ({LOOKS[0]:,}..{LOOKS[-1]:,} requests per route), default rules, one cohort label")
     for name, _, values in cases:
         mine = [(n, fails) for case, n, fails in results if case == name]
         blocked = sum(n is not None for n, _ in mine)
         rules = sorted({rule for _, fails in mine for rule, _ in fails})
-        print(f"  {name}: {blocked}/{args.seeds} ({100 * blocked / args.seeds:.1f} %)"
+        say(f"  {name}: {blocked}/{args.seeds} ({100 * blocked / args.seeds:.1f} %)"
               + (f"; failing rules: {', '.join(rules)}" if rules else ""))
         out.append({"case": name, "cohort_values": values, "seeds": args.seeds, "blocked": blocked,
                     "rate": blocked / args.seeds, "looks": list(LOOKS)})
-    print(f"  ({time.perf_counter() - t:.0f} s)")
+    say(f"  ({time.perf_counter() - t:.0f} s)")
     return out
 
 
-def aa(args) -> None:
+def aa(args) -> dict:
     from gate_sim import Effect
     jobs = [("A/A", Effect(), args.values, 10_000 + seed) for seed in range(args.seeds)]
     blocked = sum(n is not None for _, n, _ in _pool(jobs, _false_block_seed, args.jobs))
-    print(f"A/A: {blocked}/{args.seeds} seeds falsely blocked ({100 * blocked / args.seeds:.2f} %);"
-          f" {args.values} cohorts x 5 rules, {len(LOOKS)} looks per seed (1k..10k requests)")
+    say(f"A/A: {blocked}/{args.seeds} seeds falsely blocked ({100 * blocked / args.seeds:.2f} %);"
+        f" {args.values} cohorts x 5 rules, {len(LOOKS)} looks per seed (1k..10k requests)")
+    return {"seeds": args.seeds, "cohort_values": args.values, "blocked": blocked, "rate": blocked / args.seeds,
+            "looks": list(LOOKS)}
 
 
 POWER_LOOKS = (250, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 7000, 8000, 10000, 12000, 16000)
@@ -210,7 +220,7 @@ def power(args) -> list[dict]:
     jobs = [(name, effect, rule, options, 20_000 + seed) for name, effect, rule, options, _ in cases
             for seed in range(args.seeds)]
     results = _pool(jobs, _power_seed, args.jobs)
-    print(f"power: pairs by which the rule fails on all traffic and the gate blocks, in 90 % of {args.seeds} seeds"
+    say(f"power: pairs by which the rule fails on all traffic and the gate blocks, in 90 % of {args.seeds} seeds"
           f" (looks at {', '.join(f'{n:,}' for n in POWER_LOOKS)} pairs)")
     out = []
     for name, _, rule, _, bar in cases:
@@ -221,22 +231,19 @@ def power(args) -> list[dict]:
         shown = f"{need:,}" if math.isfinite(need) else f"> {POWER_LOOKS[-1]:,}"
         verdict = "" if bar is None else f" (bar: by {bar:,}: {'met' if need <= bar else 'NOT MET'})"
         extra = f"; discordant pairs {100 * disc:.1f} %" if rule == "task_completion" else ""
-        print(f"  {name}: {shown} pairs (median {median:,.0f}){verdict}{extra}")
+        say(f"  {name}: {shown} pairs (median {median:,.0f}){verdict}{extra}")
         out.append({"case": name, "rule": rule, "seeds": args.seeds, "pairs_for_90pct": need if math.isfinite(need) else None,
                     "median_pairs": median if math.isfinite(median) else None, "bar_pairs": bar,
                     **({"discordant_share": round(disc, 4)} if rule == "task_completion" else {})})
-    print(f"  ({time.perf_counter() - t:.0f} s)")
+    say(f"  ({time.perf_counter() - t:.0f} s)")
     return out
 
 
-def everything(args) -> None:
-    doc = {"false_blocks": errors(args), "power": power(args)}
-    if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {args.json}")
+def everything(args) -> dict:
+    return {"false_blocks": errors(args), "power": power(args)}
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
     s = sub.add_parser("speed")
@@ -249,11 +256,14 @@ def main() -> None:
         p.add_argument("--jobs", type=int, default=2, help="processes")
         if name == "aa":
             p.add_argument("--values", type=int, default=50, help="cohorts (values of one label)")
-        if name == "all":
-            p.add_argument("--json", help="also write the figures to this file")
+    for p in sub.choices.values():
+        add_json_arg(p)
     args = ap.parse_args()
-    {"speed": speed, "aa": aa, "errors": errors, "power": power, "all": everything}[args.what](args)
+    results = {"speed": speed, "aa": aa, "errors": errors, "power": power, "all": everything}[args.what](args)
+    key = {"errors": "false_blocks"}.get(args.what, args.what)
+    emit(f"gate-{args.what}", args, results if args.what in ("speed", "all") else {key: results}, args.json)
+    return 1 if isinstance(results, dict) and results.get("failed") else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
