@@ -1,58 +1,28 @@
-"""Build OTLP requests for tests with the official proto classes (independent of shadowlens code)."""
+"""The tests' span dicts as OTLP requests, built with shadowlens/otlp.py (the synthetic traffic's building blocks).
+
+A span dict holds ``trace_id``/``span_id`` (bytes) and optionally ``parent``, ``name``, ``kind``, ``start``,
+``end``, ``attrs`` and ``events`` ([(name, attrs)]): the keyword arguments of ``shadowlens.otlp.span``.
+"""
 from __future__ import annotations
 
-import os
 import random
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-T0 = 1_760_000_000_000_000_000
+from shadowlens.otlp import T0, log_record_request, set_attr, span, trace_request
 
-
-def set_attr(attrs, key, value):
-    kv = attrs.add(key=key)
-    if isinstance(value, bool):
-        kv.value.bool_value = value
-    elif isinstance(value, int):
-        kv.value.int_value = value
-    elif isinstance(value, float):
-        kv.value.double_value = value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            kv.value.array_value.values.add().string_value = v
-    else:
-        kv.value.string_value = value
+__all__ = ["T0", "set_attr", "span_request", "random_spans", "log_request"]
+TEST_RESOURCE = {"service.name": "test-agent"}
 
 
 def span_request(spans: list[dict], resource: dict | None = None) -> ExportTraceServiceRequest:
-    """spans: dicts with trace_id/span_id (bytes), optional parent, name, start, end, attrs, events."""
-    req = ExportTraceServiceRequest()
-    rs = req.resource_spans.add()
-    for k, v in (resource or {"service.name": "test-agent"}).items():
-        set_attr(rs.resource.attributes, k, v)
-    ss = rs.scope_spans.add()
-    ss.scope.name = "tests"
-    for d in spans:
-        s = ss.spans.add()
-        s.trace_id = d["trace_id"]
-        s.span_id = d["span_id"]
-        if d.get("parent"):
-            s.parent_span_id = d["parent"]
-        s.name = d.get("name", "span")
-        s.kind = d.get("kind", 1)
-        s.start_time_unix_nano = d.get("start", T0)
-        s.end_time_unix_nano = d.get("end", d.get("start", T0) + 1_000_000_000)
-        for k, v in d.get("attrs", {}).items():
-            set_attr(s.attributes, k, v)
-        for ev_name, ev_attrs in d.get("events", []):
-            ev = s.events.add(name=ev_name, time_unix_nano=s.start_time_unix_nano)
-            for k, v in ev_attrs.items():
-                set_attr(ev.attributes, k, v)
-    return req
+    return trace_request([span(**d) for d in spans], resource or TEST_RESOURCE, scope="tests")
 
 
 def random_spans(n: int, rng: random.Random | None = None, per_trace: int = 4) -> list[dict]:
+    """``n`` spans in traces of ``per_trace``: a root with route, request id and intent, then chat spans
+    with 200-2000 bytes of ``input.value``."""
     rng = rng or random.Random(0)
     out = []
     for i in range(n):
@@ -71,25 +41,5 @@ def random_spans(n: int, rng: random.Random | None = None, per_trace: int = 4) -
 
 
 def log_request(records: list[dict]) -> ExportLogsServiceRequest:
-    req = ExportLogsServiceRequest()
-    rl = req.resource_logs.add()
-    set_attr(rl.resource.attributes, "service.name", "test-agent")
-    sl = rl.scope_logs.add()
-    for d in records:
-        r = sl.log_records.add()
-        r.time_unix_nano = d.get("time", T0)
-        if d.get("trace_id"):
-            r.trace_id = d["trace_id"]
-        if d.get("span_id"):
-            r.span_id = d["span_id"]
-        r.event_name = d.get("event_name", "")
-        if "body" in d:
-            r.body.string_value = d["body"]
-        for k, v in d.get("attrs", {}).items():
-            set_attr(r.attributes, k, v)
-    return req
+    return log_record_request(records, TEST_RESOURCE)
 
-
-def ids(rng=None):
-    rng = rng or random
-    return os.urandom(16), os.urandom(8)

@@ -337,7 +337,7 @@ def test_trace_model_is_the_most_frequent_with_ties_to_the_first_and_steps_are_d
 def test_reprice_recomputes_span_and_trace_costs(priced_server, tmp_path):
     import subprocess
 
-    from conftest import REPO, SHADOWLENS
+    from harness import REPO, SHADOWLENS
     server = priced_server
     rng = random.Random(21)
     traces = [make_trace(rng, i) for i in range(30)]

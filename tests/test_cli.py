@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import REPO, SHADOWLENS, free_port, server_env
+from harness import REPO, SHADOWLENS, free_port, server_env
 
 
 def plain_env(**extra) -> dict:

@@ -15,7 +15,7 @@ import sys
 import hypothesis
 import hypothesis.strategies as st
 import pytest
-from conftest import REPO
+from harness import REPO
 from otlp_builders import T0, random_spans, span_request
 from wire_bytes import (attribute, event, key_value, ld, nested_array, nested_kvlist, span_event, string_value,
                         with_span_extras)

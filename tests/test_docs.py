@@ -79,7 +79,7 @@ def test_every_readme_query_example_returns_something_on_the_demos_data(serve_fa
     import subprocess
     import time
 
-    from conftest import REPO, SHADOWLENS
+    from harness import REPO, SHADOWLENS
 
     from shadowlens.traffic import GenerateOptions, run_generate
     server = serve_factory(env={"SHADOWLENS_TRACES__IDLE_SECONDS": "1"})

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, SHADOWLENS
+from harness import REPO, SHADOWLENS
 from otlp_builders import log_request, span_request
 
 HOUR_NS = 3600 * 10**9

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import REPO, SHADOWLENS
+from harness import REPO, SHADOWLENS
 
 from shadowlens.traffic import GenerateOptions, run_generate
 

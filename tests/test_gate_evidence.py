@@ -16,7 +16,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import REPO, SHADOWLENS
+from harness import REPO, SHADOWLENS
 
 from shadowlens.analyzers.compare import compare
 from shadowlens.analyzers.evidence import NO_TRACE_DATA, trace_link

@@ -81,7 +81,7 @@ def test_gate_says_it_from_the_first_evaluation_for_an_agent_instrumented_as_the
     import subprocess
     import urllib.request
 
-    from conftest import REPO, SHADOWLENS
+    from harness import REPO, SHADOWLENS
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider

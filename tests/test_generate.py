@@ -14,7 +14,7 @@ import pytest
 
 from shadowlens.demo import gate_summary
 from shadowlens.traffic import MODEL, MODELS, SCENARIOS, sample_request
-from tests.conftest import REPO, SHADOWLENS, free_port, server_env
+from harness import REPO, SHADOWLENS, free_port, server_env
 
 SUMMARY = re.compile(r"generate: done, (\d+) traces sent \((\d+) requests\), (\d+) spans, (\d+) failed")
 PROGRESS = re.compile(r"^generate: \d+ traces sent \(\d+ requests\), [\d.]+ traces/s, scenario \w+$", re.M)

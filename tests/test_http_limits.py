@@ -13,7 +13,7 @@ import pytest
 from google.rpc import code_pb2, status_pb2
 from otlp_builders import span_request
 
-from conftest import Server, free_port, server_env
+from harness import Server, free_port, server_env
 from test_receivers import send_chunked
 
 IDLE_S, READ_S, MAX_CONNECTIONS = 2, 2, 8

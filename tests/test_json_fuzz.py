@@ -12,7 +12,7 @@ import hypothesis.strategies as st
 import pytest
 
 import json_fuzz
-from conftest import Server, free_port, server_env
+from harness import Server, free_port, server_env
 
 # the named failures of the issue, each a body that used to get a 500 or no answer
 NAMED = {

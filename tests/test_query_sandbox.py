@@ -12,7 +12,7 @@ import subprocess
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, SHADOWLENS
+from harness import REPO, SHADOWLENS
 from otlp_builders import span_request
 
 from shadowlens.config import default_config

@@ -106,7 +106,7 @@ def _with_invalid_spans(rng: random.Random):
     spans[3]["trace_id"] = b"\x01" * 15
     spans[5]["span_id"] = bytes(8)
     spans[8]["start"], spans[8]["end"] = T0 + 10, T0
-    spans[11]["parent_span_id"] = b"\x02" * 7
+    spans[11]["parent"] = b"\x02" * 7
     return span_request(spans).SerializeToString()
 
 

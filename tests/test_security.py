@@ -12,7 +12,7 @@ import urllib.request
 
 import grpc
 import pytest
-from conftest import REPO, SHADOWLENS, server_env
+from harness import REPO, SHADOWLENS, server_env
 from cryptography import x509
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter

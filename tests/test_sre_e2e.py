@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from harness import REPO
 from prometheus_server import PrometheusError, PrometheusServer, prometheus_binary, value
 
 from shadowlens.traffic import GenerateOptions, run_generate

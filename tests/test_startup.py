@@ -7,7 +7,7 @@ import socket
 import subprocess
 
 import pytest
-from conftest import REPO, SHADOWLENS, free_port, server_env
+from harness import REPO, SHADOWLENS, free_port, server_env
 
 
 def run(*args, env, timeout=90):
