@@ -5,7 +5,6 @@ import json
 import math
 from typing import Any
 
-
 from . import wire
 from .aliases import BOOL, FLOAT, INT, RAW, STR, STRS
 

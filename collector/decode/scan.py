@@ -19,7 +19,7 @@ except ImportError:  # no compiler at install time
     _wirescan = None
 
 # One span's fixed columns, as the C scanner writes them (little-endian, 64 bytes; _wirescan.c;
-# normalize.SPAN_RECORD reads them).
+# ids.SPAN_RECORD reads them).
 _RECORD = struct.Struct("<16s8s8sQQiiiBBxx")
 ZERO_TRACE, ZERO_SPAN = bytes(16), bytes(8)
 # The latest span time the store can hold: DuckDB's TIMESTAMP_NS is a signed 64-bit count and refuses
