@@ -1,11 +1,11 @@
 """The composition root of ``shadowlens serve``: wires the stages, starts them downstream-first,
 stops them upstream-first on SIGTERM/SIGINT (stop accepting, drain, commit, exit 0).
 
-    frontend process:  receivers (gRPC, HTTP) -> ExportHandler (check) -> payload log (fsync) -> acknowledge
+    frontend process:  receivers (gRPC, HTTP) -> ExportHandler (check) -> Intake: payload log (fsync) -> acknowledge
                                                    | the record's place over a pipe
     decoder process:   payload -> normalize -> Arrow batch
-                                                   | NormalizedBatch over a pipe; acks go back to the frontend
-    this process:      StoreBridge -> StoreWriter (grouped inserts) -> DuckDB -> TraceAssembler -> aggregates
+                                                   | a Batch over a pipe; Acks go back to the frontend
+    this process:      IngestSupervisor -> StoreWriter (grouped inserts) -> DuckDB -> TraceAssembler -> aggregates
                                                                                -> PairingSink (pairs, sums)
                        QueryServer, Retention, WindowRefresher, GateRefresher (compare -> Verdict);
                        /metrics and /gate read stats and the latest snapshots
@@ -39,16 +39,17 @@ from shadowlens.exporters.verdict_json import http_status, verdict_to_json
 
 from . import startup
 from .collector import security
-from .config import Config
 from .collector.decode.normalize import Normalizer
 from .collector.decode.pricing import PriceTable
+from .collector.ingest.messages import IngestSettings
+from .collector.ingest.supervisor import IngestSupervisor
 from .collector.stats import IngestStats
 from .collector.store.diskfull import readiness
 from .collector.store.files import private_umask
 from .collector.store.reader import QueryServer
-from .collector.store.remote import StoreBridge
 from .collector.store.retention import Retention, store_bytes
 from .collector.store.writer import StoreWriter
+from .config import Config
 
 log = logging.getLogger("shadowlens.serve")
 
@@ -61,7 +62,7 @@ class App:
     store: StoreWriter
     components: list = field(default_factory=list)
     metrics: MetricsServer | None = None
-    frontend: StoreBridge | None = None
+    ingest: IngestSupervisor | None = None
     ready: bool = False
 
     def start(self) -> None:
@@ -89,21 +90,21 @@ def build_app(cfg: Config) -> App:
     gate = cfg.gate_settings()           # a bad gate rule fails here, before anything starts
     stats = IngestStats(max_models=cfg.metrics_max_models)
     data_dir = cfg.store.data_dir
-    store = StoreWriter(data_dir, cfg.cohort_labels, stats, queue_max_spans=cfg.store.queue_max_spans,
+    store = StoreWriter(data_dir, cfg.cohort_labels, stats,
                         dedup_max_keys=cfg.store.dedup_max_keys, duckdb_settings={
                             "threads": cfg.store.duckdb_threads, "memory_limit": cfg.store.duckdb_memory_limit,
                             "checkpoint_threshold": cfg.store.checkpoint_threshold})
     app = App(config=cfg, stats=stats, store=store)
     registry = CollectorRegistry(auto_describe=False)
-    frontend_stats: dict = {}
-    registry.register(IngestCollector(stats, lambda: store_bytes(data_dir), frontend_stats,
+    child_counters: dict = {}      # the ingest processes' counters, summed
+    registry.register(IngestCollector(stats, lambda: store_bytes(data_dir), child_counters,
                                       max_models=cfg.metrics_max_models))
     listeners = security.load(cfg)
     app.metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, registry,
-                                ready=lambda: readiness(app.ready, stats, frontend_stats),
+                                ready=lambda: readiness(app.ready, stats, child_counters),
                                 tls=listeners.metrics_tls, token=listeners.metrics_token)
     PriceTable.load(cfg.prices)        # a bad user price entry fails here, before anything starts
-    app.frontend = StoreBridge(store, dict(cfg.raw), frontend_stats)
+    app.ingest = IngestSupervisor(store, ingest_settings(cfg), child_counters)
     store.replay_normalizer = Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices), cfg.receivers.scanner)
     retention = Retention(data_dir, store.cursor, cfg.store.retention_s, cfg.store.retention_check_s,
                           current_segment=store.current_segment)
@@ -113,10 +114,17 @@ def build_app(cfg: Config) -> App:
     # which may be newer than what this server loaded at start
     operations = {"reprice": lambda con, req: reprice_table(con, PriceTable.load(req.get("prices") or []),
                                                             req.get("since_s"))}
-    app.components = [store, QueryServer(data_dir, store.cursor, operations, sync=app.frontend.sync),
+    app.components = [store, QueryServer(data_dir, store.cursor, operations, sync=app.ingest.sync),
                       retention, *analyzers, *_parquet_export(cfg, store, registry), app.metrics,
-                      app.frontend]
+                      app.ingest]
     return app
+
+
+def ingest_settings(cfg: Config) -> IngestSettings:
+    """What the ingest processes need of the configuration (they never load it themselves)."""
+    return IngestSettings(data_dir=cfg.store.data_dir, receivers=cfg.receivers, cohort_labels=dict(cfg.cohort_labels),
+                          evals=cfg.evals, prices=tuple(cfg.prices), queue_max_spans=cfg.store.queue_max_spans,
+                          metrics_max_models=cfg.metrics_max_models)
 
 
 def _parquet_export(cfg: Config, store: StoreWriter, registry: CollectorRegistry) -> list:
@@ -194,7 +202,7 @@ def run(cfg: Config, data_dir_text: str | None = None, ready_file: str | None = 
         def on_child_exit() -> None:
             child_died.set()
             stop.set()
-        app.frontend.on_child_exit = on_child_exit
+        app.ingest.on_child_exit = on_child_exit
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         app.start()

@@ -5,7 +5,8 @@ columns into DuckDB a little later. After ``kill -9`` or a power cut in between,
 are only in the segments: this walks every segment from the store's ``replay_from_segment`` on,
 decodes each record no ``payloads`` row points at, and inserts it like a new request
 (deduplicated, so a record the client also retried is stored once). A record that fails to
-decode or to insert is set aside (quarantine.py), never a reason for ``serve`` not to start.
+decode or to insert is set aside, counted and logged (the rule: ``shadowlens.collector.ingest``),
+never a reason for ``serve`` not to start.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def replay(writer, segments_dir: Path, from_segment: int, before_segment: int) -
                     batch = normalizer.normalize_traces(payload)
                 else:
                     batch = normalizer.normalize_logs(ExportLogsServiceRequest.FromString(payload), payload)
-            except Exception as exc:  # acknowledged, yet it does not decode: keep it, go on
+            except Exception as exc:  # acknowledged, yet it does not decode: set it aside, go on
                 writer.quarantine.set_aside(writer.con, (seg, offset, len(payload)), signal, "decode", exc, payload)
                 continue
             if not batch.accepted and batch.logs is None:

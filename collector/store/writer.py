@@ -1,12 +1,11 @@
 """The only DuckDB writer: one thread, a bounded queue, group commit, deduplication.
 
-Two ways in. ``serve``'s ingest frontend has already made each payload durable in the segment
-log (the write-ahead log: framed, fdatasynced) and acknowledged it; it hands the columns over
-with ``payload_ref`` and the writer inserts them in large groups, off the acknowledgement path,
-so DuckDB's commits and checkpoints never hold up a client. In-process callers (tests, tools)
-submit without ``payload_ref``: the payload is appended and synced here and their Future
-resolves after the DuckDB commit. Either way an acknowledged span survives ``kill -9``: records
-the database never got are re-inserted from the segment log on restart (``replay.py``).
+One way in. The ingest frontend has already made each payload durable in the segment log (the
+write-ahead log: framed, fdatasynced) and acknowledged it; the supervisor hands the decoded
+columns over with the payload's place (``payload_ref``) and the writer inserts them in large
+groups, off the acknowledgement path, so DuckDB's commits and checkpoints never hold up a client.
+An acknowledged span survives ``kill -9``: records the database never got are re-inserted from
+the segment log on restart (``replay.py``).
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,12 +27,12 @@ from ..decode.normalize import NormalizedBatch, span_keys
 from ..errors import SetAside
 from ..stats import IngestStats
 from . import diskfull
-from .commit import Commit, Committed, admit
+from .commit import Commit, Committed
 from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions, sandbox
 from .files import make_private_dir, tighten
 from .quarantine import DDL as QUARANTINE_DDL
 from .quarantine import Quarantine, is_data_error
-from .segments import SegmentLog, SegmentSyncer, list_segments, segment_sizes
+from .segments import list_segments, segment_sizes
 
 log = logging.getLogger("shadowlens.store")
 
@@ -47,7 +46,6 @@ MIN_GROUP_SPANS = 16384
 # default 122,880-row groups (3.6 of it in COMMIT: WAL, then checkpoints); 16,384: 4.7, worst commit 0.44 -> 0.18 s.
 ROW_GROUP_ROWS = 16384
 GROUP_LINGER_S = 0.2           # bounds the time to visibility of acknowledged spans
-WAITING_LINGER_S = 0.02        # when a caller waits for the commit
 DEDUP_SEED_SECONDS = 3600
 SLOW_COMMIT_S = 0.5
 REPLAY_META_KEY = "replay_from_segment"
@@ -57,8 +55,7 @@ REPLAY_META_KEY = "replay_from_segment"
 class _Task:
     batch: NormalizedBatch
     future: Future
-    payload_ref: tuple[int, int, int]   # (segment, offset, length) where the payload was appended
-    synced: bool                        # the payload is durable already (the frontend synced it)
+    payload_ref: tuple[int, int, int]   # (segment, offset, length) of the payload in the segment log
 
 
 class RecentKeys:
@@ -136,13 +133,12 @@ class RecentKeys:
 class StoreWriter:
     """Owns the DuckDB file for writing. ``submit`` from any thread; everything else runs on one thread."""
 
-    def __init__(self, data_dir: Path, cohort_labels, stats: IngestStats, *, queue_max_spans: int = 262144,
-                 dedup_max_keys: int = 4_000_000, duckdb_settings: dict | None = None,
+    def __init__(self, data_dir: Path, cohort_labels, stats: IngestStats, *, dedup_max_keys: int = 4_000_000,
+                 duckdb_settings: dict | None = None,
                  now: Callable[[], float] = time.time):
         self.data_dir = Path(data_dir)
         self.cohort_labels = tuple(cohort_labels)
         self.stats = stats
-        self.queue_max_spans = queue_max_spans
         self.now = now
         # One DuckDB thread and a larger checkpoint threshold: with 2 cores shared with the decoder,
         # parallel inserts and frequent checkpoints cost more than they give (measured: 53k -> 65k
@@ -152,7 +148,6 @@ class StoreWriter:
         self._dedup = RecentKeys(dedup_max_keys) if dedup_max_keys else None
         self._queue: deque[_Task] = deque()
         self._queued_spans = 0
-        self._queued_waiting = 0        # queued in-process tasks: a caller waits for their commit
         self._queued_tasks = 0          # ever queued / ever finished (committed or failed): flush()
         self._finished_tasks = 0
         self._frontend_low = 0          # lowest segment the frontend may still send records of
@@ -194,9 +189,6 @@ class StoreWriter:
         # A store without the key predates framed segments: nothing in it can be replayed.
         self.replay_from = int(rows[0][0]) if rows else self.first_segment
         self._frontend_low = self.first_segment
-        self._segments: SegmentLog | None = None       # created on the first local append
-        self._syncer = SegmentSyncer(self.data_dir / SEGMENTS_DIR)
-        self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="shadowlens-fsync")
         if self._dedup is not None:
             self._seed_dedup()
         from .replay import replay
@@ -297,57 +289,27 @@ class StoreWriter:
                 log.warning("checkpoint at shutdown failed: %s", exc)
             self.con.close()
             self.con = None
-            if self._segments is not None:
-                self._segments.close()
-            self._syncer.close()
-            self._sync_pool.shutdown()
             self.decoder.close()
 
     # -- API for receivers -----------------------------------------------------------------
-    @property
-    def segments(self) -> SegmentLog:
-        """This process's appender (in-process receivers and tests); serve's frontend has its own."""
-        with self._cond:
-            if self._segments is None:
-                self._segments = SegmentLog(self.data_dir / SEGMENTS_DIR, self.first_segment)
-            return self._segments
-
     def current_segment(self) -> int:
         """Retention deletes no segment from this one on: it may hold records DuckDB lacks yet."""
         return min(self.replay_from, self._frontend_low) if self._frontend_low else self.replay_from
 
-    def submit(self, batch: NormalizedBatch, payload_ref: tuple[int, int, int] | None = None,
-               low_segment: int | None = None) -> Future:
-        """Queue a batch for the next group commit; the Future resolves once it is in DuckDB.
+    def submit(self, batch: NormalizedBatch, payload_ref: tuple[int, int, int], low_segment: int | None = None) -> Future:
+        """Queue a decoded record for the next group commit; the Future resolves once it is in DuckDB.
 
-        Without ``payload_ref`` the payload is appended to the segment log here, on the caller's
-        thread, so that many receivers copy their bytes in parallel, and synced by the writer.
-        With it, the caller (the ingest frontend process) has appended, synced and acknowledged
-        it already, and admitted it against its own limit: the writer must take it. The frontend
-        also says the lowest segment it may still send records of (``low_segment``).
+        The ingest frontend has appended, synced and acknowledged the payload (``payload_ref``: its
+        segment, offset and length) and admitted it against its own limit: the writer must take it.
+        ``low_segment``: the lowest segment the frontend may still send records of.
         """
         fut: Future = Future()
-        n = batch.accepted
-        synced = payload_ref is not None
         with self._cond:
-            if not synced:
-                admit(self._stopping, self._queued_spans, n, self.queue_max_spans, self.stats)
-            self._queued_spans += n          # reserved before the (slower) payload write
-        ref = payload_ref
-        if ref is None:
-            try:
-                seg, off, _ticket = self.segments.append(batch.payload, batch.signal)
-                ref = (seg, off, len(batch.payload))
-            except BaseException:
-                with self._cond:
-                    self._queued_spans -= n
-                raise
-        with self._cond:
+            self._queued_spans += batch.accepted
             if low_segment is not None:
                 self._frontend_low = max(self._frontend_low, low_segment)
-            self._queue.append(_Task(batch, fut, ref, synced))
+            self._queue.append(_Task(batch, fut, payload_ref))
             self._queued_tasks += 1
-            self._queued_waiting += not synced
             self._cond.notify()
         return fut
 
@@ -395,34 +357,23 @@ class StoreWriter:
                     self._cond.wait()
                 if not self._queue and self._stopping:
                     return
-                # Linger for a bigger group unless a caller is waiting for this commit.
-                linger = WAITING_LINGER_S if self._queued_waiting else GROUP_LINGER_S
-                deadline = time.monotonic() + linger
+                # Linger for a bigger group: fewer, larger commits (the clients have their acks already).
+                deadline = time.monotonic() + GROUP_LINGER_S
                 while (self._queued_spans < MIN_GROUP_SPANS and not self._stopping
                        and (left := deadline - time.monotonic()) > 0):
                     self._cond.wait(left)
-                    if self._queued_waiting:
-                        deadline = min(deadline, time.monotonic() + WAITING_LINGER_S)
                 group, spans = [], 0
                 while self._queue and spans < MAX_GROUP_SPANS:
                     task = self._queue.popleft()
                     group.append(task)
                     spans += task.batch.accepted
-                    self._queued_waiting -= not task.synced
                 # every record below this segment has reached the queue; those still queued are later
                 low = min([self._frontend_low or self.first_segment, self._failed_low]
                           + [t.payload_ref[0] for t in self._queue])
             try:
-                # the in-process payloads' fdatasync runs while DuckDB inserts and commits; both before any ack
                 t0 = time.perf_counter()
-                unsynced = {t.payload_ref[0] for t in group if not t.synced}
-                synced = self._sync_pool.submit(self._timed_sync, unsynced) if unsynced else None
-                try:
-                    results = self._commit(group, low)
-                    self.stats.add("store_insert_seconds", None, time.perf_counter() - t0)
-                finally:
-                    if synced is not None:
-                        synced.result()
+                results = self._commit(group, low)
+                self.stats.add("store_insert_seconds", None, time.perf_counter() - t0)
                 self.stats.add("store_commits", None, 1)
                 took = time.perf_counter() - t0
                 self.stats.add("store_commit_seconds", None, took)
@@ -454,15 +405,10 @@ class StoreWriter:
                 self._finished_tasks += len(group)
                 self._commit_cond.notify_all()
 
-    def _timed_sync(self, segments) -> None:
-        t0 = time.perf_counter()
-        self._syncer.sync(segments)
-        self.stats.add("store_sync_seconds", None, time.perf_counter() - t0)
-
     def commit_replayed(self, items: list[tuple[NormalizedBatch, tuple[int, int, int]]]) -> None:
         """Insert records recovered from the segment log (before the writer thread starts). A record
         that cannot be inserted is set aside, so that it cannot keep ``serve`` from starting."""
-        group = [_Task(batch, Future(), ref, True) for batch, ref in items]
+        group = [_Task(batch, Future(), ref) for batch, ref in items]
         try:
             self._commit(group)
         except Exception as exc:  # isolated, or raised again, below

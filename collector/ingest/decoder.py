@@ -1,0 +1,98 @@
+"""The decoder process's entry point: acknowledged Records -> Arrow columns for the writer.
+
+Started by the supervisor beside the frontend. The frontend has already made each payload
+durable and acknowledged it; this process reads the bytes back from the segment file (they are
+in the page cache, and leave it once read: see SegmentReader.read), normalizes them (the
+GIL-bound part of ingest) and sends a Batch to the supervisor. A record it cannot decode goes
+back as Undecodable, and the supervisor sets it aside (the rule: ``shadowlens.collector.ingest``).
+It exits when the frontend's end of its input pipe closes, after passing on everything before.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import time
+
+from .messages import Barrier, Batch, Counters, IngestSettings, Record, Stopped, Undecodable
+
+STATS_INTERVAL_S = 0.5
+
+log = logging.getLogger("shadowlens.decoder")
+
+
+def main(conn_in, conn_out, settings: IngestSettings) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..stats import IngestStats
+    from ..store.segments import SEGMENTS_DIR, SegmentReader
+
+    stats = IngestStats(max_models=settings.metrics_max_models)
+    decode = _record_decoder(settings, SegmentReader(settings.data_dir / SEGMENTS_DIR))
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)     # decoding allocates many short-lived objects (see frontend.py)
+
+    def send(msg) -> None:
+        try:
+            conn_out.send(msg)
+        except (OSError, EOFError):      # the supervisor is gone: nothing more to do
+            os._exit(1)
+
+    last_sent = time.monotonic()
+    dirty = False
+    while True:
+        try:
+            if not conn_in.poll(STATS_INTERVAL_S):
+                if dirty:              # counters of the last records, also when no more arrive
+                    send(Counters(stats.snapshot()))
+                    dirty = False
+                continue
+            msg = conn_in.recv()
+        except (EOFError, OSError):
+            break
+        if isinstance(msg, Record):
+            out = decode(msg)
+            if isinstance(out, Batch) and out.batch.unpriced:
+                stats.add_many("unpriced_spans", out.batch.unpriced)
+                dirty = True
+            send(out)
+        elif isinstance(msg, Barrier):
+            send(Counters(stats.snapshot()))
+            send(msg)
+        now = time.monotonic()
+        if dirty and now - last_sent >= STATS_INTERVAL_S:
+            last_sent = now
+            dirty = False
+            send(Counters(stats.snapshot()))
+    send(Counters(stats.snapshot()))
+    send(Stopped())
+    os._exit(0)
+
+
+def _record_decoder(settings: IngestSettings, reader):
+    """A function: Record -> Batch, or Undecodable when the payload does not decode."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    from ..decode.normalize import Normalizer
+    from ..decode.pricing import PriceTable
+
+    normalizer = Normalizer(settings.cohort_labels, settings.evals, PriceTable.load(settings.prices),
+                            settings.receivers.scanner)
+
+    def decode(rec: Record) -> Batch | Undecodable:
+        try:
+            payload = reader.read(rec.segment, rec.offset, rec.length, last_read=True)
+            if rec.signal == "traces":
+                batch = normalizer.normalize_traces(payload)
+            else:
+                batch = normalizer.normalize_logs(ExportLogsServiceRequest.FromString(payload), payload)
+        except Exception as exc:  # acknowledged, yet it does not decode: the supervisor keeps it
+            log.exception("record %d (segment %d, offset %d) could not be decoded; it is set aside", rec.rid,
+                          rec.segment, rec.offset)
+            return Undecodable(rec.rid, rec.ref, rec.signal, rec.low_segment, f"{type(exc).__name__}: {exc}")
+        batch.payload = b""          # the payload stays in the segment log; only the columns cross
+        return Batch(rec.rid, batch, rec.ref, rec.low_segment)
+
+    return decode
