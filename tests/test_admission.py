@@ -7,11 +7,11 @@ import threading
 import time
 
 import pytest
-
 from shadowlens.collector.errors import Overloaded, ShuttingDown
+from shadowlens.collector.ingest import intake
+from shadowlens.collector.ingest.intake import Intake
+from shadowlens.collector.ingest.messages import Ack, Record
 from shadowlens.collector.stats import IngestStats
-from shadowlens.collector.store import remote
-from shadowlens.collector.store.remote import RemoteStore
 from shadowlens.collector.store.segments import SegmentLog, read_frames
 
 
@@ -21,53 +21,52 @@ def frontend(tmp_path):
     to_decoder, decoder_end = multiprocessing.Pipe(duplex=False)
     log = SegmentLog(tmp_path, 1)
     stats = IngestStats()
-    rs = RemoteStore(to_store, decoder_end, log, stats, queue_max_spans=10)
+    rs = Intake(to_store, decoder_end, log, stats, queue_max_spans=10)
     yield rs, to_decoder, stats, tmp_path
     log.close()
 
 
 def test_a_record_is_in_the_log_before_the_decoder_hears_of_it(frontend):
     rs, decoder_in, _, directory = frontend
-    rs.submit_record(b"payload-bytes", "traces", 4)
+    rs.persist(b"payload-bytes", "traces", 4)
     msg = decoder_in.recv()
-    assert msg[0] == "record" and msg[5] == "traces"
-    _, rid, seg, off, length, _, low = msg
-    assert [(o, p) for o, _, p in read_frames(directory, seg)] == [(off, b"payload-bytes")]
-    assert length == len(b"payload-bytes") and low == seg == 1
+    assert isinstance(msg, Record) and msg.signal == "traces"
+    assert [(o, p) for o, _, p in read_frames(directory, msg.segment)] == [(msg.offset, b"payload-bytes")]
+    assert msg.length == len(b"payload-bytes") and msg.low_segment == msg.segment == 1
     assert rs.stats.gauges["ingest_queue_spans"]() == 4
 
 
 def test_a_full_queue_waits_for_a_commit_then_goes_on(frontend):
     rs, decoder_in, _, _ = frontend
-    rs.submit_record(b"a", "traces", 8)
-    first = decoder_in.recv()[1]
+    rs.persist(b"a", "traces", 8)
+    first = decoder_in.recv().rid
     done = threading.Event()
-    threading.Thread(target=lambda: (rs.submit_record(b"b", "traces", 8), done.set()), daemon=True).start()
+    threading.Thread(target=lambda: (rs.persist(b"b", "traces", 8), done.set()), daemon=True).start()
     assert not done.wait(0.3)                  # 8 + 8 > 10: waits for room
-    rs.on_message(("ack", first))              # the store committed the first record
+    rs.on_message(Ack(first))              # the store committed the first record
     assert done.wait(5)
     assert rs.stats.gauges["ingest_queue_spans"]() == 8
 
 
 def test_no_room_in_time_is_unavailable_with_a_retry_delay(frontend, monkeypatch):
     rs, _, stats, _ = frontend
-    monkeypatch.setattr(remote, "ADMIT_WAIT_S", 0.2)
-    rs.submit_record(b"a", "traces", 8)
+    monkeypatch.setattr(intake, "ADMIT_WAIT_S", 0.2)
+    rs.persist(b"a", "traces", 8)
     t0 = time.monotonic()
     with pytest.raises(Overloaded) as err:
-        rs.submit_record(b"b", "traces", 8)
+        rs.persist(b"b", "traces", 8)
     assert time.monotonic() - t0 >= 0.2
     assert err.value.retry_after_s > 0 and stats.requests_refused["queue_full"] == 1
 
 
 def test_stopping_wakes_a_waiting_export_with_shutting_down(frontend):
     rs, _, _, _ = frontend
-    rs.submit_record(b"a", "traces", 8)
+    rs.persist(b"a", "traces", 8)
     outcome = []
 
     def second():
         try:
-            rs.submit_record(b"b", "traces", 8)
+            rs.persist(b"b", "traces", 8)
         except ShuttingDown as exc:
             outcome.append(exc)
     t = threading.Thread(target=second, daemon=True)
