@@ -93,67 +93,81 @@ def typed(raw: Any, kind: str) -> Any:
         raw = _composite(raw)
         if raw is None:
             return None
-    if kind == STR:
-        if isinstance(raw, str):
-            return raw
-        if isinstance(raw, (list, dict)):
-            return None
-        return json.dumps(raw) if isinstance(raw, bool) else str(raw)
-    if kind == INT:
-        if isinstance(raw, bool):
-            return None
-        if isinstance(raw, int):
-            out = raw
-        elif isinstance(raw, float):
-            out = int(raw) if math.isfinite(raw) else None
-        elif isinstance(raw, str):
-            try:
-                out = int(raw)                 # exact: a float holds 53 bits of a large count
-            except ValueError:
-                try:
-                    out = int(float(raw))
-                except (ValueError, OverflowError):
-                    return None
-        else:
-            return None
-        # a BIGINT column holds no more (pyarrow refuses the whole batch for one such value)
-        return out if out is not None and INT64_MIN <= out <= INT64_MAX else None
-    if kind == FLOAT:
-        if isinstance(raw, bool):
-            return None
-        if isinstance(raw, (int, float)):
-            out = float(raw)
-        elif isinstance(raw, str):
-            try:
-                out = float(raw)
-            except ValueError:
-                return None
-        else:
-            return None
-        return out if math.isfinite(out) else None
-    if kind == BOOL:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str):
-            low = raw.strip().lower()
-            return True if low in _TRUE else False if low in _FALSE else None
-        if isinstance(raw, int):
-            return raw != 0
-        return None
-    if kind == STRS:
-        if isinstance(raw, list):
-            return [str(x) for x in raw]
-        if isinstance(raw, str):
-            text = raw.strip()
-            if text.startswith("["):
-                try:
-                    parsed = json.loads(text)
-                    if isinstance(parsed, list):
-                        return [clean_text(str(x)) for x in parsed]
-                except ValueError:
-                    pass
-            return [raw]
-        return None
-    if kind == RAW:
+    read = _READERS.get(kind)
+    if read is None:
+        raise ValueError(f"unknown concept type {kind!r}")
+    return read(raw)
+
+
+def _as_str(raw: Any) -> str | None:
+    if isinstance(raw, str):
         return raw
-    raise ValueError(f"unknown concept type {kind!r}")
+    if isinstance(raw, (list, dict)):
+        return None
+    return json.dumps(raw) if isinstance(raw, bool) else str(raw)
+
+
+def _as_int(raw: Any) -> int | None:
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        out = raw
+    elif isinstance(raw, float):
+        out = int(raw) if math.isfinite(raw) else None
+    elif isinstance(raw, str):
+        try:
+            out = int(raw)                 # exact: a float holds 53 bits of a large count
+        except ValueError:
+            try:
+                out = int(float(raw))
+            except (ValueError, OverflowError):
+                return None
+    else:
+        return None
+    # a BIGINT column holds no more (pyarrow refuses the whole batch for one such value)
+    return out if out is not None and INT64_MIN <= out <= INT64_MAX else None
+
+
+def _as_float(raw: Any) -> float | None:
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, (int, float)):
+        out = float(raw)
+    elif isinstance(raw, str):
+        try:
+            out = float(raw)
+        except ValueError:
+            return None
+    else:
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _as_bool(raw: Any) -> bool | None:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        low = raw.strip().lower()
+        return True if low in _TRUE else False if low in _FALSE else None
+    if isinstance(raw, int):
+        return raw != 0
+    return None
+
+
+def _as_strs(raw: Any) -> list[str] | None:
+    if isinstance(raw, list):
+        return [str(x) for x in raw]
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+                if isinstance(parsed, list):
+                    return [clean_text(str(x)) for x in parsed]
+            except ValueError:
+                pass
+        return [raw]
+    return None
+
+
+_READERS = {STR: _as_str, INT: _as_int, FLOAT: _as_float, BOOL: _as_bool, STRS: _as_strs, RAW: lambda raw: raw}
