@@ -7,7 +7,7 @@ root span, else any span; a missing cohort value is ``unknown``.
 
 Distinct values are taken with ``list_distinct(list(...))``, not ``DISTINCT`` aggregates: DuckDB
 plans each DISTINCT aggregate as its own group-by over a materialized copy of the spans, which
-made a round's rollup ~2x slower (measured on 1,300 traces / 37k spans: see the README).
+makes a round's rollup ~2x slower (measured on 1,300 traces / 37k spans: docs/performance.md).
 
 The eval and model columns come from the two small per-(trace, eval) and per-(trace, model)
 tables the metrics need anyway (``EVALS_SQL``, ``MODELS_SQL``), joined in by ``trace_rows``:

@@ -2,7 +2,7 @@
 
 Expectations come from the simulation's planted effects and from textbook formulas written out
 here, never from the code under test. bench/gate.py runs the same experiments with more seeds and
-prints the figures quoted in the README.
+prints the figures quoted in docs/performance.md.
 """
 from __future__ import annotations
 
