@@ -34,9 +34,11 @@ prometheus:
 chromium:
 	@sh scripts/install-chromium.sh
 
+# The ingest figures of record: results into bench/results/, rendered into docs/performance.md.
 bench: $(VENV)/.installed
-	$(BIN)/python bench/ingest.py --duration 20 --runs 3
-	$(BIN)/python bench/ingest.py --duration 20 --runs 3 --rate 50000
+	$(BIN)/python bench/ingest.py --duration 20 --runs 3 --json bench/results/ingest-closed.json
+	$(BIN)/python bench/ingest.py --duration 20 --runs 3 --rate 50000 --json bench/results/ingest-paced.json
+	$(BIN)/python bench/figures.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
