@@ -6,7 +6,9 @@ Times are arrival times at the sidecar, not the agent's clock. Memory is bounded
 ``traces.max_open``: beyond it the oldest open trace is finalized as incomplete and counted.
 
 The assembler follows the store's commits (``StoreWriter.follow``): it sees the committed rows'
-trace ids as Arrow columns and never queries DuckDB to learn what arrived.
+trace ids as Arrow columns and never queries DuckDB to learn what arrived. It reads the rows of
+completing traces on its own cursor, in a read-only transaction, and hands the trace rows to the
+store's writer (``derived.replace_traces``), which writes them between two span commits.
 
 Exactly-once: a trace that completes again (late spans) gets its row replaced (``revision`` + 1)
 and is not handed to the metrics again. Which traces have a row is known from memory: the last
@@ -30,9 +32,9 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
-
 from shadowlens.collector.store.commit import Committed
 from shadowlens.collector.store.database import frame
+from shadowlens.collector.store.derived import replace_traces
 
 from .rollup import EVALS_SQL, MODELS_SQL, NO_EVALS, RouteResolver, rollup_sql, trace_rows
 
@@ -269,52 +271,21 @@ class TraceAssembler:
         return len(due)
 
     def _finalize(self, due: dict[str, bool]) -> None:
-        con = self._con
         # The spans of the due traces lie between these: a round reads about the spread of their
         # arrival, not everything since the oldest (5 s and more of traffic, read again each round).
         # A span committed after the last _consume is left for the next round, as a late span.
         states = [self._open[t] for t in due]
-        lo = min(st.first_seq for st in states)
-        hi = max(st.last_seq for st in states)
-        # evals are read up to the last one seen for these traces (evals of other traces keep arriving);
-        # an eval that comes by log after its trace completed counts only if a late span revises the trace
-        evals_hi = max(st.evals_seq for st in states)
+        seqs = (min(st.first_seq for st in states), max(st.last_seq for st in states),
+                # evals are read up to the last one seen for these traces (evals of other traces keep arriving);
+                # an eval that comes by log after its trace completed counts only if a late span revises the trace
+                max(st.evals_seq for st in states))
         revisit = {t: st.row_completed_us for t, st in zip(due, states) if st.row_completed_us is not None}
-        done = pa.table({"trace_id": list(due), "evicted": list(due.values())})
-        con.register("done", done)
-        old: dict = {}
-        try:
-            con.begin()
-            if revisit:
-                old = self._take_old_rows(revisit)
-                if old:
-                    lo = min([lo] + [o["lo"] for o in old.values() if o["lo"] is not None])
-                    evals_hi = self._seq      # a revision counts evals that came after the first completion
-            now_us = int(self.now() * 1e6)
-            rows = frame(con, self._sql.replace("$now::TIMESTAMP", f"make_timestamp({now_us}::BIGINT)"), {"lo": lo, "hi": hi})
-            evals = frame(con, EVALS_SQL, {"lo": lo, "evals_hi": evals_hi}) if evals_hi >= lo else NO_EVALS
-            models = frame(con, MODELS_SQL, {"lo": lo, "hi": hi})
-            rows = self._finish_rows(trace_rows(rows, evals, models), old)
-            con.register("new_traces", rows.to_arrow())
-            con.execute(f"INSERT INTO traces ({', '.join(self._quoted(rows.columns))}) SELECT * FROM new_traces")
-            con.unregister("new_traces")
-            new_ids = [t for t in rows["trace_id"].to_list() if t not in old]
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
-        finally:
-            con.unregister("done")
-        open_, by_last, recent = self._open, self._by_last, self._recent
-        for tid in due:
-            del open_[tid]
-            del by_last[tid]
-        for tid, complete in zip(rows["trace_id"].to_list(), (~rows["incomplete"]).to_list()):
-            if tid in recent:
-                recent.move_to_end(tid)
-            recent[tid] = (complete, now_us)
-        while len(recent) > RECENT_COMPLETED:
-            recent.popitem(last=False)
+        now_us = int(self.now() * 1e6)
+        rows, evals, models, old = self._read_rows(due, seqs, revisit, now_us)
+        # the store's writer deletes the revised traces' rows and inserts the new ones in one transaction
+        self.store.write(replace_traces(rows.to_arrow(), list(old), min(revisit.values()) if old else None)).result()
+        new_ids = [t for t in rows["trace_id"].to_list() if t not in old]
+        self._forget_finalized(due, rows, now_us)
         late = 0
         if old:
             late = sum(max(0, n - old[t]["n"]) for t, n in zip(rows["trace_id"].to_list(), rows["span_count"].to_list())
@@ -334,20 +305,49 @@ class TraceAssembler:
             for sink in self.sinks:
                 sink(result)
 
-    def _take_old_rows(self, revisit: dict[str, int]) -> dict:
-        """Rows of traces completing again: read, then deleted (the caller inserts their revision).
+    def _read_rows(self, due: dict[str, bool], seqs: tuple[int, int, int], revisit: dict[str, int], now_us: int):
+        """The due traces' rows, evals and models, and the rows of those completing again (by trace id),
+        read from the commits ``seqs`` = (lo, hi, evals_hi) in one read-only transaction."""
+        con = self._con
+        lo, hi, evals_hi = seqs
+        con.register("done", pa.table({"trace_id": list(due), "evicted": list(due.values())}))
+        con.execute("BEGIN TRANSACTION READ ONLY")
+        try:
+            old = self._old_rows(revisit) if revisit else {}
+            if old:
+                lo = min([lo] + [o["lo"] for o in old.values() if o["lo"] is not None])
+                evals_hi = self._seq      # a revision counts evals that came after the first completion
+            rows = frame(con, self._sql.replace("$now::TIMESTAMP", f"make_timestamp({now_us}::BIGINT)"), {"lo": lo, "hi": hi})
+            evals = frame(con, EVALS_SQL, {"lo": lo, "evals_hi": evals_hi}) if evals_hi >= lo else NO_EVALS
+            models = frame(con, MODELS_SQL, {"lo": lo, "hi": hi})
+        finally:
+            con.execute("ROLLBACK")       # read only: nothing to keep
+            con.unregister("done")
+        return self._finish_rows(trace_rows(rows, evals, models), old), evals, models, old
+
+    def _forget_finalized(self, due: dict[str, bool], rows: pl.DataFrame, now_us: int) -> None:
+        """Close the finalized traces and remember them as completed (a late span revises their row)."""
+        open_, by_last, recent = self._open, self._by_last, self._recent
+        for tid in due:
+            del open_[tid]
+            del by_last[tid]
+        for tid, complete in zip(rows["trace_id"].to_list(), (~rows["incomplete"]).to_list()):
+            if tid in recent:
+                recent.move_to_end(tid)
+            recent[tid] = (complete, now_us)
+        while len(recent) > RECENT_COMPLETED:
+            recent.popitem(last=False)
+
+    def _old_rows(self, revisit: dict[str, int]) -> dict:
+        """Rows of traces completing again (the caller replaces them with their revision), by trace id.
         Found by completed_at, which rows are appended in order of: zonemaps skip the rest of the table."""
         con = self._con
         con.register("revisit", pa.table({"trace_id": list(revisit)}))
         try:
-            since = {"since": min(revisit.values())}
-            old = dict(con.execute(
+            return dict(con.execute(
                 "SELECT trace_id, struct_pack(n := span_count, rev := revision, lo := min_ingest_seq) FROM traces "
-                "SEMI JOIN revisit USING (trace_id) WHERE completed_at >= make_timestamp($since::BIGINT)", since).fetchall())
-            if old:
-                con.execute("DELETE FROM traces WHERE completed_at >= make_timestamp($since::BIGINT) "
-                            "AND trace_id IN (SELECT trace_id FROM revisit)", since)
-            return old
+                "SEMI JOIN revisit USING (trace_id) WHERE completed_at >= make_timestamp($since::BIGINT)",
+                {"since": min(revisit.values())}).fetchall())
         finally:
             con.unregister("revisit")
 
@@ -360,7 +360,3 @@ class TraceAssembler:
                       dtype=pl.Int32),
         ).drop("_request_model")
         return rows
-
-    @staticmethod
-    def _quoted(cols) -> list[str]:
-        return [f'"{c}"' for c in cols]

@@ -3,16 +3,20 @@
 Spans keep a reported cost as is; every other LLM span is priced again from its tokens with the
 current table, and the cost of each affected trace is summed again. Cumulative Prometheus
 counters are not rewritten (they only grow); window gauges pick the new costs up on refresh.
+
+The whole reprice is one derived write (``reprice_write``): the store's writer runs the read, the
+pricing and the updates in one transaction, so the rows priced are the rows updated.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import duckdb
 import pyarrow as pa
-
 from shadowlens.collector.decode.pricing import PriceTable
+from shadowlens.collector.store.derived import DerivedWrite, update_costs
 
 
 @dataclass(frozen=True)
@@ -21,9 +25,19 @@ class RepriceResult:
     traces: int
     unpriced: dict
 
+    def as_table(self) -> pa.Table:
+        """One row, as ``shadowlens reprice`` prints it (the answer through the query socket, too)."""
+        return pa.table({"spans": [self.spans], "traces": [self.traces],
+                         "unpriced_spans": [sum(self.unpriced.values())]})
 
-def reprice(con: duckdb.DuckDBPyConnection, prices: PriceTable, since_s: float | None = None,
-            now: float | None = None) -> RepriceResult:
+
+def reprice_write(prices: PriceTable, since_s: float | None = None, now: float | None = None) -> DerivedWrite:
+    """The reprice of LLM spans started within ``since_s`` (None: all) as a write for the store's writer."""
+    return DerivedWrite("reprice", partial(_reprice, prices=prices, since_s=since_s, now=now))
+
+
+def _reprice(con: duckdb.DuckDBPyConnection, prices: PriceTable, since_s: float | None,
+             now: float | None) -> RepriceResult:
     now = time.time() if now is None else now
     cutoff_ns = int((now - since_s) * 1e9) if since_s is not None else 0
     rows = con.sql(
@@ -39,21 +53,5 @@ def reprice(con: duckdb.DuckDBPyConnection, prices: PriceTable, since_s: float |
                                            col["reported_cost_usd"])
     new_costs = pa.table({"rid": rows.column("rid"), "trace_id": rows.column("trace_id"),
                           "cost": pa.array(costs, pa.float64())})
-    con.begin()
-    try:
-        con.register("new_costs", new_costs)
-        con.execute("UPDATE spans_core SET cost_usd = n.cost FROM new_costs n WHERE spans_core.rowid = n.rid")
-        traces = con.execute("""
-            UPDATE traces SET cost_usd = x.cost FROM (
-                SELECT s.trace_id, coalesce(sum(s.cost_usd) FILTER (WHERE s.span_kind = 'LLM'),
-                                            max(s.cost_usd) FILTER (WHERE s.parent_span_id IS NULL)) AS cost
-                FROM spans_core s SEMI JOIN (SELECT DISTINCT trace_id FROM new_costs) a USING (trace_id)
-                GROUP BY s.trace_id) x
-            WHERE traces.trace_id = x.trace_id""").fetchone()[0]
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
-    finally:
-        con.unregister("new_costs")
-    return RepriceResult(rows.num_rows, int(traces), dict(unpriced))
+    traces = update_costs(con, new_costs)
+    return RepriceResult(rows.num_rows, traces, dict(unpriced))

@@ -128,21 +128,15 @@ def reprice_cmd(since, config_file, data_dir) -> None:
         raise click.UsageError(str(exc)) from None
     from .collector.store.reader import call_server
     table = call_server(Path(cfg.store.data_dir), {"op": "reprice", "since_s": since_s, "prices": list(cfg.prices)})
-    if table is None:   # no server running: open the store ourselves
-        import duckdb
-
-        from shadowlens.collector.decode.pricing import PriceTable
-
-        from .serve import reprice_table
+    if table is None:   # no server running: this command opens the store and is its one writer
+        from .analyzers.reprice import reprice_write
+        from .collector.decode.pricing import PriceTable
         from .collector.store.database import db_path
+        from .collector.store.derived import run_alone
         path = db_path(Path(cfg.store.data_dir))
         if not path.exists():
             raise click.UsageError(f"no store at {path}")
-        con = duckdb.connect(str(path))
-        try:
-            table = reprice_table(con, PriceTable.load(cfg.prices), since_s)
-        finally:
-            con.close()
+        table = run_alone(path, reprice_write(PriceTable.load(cfg.prices), since_s)).as_table()
     row = table.to_pylist()[0]
     click.echo(f"repriced {row['spans']} LLM spans in {row['traces']} traces"
                f" ({row['unpriced_spans']} spans have no price)")

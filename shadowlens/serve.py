@@ -28,7 +28,7 @@ from shadowlens.analyzers.assembly import TraceAssembler
 from shadowlens.analyzers.cohorts import CohortLimiter
 from shadowlens.analyzers.gate import GateRefresher
 from shadowlens.analyzers.pairing import PairingSink
-from shadowlens.analyzers.reprice import reprice
+from shadowlens.analyzers.reprice import reprice_write
 from shadowlens.analyzers.rules import GateSettings
 from shadowlens.analyzers.window import WindowRefresher, WindowStats
 from shadowlens.exporters.analysis import AnalysisMetrics, GateMetrics
@@ -106,15 +106,15 @@ def build_app(cfg: Config) -> App:
     PriceTable.load(cfg.prices)        # a bad user price entry fails here, before anything starts
     app.ingest = IngestSupervisor(store, ingest_settings(cfg), child_counters)
     store.replay_normalizer = Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices), cfg.receivers.scanner)
-    retention = Retention(data_dir, store.cursor, cfg.store.retention_s, cfg.store.retention_check_s,
+    retention = Retention(data_dir, store.write, cfg.store.retention_s, cfg.store.retention_check_s,
                           current_segment=store.current_segment)
     analyzers = _analyzers(cfg, gate, store, app.metrics) if cfg.analyzers.enabled else []
     # downstream first: the store must be open before anything can submit to it
     # reprice uses the price entries of the config the *command* was given (the current table),
-    # which may be newer than what this server loaded at start
-    operations = {"reprice": lambda con, req: reprice_table(con, PriceTable.load(req.get("prices") or []),
-                                                            req.get("since_s"))}
-    app.components = [store, QueryServer(data_dir, store.cursor, operations, sync=app.ingest.sync),
+    # which may be newer than what this server loaded at start; the store's writer runs it
+    requests = {"reprice": lambda req: store.write(reprice_write(PriceTable.load(req.get("prices") or []),
+                                                                 req.get("since_s"))).result().as_table()}
+    app.components = [store, QueryServer(data_dir, store.cursor, requests, sync=app.ingest.sync),
                       retention, *analyzers, *_parquet_export(cfg, store, registry), app.metrics,
                       app.ingest]
     return app
@@ -136,13 +136,6 @@ def _parquet_export(cfg: Config, store: StoreWriter, registry: CollectorRegistry
                            p.interval_s, p.delay_s)
     registry.register(ExportCollector(runner))
     return [runner]
-
-
-def reprice_table(con, prices, since_s):
-    """``shadowlens reprice`` as one result row (for the query socket and the direct path)."""
-    import pyarrow as pa
-    r = reprice(con, prices, since_s)
-    return pa.table({"spans": [r.spans], "traces": [r.traces], "unpriced_spans": [sum(r.unpriced.values())]})
 
 
 def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: MetricsServer) -> list:

@@ -46,7 +46,7 @@ def test_retention_deletes_old_spans_and_their_segments(tmp_path):
     store.start()
     store.submit(norm.normalize_traces(_spans_at(int(clock[0] * 1e9), 12, 2))).result(10)
     assert len(list_segments(tmp_path / SEGMENTS_DIR)) == 2
-    retention = Retention(tmp_path, store.cursor, retention_s=3600, interval_s=3600,
+    retention = Retention(tmp_path, store.write, retention_s=3600, interval_s=3600,
                           current_segment=store.current_segment, now=lambda: clock[0])
     assert retention.run_once() == 20
     con = store.cursor()

@@ -14,6 +14,7 @@ import socket
 import socketserver
 import threading
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 import pyarrow as pa
@@ -50,9 +51,15 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 
 
 def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    """``sql`` if it is a SELECT, in a read-only transaction: DuckDB itself refuses any write
+    (one hidden where the statement check cannot see it, too)."""
     check_read_only(con, sql)
     try:
-        return con.sql(sql).to_arrow_table()
+        con.execute("BEGIN TRANSACTION READ ONLY")
+        try:
+            return con.sql(sql).to_arrow_table()
+        finally:
+            con.execute("ROLLBACK")       # a read-only transaction has nothing to keep
     except duckdb.Error as exc:
         raise QueryError(duckdb_message(exc)) from None
 
@@ -88,7 +95,7 @@ def query(data_dir: Path, sql: str, timeout: float = 300.0) -> pa.Table:
 
 
 def call_server(data_dir: Path, request: dict, timeout: float = 300.0) -> pa.Table | None:
-    """Send an operation to a running server; None when no server is running."""
+    """Send a request (``{"op": name, ...}``) to a running server; None when no server is running."""
     sock_path = Path(data_dir) / SOCKET_FILE
     if not sock_path.exists():
         return None
@@ -115,15 +122,19 @@ def _call_socket(path: Path, request: dict, timeout: float) -> pa.Table:
 
 
 class QueryServer:
-    """Serves read-only SQL on ``<data_dir>/serve.sock`` from a running ``serve``."""
+    """Serves read-only SQL on ``<data_dir>/serve.sock`` from a running ``serve``.
 
-    def __init__(self, data_dir: Path, cursor_factory, operations: dict | None = None, sync=None):
+    Queries run on the cursors of ``cursor_factory`` in read-only transactions. A request other than
+    a query (``requests``: op name -> fn(request) -> pa.Table, e.g. ``reprice``) gets no connection:
+    what it changes it hands to the store's writer."""
+
+    def __init__(self, data_dir: Path, cursor_factory, requests: dict[str, Callable[[dict], pa.Table]] | None = None,
+                 sync=None):
         """``sync``: called before each query so that it sees every span acknowledged before it."""
         self.path = Path(data_dir) / SOCKET_FILE
         self.cursor_factory = cursor_factory
         self.sync = sync
-        # op name -> fn(connection, request) -> pa.Table: maintenance that must run in the owning process
-        self.operations = dict(operations or {})
+        self.requests = dict(requests or {})
         self._server: socketserver.ThreadingUnixStreamServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -138,17 +149,7 @@ class QueryServer:
                     req = json.loads(self.rfile.readline() or b"{}")
                     if outer.sync is not None:
                         outer.sync()
-                    con = outer.cursor_factory()
-                    try:
-                        op = req.get("op", "query")
-                        if op == "query":
-                            table = run_query(con, str(req.get("sql", "")))
-                        elif op in outer.operations:
-                            table = outer.operations[op](con, req)
-                        else:
-                            raise QueryError(f"unknown operation {op!r}")
-                    finally:
-                        con.close()
+                    table = outer.answer(req)
                 except Exception as exc:  # the client gets every failure as a message
                     msg = str(exc) if isinstance(exc, QueryError) else f"{type(exc).__name__}: {exc}"
                     self.wfile.write(json.dumps({"ok": False, "error": msg}).encode() + b"\n")
@@ -166,6 +167,18 @@ class QueryServer:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="query-socket", daemon=True)
         self._thread.start()
+
+    def answer(self, req: dict) -> pa.Table:
+        op = req.get("op", "query")
+        if op in self.requests:
+            return self.requests[op](req)
+        if op != "query":
+            raise QueryError(f"unknown request {op!r}: send a query ({{\"sql\": ...}}) or one of {sorted(self.requests)}")
+        con = self.cursor_factory()
+        try:
+            return run_query(con, str(req.get("sql", "")))
+        finally:
+            con.close()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         if self._server is not None:

@@ -1,8 +1,9 @@
-"""Deletes data older than ``store.retention`` in the background, off the writer thread.
+"""Deletes data older than ``store.retention``, every ``store.retention_check``.
 
-DuckDB lets a second connection of the same process delete old rows while the writer
-appends new ones (they touch different rows), so ingest does not wait for retention.
-Payload segments are removed once no payload row references them.
+The deletes are a derived write (``derived.delete_older_than``): the store's writer runs them
+between two span commits, so one thread writes the file. A pass deletes what aged out since the
+last one (a minute of data by default), so commits wait for a short delete, not for a backlog.
+Payload segments are removed here, off the writer thread, once no payload row references them.
 """
 from __future__ import annotations
 
@@ -10,22 +11,25 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
 import duckdb
 
 from .database import SEGMENTS_DIR
+from .derived import DerivedWrite, delete_older_than
 from .segments import list_segments, segment_path
 
 log = logging.getLogger("shadowlens.retention")
 
 
 class Retention:
-    def __init__(self, data_dir: Path, cursor_factory, retention_s: float, interval_s: float,
+    def __init__(self, data_dir: Path, write: Callable[[DerivedWrite], Future], retention_s: float, interval_s: float,
                  current_segment: Callable[[], int], now: Callable[[], float] = time.time):
+        """``write``: the store writer's ``write`` (its deletes run on the writer's thread)."""
         self.data_dir = Path(data_dir)
-        self.cursor_factory = cursor_factory
+        self.write = write
         self.retention_s = retention_s
         self.interval_s = interval_s
         self.current_segment = current_segment
@@ -42,25 +46,13 @@ class Retention:
         while not self._stop.wait(self.interval_s):
             try:
                 self.run_once()
-            except duckdb.Error as exc:   # e.g. a write conflict: the next round retries
+            except duckdb.Error as exc:   # e.g. a full disk: rolled back by the writer; the next round retries
                 log.warning("retention pass failed, will retry: %s", exc)
 
     def run_once(self) -> int:
         cutoff_us = int((self.now() - self.retention_s) * 1e6)
-        con = self.cursor_factory()
-        try:
-            con.begin()
-            n = con.execute("DELETE FROM spans_core WHERE start_time < make_timestamp(?::BIGINT)",
-                            [cutoff_us]).fetchone()[0]
-            con.execute("DELETE FROM evals WHERE ingest_seq <= (SELECT max(ingest_seq) FROM payloads "
-                        "WHERE received_at < make_timestamp(?::BIGINT))", [cutoff_us])
-            con.execute("DELETE FROM logs WHERE received_at < make_timestamp(?::BIGINT)", [cutoff_us])
-            con.execute("DELETE FROM payloads WHERE received_at < make_timestamp(?::BIGINT) AND payload_id NOT IN "
-                        "(SELECT DISTINCT payload_id FROM spans_core WHERE payload_id IS NOT NULL)", [cutoff_us])
-            con.commit()
-            live = {r[0] for r in con.execute("SELECT DISTINCT segment FROM payloads").fetchall()}
-        finally:
-            con.close()
+        done = self.write(delete_older_than(cutoff_us)).result()
+        n, live = done.spans, done.live_segments
         current = self.current_segment()
         for seg in list_segments(self.data_dir / SEGMENTS_DIR):
             if seg < current and seg not in live:
@@ -68,8 +60,8 @@ class Retention:
                     os.remove(segment_path(self.data_dir / SEGMENTS_DIR, seg))
                 except FileNotFoundError:
                     pass
-        self.deleted_spans += int(n)
-        return int(n)
+        self.deleted_spans += n
+        return n
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -24,11 +24,12 @@ import pyarrow as pa
 
 from .. import schema
 from ..decode.normalize import NormalizedBatch, span_keys
-from ..errors import SetAside
+from ..errors import SetAside, ShuttingDown
 from ..stats import IngestStats
 from . import diskfull
 from .commit import Commit, Committed
 from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions, sandbox
+from .derived import DerivedQueue, DerivedWrite
 from .files import make_private_dir, tighten
 from .quarantine import DDL as QUARANTINE_DDL
 from .quarantine import Quarantine, is_data_error
@@ -164,6 +165,7 @@ class StoreWriter:
         self.replay_normalizer = None   # set by serve: re-decodes records found only in the segment log
         # called on the writer thread after each commit, in seq order; must be quick (append to a queue)
         self._followers: list[Callable[[Committed], None]] = []
+        self.derived = DerivedQueue()   # trace rows, retention, reprice, quarantine: run between span commits
         stats.gauges["ingest_queue_spans"] = lambda: float(self._queued_spans)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -335,16 +337,26 @@ class StoreWriter:
         Commits before the call are not replayed: read them from the store (``committed_seq``)."""
         self._followers.append(callback)
 
+    def write(self, write: DerivedWrite) -> Future:
+        """Queue a derived write (trace rows, retention, reprice, quarantine: ``derived.py``) for the writer
+        thread, which runs it in one transaction between span commits. The Future resolves with its result
+        once committed, or with the exception that rolled it back."""
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise ShuttingDown(f"the store writer is not running: {write.name!r} cannot be written now "
+                                   "(start the store first; at shutdown, stop writing before it)")
+            fut = self.derived.put(write)
+            self._cond.notify()
+        return fut
+
     def set_aside(self, ref: tuple[int, int, int], signal: str, stage: str, reason: str):
         """Set an acknowledged record aside from any thread (the decoder could not read it); its path."""
-        con = self.cursor()
-        try:
-            return self.quarantine.set_aside(con, ref, signal, stage, reason)
-        finally:
-            con.close()
+        write = DerivedWrite("quarantine", lambda con: self.quarantine.set_aside(con, ref, signal, stage, reason))
+        return self.write(write).result()
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
-        """A connection for another thread (readers, retention); SQL functions are shared with it."""
+        """A connection for another thread's reads (readers, analyzers, exporters); SQL functions are shared
+        with it. Writes go through ``write``."""
         cur = self.con.cursor()
         cur.execute(f'USE "{self._catalog}"')     # a cursor starts in the connection's default catalog
         return cur
@@ -353,7 +365,10 @@ class StoreWriter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while True:
+                    self.derived.run_pending(self.con, self._cond)      # releases the lock while each runs
+                    if self._queue or self._stopping:
+                        break
                     self._cond.wait()
                 if not self._queue and self._stopping:
                     return
@@ -362,6 +377,7 @@ class StoreWriter:
                 while (self._queued_spans < MIN_GROUP_SPANS and not self._stopping
                        and (left := deadline - time.monotonic()) > 0):
                     self._cond.wait(left)
+                    self.derived.run_pending(self.con, self._cond)      # a linger's idle time is theirs
                 group, spans = [], 0
                 while self._queue and spans < MAX_GROUP_SPANS:
                     task = self._queue.popleft()
