@@ -1,6 +1,7 @@
 """Gate rules: non-inferiority margins on the candidate's effect (CONTRACT §7), read from ``gate``.
 
-A rule names one per-trace measure and how much worse the candidate may be:
+A rule names one per-trace measure and how much worse the candidate may be; the default set
+(``settings.DEFAULT_GATE_RULES``):
 
     gate:
       rules:
@@ -24,9 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from shadowlens.config import DEFAULT_GATE_RULES, GATE_SETTINGS_DEFAULTS, parse_duration
+from shadowlens.collector.settings import parse_duration
 
 from .sequential import min_samples_for_quantile
+from .settings import DEFAULT_GATE_RULES, GATE_SETTINGS_DEFAULTS
 
 # per-trace measures the gate can judge; values are the frame column (analyzers/compare.py)
 MEASURES = {
@@ -56,11 +58,11 @@ class Rule:
     kind: str                 # "difference" | "ratio"
     margin: float             # the effect's tolerated bound (difference: signed, e.g. -0.02; ratio: 1.3)
     worse: int                # +1 when a larger effect is worse, -1 when a smaller one is
+    min_samples: int          # per route (or pairs): below it the rule says insufficient_data
     eval: str | None = None
     quantile: float | None = None
     min_increase: float = 0.0  # absolute floor a rate must also rise by to count (ratio rules on rates)
     critical: bool = False
-    min_samples: int = 100
 
     @property
     def column(self) -> str:
@@ -83,14 +85,15 @@ class Rule:
 
 @dataclass(frozen=True)
 class GateSettings:
+    """The ``gate`` section, parsed; its defaults are ``settings.GATE_SETTINGS_DEFAULTS``."""
     rules: tuple[Rule, ...]
-    alpha: float = 0.05
-    fdr: float = 0.05
-    window_s: float = 3600.0
-    pairing_window_s: float = 600.0
-    min_samples: int = 100
-    budget_s: float = 1800.0
-    refresh_s: float = 10.0
+    alpha: float
+    fdr: float
+    window_s: float
+    pairing_window_s: float
+    min_samples: int
+    budget_s: float
+    refresh_s: float
 
     @property
     def eval_names(self) -> tuple[str, ...]:

@@ -10,9 +10,9 @@ from concurrent import futures
 
 import grpc
 
-from shadowlens.config import Endpoint
 from ..decode import codec
 from ..security import BearerToken, ServerTLS
+from ..settings import Endpoint
 from .export import ExportHandler
 from .status import classify
 

@@ -18,10 +18,10 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from shadowlens.config import Endpoint
 from ..decode import codec
 from ..errors import PermanentError, TooLarge
 from ..security import BearerToken, ServerTLS, TLSServerMixin
+from ..settings import Endpoint
 from .export import ExportHandler
 from .status import classify
 

@@ -33,9 +33,9 @@ def replay(writer, segments_dir: Path, from_segment: int, before_segment: int) -
         return 0, 0
     normalizer = writer.replay_normalizer
     if normalizer is None:     # tools and tests: the default alias keys of the store's cohort columns
-        from shadowlens.config import default_config
         from ..decode.normalize import Normalizer
-        normalizer = Normalizer({name: (f"cohort.{name}",) for name in writer.cohort_labels}, default_config().evals)
+        from ..settings import default_evals
+        normalizer = Normalizer({name: (f"cohort.{name}",) for name in writer.cohort_labels}, default_evals())
     t0 = time.monotonic()
     records = spans = 0
     group: list = []
