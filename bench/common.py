@@ -52,8 +52,10 @@ def env_info() -> dict:
                                 text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
+    # the 1-minute load average at the end: other work on the machine moves every figure
     return {"commit": commit, "python": platform.python_version(), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "date": datetime.date.today().isoformat()}
+            "machine": platform.machine(), "date": datetime.date.today().isoformat(),
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 def document(bench: str, params: dict, results: Any) -> dict:

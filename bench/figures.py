@@ -37,8 +37,9 @@ def _k(x) -> str:
 
 def _caption(doc: dict, command: str) -> str:
     env = doc.get("env", {})
+    load = f", load average {env['loadavg_1m']:.1f} at the end" if env.get("loadavg_1m") is not None else ""
     return (f"_`{command}`, {env.get('date', '?')}, commit {env.get('commit', '?')}, "
-            f"{env.get('cpus', '?')} cores, Python {env.get('python', '?')}._")
+            f"{env.get('cpus', '?')} cores{load}, Python {env.get('python', '?')}._")
 
 
 def _load(results: Path, name: str) -> dict | None:
