@@ -12,10 +12,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from otlp_builders import span_request
+from pipeline import Handover, Pipeline
 from test_receivers import grpc_export
 
 from shadowlens.config import default_config
-from shadowlens.collector.decode.normalize import Normalizer
 from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.writer import RecentKeys, StoreWriter
 
@@ -68,11 +68,11 @@ def test_distinct_spans_with_colliding_folds_are_all_stored_through_serve(serve_
     assert "shadowlens_spans_duplicate_total 600.0" in srv.metrics_text()
 
 
-def _store(tmp_path, **kw) -> tuple[StoreWriter, Normalizer]:
+def _store(tmp_path, **kw) -> tuple[StoreWriter, Handover]:
     cfg = default_config()
     store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats(), **kw)
     store.start()
-    return store, Normalizer(cfg.cohort_labels, cfg.evals)
+    return store, Handover(store)
 
 
 def _stored(store: StoreWriter) -> list[tuple[str, str]]:
@@ -87,16 +87,15 @@ def test_identity_survives_a_restart(tmp_path):
     """Keys reloaded from the store after a restart decide nothing alone either."""
     rng = random.Random(5)
     first = zipkin_b3_spans(100, rng) + sequential_spans(100)
-    store, norm = _store(tmp_path)
-    store.submit(norm.normalize_traces(span_request(first).SerializeToString())).result(10)
-    store.shutdown()
-    store, norm = _store(tmp_path)
-    later = zipkin_b3_spans(100, rng) + sequential_spans(100, first=1000) + replayed_spans(100, rng)
-    # a retry of the first request after the restart, mixed with new spans in one request
-    store.submit(norm.normalize_traces(span_request(first[:50] + later).SerializeToString())).result(10)
-    assert store.stats.spans_duplicate == 50
-    stored = _stored(store)
-    store.shutdown()
+    with Pipeline(tmp_path) as p:
+        p.export(span_request(first).SerializeToString())
+    with Pipeline(tmp_path) as p:
+        later = zipkin_b3_spans(100, rng) + sequential_spans(100, first=1000) + replayed_spans(100, rng)
+        # a retry of the first request after the restart, mixed with new spans in one request
+        p.export(span_request(first[:50] + later).SerializeToString())
+        p.sync()
+        assert p.stats.spans_duplicate == 50
+        stored = _stored(p.store)
     assert len(stored) == 500 and set(stored) == _identities(first + later)
 
 
@@ -109,7 +108,7 @@ def test_property_stored_is_received_minus_rejected_and_a_retry_is_stored_once(t
     """For any set of ids (hypothesis favours zeros, repeats and small values), what is stored is
     every distinct valid identity exactly once, whatever requests it came in and in what order."""
     tmp = tmp_path_factory.mktemp("prop")
-    store, norm = _store(tmp)
+    store, handover = _store(tmp)
     try:
         valid = [(t, s) for t, s in ids if any(t) and any(s)]      # all-zero ids are rejected (OTLP)
         spans = [{"trace_id": t, "span_id": s} for t, s in ids]
@@ -118,15 +117,16 @@ def test_property_stored_is_received_minus_rejected_and_a_retry_is_stored_once(t
         received = rejected = 0
         for part in (spans[:cut], spans[cut:], resend):
             if part:
-                batch = norm.normalize_traces(span_request(part).SerializeToString())
+                batch = handover.normalizer.normalize_traces(span_request(part).SerializeToString())
                 received, rejected = received + batch.received, rejected + batch.rejected
-                store.submit(batch).result(10)
+                handover.submit(batch).result(10)
         stored = _stored(store)
         want = {(t.hex(), s.hex()) for t, s in valid}
         assert sorted(stored) == sorted(want)          # each distinct identity once
         assert received - rejected == len(stored) + store.stats.spans_duplicate
     finally:
         store.shutdown()
+        handover.close()
 
 
 def test_recent_keys_only_nominate_and_say_which_commits_to_compare_with():

@@ -7,8 +7,9 @@ import subprocess
 import time
 
 import pytest
-from conftest import REPO, SHADOWLENS
+from harness import REPO, SHADOWLENS
 from otlp_builders import random_spans, span_request
+from pipeline import Pipeline
 
 from shadowlens.config import default_config
 from shadowlens.collector.decode.normalize import Normalizer
@@ -31,20 +32,16 @@ def _spans_at(start_ns: int, n: int, seed: int):
 
 
 def test_retention_deletes_old_spans_and_their_segments(tmp_path):
-    cfg = default_config()
     clock = [time.time()]
-    stats = IngestStats()
-    norm = Normalizer(cfg.cohort_labels, cfg.evals)
-    store = StoreWriter(tmp_path, cfg.cohort_labels, stats, now=lambda: clock[0])
-    store.start()
-    now_ns = int(clock[0] * 1e9)
-    store.submit(norm.normalize_traces(_spans_at(now_ns - 10 * HOUR_NS, 20, 1))).result(10)
-    store.shutdown()
+    with Pipeline(tmp_path, now=lambda: clock[0]) as p:
+        p.export(_spans_at(int(clock[0] * 1e9) - 10 * HOUR_NS, 20, 1))
+        p.sync()
     # a restart starts a new segment; the old one holds only old payloads
     clock[0] += 10 * 3600
-    store = StoreWriter(tmp_path, cfg.cohort_labels, stats, now=lambda: clock[0])
-    store.start()
-    store.submit(norm.normalize_traces(_spans_at(int(clock[0] * 1e9), 12, 2))).result(10)
+    p = Pipeline(tmp_path, now=lambda: clock[0]).start()
+    p.export(_spans_at(int(clock[0] * 1e9), 12, 2))
+    p.sync()
+    store = p.store
     assert len(list_segments(tmp_path / SEGMENTS_DIR)) == 2
     retention = Retention(tmp_path, store.write, retention_s=3600, interval_s=3600,
                           current_segment=store.current_segment, now=lambda: clock[0])
@@ -56,7 +53,7 @@ def test_retention_deletes_old_spans_and_their_segments(tmp_path):
     assert con.execute("select count(*) from spans where attributes is not null").fetchone()[0] == 12
     con.close()
     assert len(list_segments(tmp_path / SEGMENTS_DIR)) == 1
-    store.shutdown()
+    p.shutdown()
 
 
 def test_query_is_read_only_through_the_server_and_directly(server, tmp_path):
@@ -106,15 +103,12 @@ def test_stored_ids_read_back_as_hex_and_dedup_keys_match_the_reloaded_ones(tmp_
     spans[1]["span_id"] = b"\xff" * 8
     payload = span_request(spans).SerializeToString()
     cfg = default_config()
-    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats())
-    store.start()
-    batch = Normalizer(cfg.cohort_labels, cfg.evals).normalize_traces(payload)
-    store.submit(batch).result(10)
-    con = store.cursor()
-    rows = con.execute("SELECT trace_id, span_id, parent_span_id, trace_id_hi, trace_id_lo, span_id_int"
-                       " FROM spans_core ORDER BY sp_idx").fetchall()
-    con.close()
-    store.shutdown()
+    batch = Normalizer(cfg.cohort_labels, cfg.evals).normalize_traces(payload)     # the keys the decoder computes
+    with Pipeline(tmp_path) as p:
+        p.export(payload)
+        p.sync()
+        rows = p.query("SELECT trace_id, span_id, parent_span_id, trace_id_hi, trace_id_lo, span_id_int"
+                       " FROM spans_core ORDER BY sp_idx")
     assert [r[:3] for r in rows] == [(d["trace_id"].hex(), d["span_id"].hex(), (d.get("parent") or b"").hex() or None)
                                      for d in spans]
     assert [r[3:] for r in rows] == [(int.from_bytes(d["trace_id"][:8], "big"), int.from_bytes(d["trace_id"][8:], "big"),
@@ -163,18 +157,13 @@ def test_a_store_with_text_ids_is_converted_on_open(tmp_path):
 def test_writer_writes_small_row_groups_that_survive_reopening(tmp_path):
     # A commit of 16k+ spans fills whole row groups, which DuckDB writes straight to the file
     # instead of through its WAL (see writer._connect); each writing session must ask for the size.
-    cfg = default_config()
-    norm = Normalizer(cfg.cohort_labels, cfg.evals)
     for session in range(2):
-        store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats())
-        store.start()
-        store.submit(norm.normalize_traces(_spans_at(time.time_ns() + session * HOUR_NS, 20_000, session))).result(30)
-        con = store.cursor()
-        groups = con.execute("SELECT row_group_id, max(start + count) - min(start) FROM pragma_storage_info('spans_core') "
-                             "WHERE column_name = 'span_id_int' GROUP BY row_group_id").fetchall()
-        assert con.execute("SELECT count(*) FROM spans_core").fetchone()[0] == 20_000 * (session + 1)
-        con.close()
-        store.shutdown()
+        with Pipeline(tmp_path) as p:
+            p.export(_spans_at(time.time_ns() + session * HOUR_NS, 20_000, session), timeout=120)
+            p.sync(60)
+            groups = p.query("SELECT row_group_id, max(start + count) - min(start) FROM pragma_storage_info('spans_core') "
+                             "WHERE column_name = 'span_id_int' GROUP BY row_group_id")
+            assert p.query("SELECT count(*) FROM spans_core") == [(20_000 * (session + 1),)]
         assert len(groups) >= 2 * (session + 1)
         assert max(rows for _, rows in groups) <= 16384
 
