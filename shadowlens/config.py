@@ -32,13 +32,17 @@ from .collector.errors import ConfigError
 from .collector.security import TLSFiles, tls_files
 from .collector.settings import Endpoint, EvalSettings, ReceiversSettings, StoreSettings, parse_duration, parse_endpoint
 
-# the value parsers the CLI and the demo use for flags come with the config
+# parse_duration and parse_endpoint: the CLI and the demo read their flags with the config's value parsers
 __all__ = ["Config", "ConfigError", "DEFAULTS", "Endpoint", "FREE_FORM", "default_config", "load", "parse_duration",
            "parse_endpoint"]
 
 ENV_PREFIX = "SHADOWLENS_"
 
 _NO_TLS = {"cert_file": "", "key_file": "", "client_ca_file": ""}
+
+# the lake's tables (exporters/parquet.py exports them); named here so that loading the config, which the
+# ingest frontend does, never imports pyarrow
+EXPORT_TABLES = ("spans", "traces", "evals", "logs")
 
 # Every config key with its default, in the order --print-config shows them: the contract's keys (CONTRACT §3)
 # plus the developers' additions (documented in README). Each layer's sections come from its settings module.
@@ -59,7 +63,7 @@ DEFAULTS: dict[str, Any] = copy.deepcopy({
     "gate": analyzers_settings.GATE,
     # developers' addition: serve writes closed hours to a Parquet lake (exporters/parquet.py); dir "" = off
     "export": {"parquet": {"dir": "", "interval": "1h", "delay": "10m", "source": "",
-                           "tables": ["spans", "traces", "evals", "logs"]}},
+                           "tables": list(EXPORT_TABLES)}},
     # where the team's trace UI shows a trace: "{trace_id}" is replaced, e.g.
     # https://tempo.example/explore?...{trace_id}...; empty: trace ids are printed, not linked
     "links": {"trace_url": ""},
@@ -240,11 +244,6 @@ def _prices(prices: Any) -> tuple[Mapping[str, Any], ...]:
     if not isinstance(prices, list):
         raise ConfigError("prices must be a list of {match, input, output, ...} entries")
     return tuple(prices)
-
-
-# the lake's tables (exporters/parquet.py exports them); named here so that loading the config, which the
-# ingest frontend does, never imports pyarrow
-EXPORT_TABLES = ("spans", "traces", "evals", "logs")
 
 
 def _export_parquet(p: Mapping[str, Any]) -> ExportParquetConfig:

@@ -29,9 +29,7 @@ RANKS = {
     "shadowlens.collector.decode": 2,
     "shadowlens.collector.store": 3,
     "shadowlens.collector.receivers": 3,
-    "shadowlens.collector.ingest": 3,
-    "shadowlens.collector.decoder": 3,      # process entry points of ingest
-    "shadowlens.collector.frontend": 3,
+    "shadowlens.collector.ingest": 3,       # the supervisor and its children's entry points
     "shadowlens.analyzers": 4,
     "shadowlens.exporters": 5,
     "shadowlens": 6,                        # the application: cli, config, serve, demo, traffic, startup
