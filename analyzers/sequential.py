@@ -113,7 +113,7 @@ def log_se_from_grid(probs, values, q: float, n: int) -> tuple[float, float]:
     the distance between the quantiles at q -+ sqrt(q (1-q) / n) (the order-statistic interval; the
     analytic limit of bootstrapping the quantile). Those two probabilities are read off the grid by
     linear interpolation of log(quantile), so one quantile_cont(x, grid) per cohort and route serves
-    every n; the grid (compare.quantile_grid) is wide enough for the smallest n allowed.
+    every n; the grid (effects.quantile_grid) is wide enough for the smallest n allowed.
 
     >>> probs = [0.98, 0.985, 0.99, 0.995, 1.0]
     >>> est, se = log_se_from_grid(probs, [8.0, 9.0, 10.0, 12.0, 20.0], 0.99, 396)

@@ -162,7 +162,7 @@ def test_a_fail_prints_effect_interval_and_margin_so_the_bound_is_visibly_past_i
 
 
 def test_digits_grow_until_a_bound_next_to_the_margin_reads_apart_from_it():
-    from shadowlens.analyzers.compare import _decimals
+    from shadowlens.analyzers.effects import _decimals
     assert _decimals((1.27, 1.15, 1.41), 1.1) == 2                       # x1.27 x1.15 x1.41 vs x1.10
     assert _decimals((1.3, 1.1004, 1.5), 1.1) == 4                       # x1.1004, not x1.10 or x1.100
     assert _decimals((-0.0412, -0.02004, -0.06), -0.02, 100.0) == 3      # -2.004 points vs -2.000

@@ -1,0 +1,165 @@
+"""Sufficient statistics -> one rule's effect on one cohort: the estimate, its confidence sequence, the
+tests against the margin (analyzers/compare.py states the method), and the effect written for people."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .rules import Rule
+from .sequential import anytime_p_one_sided, log_se_from_grid, radius
+
+
+@dataclass
+class Test:
+    """One one-sided comparison with the margin, on the scale its standard error is on."""
+    estimate: float          # e.g. log(ratio), or candidate - baseline
+    se: float
+    bound: float             # the margin on that scale (log(max_ratio), the signed difference, the floor)
+    worse: int               # +1: larger is worse
+
+
+@dataclass
+class Estimate:
+    effect: float | None
+    lower: float | None
+    upper: float | None
+    tests: list              # Test: every one must be past its bound for a fail (intersection-union)
+    diff: float              # candidate - baseline on the measure's scale
+    diff_lower: float
+    diff_upper: float
+    n: int
+    radius: float
+
+    @property
+    def p_past(self) -> float:
+        """Anytime p-value for "the effect is within the margin" (one-sided; the largest of its tests)."""
+        return max((anytime_p_one_sided((t.estimate - t.bound) * t.worse / t.se, self.n) for t in self.tests),
+                   default=1.0)
+
+    @property
+    def past(self) -> bool:
+        """The whole confidence sequence is past the margin (and past the floor, if the rule has one)."""
+        return bool(self.tests) and all((t.estimate - t.worse * self.radius * t.se - t.bound) * t.worse > 0
+                                        for t in self.tests)
+
+    @property
+    def within(self) -> bool:
+        """The whole confidence sequence is within the margin (or the rise is bounded below the floor)."""
+        return any((t.estimate + t.worse * self.radius * t.se - t.bound) * t.worse <= 0 for t in self.tests)
+
+
+def _var(sum_: float, sumsq: float, n: int, binary: bool) -> float:
+    var = max((sumsq - sum_ * sum_ / n) / max(n - 1, 1), 0.0)
+    # A rate seen as all-0 or all-1 has sample variance 0, which would claim certainty;
+    # floor it at one observation's worth (the rule of three's spirit).
+    return max(var, 1.0 / n) if binary else max(var, 1e-18)
+
+
+def judge_moments(rule: Rule, s: dict, paired: bool, alpha: float) -> Estimate:
+    """Difference or ratio of means from n/sums (paired: one n and cross sums; unpaired: per route)."""
+    binary = rule.binary
+    if paired:
+        n = nb = nc = s["n"]
+        mb, mc = s["sb"] / n, s["sc"] / n
+        sdd = s["sbb"] + s["scc"] - 2 * s["sbc"]
+        var_d = _var(s["sc"] - s["sb"], sdd, n, binary)
+        se_d = math.sqrt(var_d / n)
+        n_eff = n
+    else:
+        nb, nc = s["nb"], s["nc"]
+        mb, mc = s["sb"] / nb, s["sc"] / nc
+        vb, vc = _var(s["sb"], s["sbb"], nb, binary), _var(s["sc"], s["scc"], nc, binary)
+        se_d = math.sqrt(vb / nb + vc / nc)
+        n_eff = min(nb, nc)
+    r = radius(n_eff, alpha)
+    d = mc - mb
+    floor = [Test(d, se_d, rule.min_increase, 1)] if rule.min_increase > 0 else []
+    if rule.kind == "difference":
+        return Estimate(d, d - r * se_d, d + r * se_d, [Test(d, se_d, rule.margin, rule.worse)],
+                         d, d - r * se_d, d + r * se_d, n_eff, r)
+    # ratio of means, on the log scale; rates get half a pseudo-count so 0 refusals stay finite
+    if binary:
+        mb_, mc_ = (s["sb"] + 0.5) / (nb + 1), (s["sc"] + 0.5) / (nc + 1)
+    else:
+        mb_, mc_ = mb, mc
+    if mb_ <= 0 or mc_ <= 0:
+        # no ratio (a baseline mean of 0): any rise is past a ratio margin, so judge the rise alone
+        rise = floor or [Test(d, se_d, 0.0, 1)]
+        return Estimate(None, None, None, rise, d, d - r * se_d, d + r * se_d, n_eff, r)
+    if paired:
+        vb, vc = _var(s["sb"], s["sbb"], n, binary), _var(s["sc"], s["scc"], n, binary)
+        cov = (s["sbc"] - s["sb"] * s["sc"] / n) / max(n - 1, 1)
+        var_log = (vc / mc_ ** 2 + vb / mb_ ** 2 - 2 * cov / (mb_ * mc_)) / n
+    else:
+        var_log = vc / (nc * mc_ ** 2) + vb / (nb * mb_ ** 2)
+    if binary:      # no discordant pair is not certainty: at least one discordant pair's worth
+        var_log = max(var_log, 1.0 / (min(nb, nc) ** 2 * mb_ * mc_))
+    se_log = math.sqrt(max(var_log, 1e-18))
+    log_ratio = math.log(mc_ / mb_)
+    return Estimate(math.exp(log_ratio), math.exp(log_ratio - r * se_log), math.exp(log_ratio + r * se_log),
+                     [Test(log_ratio, se_log, math.log(rule.margin), 1), *floor],
+                     d, d - r * se_d, d + r * se_d, n_eff, r)
+
+
+def judge_quantile(rule: Rule, b: tuple, c: tuple, alpha: float) -> Estimate:
+    """b, c: (n, quantiles on quantile_grid(rule)) per route."""
+    grid = quantile_grid(rule)
+    (nb, gb), (nc, gc) = b, c
+    qb, se_b = log_se_from_grid(grid, gb, rule.quantile, nb)
+    qc, se_c = log_se_from_grid(grid, gc, rule.quantile, nc)
+    n = min(nb, nc)
+    if not (qb > 0 and qc > 0) or not math.isfinite(se_b + se_c):
+        return Estimate(None, None, None, [], qc - qb, -math.inf, math.inf, n, math.inf)
+    log_ratio = math.log(qc / qb)
+    se = math.sqrt(se_b ** 2 + se_c ** 2)
+    r = radius(n, alpha)
+    # the quantiles' difference, for a floor (min_increase): delta method from the log scale
+    se_d = math.hypot(qb * se_b, qc * se_c)
+    floor = [Test(qc - qb, se_d, rule.min_increase, 1)] if rule.min_increase > 0 else []
+    return Estimate(qc / qb, math.exp(log_ratio - r * se), math.exp(log_ratio + r * se),
+                     [Test(log_ratio, se, math.log(rule.margin), 1), *floor],
+                     qc - qb, qc - qb - r * se_d, qc - qb + r * se_d, n, r)
+
+
+def _fmt(rule: Rule, x: float | None, decimals: int = 2, unit: bool = True) -> str:
+    if x is None:
+        return "n/a"
+    if rule.kind == "ratio":
+        return f"x{x:.{decimals}f}"
+    return f"{x * 100:+.{decimals}f}{' points' if unit else ''}"
+
+
+def _decimals(values, bound: float, scale: float = 1.0) -> int:
+    """Decimals (2 to 6) with which no value that differs from the bound prints as the bound, so a
+    bound just past the margin reads past it (x1.1004 is "x1.1004", never "x1.10" next to "x1.10")."""
+    for d in range(2, 7):
+        shown = f"{bound * scale:.{d}f}"
+        if all(v is None or v == bound or f"{v * scale:.{d}f}" != shown for v in values):
+            return d
+    return 6
+
+
+def describe(rule: Rule, est: Estimate, alpha: float) -> tuple[str, str]:
+    """(the effect with its confidence sequence, the margin) written with the same decimals, in the
+    rule's unit: ("x1.27 (95% CS x1.15..x1.41)", "x1.10"); a floor (min_increase) adds the rise in points."""
+    level = f"{(1 - alpha) * 100:g}% CS"
+    if est.effect is None:
+        ci, margin = "no ratio (baseline mean is 0)", rule.describe_margin()
+    else:
+        d = _decimals((est.effect, est.lower, est.upper), rule.margin, 1.0 if rule.kind == "ratio" else 100.0)
+        ci = (f"{_fmt(rule, est.effect, d)} ({level} {_fmt(rule, est.lower, d, False)}.."
+              f"{_fmt(rule, est.upper, d)})")
+        margin = _fmt(rule, rule.margin, d)
+    if rule.min_increase > 0:
+        d = _decimals((est.diff, est.diff_lower, est.diff_upper), rule.min_increase, 100.0)
+        pts = lambda x: f"{x * 100:+.{d}f}"
+        ci += f", {pts(est.diff)} points ({level} {pts(est.diff_lower)}..{pts(est.diff_upper)} points)"
+        margin += f" and {pts(rule.min_increase)} points"
+    return ci, margin
+
+
+def quantile_grid(rule: Rule) -> list[float]:
+    """Probabilities around the rule's quantile wide enough for its smallest sample (see log_se_from_grid)."""
+    q = rule.quantile
+    d = min(math.sqrt(q * (1 - q) / rule.min_samples) * 1.05, q * 0.999, (1 - q) * 0.999)
+    return [q - d, q - d / 2, q, q + d / 2, q + d]
