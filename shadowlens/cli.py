@@ -272,7 +272,7 @@ def report_cmd(data_dir, window, fmt, out, rules_file, config_file, cohort, rule
         click.echo(text, nl=False)
 
 
-SCENARIO_NAMES = ("healthy", "regression", "noisy")   # collector.generate.SCENARIOS (tested to match)
+SCENARIO_NAMES = ("healthy", "regression", "noisy")   # traffic.SCENARIOS (tested to match)
 
 
 def _traffic_options(rate_default: float, duration_default: float, scenario_default: str):
@@ -298,7 +298,7 @@ def generate(endpoint, protocol, rate, duration, scenario, seed) -> None:
         host, port = config_mod.parse_endpoint(endpoint, "--endpoint")
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    from .traffic import GenerateOptions, main_generate
+    from .generate import GenerateOptions, main_generate
     sys.exit(main_generate(GenerateOptions(endpoint=f"{host}:{port}", protocol=protocol, rate=rate,
                                            duration=duration, scenario=scenario, seed=seed)))
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import startup
 from .config import Config, Endpoint, parse_endpoint
-from .traffic import GenerateOptions, run_generate
+from .generate import GenerateOptions, run_generate
 
 POLL_S = 5.0
 

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from harness import free_port, wait_for
 
 JOB = "shadowlens"
 
@@ -40,12 +40,6 @@ def prometheus_binary() -> str:
     if os.environ.get("CI"):
         pytest.fail(f"CI is set, so the Prometheus end-to-end test must run, but {reason}", pytrace=False)
     pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrometheusError(AssertionError):
@@ -90,7 +84,7 @@ class PrometheusServer:
         cfg = self._write_config()
         last = ""
         for _ in range(attempts):       # a free port can be taken between probing and binding: retry
-            self.port = _free_port()
+            self.port = free_port()
             storage = self.workdir / f"tsdb-{self.port}"
             args = [binary, f"--config.file={cfg}", f"--storage.tsdb.path={storage}",
                     f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn", *self.extra_args]
@@ -155,18 +149,16 @@ class PrometheusServer:
     def wait_for(self, promql: str, predicate: Callable[[list], bool], timeout: float = 30.0,
                  interval: float = 0.25) -> list:
         """Poll ``promql`` until ``predicate(result)`` holds; raise with the last result on timeout."""
-        deadline = time.monotonic() + timeout
-        result: list = []
-        while True:
-            result = self.query(promql)
-            if predicate(result):
-                return result
-            if time.monotonic() > deadline:
-                raise PrometheusError(f"timed out after {timeout}s waiting on {promql!r}; last result: {result}\n"
-                                      f"targets: {self.targets()}\nlog:\n{self.log()}")
+        last: list = [[]]
+
+        def holds():
             if self.proc is not None and self.proc.poll() is not None:
                 raise PrometheusError(f"prometheus exited with {self.proc.returncode}:\n{self.log()}")
-            time.sleep(interval)
+            last[0] = self.query(promql)
+            return predicate(last[0])
+        wait_for(holds, timeout, interval, what=f"prometheus: {promql!r}",
+                 detail=lambda: f"last result: {last[0]}\ntargets: {self.targets()}\nlog:\n{self.log()}")
+        return last[0]
 
     def targets(self) -> list:
         try:

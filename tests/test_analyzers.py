@@ -10,6 +10,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+from harness import wait_for
 from otlp_builders import span_request
 from prometheus_client.parser import text_string_to_metric_families
 from test_receivers import grpc_export
@@ -111,16 +112,6 @@ def scrape(server) -> dict:
 def total(samples: dict, name: str, **labels) -> float:
     want = set(labels.items())
     return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
-
-
-def wait_for(pred, timeout=60.0, interval=0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def series_labels(route, cohort):
@@ -407,7 +398,6 @@ def test_histograms_of_many_series_at_once_equal_one_value_at_a_time():
 
 def test_the_traces_of_a_commit_are_its_distinct_trace_ids_with_their_root_counts():
     import pyarrow as pa
-
     from shadowlens.analyzers.assembly import traces_of
     rng = random.Random(9)
     tids = [rng.randbytes(16) for _ in range(40)] + [bytes(8) + rng.randbytes(8), rng.randbytes(8) + bytes(8)]

@@ -10,10 +10,10 @@ import random
 import re
 import time
 import urllib.request
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import pytest
-
+from harness import wait_for
 from otlp_builders import T0, span_request
 from test_receivers import http_post
 
@@ -74,14 +74,14 @@ def _send(srv, spans: list[dict], service: str) -> None:
 
 
 def _wait(srv, what, timeout: float = 240.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text, _ = scrape(srv)
-        if what(text):
-            return text
-        time.sleep(0.5)
-    raise AssertionError(f"not reached in {timeout} s:\n" + "\n".join(ln for ln in text.splitlines()
-                                                                     if "traces_total" in ln)[:3000])
+    """The /metrics text once ``what(text)`` holds."""
+    last = [""]
+
+    def reached():
+        last[0] = scrape(srv)[0]
+        return what(last[0]) and last[0]
+    return wait_for(reached, timeout, 0.5, what="the expected /metrics",
+                    detail=lambda: "\n".join(ln for ln in last[0].splitlines() if "traces_total" in ln)[:3000])
 
 
 @pytest.mark.timeout(900)
@@ -164,7 +164,6 @@ def test_metrics_at_every_cap_render_within_the_stated_bound(tmp_path):
     gate families: every cap full, every series present. Prints the count and the render time."""
     import duckdb
     import polars as pl
-
     from shadowlens.analyzers.aggregates import StreamingAggregates
     from shadowlens.analyzers.assembly import AssemblyStats, CompletedTraces
     from shadowlens.analyzers.cohorts import CohortLimiter

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from harness import REPO, SHADOWLENS, server_env
+from harness import REPO, SHADOWLENS, free_port, server_env
 
 
 def _path_without_venv() -> str:
@@ -35,7 +35,6 @@ def test_demo_refuses_ports_another_serve_holds_and_sends_it_nothing(serve_facto
 
 
 def test_demo_hints_are_commands_that_work_as_printed(tmp_path):
-    from harness import free_port
     env = server_env(free_port(), free_port(), free_port(), SHADOWLENS_TRACES__IDLE_SECONDS="1")
     env["PATH"] = _path_without_venv()
     demo_dir = tmp_path / "demo"

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shadowlens.config import DEFAULTS, FREE_FORM
 from shadowlens.exporters.catalog import ALL_METRICS, exposed_names
+
+from shadowlens.config import DEFAULTS, FREE_FORM
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -77,21 +78,18 @@ def test_every_readme_query_example_returns_something_on_the_demos_data(serve_fa
     import json
     import shlex
     import subprocess
-    import time
 
-    from harness import REPO, SHADOWLENS
+    from harness import REPO, SHADOWLENS, wait_for
 
-    from shadowlens.traffic import GenerateOptions, run_generate
+    from shadowlens.generate import GenerateOptions, run_generate
     server = serve_factory(env={"SHADOWLENS_TRACES__IDLE_SECONDS": "1"})
     sent = run_generate(GenerateOptions(endpoint=server.grpc_endpoint, rate=200, requests=400, scenario="regression",
                                         seed=1, service_name="shadowlens-demo"), out=None)
     assert sent.failed_spans == 0
     examples = _query_examples()
     assert len(examples) >= 3, examples
-    deadline = time.monotonic() + 30      # traces complete after traces.idle_seconds
-    while server.query("select count(*) AS n from traces")[0]["n"] < sent.traces:
-        assert time.monotonic() < deadline, "the demo's traces did not complete"
-        time.sleep(0.5)
+    wait_for(lambda: server.query("select count(*) AS n from traces")[0]["n"] >= sent.traces, 30, 0.5,
+             what="the demo's traces completing")          # after traces.idle_seconds
     empty = []
     for example in examples:
         args = shlex.split(example)[2:]              # after "shadowlens query"
@@ -114,7 +112,8 @@ def test_the_agent_example_sends_an_eval_result_with_its_span(serve_factory):
     import re
     import subprocess
     import sys
-    import time
+
+    from harness import wait_for
     block = re.search(r"```python\n(.*?)```", _section("Point an agent at it"), re.S).group(1)
     server = serve_factory(env={"SHADOWLENS_TRACES__IDLE_SECONDS": "1"})
     code = block.replace('"127.0.0.1:4317"', repr(server.grpc_endpoint))
@@ -122,10 +121,6 @@ def test_the_agent_example_sends_an_eval_result_with_its_span(serve_factory):
     # a fresh interpreter: the example sets the process-wide tracer provider, which can be set only once
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        rows = server.query("select e.name, e.passed, t.route from evals e join traces t using (trace_id)")
-        if rows:
-            break
-        time.sleep(0.5)
+    rows = wait_for(lambda: server.query("select e.name, e.passed, t.route from evals e join traces t using (trace_id)"),
+                    30, 0.5, what="the example's eval stored")
     assert rows == [{"name": "task_completion", "passed": True, "route": "candidate"}]

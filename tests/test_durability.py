@@ -7,6 +7,7 @@ import time
 
 import grpc
 import pytest
+from harness import wait_for
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from otlp_builders import random_spans, span_request
 from test_receivers import TRACE_METHOD, http_post
@@ -51,10 +52,8 @@ class RecordingClient:
         return self
 
     def wait_for(self, n_acked: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.acked) < n_acked and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(self.acked) >= n_acked, f"only {len(self.acked)} spans acknowledged in {timeout}s"
+        wait_for(lambda: len(self.acked) >= n_acked, timeout, 0.05, what=f"{n_acked} spans acknowledged",
+                 detail=lambda: f"only {len(self.acked)}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -133,65 +132,35 @@ def test_acks_do_not_wait_for_the_decoder_and_the_queue_gauge_counts_what_waits(
     try:
         for seed in range(3):
             grpc_export(server.grpc_endpoint, span_request(random_spans(40, random.Random(seed))).SerializeToString())
-        deadline = time.monotonic() + 10
-        while _queue_gauge(server) != 120 and time.monotonic() < deadline:
-            time.sleep(0.1)                    # the frontend reports its counters twice a second
-        assert _queue_gauge(server) == 120
+        # the frontend reports its counters twice a second
+        wait_for(lambda: _queue_gauge(server) == 120, 10, what="120 spans queued", detail=lambda: str(_queue_gauge(server)))
     finally:
         os.kill(decoder_pid, signal.SIGCONT)
     assert server.query("select count(*) as n from spans_core")[0]["n"] == 120   # read-your-acks
-    deadline = time.monotonic() + 10
-    while _queue_gauge(server) != 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _queue_gauge(server) == 0
+    wait_for(lambda: _queue_gauge(server) == 0, 10, what="the ingest queue drained", detail=lambda: str(_queue_gauge(server)))
 
 
 def test_full_queue_answers_unavailable_with_retry_info_and_503(tmp_path):
-    """A writer that is not draining (not started) fills its queue; the next export is pushed back."""
+    """Spans acknowledged and not yet committed are bounded (store.queue_max_spans): while the writer does
+    not drain, the next export is pushed back (UNAVAILABLE + RetryInfo, HTTP 503 + Retry-After); once it
+    commits, there is room again."""
     from google.rpc import error_details_pb2, status_pb2
+    from pipeline import Pipeline
 
-    from shadowlens.config import Endpoint, default_config
-    from shadowlens.collector.decode.normalize import Normalizer
-    from shadowlens.collector.receivers.export import ExportHandler
-    from shadowlens.collector.receivers.grpc import GrpcReceiver
-    from shadowlens.collector.receivers.http import HttpReceiver
-    from shadowlens.collector.stats import IngestStats
-    from shadowlens.collector.store.writer import StoreWriter
-
-    cfg = default_config()
-    stats = IngestStats()
-    store = StoreWriter(tmp_path / "d", cfg.cohort_labels, stats, queue_max_spans=10)
-    store.open()
-    handler = ExportHandler(Normalizer(cfg.cohort_labels, cfg.evals), store, stats)
-    rx_grpc = GrpcReceiver(Endpoint("127.0.0.1", 0), handler, 4 << 20)
-    rx_http = HttpReceiver(Endpoint("127.0.0.1", 0), handler, 4 << 20)
-    rx_grpc.start()
-    rx_http.start()
-    first_done = threading.Event()
-    try:
-        def first():
-            with grpc.insecure_channel(f"127.0.0.1:{rx_grpc.port}") as ch:
-                ch.unary_unary(TRACE_METHOD)(span_request(random_spans(8)).SerializeToString(), timeout=30)
-            first_done.set()
-        threading.Thread(target=first, daemon=True).start()
-        deadline = time.monotonic() + 10
-        while stats.gauges["ingest_queue_spans"]() < 8 and time.monotonic() < deadline:
-            time.sleep(0.01)
+    with Pipeline(tmp_path, queue_max_spans=10).start(writer=False) as p:
+        p.export(span_request(random_spans(8)).SerializeToString())    # durable in the payload log: acknowledged
+        assert p.query("select count(*) from spans_core") == [(0,)]   # though not committed
         body = span_request(random_spans(8, random.Random(1))).SerializeToString()
-        with grpc.insecure_channel(f"127.0.0.1:{rx_grpc.port}") as ch:
-            with pytest.raises(grpc.RpcError) as err:
-                ch.unary_unary(TRACE_METHOD)(body, timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            p.export(body)             # 8 + 8 > 10: waits for room (intake.ADMIT_WAIT_S), then is refused
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         details = dict(err.value.trailing_metadata())["grpc-status-details-bin"]
         st = status_pb2.Status.FromString(details)
         info = error_details_pb2.RetryInfo()
         assert st.details[0].Unpack(info) and info.retry_delay.seconds >= 1
-        status, headers, _ = http_post(f"http://127.0.0.1:{rx_http.port}/v1/traces", body)
+        status, headers, _ = http_post(f"{p.http_url}/v1/traces", body)
         assert status == 503 and int(headers["Retry-After"]) >= 1
-        assert not first_done.is_set()           # not acknowledged before its commit
-        store.start()                            # the writer drains: the first export completes
-        assert first_done.wait(30)
-    finally:
-        rx_grpc.shutdown(1)
-        rx_http.shutdown(1)
-        store.shutdown()
+        p.store.start()                # the writer drains: its commit frees the room
+        p.export(body)
+        p.sync()
+        assert p.query("select count(*) from spans_core") == [(16,)]

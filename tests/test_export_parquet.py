@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from harness import REPO, SHADOWLENS
+from harness import REPO, SHADOWLENS, wait_for
 from otlp_builders import log_request, span_request
 
 HOUR_NS = 3600 * 10**9
@@ -80,10 +80,8 @@ def _send(server, spans: list[dict], logs: list[dict]) -> None:
 
 
 def _wait_traces(server, n: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while server.query("select count(*) AS n from traces")[0]["n"] < n:
-        assert time.monotonic() < deadline, "traces did not complete"
-        time.sleep(0.3)
+    wait_for(lambda: server.query("select count(*) AS n from traces")[0]["n"] >= n, timeout, 0.3,
+             what=f"{n} traces completed")
 
 
 def _cli(server, *args: str, data_dir: Path | None = None) -> subprocess.CompletedProcess:
@@ -260,16 +258,6 @@ def _metric(server, name: str) -> float:
     raise AssertionError(f"{name} not exposed")
 
 
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, what
-        time.sleep(0.3)
-
-
 def test_serve_exports_closed_hours_on_its_own_and_rewrites_an_hour_that_changed(serve_factory, tmp_path):
     lake = tmp_path / "lake"
     lake.write_text("not a directory yet")          # the first passes fail: counted, retried, ingest goes on
@@ -282,12 +270,12 @@ def test_serve_exports_closed_hours_on_its_own_and_rewrites_an_hour_that_changed
     _send(server, spans, logs)
     _wait_traces(server, 60)
     assert server.query("select count(*) AS n from spans")[0]["n"] == len(spans)
-    _wait(lambda: _metric(server, "shadowlens_export_parquet_failures_total") >= 2, 30, "no failure counted")
+    wait_for(lambda: _metric(server, "shadowlens_export_parquet_failures_total") >= 2, 30, 0.3, what="two failures counted")
     lag_failing = _metric(server, "shadowlens_export_parquet_lag_seconds")
 
     lake.unlink()                                    # the next retry succeeds
     store = _store_figures(server)
-    _wait(lambda: lake.is_dir() and _lake_figures_duckdb(lake) == store, 60, "the lake never matched the store")
+    wait_for(lambda: lake.is_dir() and _lake_figures_duckdb(lake) == store, 60, 0.3, what="the lake matching the store")
     assert _metric(server, "shadowlens_export_parquet_lag_seconds") <= max(lag_failing, 3600 + 5)
     assert _metric(server, 'shadowlens_export_parquet_rows_total{table="spans"}') == len(spans)
 
@@ -297,7 +285,7 @@ def test_serve_exports_closed_hours_on_its_own_and_rewrites_an_hour_that_changed
     _send(server, late_spans, [])
     _wait_traces(server, 61)
     store = _store_figures(server)
-    _wait(lambda: _lake_figures_duckdb(lake) == store, 60, "the late trace never reached the lake")
+    wait_for(lambda: _lake_figures_duckdb(lake) == store, 60, 0.3, what="the late trace reaching the lake")
     assert {p.name for p in _parquet_files(lake)} == files_before, "the hour's files replaced, none added"
     assert _lake_figures_pyarrow(lake) == store
 

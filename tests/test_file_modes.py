@@ -5,16 +5,15 @@ from __future__ import annotations
 import os
 import random
 import stat
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
+from harness import wait_for
 from otlp_builders import random_spans, span_request
-from test_receivers import grpc_export
-
 from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.quarantine import DDL, Quarantine
+from test_receivers import grpc_export
 
 
 @contextmanager
@@ -41,9 +40,7 @@ def test_a_store_created_under_umask_0_is_owner_only(serve_factory, tmp_path):
     with umask(0):                     # serve (and its ingest processes) inherit it
         srv = serve_factory(data_dir=data)
     grpc_export(srv.grpc_endpoint, span_request(random_spans(8, random.Random(1))).SerializeToString())
-    deadline = time.monotonic() + 10
-    while not (data / "shadowlens.duckdb.wal").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for((data / "shadowlens.duckdb.wal").exists, 10, what="the DuckDB WAL")
     names = {p.name for p in data.rglob("*")}
     # what the test means to see: the payload log, the database, its WAL and the query socket
     assert {"segments", "shadowlens.duckdb", "shadowlens.duckdb.wal", "serve.sock"} <= names, names

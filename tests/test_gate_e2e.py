@@ -10,9 +10,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from harness import REPO, SHADOWLENS
+from harness import REPO, SHADOWLENS, wait_for
 
-from shadowlens.traffic import GenerateOptions, run_generate
+from shadowlens.generate import GenerateOptions, run_generate
 
 FAST = {"SHADOWLENS_TRACES__IDLE_SECONDS": "1", "SHADOWLENS_GATE__REFRESH": "1s",
         "SHADOWLENS_ANALYZERS__WINDOW_REFRESH": "1s"}
@@ -34,15 +34,14 @@ def metric(text: str, name: str, **labels) -> float | None:
 
 def wait_for_gate(server, traces: int, timeout: float = 60.0) -> dict:
     """/gate once its evaluation covers every sent trace."""
-    deadline = time.monotonic() + timeout
-    doc = {}
-    while time.monotonic() < deadline:
-        status, doc = get(server.metrics_url + "/gate")
-        if sum(doc.get("traces", {}).values()) >= traces:
-            time.sleep(1.2)                      # one more refresh, so the counters below are settled too
-            return get(server.metrics_url + "/gate")[1]
-        time.sleep(0.5)
-    raise AssertionError(f"the gate never covered {traces} traces: {doc.get('traces')}")
+    last: list[dict] = [{}]
+
+    def covered():
+        last[0] = get(server.metrics_url + "/gate")[1]
+        return sum(last[0].get("traces", {}).values()) >= traces
+    wait_for(covered, timeout, 0.5, what=f"the gate covering {traces} traces", detail=lambda: str(last[0].get("traces")))
+    time.sleep(1.2)                      # one more refresh, so the counters below are settled too
+    return get(server.metrics_url + "/gate")[1]
 
 
 def get(url: str, method: str = "GET") -> tuple[int, dict]:

@@ -2,13 +2,11 @@
 said from the first evaluation, never a block, never a promote; the budget is written as people write it."""
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import polars as pl
 import pytest
 from gate_sim import Effect, simulate
-
 from shadowlens.analyzers.compare import compare
 from shadowlens.analyzers.rules import parse_gate
 
@@ -81,7 +79,7 @@ def test_gate_says_it_from_the_first_evaluation_for_an_agent_instrumented_as_the
     import subprocess
     import urllib.request
 
-    from harness import REPO, SHADOWLENS
+    from harness import REPO, SHADOWLENS, wait_for
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -98,17 +96,15 @@ def test_gate_says_it_from_the_first_evaluation_for_an_agent_instrumented_as_the
                     "cohort.intent": "billing", "cohort.language": "de", "cohort.tier": "enterprise"}):
                 pass
     provider.shutdown()
-    deadline = time.monotonic() + 60
-    doc: dict = {}
-    while time.monotonic() < deadline:
+
+    def gate_with_every_trace() -> dict | None:
         try:
             with urllib.request.urlopen(server.metrics_url + "/gate", timeout=5) as r:
                 doc = json.loads(r.read())
         except OSError:
-            doc = {}
-        if sum((doc.get("traces") or {}).values()) >= 10:
-            break
-        time.sleep(0.5)
+            return None
+        return doc if sum((doc.get("traces") or {}).values()) >= 10 else None
+    doc = wait_for(gate_with_every_trace, 60, 0.5, what="the gate covering 10 traces")
     assert doc.get("verdict") == "inconclusive", doc
     t = next(r for r in doc["rules"] if r["rule"] == "task_completion" and r["cohort"] == "all")
     assert t["state"] == "insufficient_data" and t["no_input"] is True

@@ -11,10 +11,10 @@ import urllib.request
 
 import numpy as np
 import pytest
+from harness import REPO, SHADOWLENS, free_port, server_env, wait_for
 
 from shadowlens.demo import gate_summary
 from shadowlens.traffic import MODEL, MODELS, SCENARIOS, sample_request
-from harness import REPO, SHADOWLENS, free_port, server_env
 
 SUMMARY = re.compile(r"generate: done, (\d+) traces sent \((\d+) requests\), (\d+) spans, (\d+) failed")
 PROGRESS = re.compile(r"^generate: \d+ traces sent \(\d+ requests\), [\d.]+ traces/s, scenario \w+$", re.M)
@@ -187,21 +187,19 @@ def test_demo_serves_both_routes_and_stops_cleanly_on_sigterm(tmp_path):
     try:
         first = proc.stdout.readline()
         serve_pid = int(re.search(r"pid (\d+)", first).group(1))
-        deadline = time.monotonic() + 40
-        text = ""
-        while time.monotonic() < deadline:
+        text = [""]
+
+        def both_routes_counted() -> bool:
             assert proc.poll() is None, proc.stdout.read()
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{m}/metrics", timeout=5) as r:
-                    text = r.read().decode()
+                    text[0] = r.read().decode()
             except OSError:
                 pass
-            if all(re.search(rf'^shadowlens_traces_total\{{[^}}]*route="{route}"', text, re.M)
-                   for route in ("baseline", "candidate")):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("no shadowlens_traces_total series for both routes:\n" + text[-2000:])
+            return all(re.search(rf'^shadowlens_traces_total\{{[^}}]*route="{route}"', text[0], re.M)
+                       for route in ("baseline", "candidate"))
+        wait_for(both_routes_counted, 40, 0.5, what="shadowlens_traces_total series for both routes",
+                 detail=lambda: text[0][-2000:])
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=90)
         assert proc.returncode == 0, first + rest
@@ -216,3 +214,27 @@ def test_demo_serves_both_routes_and_stops_cleanly_on_sigterm(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_agent_pool_is_the_same_bytes_for_a_seed_and_marks_every_trace_and_request_id():
+    """The load pool (shadowlens/traffic_pool.py): fixed bytes for (seed, clock), exactly N spans a request,
+    every trace id ending in the marker and every ``shadow.request_id`` in its hex, realistic sizes."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from shadowlens.traffic_pool import agent_pool
+    now = 1_765_000_000 * 10**9
+    pool = agent_pool(3, seed=5, spans_per_request=64, now_ns=now)
+    assert pool.payloads == agent_pool(3, seed=5, spans_per_request=64, now_ns=now).payloads
+    assert pool.payloads != agent_pool(3, seed=6, spans_per_request=64, now_ns=now).payloads
+    routes = set()
+    for payload, roots in zip(pool.payloads, pool.roots):
+        req = ExportTraceServiceRequest.FromString(payload)
+        spans = [s for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
+        assert len(spans) == 64 and all(s.trace_id.endswith(pool.marker) for s in spans)
+        request_ids = [kv.value.string_value for s in spans for kv in s.attributes if kv.key == "shadow.request_id"]
+        assert len(request_ids) == roots > 0 and all(r.endswith(pool.marker.hex()) for r in request_ids)
+        routes |= {kv.value.string_value for s in spans for kv in s.attributes if kv.key == "shadow.route"}
+        assert all(now - 120 * 10**9 <= s.start_time_unix_nano < now for s in spans)
+    assert routes == {"baseline", "candidate"}
+    assert 1500 < sum(map(len, pool.payloads)) / (3 * 64) < 4000      # bytes a span
+    assert sum(pool.kinds.values()) == 3 * 64 and set(pool.kinds) == {"AGENT", "LLM", "TOOL"}

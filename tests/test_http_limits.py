@@ -11,9 +11,8 @@ import urllib.request
 
 import pytest
 from google.rpc import code_pb2, status_pb2
+from harness import start_server
 from otlp_builders import span_request
-
-from harness import Server, free_port, server_env
 from test_receivers import send_chunked
 
 IDLE_S, READ_S, MAX_CONNECTIONS = 2, 2, 8
@@ -23,13 +22,10 @@ LIMIT_MIB = 1
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     """One server for the module, with short timeouts and a small cap so the bounds show quickly."""
-    g, h, m = free_port(), free_port(), free_port()
-    env = server_env(g, h, m, SHADOWLENS_RECEIVERS__HTTP__IDLE_TIMEOUT=f"{IDLE_S}s",
-                     SHADOWLENS_RECEIVERS__HTTP__READ_TIMEOUT=f"{READ_S}s",
-                     SHADOWLENS_RECEIVERS__HTTP__MAX_CONNECTIONS=str(MAX_CONNECTIONS),
-                     SHADOWLENS_RECEIVERS__HTTP__MAX_BODY_MIB=str(LIMIT_MIB))
-    server = Server(data_dir=tmp_path_factory.mktemp("http-limits") / "data", grpc_port=g, http_port=h,
-                    metrics_port=m, env=env).start()
+    server = start_server(tmp_path_factory.mktemp("http-limits") / "data", env={
+        "SHADOWLENS_RECEIVERS__HTTP__IDLE_TIMEOUT": f"{IDLE_S}s", "SHADOWLENS_RECEIVERS__HTTP__READ_TIMEOUT": f"{READ_S}s",
+        "SHADOWLENS_RECEIVERS__HTTP__MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        "SHADOWLENS_RECEIVERS__HTTP__MAX_BODY_MIB": str(LIMIT_MIB)})
     yield server
     server.stop(timeout=30)
 

@@ -9,10 +9,9 @@ import time
 
 import hypothesis
 import hypothesis.strategies as st
-import pytest
-
 import json_fuzz
-from harness import Server, free_port, server_env
+import pytest
+from harness import start_server
 
 # the named failures of the issue, each a body that used to get a 500 or no answer
 NAMED = {
@@ -27,10 +26,7 @@ NAMED = {
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    d = tmp_path_factory.mktemp("jsonfuzz")
-    g, h, m = free_port(), free_port(), free_port()
-    s = Server(data_dir=d / "data", grpc_port=g, http_port=h, metrics_port=m, env=server_env(g, h, m))
-    s.start()
+    s = start_server(tmp_path_factory.mktemp("jsonfuzz") / "data")
     yield s
     s.stop(timeout=30)
 

@@ -21,11 +21,11 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from harness import wait_for
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from otlp_builders import span_request
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import PrometheusServer, prometheus_binary, value
-
 from shadowlens.analyzers.aggregates import DURATION_BUCKETS
 
 TRACE_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -109,16 +109,14 @@ def scrape(srv) -> dict[str, list]:
 
 
 def wait_until(what: str, fn, timeout: float, srv) -> dict:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = scrape(srv)
-        if fn(last):
-            return last
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}; traces_total="
-                f"{last.get('shadowlens_traces_total')}, open={last.get('shadowlens_open_traces')}, "
-                f"window={last.get('shadowlens_window_traces')}\nserve log:\n{srv.log()[-4000:]}")
+    last: list[dict] = [{}]
+
+    def reached():
+        last[0] = scrape(srv)
+        return fn(last[0]) and last[0]
+    return wait_for(reached, timeout, 0.2, what=what, detail=lambda: (
+        f"traces_total={last[0].get('shadowlens_traces_total')}, open={last[0].get('shadowlens_open_traces')}, "
+        f"window={last[0].get('shadowlens_window_traces')}\nserve log:\n{srv.log()[-4000:]}"))
 
 
 def per_route(samples: list, name_filter=lambda labels: True) -> dict[str, float]:

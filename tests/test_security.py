@@ -12,8 +12,8 @@ import urllib.request
 
 import grpc
 import pytest
-from harness import REPO, SHADOWLENS, server_env
 from cryptography import x509
+from harness import REPO, SHADOWLENS, server_env, wait_for
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from opentelemetry.sdk.resources import Resource
@@ -22,10 +22,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from otlp_builders import random_spans, span_request
 from prometheus_server import PrometheusServer
+from shadowlens.collector.security import exposure_warnings
 from tls_certs import CA
 
 from shadowlens.config import load
-from shadowlens.collector.security import exposure_warnings
 
 TOKEN = "s3cret-token-0123456789"
 TRACE_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -104,10 +104,8 @@ def stored(srv) -> dict[str, int]:
 
 
 def wait_stored(srv, expected: dict[str, int], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (got := stored(srv)) != expected and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert got == expected
+    wait_for(lambda: stored(srv) == expected, timeout, 0.2, what=f"stored spans {expected}",
+             detail=lambda: f"stored: {stored(srv)}")
 
 
 def https_get(url: str, pki, token: str | None = None, client=None):
@@ -244,13 +242,8 @@ def test_rotated_certificates_and_tokens_are_used_without_a_restart(serve_factor
     _replace(key, new.key.read_bytes())
     _replace(cert, new.cert.read_bytes())
     _replace(token, b"rotated-token\nsecond-token\n")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        serials = {k: _peer_serial(p, a) for k, (p, a) in ports.items()}
-        if serials == dict.fromkeys(ports, new.serial):
-            break
-        time.sleep(0.25)
-    assert serials == dict.fromkeys(ports, new.serial)
+    wait_for(lambda: {k: _peer_serial(p, a) for k, (p, a) in ports.items()} == dict.fromkeys(ports, new.serial), 10,
+             0.25, what="every listener serving the rotated certificate")
     base = f"https://localhost:{srv.metrics_port}/metrics"
     assert https_get(base, pki, token=TOKEN)[0] == 401
     assert https_get(base, pki, token="rotated-token")[0] == 200

@@ -39,10 +39,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import REPO
-from prometheus_server import PrometheusError, PrometheusServer, prometheus_binary, value
+from harness import REPO, wait_for
+from prometheus_server import PrometheusServer, prometheus_binary, value
 
-from shadowlens.traffic import GenerateOptions, run_generate
+from shadowlens.generate import GenerateOptions, run_generate
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -181,14 +181,13 @@ def get_json(url: str) -> dict:
 
 def wait_for_gate(server, traces: int, timeout: float = 60.0) -> dict:
     """/gate once its evaluation covers every sent trace."""
-    deadline = time.monotonic() + timeout
-    doc: dict = {}
-    while time.monotonic() < deadline:
-        doc = get_json(server.metrics_url + "/gate")
-        if sum(doc.get("traces", {}).values()) >= traces:
-            return doc
-        time.sleep(0.25)
-    raise AssertionError(f"the gate never covered {traces} traces: {doc.get('traces')}\n{server.log()[-3000:]}")
+    last: list[dict] = [{}]
+
+    def covered():
+        last[0] = get_json(server.metrics_url + "/gate")
+        return sum(last[0].get("traces", {}).values()) >= traces and last[0]
+    return wait_for(covered, timeout, 0.25, what=f"the gate covering {traces} traces",
+                    detail=lambda: f"{last[0].get('traces')}\n{server.log()[-3000:]}")
 
 
 def active_alerts(prom: PrometheusServer, name: str) -> list[dict]:
@@ -200,15 +199,8 @@ def rule_groups(prom: PrometheusServer) -> dict[str, dict]:
 
 
 def wait(what: str, fn, timeout: float, prom: PrometheusServer, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise PrometheusError(f"timed out after {timeout}s waiting for {what}\nalerts: "
-                                  f"{prom.api('alerts')['alerts']}\ntargets: {prom.targets()}\nlog:\n{prom.log()}")
-        time.sleep(interval)
+    return wait_for(fn, timeout, interval, what=what, detail=lambda: f"alerts: {prom.api('alerts')['alerts']}\n"
+                    f"targets: {prom.targets()}\nlog:\n{prom.log()}")
 
 
 def test_unthreshold_turns_filters_into_bool_comparisons():
