@@ -17,6 +17,7 @@ import hypothesis.strategies as st
 import pytest
 from harness import REPO
 from otlp_builders import T0, random_spans, span_request
+from pipeline import Handover
 from wire_bytes import (attribute, event, key_value, ld, nested_array, nested_kvlist, span_event, string_value,
                         with_span_extras)
 
@@ -46,8 +47,9 @@ def _stored(batch, tmp_path, *queries: str) -> list[list[tuple]]:
     """Commits ``batch`` through the store writer (the real DDL and insert) and runs ``queries``."""
     store = StoreWriter(tmp_path, default_config().cohort_labels, IngestStats())
     store.start()
+    handover = Handover(store)
     try:
-        store.submit(batch).result(30)
+        handover.submit(batch).result(30)
         con = store.cursor()
         try:
             return [con.execute(sql).fetchall() for sql in queries]
@@ -55,6 +57,7 @@ def _stored(batch, tmp_path, *queries: str) -> list[list[tuple]]:
             con.close()
     finally:
         store.shutdown()
+        handover.close()
 
 
 # -- part 2: values that reach DuckDB are checked before the acknowledgement --------------------------

@@ -24,6 +24,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from otlp_builders import random_spans, span_request
+from pipeline import Handover
 from test_receivers import TRACE_METHOD, http_post
 
 from shadowlens.collector.errors import StorageFull
@@ -343,18 +344,19 @@ def _writer(tmp_path, stats):
     cfg = default_config()
     store = StoreWriter(tmp_path, cfg.cohort_labels, stats)
     store.start()
+    handover = Handover(store)
     batch = Normalizer(cfg.cohort_labels, cfg.evals).normalize_traces(
         span_request(random_spans(30, random.Random(9))).SerializeToString())
-    return store, batch
+    return store, lambda: handover.submit(batch)      # as the supervisor submits a decoded record
 
 
 def test_a_commit_refused_for_want_of_space_is_retried_until_it_succeeds(tmp_path):
     from shadowlens.collector.stats import IngestStats
     from shadowlens.collector.store.diskfull import readiness
     stats = IngestStats()
-    store, batch = _writer(tmp_path, stats)
+    store, submit = _writer(tmp_path, stats)
     store.con = _FullDiskConnection(store.con, fail=3)
-    fut = store.submit(batch)
+    fut = submit()
     not_ready = []
     while not fut.done():
         ready, why = readiness(True, stats)
@@ -372,9 +374,9 @@ def test_a_commit_refused_for_want_of_space_is_retried_until_it_succeeds(tmp_pat
 def test_stopping_while_the_disk_stays_full_fails_the_group_instead_of_hanging(tmp_path):
     from shadowlens.collector.stats import IngestStats
     stats = IngestStats()
-    store, batch = _writer(tmp_path, stats)
+    store, submit = _writer(tmp_path, stats)
     full = store.con = _FullDiskConnection(store.con, fail=float("inf"))
-    fut = store.submit(batch)
+    fut = submit()
     deadline = time.monotonic() + 10
     while not full.failed:
         assert time.monotonic() < deadline

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from harness import REPO, SHADOWLENS
 from otlp_builders import span_request
+from pipeline import Handover
 
 from shadowlens.config import default_config
-from shadowlens.collector.decode.normalize import Normalizer
 from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.reader import QueryError, QueryServer, query
 from shadowlens.collector.store.writer import StoreWriter
@@ -89,18 +89,18 @@ def assert_store_readable(run, n: int) -> None:
 
 def test_queries_see_the_store_and_no_other_file_on_both_paths(tmp_path, secrets):
     cfg = default_config()
-    norm = Normalizer(cfg.cohort_labels, cfg.evals)
     data = tmp_path / "data"
     store = StoreWriter(data, cfg.cohort_labels, IngestStats())
     store.start()
+    handover = Handover(store)
     server = QueryServer(data, store.cursor)           # as serve composes it (shadowlens/serve.py)
     server.start()
     try:
-        store.submit(norm.normalize_traces(_request(3, 1))).result(10)
+        handover.submit(_request(3, 1)).result(10)
         assert_store_readable(lambda sql: query(data, sql), 3)      # through serve.sock
         assert_sandboxed(lambda sql: query(data, sql), secrets)
         # the writer's own connection, which the socket's cursors share, still writes and checkpoints
-        store.submit(norm.normalize_traces(_request(2, 4))).result(10)
+        handover.submit(_request(2, 4)).result(10)
         assert_store_readable(lambda sql: query(data, sql), 5)
         con = store.cursor()
         con.execute("CHECKPOINT")
@@ -108,14 +108,17 @@ def test_queries_see_the_store_and_no_other_file_on_both_paths(tmp_path, secrets
     finally:
         server.shutdown()
         store.shutdown()
+        handover.close()
     assert not (data / "serve.sock").exists()
     assert_store_readable(lambda sql: query(data, sql), 5)           # on the file, no server
     assert_sandboxed(lambda sql: query(data, sql), secrets)
     # and the store opens for writing again after its connections were sandboxed
     store = StoreWriter(data, cfg.cohort_labels, IngestStats())
     store.start()
-    store.submit(norm.normalize_traces(_request(1, 6))).result(10)
+    handover = Handover(store)
+    handover.submit(_request(1, 6)).result(10)
     store.shutdown()
+    handover.close()
     assert_store_readable(lambda sql: query(data, sql), 6)
 
 
