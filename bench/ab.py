@@ -82,6 +82,7 @@ class Tree:
 def prepare(label: str, path: Path, work: Path, build: bool) -> Tree:
     """A wrapper executable and PYTHONPATH that run ``path``'s code; builds its C scanner if asked."""
     path = path.resolve()
+    work.mkdir(parents=True, exist_ok=True)
     if (path / "shadowlens" / "cli.py").exists():
         cli, shim = "shadowlens.cli", work / f"shim-{label}"
         shim.mkdir(parents=True, exist_ok=True)

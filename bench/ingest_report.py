@@ -9,7 +9,9 @@ BAR_SPANS_PER_S = 50_000
 BAR_P99_MS = 250.0
 BAR_RSS_MB = 500.0
 
+
 def print_run(res, bar_grpc, timeline=False):
+    """One run's figures as lines on stderr (its JSON is in the result document)."""
     p = say
     load = f"offered {res['rate']:,.0f} spans/s, paced" if res.get("rate") else "closed loop"
     p(f"--- run {res['run']} ({res['transport']}, {res['clients']} clients x {res['concurrency']} in flight, {load}) ---")
@@ -92,6 +94,7 @@ MEDIAN_KEYS = ("duration_s", "spans_sent", "acked", "rejected", "unavailable", "
 
 
 def median_of(runs):
+    """The median of each figure over the runs; stored_ok only when every run stored what it acknowledged."""
     med = {}
     for k in MEDIAN_KEYS:
         vals = [r[k] for r in runs if r.get(k) is not None]

@@ -16,6 +16,7 @@ from shadowlens.traffic_pool import agent_pool
 
 SPANS_PER_REQUEST = 512
 
+
 @dataclass(frozen=True)
 class Template:
     data: bytes            # serialized ExportTraceServiceRequest
