@@ -119,6 +119,20 @@ class StreamingAggregates:
         t = done.traces
         if t.height == 0:
             return
+        routes, gid, groups = self._groups(t)
+        ids = t["trace_id"].to_list()
+        now = self.now()
+        measures = _measures(t, gid, len(groups), ids, now)
+        with self._lock:
+            self._merge_series(groups, measures, now)
+            # evals and models summed per series / route in polars first: a few rows, not one per trace
+            if done.evals.height:
+                self._add_evals(done.evals, ids, gid, groups, now)
+            if done.models is not None and done.models.height:
+                self._add_models(done.models, ids, routes, now)
+
+    def _groups(self, t: pl.DataFrame) -> tuple[list[str], np.ndarray, list[tuple]]:
+        """Each trace's route label, its series' group number, and the series keys in group order."""
         routes = [route_label(r) for r in t["route"].to_list()]
         columns = [routes]
         for label in self.labels:
@@ -126,62 +140,53 @@ class StreamingAggregates:
         key_rows = [(r, *c) for r, c in zip(routes, self.cohort_key(list(zip(*columns[1:]))))]   # series keys
         index: dict[tuple, int] = {}                       # series key -> group, in order of appearance
         gid = np.fromiter((index.setdefault(k, len(index)) for k in key_rows), dtype=np.int64, count=len(key_rows))
-        groups, ngroups = list(index), len(index)
-        ids = t["trace_id"].to_list()
-        now = self.now()
-        # one numpy pass per measure for all series (a polars group-by per series cost ~0.5 ms each)
-        traces = np.bincount(gid, minlength=ngroups)
-        refusals = np.bincount(gid, weights=t["refused"].fill_null(False).cast(pl.Float64).to_numpy(), minlength=ngroups)
-        escalations = np.bincount(gid, weights=t["escalated"].fill_null(False).cast(pl.Float64).to_numpy(), minlength=ngroups)
-        duration = bucket_by_group(DURATION_BUCKETS, gid, ngroups,
-                                   t["duration_seconds"].fill_null(0.0).cast(pl.Float64).to_numpy(), ids, now)
-        steps = bucket_by_group(STEPS_BUCKETS, gid, ngroups, t["steps"].cast(pl.Float64).to_numpy(), None, now)
-        cost_col = t["cost_usd"].cast(pl.Float64)
-        priced = cost_col.is_not_null().to_numpy()
-        cost = bucket_by_group(COST_BUCKETS, gid[priced], ngroups, cost_col.drop_nulls().to_numpy(), None, now)
-        with self._lock:
-            for g, key in enumerate(groups):
-                s = self.series.get(key)
-                if s is None:
-                    s = self.series[key] = Series()
-                s.last_seen = now
-                s.traces += int(traces[g])
-                s.refusals += int(refusals[g])
-                s.escalations += int(escalations[g])
-                for hist, (counts, totals, exemplars) in ((s.duration, duration), (s.steps, steps), (s.cost, cost)):
-                    hist.merge(counts[g], float(totals[g]), exemplars.get(g, {}))
-            # evals and models summed per series / route in polars first: a few rows, not one per trace
-            if done.evals.height:
-                per_series = done.evals.join(pl.DataFrame({"trace_id": ids, "_g": gid}), on="trace_id").filter(
-                    pl.col("name").is_not_null()).group_by("_g", "name", pl.col("passed") == False).agg(  # noqa: E712
-                    pl.col("n").sum())
-                names = self.eval_names.map("eval", per_series["name"].to_list(), count=False)
-                overflowed = 0
-                for (g, _, failed, n), name in zip(per_series.iter_rows(), names):
-                    k = (groups[g], name, "fail" if failed else "pass")
-                    self.evals[k] = self.evals.get(k, 0) + int(n)
-                    self._seen[("eval", name)] = now
-                    overflowed += int(n) if name == OVERFLOW else 0
-                self.eval_names.add_overflow("eval", overflowed)     # eval results
-            if done.models is not None and done.models.height:
-                per_route = done.models.join(pl.DataFrame({"trace_id": ids, "_route": routes}), on="trace_id").group_by(
-                    "_route", pl.col("model").fill_null("unknown")).agg(
-                    *(e for c in ("input_tokens", "output_tokens", "cost_usd")
-                      for e in (pl.col(c).sum(), pl.col(c).count().alias(c + "_n"))), pl.len().alias("_rows"))
-                models = self.models.map("model", per_route["model"].to_list(), count=False)
-                # one a trace and model (the rows of done.models), as cohorts count one a trace
-                self.models.add_overflow("model", sum(n for m, n in zip(models, per_route["_rows"].to_list())
-                                                      if m == OVERFLOW))
-                for (route, _, prompt, prompt_n, completion, completion_n, cost, cost_n, _), model in zip(
-                        per_route.iter_rows(), models):
-                    self._seen[("model", model)] = now
-                    if prompt_n:
-                        self.tokens[(route, model, "prompt")] = self.tokens.get((route, model, "prompt"), 0) + int(prompt)
-                    if completion_n:
-                        k = (route, model, "completion")
-                        self.tokens[k] = self.tokens.get(k, 0) + int(completion)
-                    if cost_n:
-                        self.cost_total[(route, model)] = self.cost_total.get((route, model), 0.0) + float(cost)
+        return routes, gid, list(index)
+
+    def _merge_series(self, groups: list[tuple], measures: tuple, now: float) -> None:
+        traces, refusals, escalations, duration, steps, cost = measures
+        for g, key in enumerate(groups):
+            s = self.series.get(key)
+            if s is None:
+                s = self.series[key] = Series()
+            s.last_seen = now
+            s.traces += int(traces[g])
+            s.refusals += int(refusals[g])
+            s.escalations += int(escalations[g])
+            for hist, (counts, totals, exemplars) in ((s.duration, duration), (s.steps, steps), (s.cost, cost)):
+                hist.merge(counts[g], float(totals[g]), exemplars.get(g, {}))
+
+    def _add_evals(self, evals: pl.DataFrame, ids: list[str], gid: np.ndarray, groups: list[tuple], now: float) -> None:
+        per_series = evals.join(pl.DataFrame({"trace_id": ids, "_g": gid}), on="trace_id").filter(
+            pl.col("name").is_not_null()).group_by("_g", "name", pl.col("passed") == False).agg(  # noqa: E712
+            pl.col("n").sum())
+        names = self.eval_names.map("eval", per_series["name"].to_list(), count=False)
+        overflowed = 0
+        for (g, _, failed, n), name in zip(per_series.iter_rows(), names):
+            k = (groups[g], name, "fail" if failed else "pass")
+            self.evals[k] = self.evals.get(k, 0) + int(n)
+            self._seen[("eval", name)] = now
+            overflowed += int(n) if name == OVERFLOW else 0
+        self.eval_names.add_overflow("eval", overflowed)     # eval results
+
+    def _add_models(self, models_frame: pl.DataFrame, ids: list[str], routes: list[str], now: float) -> None:
+        per_route = models_frame.join(pl.DataFrame({"trace_id": ids, "_route": routes}), on="trace_id").group_by(
+            "_route", pl.col("model").fill_null("unknown")).agg(
+            *(e for c in ("input_tokens", "output_tokens", "cost_usd")
+              for e in (pl.col(c).sum(), pl.col(c).count().alias(c + "_n"))), pl.len().alias("_rows"))
+        models = self.models.map("model", per_route["model"].to_list(), count=False)
+        # one a trace and model (the rows of done.models), as cohorts count one a trace
+        self.models.add_overflow("model", sum(n for m, n in zip(models, per_route["_rows"].to_list())
+                                              if m == OVERFLOW))
+        for (route, _, prompt, prompt_n, completion, completion_n, cost, cost_n, _), model in zip(
+                per_route.iter_rows(), models):
+            self._seen[("model", model)] = now
+            if prompt_n:
+                self.tokens[(route, model, "prompt")] = self.tokens.get((route, model, "prompt"), 0) + int(prompt)
+            if completion_n:
+                k = (route, model, "completion")
+                self.tokens[k] = self.tokens.get(k, 0) + int(completion)
+            if cost_n:
+                self.cost_total[(route, model)] = self.cost_total.get((route, model), 0.0) + float(cost)
 
     def forget_stale(self, older_than_s: float) -> int:
         """Remove series (and their eval counters) unseen for ``older_than_s``, and the counters of models and
@@ -208,3 +213,18 @@ class StreamingAggregates:
                           *((h.counts.copy(), h.total, list(h.exemplars)) for h in (s.duration, s.steps, s.cost)))
                       for k, s in self.series.items()}
             return series, dict(self.evals), dict(self.tokens), dict(self.cost_total)
+
+
+def _measures(t: pl.DataFrame, gid: np.ndarray, ngroups: int, ids: list[str], now: float) -> tuple:
+    """Per group: traces, refusals, escalations, and the duration, steps and cost histogram updates.
+    One numpy pass per measure for all series (a polars group-by per series cost ~0.5 ms each)."""
+    traces = np.bincount(gid, minlength=ngroups)
+    refusals = np.bincount(gid, weights=t["refused"].fill_null(False).cast(pl.Float64).to_numpy(), minlength=ngroups)
+    escalations = np.bincount(gid, weights=t["escalated"].fill_null(False).cast(pl.Float64).to_numpy(), minlength=ngroups)
+    duration = bucket_by_group(DURATION_BUCKETS, gid, ngroups,
+                               t["duration_seconds"].fill_null(0.0).cast(pl.Float64).to_numpy(), ids, now)
+    steps = bucket_by_group(STEPS_BUCKETS, gid, ngroups, t["steps"].cast(pl.Float64).to_numpy(), None, now)
+    cost_col = t["cost_usd"].cast(pl.Float64)
+    priced = cost_col.is_not_null().to_numpy()
+    cost = bucket_by_group(COST_BUCKETS, gid[priced], ngroups, cost_col.drop_nulls().to_numpy(), None, now)
+    return traces, refusals, escalations, duration, steps, cost
