@@ -167,8 +167,11 @@ def render_ab(results: Path) -> str:
             return f"{_n(side['median'], digits)} ({', '.join(_n(v, digits) for v in side['values'])})"
         ratio = "–" if fig["ratio"] is None else f"{fig['ratio']:.3f}"
         out.append(f"| {fig['name']} ({fig['unit']}) | {cell(fig['a'])} | {cell(fig['b'])} | {ratio} |")
-    out += ["", _caption(d, f"bench/ab.py --rounds {d['params']['rounds']}")
-            + f" Rounds alternate A, B, A, B…; medians over {d['params']['rounds']} rounds, each run's value in brackets."]
+    p = d["params"]
+    out += ["", _caption(d, f"bench/ab.py A B --rounds {p['rounds']} --duration {p['duration']:g} --rate {p['rate']:.0f}"
+                            f" --gate-traces {p['gate_traces']} --client {p['client']}")
+            + f" A is {r['a']['tree']} at {r['a']['commit']}, B {r['b']['tree']} at {r['b']['commit']}. Each round runs"
+            f" every bench on A, then on B; medians over {p['rounds']} round(s), each round's value in brackets."]
     return "\n".join(out)
 
 
