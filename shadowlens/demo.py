@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import startup
@@ -174,85 +175,118 @@ def run_demo(cfg: Config, *, config_file: str | None, data_dir: str, rate: float
     """Start serve, feed it synthetic traffic, print the gate every 5 s; SIGINT/SIGTERM stop everything, exit 0.
     Exit 2, having started and sent nothing, when an address or the data dir is taken; 1 when serve fails."""
     say = lambda text, to=out: (to.write(text + "\n"), to.flush())
-    taken = startup.endpoints_in_use(cfg)
-    if taken:
-        say(ports_taken_message(taken), err)
-        return 2
-    holder = startup.lock_holder(startup.db_path(Path(data_dir)))
-    if holder is not None:
-        say(f"demo: {startup.data_dir_in_use(data_dir, holder)}; nothing was sent", err)
+    refused = _refusal(cfg, data_dir)
+    if refused:
+        say(refused, err)
         return 2
     stop = threading.Event()
     old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    log_path = Path(data_dir) / "serve.log"
-    ready_dir = Path(tempfile.mkdtemp(prefix="shadowlens-demo-"))
-    ready_file = ready_dir / "ready.json"
-    cmd = [sys.executable, "-m", "shadowlens.cli", "serve", "--data-dir", str(data_dir), "--ready-file", str(ready_file)]
-    if config_file:
-        cmd += ["--config", str(config_file)]
-    log_start = log_path.stat().st_size if log_path.exists() else 0
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=os.environ.copy())
+    child = _ServeChild.start(data_dir, config_file)
     gen: threading.Thread | None = None
     status: dict = {}
-    me = shadowlens_command()
     with_config = f" --config {shlex.quote(str(config_file))}" if config_file else ""
-    report = f"{me} report --data-dir {shlex.quote(str(data_dir))}{with_config}"
+    report = f"{shadowlens_command()} report --data-dir {shlex.quote(str(data_dir))}{with_config}"
     try:
-        say(f"demo: starting shadowlens serve (pid {proc.pid}, data {data_dir}, log {log_path}) ...")
-        ready = _wait_ready(proc, ready_file, 60.0, stop)
+        say(f"demo: starting shadowlens serve (pid {child.proc.pid}, data {data_dir}, log {child.log_path}) ...")
+        ready = _wait_ready(child.proc, child.ready_file, 60.0, stop)
         if ready is None:
-            if stop.is_set():
-                return 0
-            code = proc.poll()
-            if code is None:
-                say(f"demo: serve did not report ready in 60 s; nothing was sent; see {log_path}", err)
-                return 1
-            reason = _last_error(log_path, log_start)
-            say(f"demo: serve exited ({code}) before it was ready; nothing was sent. {reason}"
-                f" (full log: {log_path})", err)
-            return 2 if code == 2 else 1
+            return 0 if stop.is_set() else child.not_ready(lambda text: say(text, err))
         grpc = Endpoint(*parse_endpoint(ready["receivers.grpc.endpoint"], "receivers.grpc.endpoint"))
         metrics = f"http://{_local(Endpoint(*parse_endpoint(ready['metrics.endpoint'], 'metrics.endpoint')))}"
-        say(f"demo: serve (pid {proc.pid}) is ready; sending {scenario} shadow traffic at {rate:g} requests/s"
-            f" (x2 traces) to {_local(grpc)}. Look at:\n"
-            f"  curl {metrics}/metrics | grep shadowlens_\n"
-            f"  curl {metrics}/gate\n"
-            f"  {report}\n"
-            f"  {me} gate --url {metrics}\n"
-            f"Ctrl-C stops the generator and serve.")
+        say(_ready_message(child.proc.pid, scenario, rate, _local(grpc), metrics, report))
         opts = GenerateOptions(endpoint=_local(grpc), protocol="grpc", rate=rate, duration=duration,
                                scenario=scenario, seed=seed, service_name="shadowlens-demo")
         gen = threading.Thread(target=run_generate, args=(opts,), daemon=True, name="generate",
                                kwargs={"out": None, "stop": stop, "status": status})
         gen.start()
-        t0 = next_print = time.monotonic()
-        announced = False
-        # the child is watched every 0.5 s: if it dies, the generator stops before another process can
-        # take over its port
-        while not stop.wait(0.5):
-            if proc.poll() is not None:
-                stop.set()
-                say(f"demo: serve exited unexpectedly ({proc.returncode}); see {log_path}", err)
-                return 1
-            if not gen.is_alive() and not announced:
-                announced = True
-                say("demo: generator finished; serve keeps running until Ctrl-C")
-            if time.monotonic() >= next_print + POLL_S:
-                next_print += POLL_S
-                say(f"[{time.monotonic() - t0:5.0f}s] {status.get('traces', 0)} traces sent"
-                    f" | {fetch_gate(metrics + '/gate')}")
-        return 0
+        return _watch(child, gen, stop, status, metrics, say, lambda text: say(text, err))
     finally:
         stop.set()
         if gen is not None:
             gen.join(timeout=150)
-        code = _stop_child(proc)
-        shutil.rmtree(ready_dir, ignore_errors=True)
+        code = _stop_child(child.proc)
+        shutil.rmtree(child.ready_file.parent, ignore_errors=True)
         for s, h in old.items():
             signal.signal(s, h)
         say(f"demo: stopped ({status.get('traces', 0)} traces sent; serve exited {code})")
         if gen is not None:
             say(f"demo: the store stays in {data_dir}; for the full table: {report}")
+
+
+def _refusal(cfg: Config, data_dir: str) -> str | None:
+    """Why the demo must not start (an address it needs, or the data dir, is taken), or None."""
+    taken = startup.endpoints_in_use(cfg)
+    if taken:
+        return ports_taken_message(taken)
+    holder = startup.lock_holder(startup.db_path(Path(data_dir)))
+    if holder is not None:
+        return f"demo: {startup.data_dir_in_use(data_dir, holder)}; nothing was sent"
+    return None
+
+
+@dataclass(frozen=True)
+class _ServeChild:
+    """``shadowlens serve`` as the demo's child: its process, log (and where this run's part starts), ready file."""
+    proc: subprocess.Popen
+    log_path: Path
+    log_start: int
+    ready_file: Path
+
+    @classmethod
+    def start(cls, data_dir: str, config_file: str | None) -> _ServeChild:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        log_path = Path(data_dir) / "serve.log"
+        ready_file = Path(tempfile.mkdtemp(prefix="shadowlens-demo-")) / "ready.json"
+        cmd = [sys.executable, "-m", "shadowlens.cli", "serve", "--data-dir", str(data_dir),
+               "--ready-file", str(ready_file)]
+        if config_file:
+            cmd += ["--config", str(config_file)]
+        log_start = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, env=os.environ.copy())
+        return cls(proc, log_path, log_start, ready_file)
+
+    def not_ready(self, complain) -> int:
+        """The serve never reported ready: say why; 2 if it refused its configuration, else 1."""
+        code = self.proc.poll()
+        if code is None:
+            complain(f"demo: serve did not report ready in 60 s; nothing was sent; see {self.log_path}")
+            return 1
+        reason = _last_error(self.log_path, self.log_start)
+        complain(f"demo: serve exited ({code}) before it was ready; nothing was sent. {reason}"
+                 f" (full log: {self.log_path})")
+        return 2 if code == 2 else 1
+
+
+def _ready_message(pid: int, scenario: str, rate: float, grpc: str, metrics: str, report: str) -> str:
+    me = shadowlens_command()
+    return (f"demo: serve (pid {pid}) is ready; sending {scenario} shadow traffic at {rate:g} requests/s"
+            f" (x2 traces) to {grpc}. Look at:\n"
+            f"  curl {metrics}/metrics | grep shadowlens_\n"
+            f"  curl {metrics}/gate\n"
+            f"  {report}\n"
+            f"  {me} gate --url {metrics}\n"
+            f"Ctrl-C stops the generator and serve.")
+
+
+def _watch(child: _ServeChild, gen: threading.Thread, stop: threading.Event, status: dict, metrics: str,
+           say, complain) -> int:
+    """Print the gate every POLL_S until stopped (0); 1 if the serve dies first."""
+    t0 = next_print = time.monotonic()
+    announced = False
+    # the child is watched every 0.5 s: if it dies, the generator stops before another process can
+    # take over its port
+    while not stop.wait(0.5):
+        if child.proc.poll() is not None:
+            stop.set()
+            complain(f"demo: serve exited unexpectedly ({child.proc.returncode}); see {child.log_path}")
+            return 1
+        if not gen.is_alive() and not announced:
+            announced = True
+            say("demo: generator finished; serve keeps running until Ctrl-C")
+        if time.monotonic() >= next_print + POLL_S:
+            next_print += POLL_S
+            say(f"[{time.monotonic() - t0:5.0f}s] {status.get('traces', 0)} traces sent"
+                f" | {fetch_gate(metrics + '/gate')}")
+    return 0
