@@ -124,8 +124,8 @@ def example_sql(settings: GateSettings, labels, frame_sql: str, targets: list[tu
             f" any_value({row}) FILTER (WHERE route = 'candidate') AS c"
             f" FROM w WHERE request_id IS NOT NULL AND ({cohorts}) GROUP BY hash(request_id))",
             # the cohort of a pair is its baseline trace's, as in the gate's statistics
-            f"p AS MATERIALIZED (SELECT b.request_id AS request_id, b.trace_id AS b_trace, c.trace_id AS c_trace, b.start_s AS start_s,"
-            f" {pick} FROM k WHERE b IS NOT NULL AND c IS NOT NULL"
+            "p AS MATERIALIZED (SELECT b.request_id AS request_id, b.trace_id AS b_trace, c.trace_id AS c_trace,"
+            f" b.start_s AS start_s, {pick} FROM k WHERE b IS NOT NULL AND c IS NOT NULL"
             f" AND abs(b.start_s - c.start_s) <= {float(settings.pairing_window_s)!r})"]
     selects = []
     for i, (rule, cohort) in enumerate(targets):

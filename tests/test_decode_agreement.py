@@ -18,14 +18,13 @@ import pytest
 from harness import REPO
 from otlp_builders import T0, random_spans, span_request
 from pipeline import Handover
-from wire_bytes import (attribute, event, key_value, ld, nested_array, nested_kvlist, span_event, string_value,
-                        with_span_extras)
+from wire_bytes import attribute, event, key_value, ld, nested_array, nested_kvlist, span_event, string_value, with_span_extras
 
-from shadowlens.config import default_config
 from shadowlens.collector.decode import scan
 from shadowlens.collector.decode.normalize import Normalizer
 from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.writer import StoreWriter
+from shadowlens.config import default_config
 
 SCANNERS = ["python"] + (["c"] if scan._wirescan is not None else [])
 EVAL = b"gen_ai.evaluation.result"

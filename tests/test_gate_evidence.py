@@ -18,16 +18,16 @@ import pyarrow as pa
 import pytest
 from harness import REPO, SHADOWLENS
 
+from shadowlens import config as config_mod
 from shadowlens.analyzers.compare import compare
 from shadowlens.analyzers.evidence import NO_TRACE_DATA, trace_link
 from shadowlens.analyzers.gate import evaluate, evaluate_with_evidence
-from shadowlens import config as config_mod
 from shadowlens.collector.errors import ConfigError
-from shadowlens.traffic import SCENARIOS, Effect, Scenario, sample_request
 from shadowlens.collector.schema import traces_ddl
 from shadowlens.collector.store.database import PayloadDecoder, db_path, migrate, register_functions
 from shadowlens.exporters.report import render
 from shadowlens.exporters.verdict_json import verdict_to_json
+from shadowlens.traffic import SCENARIOS, Effect, Scenario, sample_request
 
 LABELS = ("intent", "language", "tier")
 SETTINGS = config_mod.default_config().gate_settings()

@@ -7,6 +7,7 @@ from dataclasses import replace
 import polars as pl
 import pytest
 from gate_sim import Effect, simulate
+
 from shadowlens.analyzers.compare import compare
 from shadowlens.analyzers.rules import parse_gate
 

@@ -7,7 +7,6 @@ prints the figures quoted in docs/performance.md.
 from __future__ import annotations
 
 import math
-
 import re
 
 import numpy as np

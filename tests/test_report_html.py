@@ -23,9 +23,9 @@ import pytest
 
 from shadowlens.analyzers.compare import compare, route_summary_sql
 from shadowlens.analyzers.rules import parse_gate
-from shadowlens.traffic import COHORTS, SCENARIOS, sample_request
 from shadowlens.exporters.report import render
 from shadowlens.exporters.verdict_json import verdict_to_json
+from shadowlens.traffic import COHORTS, SCENARIOS, sample_request
 
 TRACE_URL = "https://tempo.example/explore?trace={trace_id}&orgId=1"
 PLANTED = {("refusal_rate", "language=de"), ("p99_latency", "tier=enterprise"), ("steps", "intent=billing"),

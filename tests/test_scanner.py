@@ -7,10 +7,10 @@ import pytest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from otlp_builders import T0, random_spans, set_attr, span_request
 
-from shadowlens.config import default_config
 from shadowlens.collector.decode import normalize as nm
 from shadowlens.collector.decode import scan
 from shadowlens.collector.decode.normalize import Normalizer
+from shadowlens.config import default_config
 
 pytestmark = pytest.mark.skipif(scan._wirescan is None, reason="C extension not built")
 
