@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--spans", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", help="work in this directory and keep it (the store and the lakes)")
+    ap.add_argument("--poll", type=float, default=3.0,
+                    help="seconds between counts of the trace rows; two equal counts in a row mean all are written (3)")
     add_json_arg(ap)
     args = ap.parse_args()
     n_req = max(1, args.spans // 512)
@@ -75,7 +77,7 @@ def main() -> None:
                 if traces == want:
                     break
                 want = traces
-                time.sleep(3)
+                time.sleep(args.poll)
             rows = {t: server.query(f"select count(*) AS n from {t}")[0]["n"] for t in ("spans", "traces", "evals", "logs")}
             running_all = _export(server, tmp / "lake_running")
             running_spans = _export(server, tmp / "lake_running_spans", "--tables", "spans")

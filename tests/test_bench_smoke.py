@@ -24,7 +24,7 @@ RUNS = {
     "dedup": ["dedup.py", "--spans", "1024", "--max-keys", "40000", "--repeat", "1"],
     "fuzz": ["fuzz.py", "--inputs", "60", "--workers", "1"],
     "fuzz_json": ["fuzz_json.py", "--inputs", "20", "--gate", "5", "--clients", "2"],
-    "export": ["export.py", "--spans", "1024"],
+    "export": ["export.py", "--spans", "1024", "--poll", "1"],
 }
 
 
