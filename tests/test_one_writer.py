@@ -38,7 +38,8 @@ WRITERS = {
     "collector/store/writer.py": "the writer: span commits, its own bookkeeping, the file's attachment",
     "collector/store/derived.py": "the derived writes the writer runs (traces, retention, reprice)",
     "collector/schema.py": "the tables' DDL and the span insert, executed by the writer and migrations",
-    "collector/store/database.py": "migrations, run by the writer when it opens the store",
+    "collector/store/database.py": "migrations and a crash's torn-tail repair, run by the writer when it opens the store",
+    "collector/store/group.py": "a group commit's inserts, run by the writer",
     "collector/store/quarantine.py": "the quarantine row, inserted only with the writer's connection",
 }
 WRITE_WORDS = r"INSERT\s+(OR\s+\w+\s+)?INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|CREATE\s|DROP\s|ALTER\s|COPY\s|TRUNCATE\s"

@@ -1,4 +1,5 @@
-"""The only DuckDB writer: one thread, a bounded queue, group commit, deduplication.
+"""The only DuckDB writer: one thread, group commit (``group.py``), deduplication (``dedup.py``), and
+the derived writes (``derived.py``: trace rows, retention, reprice, quarantine) between the commits.
 
 One way in. The ingest frontend has already made each payload durable in the segment log (the
 write-ahead log: framed, fdatasynced) and acknowledged it; the supervisor hands the decoded
@@ -20,20 +21,21 @@ from typing import Callable
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 
 from .. import schema
-from ..decode.normalize import NormalizedBatch, span_keys
+from ..decode.normalize import NormalizedBatch
 from ..errors import SetAside, ShuttingDown
 from ..stats import IngestStats
-from . import diskfull
+from . import dedup, diskfull
 from .commit import Commit, Committed
-from .database import SEGMENTS_DIR, PayloadDecoder, db_path, migrate, register_functions, sandbox
+from .database import SEGMENTS_DIR, PayloadDecoder, connect_writer, db_path, drop_torn_payloads, migrate, register_functions
+from .dedup import RecentKeys
 from .derived import DerivedQueue, DerivedWrite
 from .files import make_private_dir, tighten
+from .group import group_rows, insert_group
 from .quarantine import DDL as QUARANTINE_DDL
 from .quarantine import Quarantine, is_data_error
-from .segments import list_segments, segment_sizes
+from .segments import list_segments
 
 log = logging.getLogger("shadowlens.store")
 
@@ -43,11 +45,7 @@ log = logging.getLogger("shadowlens.store")
 # and 7.8 in 32k; but each commit frees room in the frontend's queue, and big commits free it in lumps.
 MAX_GROUP_SPANS = 32768
 MIN_GROUP_SPANS = 16384
-# Measured (one DuckDB thread, 786k benchmark spans in 32k-row commits): 6.0 us/row with DuckDB's
-# default 122,880-row groups (3.6 of it in COMMIT: WAL, then checkpoints); 16,384: 4.7, worst commit 0.44 -> 0.18 s.
-ROW_GROUP_ROWS = 16384
 GROUP_LINGER_S = 0.2           # bounds the time to visibility of acknowledged spans
-DEDUP_SEED_SECONDS = 3600
 SLOW_COMMIT_S = 0.5
 REPLAY_META_KEY = "replay_from_segment"
 
@@ -57,78 +55,6 @@ class _Task:
     batch: NormalizedBatch
     future: Future
     payload_ref: tuple[int, int, int]   # (segment, offset, length) of the payload in the segment log
-
-
-class RecentKeys:
-    """Bounded memory of recently stored spans' 64-bit keys (``normalize.span_keys``), 8 bytes a key.
-
-    A pre-filter, never a verdict: a key it has seen says only "maybe stored", and the writer
-    compares the whole (trace_id, span_id) with the stored rows before it drops a span. So each
-    run of keys also remembers the commit sequence numbers (``ingest_seq``) its spans were stored
-    under, and a lookup says which range of commits to compare against.
-
-    Retries (a client re-sending after a lost response) arrive within seconds or minutes. Keys
-    live in sorted numpy runs merged like a log-structured tree (a new run merges into the last
-    one while it is at least half its size), so a lookup is a few ``searchsorted`` and no key is
-    touched from Python. The oldest runs are dropped beyond ``max_keys``.
-    """
-
-    GENERATION = 262_144       # the size at which a run stops growing (the unit of forgetting)
-
-    def __init__(self, max_keys: int):
-        self.max_keys = max(self.GENERATION, max_keys)
-        self.max_generations = max(1, max_keys // self.GENERATION)
-        self.runs: deque[tuple[np.ndarray, int, int]] = deque()    # (sorted keys, lowest seq, highest seq)
-
-    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, tuple[int, int] | None, bool]:
-        """(True where a key may belong to a stored span, the commit range those spans are in,
-        whether a key repeats within ``keys``): one sort of the keys answers all three."""
-        keys = np.asarray(keys, dtype=np.uint64)
-        seen = np.zeros(len(keys), dtype=bool)
-        if len(keys) < 2 and not self.runs:
-            return seen, None, False
-        # sorted queries: numpy's binary search starts each from the previous answer, which
-        # measured ~4x faster than searching the runs in arrival order
-        order = np.argsort(keys)
-        sk = keys[order]
-        repeated = bool((sk[1:] == sk[:-1]).any())
-        hit_sorted = np.zeros(len(sk), dtype=bool)
-        lo = hi = None
-        for run, run_lo, run_hi in self.runs:
-            idx = np.searchsorted(run, sk)
-            idx[idx == len(run)] = 0
-            hit = run[idx] == sk
-            if hit.any():
-                hit_sorted |= hit
-                lo = run_lo if lo is None else min(lo, run_lo)
-                hi = run_hi if hi is None else max(hi, run_hi)
-        seen[order] = hit_sorted
-        return seen, (None if lo is None else (lo, hi)), repeated
-
-    def remember(self, keys: np.ndarray, seq: int, last_seq: int | None = None) -> None:
-        """Remember the keys of spans stored by commit ``seq`` (or commits ``seq`` .. ``last_seq``)."""
-        run = np.sort(np.asarray(keys, dtype=np.uint64))
-        # distinct, by a mask: np.unique took 7.4 ms for 32k keys where the sort takes 0.9
-        run = run[np.concatenate(([True], run[1:] != run[:-1]))] if len(run) else run
-        if not len(run):
-            return
-        lo, hi = seq, seq if last_seq is None else last_seq
-        runs = self.runs
-        # a merge is a sort of the two (radix for integers); a key may sit in two runs (a rare
-        # collision of distinct spans): the union of the runs' commit ranges still covers both
-        while runs and len(runs[-1][0]) < self.GENERATION and len(run) * 2 >= len(runs[-1][0]):
-            prev, prev_lo, prev_hi = runs.pop()
-            run = np.sort(np.concatenate((prev, run)), kind="stable")
-            lo, hi = min(lo, prev_lo), max(hi, prev_hi)
-        runs.append((run, lo, hi))
-        while self.size() > self.max_keys and len(runs) > 1:
-            runs.popleft()
-
-    def size(self) -> int:
-        return sum(len(r[0]) for r in self.runs)
-
-    def nbytes(self) -> int:
-        return sum(r[0].nbytes for r in self.runs)
 
 
 class StoreWriter:
@@ -172,7 +98,7 @@ class StoreWriter:
     def open(self) -> None:
         """Open or create the store (also rebuilds dedup memory); called before receivers start."""
         make_private_dir(self.data_dir)
-        self.con = _connect(db_path(self.data_dir), self.duckdb_settings)
+        self.con = connect_writer(db_path(self.data_dir), self.duckdb_settings)
         tighten(self.data_dir)      # the database just created, and what an older version left readable
         self._catalog = self.con.execute("SELECT current_database()").fetchall()[0][0]
         self.decoder = PayloadDecoder(self.data_dir)
@@ -185,90 +111,18 @@ class StoreWriter:
         self.committed_seq = int(row[1])
         existing = list_segments(self.data_dir / SEGMENTS_DIR)
         # A fresh segment per start: a torn tail from a crash is never appended to.
-        self._drop_torn_payloads()
+        drop_torn_payloads(self.con, self.data_dir / SEGMENTS_DIR)
         self.first_segment = (existing[-1] + 1) if existing else 1
         rows = self.con.execute("SELECT value FROM shadowlens_meta WHERE key = ?", [REPLAY_META_KEY]).fetchall()
         # A store without the key predates framed segments: nothing in it can be replayed.
         self.replay_from = int(rows[0][0]) if rows else self.first_segment
         self._frontend_low = self.first_segment
         if self._dedup is not None:
-            self._seed_dedup()
+            dedup.seed(self._dedup, self.con, self.now())
         from .replay import replay
         replay(self, self.data_dir / SEGMENTS_DIR, self.replay_from, self.first_segment)
         self._write_replay_from(self.first_segment)
         self.replay_from = self.first_segment
-
-    def _seed_dedup(self) -> None:
-        """Remember the keys of the last hour's spans (at most ``dedup_max_keys``), oldest first,
-        each generation with the commits it came from."""
-        cutoff = self.now() - DEDUP_SEED_SECONDS
-        t = self.con.sql(
-            "SELECT trace_id_hi, trace_id_lo, span_id_int, ingest_seq FROM spans_core"
-            " WHERE received_at >= make_timestamp($cutoff::BIGINT) ORDER BY received_at DESC, ingest_seq DESC LIMIT $n",
-            params={"cutoff": int(cutoff * 1e6), "n": self._dedup.max_generations * RecentKeys.GENERATION}
-        ).to_arrow_table()
-        if not t.num_rows:
-            return
-        cols = [t.column(c).to_numpy()[::-1] for c in ("trace_id_hi", "trace_id_lo", "span_id_int", "ingest_seq")]
-        keys, seqs = span_keys(*cols[:3]), cols[3]
-        step = RecentKeys.GENERATION
-        for i in range(0, len(keys), step):
-            part = seqs[i:i + step]
-            self._dedup.remember(keys[i:i + step], int(part.min()), int(part.max()))
-
-    def _new_spans(self, traced: list[_Task]) -> np.ndarray:
-        """True for the spans of ``traced`` (in order) to store: the first of each identity
-        (trace_id, span_id) within the group, unless a span of that identity is stored already.
-
-        The memory of keys only nominates candidates; the whole identity decides, compared within
-        the group in numpy and against the nominated commits' rows in DuckDB. Retries are rare, so
-        the query runs for few commits and reads only the row groups of the nominated commits."""
-        keys = np.concatenate([np.asarray(t.batch.keys, dtype=np.uint64) for t in traced])
-        keep = np.ones(len(keys), dtype=bool)
-        maybe, commits, repeated = self._dedup.lookup(keys)
-        ids = None
-        if repeated:     # a repeated key in the group: compare identities
-            ids = _identities(traced)
-            _, first = np.unique(ids, return_index=True)
-            keep[:] = False
-            keep[first] = True
-        maybe &= keep
-        if maybe.any():
-            ids = _identities(traced) if ids is None else ids
-            idx = np.flatnonzero(maybe)
-            cand = ids[idx]
-            candidates = pa.table({"i": pa.array(idx, pa.int64()), "hi": cand["hi"], "lo": cand["lo"],
-                                   "s": cand["s"]})
-            self.con.register("dedup_candidates", candidates)
-            try:
-                stored = self.con.execute(
-                    "SELECT c.i FROM dedup_candidates c WHERE EXISTS (SELECT 1 FROM spans_core s"
-                    " WHERE s.ingest_seq BETWEEN $lo AND $hi AND s.trace_id_hi = c.hi AND s.trace_id_lo = c.lo"
-                    " AND s.span_id_int = c.s)", {"lo": commits[0], "hi": commits[1]}).fetchnumpy()["i"]
-            finally:
-                self.con.unregister("dedup_candidates")
-            keep[np.asarray(stored, dtype=np.int64)] = False
-        return keep
-
-    def _drop_torn_payloads(self) -> None:
-        """After a crash, rows may reference payload bytes whose fdatasync never finished (DuckDB
-        commits while the payload sync runs; neither was acknowledged). Such rows are deleted, so
-        a client's retry of those spans is stored again instead of being taken for a duplicate."""
-        sizes = segment_sizes(self.data_dir / SEGMENTS_DIR)
-        ends = self.con.execute("SELECT segment, max(byte_offset + length) FROM payloads GROUP BY segment").fetchall()
-        torn = [(seg, sizes.get(seg, 0)) for seg, end in ends if end > sizes.get(seg, 0)]
-        if not torn:
-            return
-        con = self.con
-        con.begin()
-        for seg, size in torn:
-            ids = "SELECT payload_id FROM payloads WHERE segment = $seg AND byte_offset + length > $size"
-            for table in ("spans_core", "evals", "logs"):
-                con.execute(f"DELETE FROM {table} WHERE payload_id IN ({ids})", {"seg": seg, "size": size})
-            con.execute("DELETE FROM payloads WHERE segment = $seg AND byte_offset + length > $size",
-                        {"seg": seg, "size": size})
-        con.commit()
-        log.warning("removed rows of %d torn payload segment tail(s) left by a crash (never acknowledged)", len(torn))
 
     def start(self) -> None:
         if self.con is None:
@@ -363,49 +217,9 @@ class StoreWriter:
 
     # -- the writer thread -----------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while True:
-                    self.derived.run_pending(self.con, self._cond)      # releases the lock while each runs
-                    if self._queue or self._stopping:
-                        break
-                    self._cond.wait()
-                if not self._queue and self._stopping:
-                    return
-                # Linger for a bigger group: fewer, larger commits (the clients have their acks already).
-                deadline = time.monotonic() + GROUP_LINGER_S
-                while (self._queued_spans < MIN_GROUP_SPANS and not self._stopping
-                       and (left := deadline - time.monotonic()) > 0):
-                    self._cond.wait(left)
-                    self.derived.run_pending(self.con, self._cond)      # a linger's idle time is theirs
-                group, spans = [], 0
-                while self._queue and spans < MAX_GROUP_SPANS:
-                    task = self._queue.popleft()
-                    group.append(task)
-                    spans += task.batch.accepted
-                # every record below this segment has reached the queue; those still queued are later
-                low = min([self._frontend_low or self.first_segment, self._failed_low]
-                          + [t.payload_ref[0] for t in self._queue])
-            try:
-                t0 = time.perf_counter()
-                results = self._commit(group, low)
-                self.stats.add("store_insert_seconds", None, time.perf_counter() - t0)
-                self.stats.add("store_commits", None, 1)
-                took = time.perf_counter() - t0
-                self.stats.add("store_commit_seconds", None, took)
-                if took > SLOW_COMMIT_S:
-                    log.info("a commit of %d spans took %.2f s (DuckDB checkpoints run inside commits)", spans, took)
-            except BaseException as exc:  # the store failed: no waiting caller gets an ack
-                # (records the frontend acknowledged stay in the segment log; replay_from did not
-                # move past them, so the next start inserts them)
-                log.exception("commit of %d requests failed", len(group))
-                try:
-                    self.con.rollback()
-                except duckdb.Error:
-                    pass
-                # disk full: keep the group and retry it until space returns (diskfull.py); else it fails
-                # else a record's values: commit the others, set the culprit aside (quarantine.py)
-                results = diskfull.retry_group(self, group, low, exc) or self._isolate(group, low, exc)
+        while (taken := self._take_group()) is not None:
+            group, spans, low = taken
+            results = self._commit_group(group, spans, low)
             failed = [t.payload_ref[0] for t, r in zip(group, results)
                       if isinstance(r, BaseException) and not isinstance(r, SetAside)]
             with self._cond:
@@ -420,6 +234,54 @@ class StoreWriter:
             with self._commit_cond:
                 self._finished_tasks += len(group)
                 self._commit_cond.notify_all()
+
+    def _take_group(self) -> tuple[list[_Task], int, int] | None:
+        """Wait for a group to commit (running derived writes meanwhile): (records, spans, the lowest
+        segment a record may still come from); None once stopping with nothing queued."""
+        with self._cond:
+            while True:
+                self.derived.run_pending(self.con, self._cond)      # releases the lock while each runs
+                if self._queue or self._stopping:
+                    break
+                self._cond.wait()
+            if not self._queue and self._stopping:
+                return None
+            # Linger for a bigger group: fewer, larger commits (the clients have their acks already).
+            deadline = time.monotonic() + GROUP_LINGER_S
+            while (self._queued_spans < MIN_GROUP_SPANS and not self._stopping
+                   and (left := deadline - time.monotonic()) > 0):
+                self._cond.wait(left)
+                self.derived.run_pending(self.con, self._cond)      # a linger's idle time is theirs
+            group, spans = [], 0
+            while self._queue and spans < MAX_GROUP_SPANS:
+                task = self._queue.popleft()
+                group.append(task)
+                spans += task.batch.accepted
+            # every record below this segment has reached the queue; those still queued are later
+            low = min([self._frontend_low or self.first_segment, self._failed_low]
+                      + [t.payload_ref[0] for t in self._queue])
+            return group, spans, low
+
+    def _commit_group(self, group: list[_Task], spans: int, low: int) -> list:
+        """Commit ``group``; each record's ``Commit`` or the exception that failed it, in order."""
+        try:
+            t0 = time.perf_counter()
+            results = self._commit(group, low)
+            self.stats.add("store_insert_seconds", None, time.perf_counter() - t0)
+            self.stats.add("store_commits", None, 1)
+            took = time.perf_counter() - t0
+            self.stats.add("store_commit_seconds", None, took)
+            if took > SLOW_COMMIT_S:
+                log.info("a commit of %d spans took %.2f s (DuckDB checkpoints run inside commits)", spans, took)
+            return results
+        except BaseException as exc:  # the store failed: no waiting caller gets an ack
+            # (records the frontend acknowledged stay in the segment log; replay_from did not
+            # move past them, so the next start inserts them)
+            log.exception("commit of %d requests failed", len(group))
+            self._rollback()
+            # disk full: keep the group and retry it until space returns (diskfull.py); else it fails
+            # else a record's values: commit the others, set the culprit aside (quarantine.py)
+            return diskfull.retry_group(self, group, low, exc) or self._isolate(group, low, exc)
 
     def commit_replayed(self, items: list[tuple[NormalizedBatch, tuple[int, int, int]]]) -> None:
         """Insert records recovered from the segment log (before the writer thread starts). A record
@@ -482,80 +344,12 @@ class StoreWriter:
     def _commit(self, group: list[_Task], low: int | None = None) -> list[Commit]:
         seq = self.committed_seq + 1
         now_us = int(self.now() * 1e6)
-        span_tables, eval_tables, log_tables, payload_rows, results = [], [], [], [], []
-        dup_total = 0
-        # one dedup decision for the whole group, then each request's slice of the answer
-        traced = [t for t in group if t.batch.signal == "traces" and t.batch.accepted]
-        keeps: dict[int, np.ndarray] = {}
-        stored_keys = []
-        if self._dedup is not None and traced:
-            mask = self._new_spans(traced)
-            pos = 0
-            for t in traced:
-                keeps[id(t)] = mask[pos:pos + t.batch.accepted]
-                stored_keys.append(np.asarray(t.batch.keys, dtype=np.uint64)[keeps[id(t)]])
-                pos += t.batch.accepted
-        for task in group:
-            b = task.batch
-            keep = keeps.get(id(task))
-            dups = 0
-            if keep is not None:
-                dups = int(len(keep) - np.count_nonzero(keep))
-            stored = b.accepted - dups
-            dup_total += dups
-            results.append(Commit(seq, stored, dups))
-            if stored == 0 and b.logs is None and b.evals is None:
-                continue
-            payload_id = self._next_payload_id
-            self._next_payload_id += 1
-            seg, off, length = task.payload_ref
-            payload_rows.append((payload_id, seg, off, length, b.signal))
-            if b.spans is not None and stored:
-                t = b.spans if not dups else b.spans.filter(pa.array(keep))
-                span_tables.append(t.append_column("payload_id", _const(payload_id, t.num_rows)))
-            if b.evals is not None:
-                ev = b.evals
-                if dups:
-                    gone = b.spans.filter(pa.array(~keep))
-                    dropped = {f"{hi:016x}{lo:016x}{s_:016x}" for hi, lo, s_ in zip(
-                        *(gone.column(c).to_pylist() for c in ("trace_id_hi", "trace_id_lo", "span_id_int")))}
-                    mask = [(t_ + s_) not in dropped for t_, s_ in zip(ev.column(0).to_pylist(), ev.column(1).to_pylist())]
-                    ev = ev.filter(pa.array(mask))
-                if ev.num_rows:
-                    eval_tables.append(ev.append_column("payload_id", _const(payload_id, ev.num_rows)))
-            if b.logs is not None:
-                log_tables.append(b.logs.append_column("payload_id", _const(payload_id, b.logs.num_rows)))
+        keeps, stored_keys = self._deduplicate(group)
+        rows = group_rows([t.batch for t in group], [t.payload_ref for t in group], keeps, seq, self._next_payload_id)
+        self._next_payload_id = rows.next_payload_id
         con = self.con
         con.begin()
-        new_spans = new_evals = None
-        if span_tables:
-            new_spans = pa.Table.from_batches(span_tables)
-            con.register("new_spans", new_spans)
-            con.execute(self._insert_spans, {"seq": seq, "now": _ts_literal(now_us)})
-            con.unregister("new_spans")
-        if eval_tables:
-            new_evals = pa.Table.from_batches(eval_tables)
-            con.register("new_evals", new_evals)
-            con.execute("INSERT INTO evals SELECT * EXCLUDE (payload_id), ?::BIGINT, payload_id FROM new_evals", [seq])
-            con.unregister("new_evals")
-        if log_tables:
-            new_logs = pa.Table.from_batches(log_tables)
-            con.register("new_logs", new_logs)
-            con.execute(
-                "INSERT INTO logs SELECT trace_id, span_id, make_timestamp(time_ns // 1000), event_name, severity_text,"
-                " service_name, body, attributes, resource_attributes, ?::BIGINT, make_timestamp(?::BIGINT), payload_id"
-                " FROM new_logs", [seq, now_us])
-            con.unregister("new_logs")
-        if payload_rows:
-            cols = list(zip(*payload_rows))
-            new_payloads = pa.table({
-                "payload_id": pa.array(cols[0], pa.int64()), "segment": pa.array(cols[1], pa.int32()),
-                "byte_offset": pa.array(cols[2], pa.int64()), "length": pa.array(cols[3], pa.int32()),
-                "signal": pa.array(cols[4], pa.string())})
-            con.register("new_payloads", new_payloads)
-            con.execute("INSERT INTO payloads SELECT *, make_timestamp(?::BIGINT), ?::BIGINT FROM new_payloads",
-                        [now_us, seq])
-            con.unregister("new_payloads")
+        new_spans, new_evals = insert_group(con, rows, self._insert_spans, seq, now_us)
         moved = low is not None and low > self.replay_from
         if moved:
             self._write_replay_from(low)
@@ -564,8 +358,8 @@ class StoreWriter:
             self.replay_from = low
         if stored_keys:          # only what is committed: a failed commit stored nothing to remember
             self._dedup.remember(np.concatenate(stored_keys), seq)
-        if dup_total:
-            self.stats.add("spans_duplicate", None, dup_total)
+        if rows.duplicates:
+            self.stats.add("spans_duplicate", None, rows.duplicates)
         if self._followers and (new_spans is not None or new_evals is not None):
             committed = Committed(seq, new_spans, new_evals)   # before the notify: waiters find it queued
             for follower in self._followers:
@@ -576,50 +370,20 @@ class StoreWriter:
         with self._commit_cond:
             self.committed_seq = seq
             self._commit_cond.notify_all()
-        return results
+        return rows.results
 
-
-_IDENTITY = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("s", "<u8")])
-
-
-def _identities(tasks: list[_Task]) -> np.ndarray:
-    """The spans' whole identities (trace_id_hi, trace_id_lo, span_id), in order, as one record array."""
-    out = np.empty(sum(t.batch.accepted for t in tasks), dtype=_IDENTITY)
-    pos = 0
-    for t in tasks:
-        n = t.batch.accepted
-        for field, col in (("hi", "trace_id_hi"), ("lo", "trace_id_lo"), ("s", "span_id_int")):
-            out[field][pos:pos + n] = t.batch.spans.column(col).to_numpy()
-        pos += n
-    return out
-
-
-def _connect(path: Path, settings: dict) -> duckdb.DuckDBPyConnection:
-    """The writer's connection: the store file attached with ``ROW_GROUP_ROWS``-row groups.
-
-    A row group is written straight to the file once full ("optimistic write"); until then its
-    rows go through DuckDB's own WAL and are written again at the next checkpoint. With DuckDB's
-    default (122,880 rows) none of our commits (16-32k spans) fills one, so every span was
-    written twice; the segment log is the write-ahead log that matters here anyway. The size
-    is a property of the attachment, not the file: every writing session must ask for it.
-    """
-    # Spills next to the store (DuckDB's default for an in-memory database is ./.tmp, wherever serve was
-    # started), inside the owner-only data dir and the sandbox's allowed directories.
-    config = {"temp_directory": f"{path}.tmp", **{k: str(v) for k, v in settings.items()}}
-    con = duckdb.connect(config=config)
-    name = path.stem       # the catalog name a plain duckdb.connect(path) gives, so SQL reads the same
-    quoted_path = str(path).replace("'", "''")
-    con.execute(f"ATTACH '{quoted_path}' AS \"{name}\" (ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
-    con.execute(f'USE "{name}"')
-    # The query socket's cursors share this database instance: lock it down now that the store is
-    # attached (the writer itself needs no file access beyond the store's own files).
-    sandbox(con)
-    return con
-
-
-def _const(value: int, n: int) -> pa.Array:
-    return pa.repeat(pa.scalar(value, pa.int64()), n) if hasattr(pa, "repeat") else pa.array([value] * n, pa.int64())
-
-
-def _ts_literal(us: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(us // 1_000_000)) + f".{us % 1_000_000:06d}"
+    def _deduplicate(self, group: list[_Task]) -> tuple[list, list[np.ndarray]]:
+        """Per record, True for the spans to store (None: all), and the keys of those to remember once
+        committed: one decision for the whole group (``dedup.new_spans``), then each record's slice."""
+        keeps: list = [None] * len(group)
+        traced = [i for i, t in enumerate(group) if t.batch.signal == "traces" and t.batch.accepted]
+        if self._dedup is None or not traced:
+            return keeps, []
+        mask = dedup.new_spans(self._dedup, self.con, [group[i].batch for i in traced])
+        stored_keys, pos = [], 0
+        for i in traced:
+            b = group[i].batch
+            keeps[i] = mask[pos:pos + b.accepted]
+            stored_keys.append(np.asarray(b.keys, dtype=np.uint64)[keeps[i]])
+            pos += b.accepted
+        return keeps, stored_keys
