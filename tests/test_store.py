@@ -156,7 +156,7 @@ def test_a_store_with_text_ids_is_converted_on_open(tmp_path):
 
 def test_writer_writes_small_row_groups_that_survive_reopening(tmp_path):
     # A commit of 16k+ spans fills whole row groups, which DuckDB writes straight to the file
-    # instead of through its WAL (see writer._connect); each writing session must ask for the size.
+    # instead of through its WAL (see database.connect_writer); each writing session must ask for the size.
     for session in range(2):
         with Pipeline(tmp_path) as p:
             p.export(_spans_at(time.time_ns() + session * HOUR_NS, 20_000, session), timeout=120)
