@@ -7,7 +7,7 @@ For every input, one of two things must hold:
   error; and every accepted span's ``attributes``, ``events`` and resource read back as JSON.
 Anything else is a disagreement: an acknowledged span that would be lost.
 
-Seeds: requests cut from bench/ingest.py's generated traffic (the shapes of OpenInference, the GenAI
+Seeds: requests cut from the ingest bench's generated traffic (the shapes of OpenInference, the GenAI
 semantic conventions and an app's own spans), tests' richer requests, and requests carrying the values
 that were lost before (bad UTF-8, deep nesting, corrupt event bytes, times past int64, NaN).
 Mutations: byte flips, inserts, deletes, truncation, splices between seeds, and poisoned fields appended
@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -99,16 +98,12 @@ def _poison_field(rng: random.Random) -> bytes:
 
 
 def seed_corpus(n_pool_spans: int = 512, seed: int = 7) -> list[bytes]:
-    """Small requests (1-6 spans) cut from bench/ingest.py's traffic, plus tests' richer requests."""
+    """Small requests (1-6 spans) cut from the ingest bench's traffic (shadowlens.traffic_pool), plus tests' richer requests."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "bench" / "ingest.py")
-    ingest = importlib.util.module_from_spec(spec)      # not bench/ on sys.path: its analyzers.py would shadow ours
-    sys.modules["bench_ingest"] = ingest                 # dataclasses look their module up there
-    spec.loader.exec_module(ingest)
+
+    from shadowlens.traffic_pool import agent_pool
     rng = random.Random(seed)
-    templates, _, _ = ingest.build_pool(1, seed)
-    pool = ExportTraceServiceRequest.FromString(templates[0].data)
+    pool = ExportTraceServiceRequest.FromString(agent_pool(1, seed).payloads[0])
     out = []
     for rs in pool.resource_spans:
         for ss in rs.scope_spans:
