@@ -28,16 +28,16 @@ sys.path.insert(0, str(REPO))
 import polars as pl  # noqa: E402
 from common import add_json_arg, emit, say, spread  # noqa: E402
 from prometheus_client.registry import CollectorRegistry  # noqa: E402
+
 from shadowlens.analyzers.aggregates import StreamingAggregates  # noqa: E402
 from shadowlens.analyzers.assembly import AssemblyStats, CompletedTraces  # noqa: E402
 from shadowlens.analyzers.cohorts import CohortLimiter  # noqa: E402
 from shadowlens.analyzers.window import WindowStats  # noqa: E402
 from shadowlens.collector.stats import IngestStats  # noqa: E402
 from shadowlens.collector.store.writer import StoreWriter  # noqa: E402
+from shadowlens.config import default_config  # noqa: E402
 from shadowlens.exporters.analysis import AnalysisMetrics  # noqa: E402
 from shadowlens.exporters.http import MetricsServer  # noqa: E402
-
-from shadowlens.config import default_config  # noqa: E402
 
 LABELS = ("intent", "language", "tier")
 

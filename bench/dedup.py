@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO / "tests"))
 import numpy as np  # noqa: E402
 from common import add_json_arg, emit, say  # noqa: E402
 from otlp_builders import random_spans, span_request  # noqa: E402
+
 from shadowlens.collector.decode.normalize import Normalizer  # noqa: E402
 from shadowlens.collector.stats import IngestStats  # noqa: E402
 from shadowlens.collector.store.writer import RecentKeys, StoreWriter  # noqa: E402
-
 from shadowlens.config import default_config  # noqa: E402
 
 GROUP = 32768

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import duckdb  # noqa: E402
 import polars as pl  # noqa: E402
 from common import add_json_arg, emit, say, spread  # noqa: E402
+
 from shadowlens.analyzers.rules import parse_gate  # noqa: E402
 from shadowlens.collector.store.database import PayloadDecoder, db_path, migrate, register_functions  # noqa: E402
 

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from otlp_builders import T0, random_spans, span_request
-from wire_bytes import (attribute, event, key_value, ld, nested_array, nested_kvlist, span_event, string_value,
-                        varint)
+from wire_bytes import attribute, event, key_value, ld, nested_array, nested_kvlist, span_event, string_value, varint
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = b"gen_ai.evaluation.result"
@@ -217,8 +216,8 @@ class Oracle:
         import duckdb
 
         from shadowlens.collector import schema
-        from shadowlens.config import default_config
         from shadowlens.collector.decode.normalize import Normalizer
+        from shadowlens.config import default_config
         cfg = default_config()
         self.labels = cfg.cohort_labels
         self.norm = Normalizer(cfg.cohort_labels, cfg.evals, scanner_choice=scanner)
