@@ -32,6 +32,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
+
 from shadowlens.collector.store.commit import Committed
 from shadowlens.collector.store.database import frame
 from shadowlens.collector.store.derived import replace_traces

@@ -15,6 +15,7 @@ from functools import partial
 
 import duckdb
 import pyarrow as pa
+
 from shadowlens.collector.decode.pricing import PriceTable
 from shadowlens.collector.store.derived import DerivedWrite, update_costs
 

@@ -17,19 +17,19 @@ import duckdb
 import pytest
 from harness import REPO, wait_for
 from otlp_builders import random_spans, span_request
+
 from shadowlens.analyzers.assembly import TraceAssembler
 from shadowlens.analyzers.reprice import reprice_write
 from shadowlens.collector.decode.normalize import Normalizer
 from shadowlens.collector.decode.pricing import PriceTable
-from shadowlens.collector.errors import ShuttingDown
+from shadowlens.collector.errors import Overloaded, ShuttingDown
 from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.database import SEGMENTS_DIR
-from shadowlens.collector.store.derived import DerivedWrite
+from shadowlens.collector.store.derived import DerivedQueue, DerivedWrite
 from shadowlens.collector.store.reader import QueryError, QueryServer, run_query
 from shadowlens.collector.store.retention import Retention
 from shadowlens.collector.store.segments import SegmentLog
 from shadowlens.collector.store.writer import StoreWriter
-
 from shadowlens.config import default_config
 
 LAYERS = ("collector", "analyzers", "exporters", "shadowlens")
@@ -159,6 +159,15 @@ def test_the_writer_refuses_a_derived_write_unless_it_runs(tmp_path):
         store.write(DerivedWrite("probe", lambda con: 1))
     with pytest.raises(TypeError, match="DerivedWrite"):
         store.derived.put(lambda con: 1)
+
+
+def test_the_derived_queue_is_bounded():
+    queue = DerivedQueue(max_pending=2)
+    for _ in range(2):
+        queue.put(DerivedWrite("probe", lambda con: 1))
+    with pytest.raises(Overloaded, match="2 derived writes wait"):
+        queue.put(DerivedWrite("probe", lambda con: 1))
+    assert queue.failed["probe"] == 1
 
 
 # -- the query socket only reads -----------------------------------------------------------------

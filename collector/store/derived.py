@@ -26,6 +26,8 @@ from typing import Callable, Generic, Sequence, TypeVar
 import duckdb
 import pyarrow as pa
 
+from ..errors import Overloaded
+
 log = logging.getLogger("shadowlens.store")
 
 T = TypeVar("T")
@@ -52,10 +54,11 @@ class _Queued:
 class DerivedQueue:
     """The writer's queue of derived writes, with a count, failures and seconds by name.
 
-    Unbounded in length but not in practice: each caller (one assembler, one retention thread,
-    a reprice, a quarantine) waits for its write's Future before it queues another."""
+    Each caller (the assembler, retention, a reprice, a quarantine) waits for its write's Future
+    before it queues another, so a handful are pending at most; ``max_pending`` bounds a bug."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_pending: int = 64) -> None:
+        self.max_pending = max_pending
         self._pending: deque[_Queued] = deque()
         self.done: Counter = Counter()        # name -> writes committed
         self.failed: Counter = Counter()      # name -> writes rolled back (raised to their caller)
@@ -67,6 +70,10 @@ class DerivedQueue:
     def put(self, write: DerivedWrite) -> Future:
         if not isinstance(write, DerivedWrite):
             raise TypeError(f"the store writer takes a DerivedWrite, not {type(write).__name__}")
+        if len(self._pending) >= self.max_pending:
+            self.failed[write.name] += 1
+            raise Overloaded(f"{len(self._pending)} derived writes wait for the store writer already; "
+                             f"{write.name!r} is refused: wait for your earlier writes' Futures before queuing more")
         fut: Future = Future()
         self._pending.append(_Queued(write, fut))
         return fut
@@ -80,10 +87,6 @@ class DerivedQueue:
                 self._run(con, item)
             finally:
                 lock.acquire()
-
-    def refuse_pending(self, why: str) -> None:
-        while self._pending:
-            self._pending.popleft().future.set_exception(RuntimeError(why))
 
     def _run(self, con: duckdb.DuckDBPyConnection, item: _Queued) -> None:
         name = item.write.name
