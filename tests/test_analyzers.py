@@ -1,6 +1,7 @@
 """Trace assembly and per-cohort metrics, end to end through a real `serve`.
 
-Every expected value is computed here from the generated spans, never by calling shadowlens code.
+The traces come from the traffic model (shadowlens/traffic.py); every expected value is computed here from
+the generated spans, never by calling the code under test.
 """
 from __future__ import annotations
 
@@ -15,78 +16,78 @@ from otlp_builders import span_request
 from prometheus_client.parser import text_string_to_metric_families
 from test_receivers import grpc_export
 
+from shadowlens.traffic import SCENARIOS, RequestPlan, TracePlan, sample_request
+
 NS = 1_000_000_000
 T0 = int(time.time()) * NS - 3600 * NS          # an hour ago: inside the default retention
-FAST = {"SHADOWLENS_TRACES__IDLE_SECONDS": "1", "SHADOWLENS_ANALYZERS__WINDOW_REFRESH": "0.5s"}
+FAST = {"SHADOWLENS_TRACES__IDLE_SECONDS": "1", "SHADOWLENS_ANALYZERS__WINDOW_REFRESH": "0.5s",
+        "SHADOWLENS_COHORTS__MAX_SERIES": "150"}       # every route x cohort of the traffic model (2 x 75)
 PRICE_CONFIG = """
 prices:
   - {match: "test-model-a", input: 1.0, output: 2.0, cache_read: 0.5}
   - {match: "test-model-b", input: 3.0, output: 15.0}
 """
 PRICES = {"test-model-a": (1.0, 2.0, 0.5), "test-model-b": (3.0, 15.0, 3.0)}
-INTENTS, LANGS, TIERS = ["billing", "refund", "shipping"], ["en", "de"], ["free", "enterprise"]
 
 
-def make_trace(rng: random.Random, i: int) -> tuple[list[dict], dict]:
-    """One agent trace (root + LLM/tool spans) and what it must count as."""
-    tid = rng.randbytes(16)
-    root = rng.randbytes(8)
-    route = rng.choice(["baseline", "candidate"])
-    cohort = (rng.choice(INTENTS), rng.choice(LANGS), rng.choice(TIERS))
-    start = T0 + i * 10 * NS
-    duration = float(rng.lognormvariate(1.0, 1.0))          # seconds
-    n_llm, n_tool = rng.randint(1, 6), rng.randint(0, 3)
+def make_traces(rng: random.Random, n: int) -> list[tuple[list[dict], dict]]:
+    """``n`` agent traces of the traffic model's ``healthy`` requests (shadowlens/traffic.py: baseline then
+    candidate, one cohort and request id each), as span dicts, each with what it must count as."""
+    out: list[tuple[list[dict], dict]] = []
+    i = 0
+    while len(out) < n:
+        plan = sample_request(np.random.default_rng(rng.getrandbits(64)), SCENARIOS["healthy"])
+        out += [_trace(rng, plan, tp, T0 + (2 * i + k) * 10 * NS) for k, tp in enumerate(plan.traces)]
+        i += 1
+    return out[:n]
+
+
+def _trace(rng: random.Random, plan: RequestPlan, tp: TracePlan, start: int) -> tuple[list[dict], dict]:
+    """One trace of ``plan``. On top of the model, to exercise pricing and step counting: each LLM call uses
+    one of two models priced by PRICE_CONFIG (model a may read from the cache), one call in five reports
+    its own cost, and three traces in ten carry no step numbers (steps then count LLM and tool spans)."""
+    tid, root = rng.randbytes(16), rng.randbytes(8)
+    cohort = tuple(plan.cohort[label] for label in ("intent", "language", "tier"))
+    dur_ns = int(tp.duration_s * NS)
     use_steps = rng.random() < 0.7
-    refused = rng.random() < 0.1
-    escalated = rng.random() < 0.05
-    eval_pass = rng.random() < 0.8
-    root_attrs = {"shadow.route": route, "shadow.request_id": f"req-{i}", "cohort.intent": cohort[0],
-                  "cohort.language": cohort[1], "cohort.tier": cohort[2],
-                  "eval.name": "task_completion", "eval.passed": eval_pass}
-    if refused:
+    root_attrs = {"shadow.route": tp.route, "shadow.request_id": plan.request_id,
+                  **{f"cohort.{k}": v for k, v in plan.cohort.items()},
+                  "eval.name": "task_completion", "eval.passed": tp.passed}
+    if tp.refused:
         root_attrs["agent.refused"] = True
-    if escalated:
+    if tp.escalated:
         root_attrs["agent.escalated"] = True
-    spans = [{"trace_id": tid, "span_id": root, "name": "agent.run", "start": start,
-              "end": start + int(duration * NS), "attrs": root_attrs}]
-    steps, cost, tokens_in, tokens_out = set(), 0.0, 0, 0
-    cost_known = False
-    for k in range(n_llm):
+    spans = [{"trace_id": tid, "span_id": root, "name": "agent.run", "start": start, "end": start + dur_ns,
+              "attrs": root_attrs}]
+    slot = dur_ns // (2 * len(tp.steps) + 1)
+    cost, n_tool = 0.0, 0
+    for step, call in enumerate(tp.steps, start=1):
         model = rng.choice(["test-model-a", "test-model-b"])
-        inp, out = rng.randint(100, 5000), rng.randint(10, 800)
-        cache = rng.randint(0, inp // 2) if model == "test-model-a" else 0
+        cache = rng.randint(0, call.input_tokens // 2) if model == "test-model-a" else 0
         attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": model, "gen_ai.response.model": model,
-                 "gen_ai.usage.input_tokens": inp, "gen_ai.usage.output_tokens": out}
+                 "gen_ai.usage.input_tokens": call.input_tokens, "gen_ai.usage.output_tokens": call.output_tokens}
         if cache:
             attrs["gen_ai.usage.cache_read.input_tokens"] = cache
         if rng.random() < 0.2:                  # a reported cost is used as is
-            reported = round(rng.random() / 100, 6)
-            attrs["llm.cost.total"] = reported
-            cost += reported
+            attrs["llm.cost.total"] = round(rng.random() / 100, 6)
+            cost += attrs["llm.cost.total"]
         else:
             pin, pout, pcache = PRICES[model]
-            cost += ((inp - cache) * pin + cache * pcache + out * pout) / 1e6
-        cost_known = True
-        step = k + 1
-        if use_steps:
-            attrs["agent.trajectory.step"] = step
-            steps.add(step)
-        tokens_in += inp
-        tokens_out += out
-        s0 = start + int(duration * NS * k / (n_llm + n_tool + 1))
-        spans.append({"trace_id": tid, "span_id": rng.randbytes(8), "parent": root, "name": "chat",
-                      "start": s0, "end": s0 + NS // 10, "attrs": attrs})
-    for k in range(n_tool):
-        attrs = {"openinference.span.kind": "TOOL", "tool.name": "lookup"}
-        if use_steps:
-            attrs["agent.trajectory.step"] = n_llm                # shares the step of the last LLM call
-        spans.append({"trace_id": tid, "span_id": rng.randbytes(8), "parent": root, "name": "tool",
-                      "start": start + NS // 100, "end": start + NS // 50, "attrs": attrs})
+            cost += ((call.input_tokens - cache) * pin + cache * pcache + call.output_tokens * pout) / 1e6
+        s0 = start + (2 * step - 1) * slot
+        spans.append({"trace_id": tid, "span_id": rng.randbytes(8), "parent": root, "name": "chat", "start": s0,
+                      "end": s0 + slot, "attrs": attrs | ({"agent.trajectory.step": step} if use_steps else {})})
+        if call.tool:
+            n_tool += 1
+            attrs = {"openinference.span.kind": "TOOL", "tool.name": "lookup"}
+            spans.append({"trace_id": tid, "span_id": rng.randbytes(8), "parent": root, "name": "tool",
+                          "start": s0 + slot, "end": s0 + 2 * slot,
+                          "attrs": attrs | ({"agent.trajectory.step": step} if use_steps else {})})
     expect = {
-        "trace_id": tid.hex(), "route": route, "cohort": cohort, "duration": int(duration * NS) / NS,
-        "steps": len(steps) if use_steps else n_llm + n_tool, "cost": cost if cost_known else None,
-        "refused": refused, "escalated": escalated, "eval_fail": not eval_pass,
-        "tokens_in": tokens_in, "tokens_out": tokens_out,
+        "trace_id": tid.hex(), "route": tp.route, "cohort": cohort, "duration": dur_ns / NS,
+        "steps": len(tp.steps) if use_steps else len(tp.steps) + n_tool, "cost": cost,
+        "refused": tp.refused, "escalated": tp.escalated, "eval_fail": not tp.passed,
+        "tokens_in": sum(c.input_tokens for c in tp.steps), "tokens_out": sum(c.output_tokens for c in tp.steps),
     }
     return spans, expect
 
@@ -128,7 +129,7 @@ def priced_server(serve_factory, tmp_path):
 def test_streaming_and_window_metrics_match_the_generated_workload(priced_server):
     server = priced_server
     rng = random.Random(42)
-    traces = [make_trace(rng, i) for i in range(400)]
+    traces = make_traces(rng, 400)
     send_shuffled(server, [s for spans, _ in traces for s in spans], rng)
     expected = [e for _, e in traces]
     wait_for(lambda: total(scrape(server), "shadowlens_traces_total") == len(expected))
@@ -185,7 +186,7 @@ def test_streaming_and_window_metrics_match_the_generated_workload(priced_server
 def test_late_span_updates_the_row_and_counts_once(serve_factory):
     server = serve_factory(env=FAST)
     rng = random.Random(7)
-    spans, e = make_trace(rng, 0)
+    [(spans, e)] = make_traces(rng, 1)
     send_shuffled(server, spans, rng)
     wait_for(lambda: total(scrape(server), "shadowlens_traces_total") == 1)
     late = {"trace_id": bytes.fromhex(e["trace_id"]), "span_id": rng.randbytes(8), "parent": spans[0]["span_id"],
@@ -202,7 +203,7 @@ def test_late_span_updates_the_row_and_counts_once(serve_factory):
 def test_late_span_after_a_restart_revises_the_row_of_a_trace_completed_before_it(serve_factory, tmp_path):
     data = tmp_path / "d"
     rng = random.Random(8)
-    spans, e = make_trace(rng, 0)
+    [(spans, e)] = make_traces(rng, 1)
     first = serve_factory(data_dir=data, env=FAST)
     send_shuffled(first, spans, rng)
     wait_for(lambda: total(scrape(first), "shadowlens_traces_total") == 1)
@@ -239,7 +240,7 @@ def test_cardinality_is_bounded_with_10000_cohort_values(serve_factory):
 def test_restart_mid_stream_counts_every_trace_once(serve_factory, tmp_path):
     data = tmp_path / "d"
     rng = random.Random(11)
-    traces = [make_trace(rng, i) for i in range(120)]
+    traces = make_traces(rng, 120)
     first = serve_factory(data_dir=data, env=FAST)
     # all of the first 60 traces, and the children (no root) of the next 60: those stay open
     send_shuffled(first, [s for spans, _ in traces[:60] for s in spans], rng)
@@ -331,7 +332,7 @@ def test_reprice_recomputes_span_and_trace_costs(priced_server, tmp_path):
     from harness import REPO, SHADOWLENS
     server = priced_server
     rng = random.Random(21)
-    traces = [make_trace(rng, i) for i in range(30)]
+    traces = make_traces(rng, 30)
     send_shuffled(server, [s for spans, _ in traces for s in spans], rng)
     wait_for(lambda: total(scrape(server), "shadowlens_traces_total") == 30)
     new_prices = {"test-model-a": (2.0, 4.0, 1.0), "test-model-b": (6.0, 30.0, 6.0)}   # everything doubles
