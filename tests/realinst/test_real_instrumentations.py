@@ -143,10 +143,8 @@ def fake() -> Any:
 
 def _start_serve(data_dir: Path, env: dict[str, str]) -> Any:
     """One serve for the module (``serve_factory`` in tests/conftest.py is function-scoped)."""
-    from conftest import Server, free_port, server_env  # tests/conftest.py
-    g, h, m = free_port(), free_port(), free_port()
-    return Server(data_dir=data_dir, grpc_port=g, http_port=h, metrics_port=m,
-                  env=server_env(g, h, m, **env)).start()
+    from harness import start_server  # tests/harness.py
+    return start_server(data_dir, env)
 
 
 def _serve_log(srv: Any) -> str:
