@@ -399,6 +399,7 @@ def test_histograms_of_many_series_at_once_equal_one_value_at_a_time():
 
 def test_the_traces_of_a_commit_are_its_distinct_trace_ids_with_their_root_counts():
     import pyarrow as pa
+
     from shadowlens.analyzers.assembly import traces_of
     rng = random.Random(9)
     tids = [rng.randbytes(16) for _ in range(40)] + [bytes(8) + rng.randbytes(8), rng.randbytes(8) + bytes(8)]

@@ -164,6 +164,7 @@ def test_metrics_at_every_cap_render_within_the_stated_bound(tmp_path):
     gate families: every cap full, every series present. Prints the count and the render time."""
     import duckdb
     import polars as pl
+
     from shadowlens.analyzers.aggregates import StreamingAggregates
     from shadowlens.analyzers.assembly import AssemblyStats, CompletedTraces
     from shadowlens.analyzers.cohorts import CohortLimiter

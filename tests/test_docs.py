@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shadowlens.exporters.catalog import ALL_METRICS, exposed_names
-
 from shadowlens.config import DEFAULTS, FREE_FORM
+from shadowlens.exporters.catalog import ALL_METRICS, exposed_names
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

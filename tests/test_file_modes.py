@@ -11,9 +11,10 @@ from pathlib import Path
 import duckdb
 from harness import wait_for
 from otlp_builders import random_spans, span_request
+from test_receivers import grpc_export
+
 from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.quarantine import DDL, Quarantine
-from test_receivers import grpc_export
 
 
 @contextmanager

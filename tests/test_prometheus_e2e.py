@@ -26,6 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from otlp_builders import span_request
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import PrometheusServer, prometheus_binary, value
+
 from shadowlens.analyzers.aggregates import DURATION_BUCKETS
 
 TRACE_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"

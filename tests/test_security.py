@@ -22,9 +22,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from otlp_builders import random_spans, span_request
 from prometheus_server import PrometheusServer
-from shadowlens.collector.security import exposure_warnings
 from tls_certs import CA
 
+from shadowlens.collector.security import exposure_warnings
 from shadowlens.config import load
 
 TOKEN = "s3cret-token-0123456789"
