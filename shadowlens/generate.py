@@ -14,7 +14,7 @@ from typing import Callable, TextIO
 
 import numpy as np
 
-from .traffic import SCENARIOS, Scenario, TracePlan, sample_request
+from .traffic import SCENARIOS, TracePlan, sample_request
 
 
 @dataclass
@@ -150,12 +150,12 @@ class _Progress:
             self.out.flush()
 
 
-def _checked_scenario(opts: GenerateOptions) -> Scenario:
+def _check(opts: GenerateOptions) -> None:
+    """The flags the exporter does not check itself, before anything starts."""
     if opts.scenario not in SCENARIOS:
         raise ValueError(f"--scenario: {opts.scenario!r} is not one of {', '.join(SCENARIOS)}")
     if not opts.rate > 0 or not opts.duration >= 0:
         raise ValueError("--rate must be > 0 and --duration >= 0")
-    return SCENARIOS[opts.scenario]
 
 
 def _tracer_provider(opts: GenerateOptions, exporter: _CountingExporter):
@@ -222,7 +222,7 @@ def run_generate(opts: GenerateOptions, out: TextIO | None = sys.stderr,
 
     ``status`` (optional) is updated live with ``requests`` and ``traces`` for callers that report progress.
     """
-    _checked_scenario(opts)
+    _check(opts)
     stop = stop or threading.Event()
     counter = _CountingExporter(_exporter(opts))
     provider = _tracer_provider(opts, counter)
