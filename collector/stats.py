@@ -5,7 +5,6 @@ import threading
 from collections import Counter
 from typing import Callable
 
-
 OVERFLOW = "__overflow__"     # as analyzers/cohorts.py: the label value of everything past a cap
 
 

@@ -14,9 +14,9 @@ import socket
 import struct
 from pathlib import Path
 
-from .config import ENV_PREFIX, Config, Endpoint
 from .collector.errors import ConfigError, ShadowlensError
 from .collector.store.database import db_path
+from .config import ENV_PREFIX, Config, Endpoint
 
 # the listeners serve opens, with the config key that sets each
 ENDPOINT_KEYS = ("receivers.grpc.endpoint", "receivers.http.endpoint", "metrics.endpoint")

@@ -240,7 +240,7 @@ def random_gate_request(rng: random.Random) -> bytes:
     method = rng.choice(["POST", "POST", "GET", "PUT", "POST"])
     path = rng.choice(["/gate", "/gate?strict=1", "/gate?always_ok=%ff", "/gate?" + "a=" * 100, "/metrics"])
     body = rng.choice([b"", b'{"name":"rollout","phase":"Progressing"}', b"{", b"\xff\xfe", b"x" * 5000])
-    headers = [f"Host: fuzz"]
+    headers = ["Host: fuzz"]
     r = rng.random()
     if r < 0.5:
         headers.append(f"Content-Length: {rng.choice(CONTENT_LENGTHS)}")

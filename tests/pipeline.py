@@ -14,6 +14,7 @@ import pytest
 from harness import free_port
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
 from shadowlens.collector.decode.batch import NormalizedBatch
 from shadowlens.collector.decode.normalize import Normalizer
 from shadowlens.collector.ingest.supervisor import IngestSupervisor
@@ -21,7 +22,6 @@ from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.database import SEGMENTS_DIR
 from shadowlens.collector.store.segments import SegmentLog
 from shadowlens.collector.store.writer import StoreWriter
-
 from shadowlens.config import default_config, load
 from shadowlens.serve import ingest_settings
 

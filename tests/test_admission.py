@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+
 from shadowlens.collector.errors import Overloaded, ShuttingDown
 from shadowlens.collector.ingest import intake
 from shadowlens.collector.ingest.intake import Intake

@@ -23,6 +23,7 @@ import duckdb
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from harness import wait_for
 from otlp_builders import random_spans, span_request
 from pipeline import Handover
 from test_receivers import TRACE_METHOD, http_post
@@ -124,10 +125,7 @@ def _readyz(server) -> int:
 
 
 def _wait_readyz(server, status: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _readyz(server) != status:
-        assert time.monotonic() < deadline, f"/readyz did not become {status} in {timeout} s:\n{server.log()[-3000:]}"
-        time.sleep(0.1)
+    wait_for(lambda: _readyz(server) == status, timeout, what=f"/readyz {status}", detail=lambda: server.log()[-3000:])
 
 
 def _metric(server, name: str) -> float:
@@ -338,9 +336,9 @@ class _FullDiskConnection:
 
 
 def _writer(tmp_path, stats):
-    from shadowlens.config import default_config
     from shadowlens.collector.decode.normalize import Normalizer
     from shadowlens.collector.store.writer import StoreWriter
+    from shadowlens.config import default_config
     cfg = default_config()
     store = StoreWriter(tmp_path, cfg.cohort_labels, stats)
     store.start()

@@ -14,7 +14,6 @@ import pytest
 from otlp_builders import T0, random_spans, span_request
 from test_receivers import grpc_export
 
-from shadowlens.config import default_config
 from shadowlens.collector.decode.normalize import Normalizer
 from shadowlens.collector.errors import SetAside
 from shadowlens.collector.stats import IngestStats
@@ -22,6 +21,7 @@ from shadowlens.collector.store.database import SEGMENTS_DIR
 from shadowlens.collector.store.quarantine import QUARANTINE_DIR
 from shadowlens.collector.store.segments import SegmentLog
 from shadowlens.collector.store.writer import StoreWriter
+from shadowlens.config import default_config
 
 INT64_MIN = -(2**63)
 

@@ -16,10 +16,10 @@ from harness import REPO, SHADOWLENS
 from otlp_builders import span_request
 from pipeline import Handover
 
-from shadowlens.config import default_config
 from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.reader import QueryError, QueryServer, query
 from shadowlens.collector.store.writer import StoreWriter
+from shadowlens.config import default_config
 
 SECRET = "do-not-leak-7f3a"
 

@@ -7,11 +7,11 @@ import random
 import numpy as np
 from otlp_builders import random_spans, span_request
 
-from shadowlens.config import default_config
 from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.database import SEGMENTS_DIR
 from shadowlens.collector.store.segments import FRAME, SegmentLog, read_frames, segment_path
 from shadowlens.collector.store.writer import RecentKeys, StoreWriter
+from shadowlens.config import default_config
 
 
 def _request(n: int, seed: int) -> tuple[bytes, set[tuple[str, str]]]:

@@ -294,7 +294,8 @@ def test_a_non_loopback_listener_without_tls_or_token_is_named_in_a_warning(tmp_
     [line] = exposure_warnings(load(None, env=secured))
     assert line.startswith("receivers.grpc.endpoint 0.0.0.0:4317") and "no TLS (receivers.grpc.tls" in line \
         and "bearer token" not in line
-    loopback = env(METRICS__ENDPOINT="127.0.0.1:9464", RECEIVERS__HTTP__ENDPOINT="localhost:4318", RECEIVERS__GRPC__ENDPOINT="127.0.0.2:4317")
+    loopback = env(METRICS__ENDPOINT="127.0.0.1:9464", RECEIVERS__HTTP__ENDPOINT="localhost:4318",
+                   RECEIVERS__GRPC__ENDPOINT="127.0.0.2:4317")
     assert exposure_warnings(load(None, env=loopback)) == []
     # and serve logs it
     srv = serve_factory(start=False)

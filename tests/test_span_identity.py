@@ -15,9 +15,9 @@ from otlp_builders import span_request
 from pipeline import Handover, Pipeline
 from test_receivers import grpc_export
 
-from shadowlens.config import default_config
 from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.writer import RecentKeys, StoreWriter
+from shadowlens.config import default_config
 
 
 def zipkin_b3_spans(n: int, rng: random.Random) -> list[dict]:

@@ -11,7 +11,6 @@ from harness import REPO, SHADOWLENS
 from otlp_builders import random_spans, span_request
 from pipeline import Pipeline
 
-from shadowlens.config import default_config
 from shadowlens.collector.decode.normalize import Normalizer
 from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.database import SEGMENTS_DIR
@@ -19,6 +18,7 @@ from shadowlens.collector.store.reader import QueryError, query
 from shadowlens.collector.store.retention import Retention
 from shadowlens.collector.store.segments import list_segments
 from shadowlens.collector.store.writer import StoreWriter
+from shadowlens.config import default_config
 
 HOUR_NS = 3600 * 10**9
 
