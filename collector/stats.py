@@ -23,6 +23,7 @@ class IngestStats:
         self.spans_duplicate = 0
         self.records_quarantined: Counter = Counter() # stage (decode, insert) -> acknowledged records set aside
         self.unpriced_spans: Counter = Counter()      # model -> LLM spans with tokens but no price
+        self.mixed_spans: Counter = Counter()         # gateway -> spans it wrote two calls onto (decode/litellm.py)
         self.store_commits = 0                        # group commits
         self.store_commit_seconds = 0.0               # from taking a group to durable (insert ∥ sync)
         self.store_insert_seconds = 0.0               # DuckDB insert + commit
@@ -52,7 +53,7 @@ class IngestStats:
                 "logs_received": dict(self.logs_received), "logs_rejected": dict(self.logs_rejected),
                 "spans_duplicate": self.spans_duplicate, "requests_refused": dict(self.requests_refused),
                 "records_quarantined": dict(self.records_quarantined),
-                "unpriced_spans": dict(self.unpriced_spans),
+                "unpriced_spans": dict(self.unpriced_spans), "mixed_spans": dict(self.mixed_spans),
                 "store_commits": self.store_commits, "store_commit_seconds": self.store_commit_seconds,
                 "store_insert_seconds": self.store_insert_seconds, "store_sync_seconds": self.store_sync_seconds,
                 "store_write_errors": dict(self.store_write_errors), "store_write_failing": self.store_write_failing,

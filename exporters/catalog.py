@@ -26,6 +26,9 @@ SELF_METRICS = (
                "Export requests refused whole (queue_full, too_large, invalid)."),
     MetricSpec("shadowlens_ingest_queue_spans", "gauge", (), "Spans accepted and waiting for their commit."),
     MetricSpec("shadowlens_unpriced_spans", "counter", ("model",), "LLM spans with tokens but no price."),
+    MetricSpec("shadowlens_mixed_spans", "counter", ("gateway",),
+               "Application spans a gateway wrote two calls' attributes onto (litellm: a non-LiteLLM span carrying"
+               " metadata.is_silent_experiment); stored with route mixed, never compared."),
     MetricSpec("shadowlens_store_bytes", "gauge", (), "Bytes on disk: DuckDB file, its WAL and payload segments."),
     MetricSpec("shadowlens_store_commits", "counter", (), "Group commits (each covers every Export waiting)."),
     MetricSpec("shadowlens_store_commit_seconds", "counter", (),

@@ -58,6 +58,7 @@ class IngestCollector(Collector):
         yield _counter("shadowlens_requests_refused", s["requests_refused"])
         yield _counter("shadowlens_records_quarantined", {"decode": 0, "insert": 0, **s.get("records_quarantined", {})})
         yield _counter("shadowlens_unpriced_spans", self._unpriced(s["unpriced_spans"]))
+        yield _counter("shadowlens_mixed_spans", {"litellm": 0, **s.get("mixed_spans", {})})
         for name in ("store_commits", "store_commit_seconds", "store_insert_seconds", "store_sync_seconds"):
             yield _counter(f"shadowlens_{name}", s[name])
         # both reasons from the start, so that increase() sees the first error

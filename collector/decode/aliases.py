@@ -1,12 +1,13 @@
 """The one alias table: concept -> attribute keys, first key wins (CONTRACT §4).
 
 Checked against spans captured from traceAI, OpenInference, the official OpenTelemetry
-GenAI instrumentation (-v2, both semconv modes) and OpenLLMetry; see
-``tests/realinst`` and ``../shared/INSTRUMENTATIONS.md``. Bump ``ALIAS_VERSION`` on any change.
+GenAI instrumentation (-v2, both semconv modes), OpenLLMetry and LiteLLM's ``otel`` callback; see
+``tests/realinst``, ``../shared/INSTRUMENTATIONS.md`` and ``docs/litellm.md``. Bump ``ALIAS_VERSION`` on
+any change.
 """
 from __future__ import annotations
 
-ALIAS_VERSION = 1
+ALIAS_VERSION = 2     # 2: LiteLLM (operation names, gen_ai.cost.total_cost, its silent flag)
 
 # concept -> ordered keys. The value type of each concept is given in CONCEPT_TYPES.
 SPAN_ALIASES: dict[str, tuple[str, ...]] = {
@@ -26,10 +27,12 @@ SPAN_ALIASES: dict[str, tuple[str, ...]] = {
                            "gen_ai.usage.input_tokens.cache_write", "gen_ai.usage.cache_creation_input_tokens"),
     "reasoning_tokens": ("llm.token_count.completion_details.reasoning", "gen_ai.usage.reasoning.output_tokens",
                          "gen_ai.usage.output_tokens.reasoning", "gen_ai.usage.reasoning_tokens"),
-    "reported_cost_usd": ("llm.cost.total", "gen_ai.cost.total"),
+    "reported_cost_usd": ("llm.cost.total", "gen_ai.cost.total", "gen_ai.cost.total_cost"),
     "finish_reason": ("gen_ai.response.finish_reasons", "llm.finish_reason"),
     "refused": ("agent.refused",),
     "escalated": ("agent.escalated",),
+    # LiteLLM marks the mirrored call of a deployment's ``silent_model`` (litellm.py reads it)
+    "silent_experiment": ("metadata.is_silent_experiment",),
     "route": ("shadow.route",),
     "request_id": ("shadow.request_id",),
     "session_id": ("session.id", "gen_ai.conversation.id"),
@@ -49,7 +52,7 @@ CONCEPT_TYPES: dict[str, str] = {
     "span_kind": STR, "step": INT, "model": STR, "request_model": STR,
     "input_tokens": INT, "output_tokens": INT, "cache_read_tokens": INT, "cache_write_tokens": INT,
     "reasoning_tokens": INT, "reported_cost_usd": FLOAT, "finish_reason": STRS, "refused": BOOL,
-    "escalated": BOOL, "route": STR, "request_id": STR, "session_id": STR, "service_name": STR,
+    "escalated": BOOL, "silent_experiment": BOOL, "route": STR, "request_id": STR, "session_id": STR, "service_name": STR,
     "eval_name": STR, "eval_passed": BOOL, "eval_label": STR, "eval_score": FLOAT, "eval_explanation": STR,
     "json_metadata": STR, "json_params": STR,
 }
@@ -66,7 +69,15 @@ SPAN_KIND_VALUES: dict[str, str] = {
     "execute_tool": "TOOL", "invoke_agent": "AGENT", "create_agent": "AGENT", "embeddings": "EMBEDDING",
     # traceloop.span.kind
     "workflow": "CHAIN", "task": "CHAIN",
+    # LiteLLM: gen_ai.operation.name and llm.request.type carry its call type (``completion`` is written
+    # as ``chat``, the async and other call types as they are; docs/litellm.md)
+    "acompletion": "LLM", "atext_completion": "LLM", "responses": "LLM", "aresponses": "LLM",
+    "anthropic_messages": "LLM", "aanthropic_messages": "LLM", "aembedding": "EMBEDDING",
 }
+
+# LiteLLM's instrumentation scope (its tracer name; ``OTEL_TRACER_NAME`` changes it). A span of another scope
+# that carries LiteLLM's silent flag is an application span LiteLLM wrote two calls onto (docs/litellm.md).
+LITELLM_SCOPES = frozenset({"litellm"})
 
 REFUSAL_FINISH_REASONS = frozenset({"content_filter"})
 EVAL_EVENT_NAME = "gen_ai.evaluation.result"

@@ -22,6 +22,7 @@ class NormalizedBatch:
     message: str = ""
     payload: bytes = b""              # the request as protobuf bytes (the bulky part's home)
     unpriced: Counter = field(default_factory=Counter)   # model -> LLM spans with tokens but no price
+    mixed: Counter = field(default_factory=Counter)      # gateway -> spans a gateway wrote two calls onto (litellm.py)
 
     @property
     def accepted(self) -> int:

@@ -40,6 +40,7 @@ from .convert import (
     span_kind,
 )
 from .ids import KINDS_ARROW, SPAN_RECORD, STATUS_ARROW, HexList, enum_array, id_columns, int32, int64, span_keys
+from .litellm import GATEWAY, mark_litellm
 from .logs import normalize_logs
 from .scan import column_merger, scanner
 
@@ -125,13 +126,17 @@ class Normalizer:
         rec = np.frombuffer(sc["spans"], dtype=SPAN_RECORD)
         rs_idx = rec["rs_idx"].tolist()
         cols = self._concept_columns(sc["slots"], n)
+        scopes = sc["scope"]
+        if any(len(t) > MAX_SHARED_TEXT for t in set(scopes) if t is not None):
+            scopes = [t if t is None or len(t) <= MAX_SHARED_TEXT else t[:MAX_SHARED_TEXT] for t in scopes]
+        mixed = 0
+        if cols["silent_experiment"] is not None or not A.LITELLM_SCOPES.isdisjoint(scopes):
+            # before inheritance: a silent call's own route beats its resource's (litellm.py)
+            mixed = mark_litellm(cols, scopes, (~rec["parent_span_id"].any(axis=1)).tolist(), n)
         # Trace-level concepts: the span, else its resource, else the metadata JSON (CONTRACT §4).
         resources = [self._resource_values(r) for r in sc["resources"]]
         self._inherit_from_resources(cols, resources, rs_idx, n)
         self._inherit_from_metadata(cols, resources, rs_idx, n)
-        scopes = sc["scope"]
-        if any(len(t) > MAX_SHARED_TEXT for t in set(scopes) if t is not None):
-            scopes = [t if t is None or len(t) <= MAX_SHARED_TEXT else t[:MAX_SHARED_TEXT] for t in scopes]
         self._models_from_params(cols, scopes, n)
         _refusals_from_finish(cols, n)
         cols["cost_usd"], unpriced = self._costs(cols, rec, n)
@@ -146,7 +151,7 @@ class Normalizer:
             signal="traces", spans=batch if batch.num_rows else None,
             evals=rows_to_batch(eval_rows, schema.EVAL_SCHEMA) if eval_rows else None,
             logs=None, keys=keys, received=n, rejected=len(invalid), reasons=reasons, message=message, payload=payload,
-            unpriced=unpriced)
+            unpriced=unpriced, mixed=Counter({GATEWAY: mixed}) if mixed else Counter())
 
     def _concept_columns(self, slots, n: int) -> dict[str, list | None]:
         """Every concept's column from the scanner's sparse per-key lists (None where no span has it;

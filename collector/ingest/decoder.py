@@ -26,10 +26,12 @@ def main(conn_in, conn_out, settings: IngestSettings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..decode.litellm import MixedSpansWarning
     from ..stats import IngestStats
     from ..store.segments import SEGMENTS_DIR, SegmentReader
 
     stats = IngestStats(max_models=settings.metrics_max_models)
+    mixed_warning = MixedSpansWarning()      # one log line per interval, not per span
     decode = _record_decoder(settings, SegmentReader(settings.data_dir / SEGMENTS_DIR))
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)     # decoding allocates many short-lived objects (see frontend.py)
@@ -56,6 +58,10 @@ def main(conn_in, conn_out, settings: IngestSettings) -> None:
             out = decode(msg)
             if isinstance(out, Batch) and out.batch.unpriced:
                 stats.add_many("unpriced_spans", out.batch.unpriced)
+                dirty = True
+            if isinstance(out, Batch) and out.batch.mixed:
+                stats.add_many("mixed_spans", out.batch.mixed)
+                mixed_warning.note(sum(out.batch.mixed.values()))
                 dirty = True
             send(out)
         elif isinstance(msg, Barrier):
