@@ -33,7 +33,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from shadowlens.collector.store.commit import Committed
+from shadowlens.collector.store.commit import CommittedRows
 from shadowlens.collector.store.database import frame
 from shadowlens.collector.store.derived import replace_traces
 
@@ -75,7 +75,7 @@ class CompletedTraces:
 
 
 @dataclass
-class AssemblyStats:
+class AssemblyCounters:
     late_spans: int = 0
     evicted: int = 0
     completed: int = 0
@@ -115,14 +115,14 @@ class TraceAssembler:
         self.sinks = list(sinks or [])
         self.now = now
         self.routes = RouteResolver(routes)
-        self.stats = AssemblyStats()
+        self.stats = AssemblyCounters()
         self._sql = rollup_sql(self.cohort_labels)
         self._open: dict[str, _Open] = {}                         # insertion order = first_seen order
         self._by_last: OrderedDict[str, None] = OrderedDict()     # least recently updated first
         # Recently completed traces: (had a root, completed_at in us). A late span re-opens its trace
         # with that root, and its row is found by completed_at (a zonemap range, not a table scan).
         self._recent: OrderedDict[str, tuple[bool, int]] = OrderedDict()
-        self._feed: deque[Committed] = deque()       # appended by the store's writer thread
+        self._feed: deque[CommittedRows] = deque()       # appended by the store's writer thread
         self._seq = 0          # the last commit consumed
         self._seen = 0         # the last commit the store announced
         self.round_s = min(ROUND_S, idle_s / 2)
@@ -229,7 +229,7 @@ class TraceAssembler:
         self._by_last[tid] = None
         self._by_last.move_to_end(tid)
 
-    def _consume(self, committed: Committed) -> None:
+    def _consume(self, committed: CommittedRows) -> None:
         now, seq = self.now(), committed.seq
         recent, open_ = self._recent, self._open
         if committed.spans is not None and committed.spans.num_rows:

@@ -34,7 +34,7 @@ def _label_expr(label: str) -> str:
             f'THEN coalesce("{label}", \'unknown\') ELSE \'{OVERFLOW}\' END AS "{label}"')
 
 
-class WindowStats:
+class WindowQuery:
     def __init__(self, cursor_factory, limiter: CohortLimiter, window_s: float,
                  now: Callable[[], float] = time.time, combos: CohortLimiter | None = None,
                  eval_names: CohortLimiter | None = None):
@@ -116,7 +116,7 @@ class WindowRefresher(Periodic):
     """Component: refreshes the window on an interval and forgets cohorts unseen for two windows."""
     thread_name = "shadowlens-window"
 
-    def __init__(self, stats: WindowStats, interval_s: float, forget: Callable[[float], object] | None = None):
+    def __init__(self, stats: WindowQuery, interval_s: float, forget: Callable[[float], object] | None = None):
         self.stats = stats
         self.interval_s = interval_s
         self.forget = forget

@@ -30,10 +30,10 @@ from common import add_json_arg, emit, say, spread  # noqa: E402
 from prometheus_client.registry import CollectorRegistry  # noqa: E402
 
 from shadowlens.analyzers.aggregates import StreamingAggregates  # noqa: E402
-from shadowlens.analyzers.assembly import AssemblyStats, CompletedTraces  # noqa: E402
+from shadowlens.analyzers.assembly import AssemblyCounters, CompletedTraces  # noqa: E402
 from shadowlens.analyzers.cohorts import CohortLimiter  # noqa: E402
-from shadowlens.analyzers.window import WindowStats  # noqa: E402
-from shadowlens.collector.stats import IngestStats  # noqa: E402
+from shadowlens.analyzers.window import WindowQuery  # noqa: E402
+from shadowlens.collector.counters import IngestCounters  # noqa: E402
 from shadowlens.collector.store.writer import StoreWriter  # noqa: E402
 from shadowlens.config import default_config  # noqa: E402
 from shadowlens.exporters.analysis import AnalysisMetrics  # noqa: E402
@@ -55,7 +55,7 @@ def cohorts(n_series: int) -> list[tuple]:
 def fill_store(data_dir: Path, n_spans: int, series: list[tuple], spans_per_trace: int = 10) -> int:
     """Writes n_spans span rows and their trace rows, all completed within the window, with SQL."""
     cfg = default_config()
-    store = StoreWriter(data_dir, cfg.cohort_labels, IngestStats())
+    store = StoreWriter(data_dir, cfg.cohort_labels, IngestCounters())
     store.open()
     con = store.con
     n_traces = n_spans // spans_per_trace
@@ -92,10 +92,10 @@ def fill_store(data_dir: Path, n_spans: int, series: list[tuple], spans_per_trac
 
 def bench_window(data_dir: Path, series, repeat: int) -> list[float]:
     cfg = default_config()
-    store = StoreWriter(data_dir, cfg.cohort_labels, IngestStats())
+    store = StoreWriter(data_dir, cfg.cohort_labels, IngestCounters())
     store.open()
     limiter = CohortLimiter(LABELS, max_values=1000, forget_after_s=3600)
-    window = WindowStats(store.cursor, limiter, 900)
+    window = WindowQuery(store.cursor, limiter, 900)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def bench_metrics(series, snap, repeat: int) -> list[float]:
     agg.add(CompletedTraces(traces, evals, None, 0, 0))
     registry = CollectorRegistry(auto_describe=False)
     server = MetricsServer("127.0.0.1", 0, registry, ready=lambda: (True, "ok"))
-    server.extra = AnalysisMetrics(agg, lambda: snap, AssemblyStats(), limiter).render
+    server.extra = AnalysisMetrics(agg, lambda: snap, AssemblyCounters(), limiter).render
     server.start()
     url = f"http://127.0.0.1:{server.port}/metrics"
     times, size, lines = [], 0, 0

@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 from common import add_json_arg, emit, say  # noqa: E402
 from otlp_builders import random_spans, span_request  # noqa: E402
 
+from shadowlens.collector.counters import IngestCounters  # noqa: E402
 from shadowlens.collector.decode.normalize import Normalizer  # noqa: E402
-from shadowlens.collector.stats import IngestStats  # noqa: E402
 from shadowlens.collector.store.writer import RecentKeys, StoreWriter  # noqa: E402
 from shadowlens.config import default_config  # noqa: E402
 
@@ -72,7 +72,7 @@ def insert_rate(spans: int, dedup_keys: int, retry_share: float, repeat: int) ->
     results = []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as tmp:
-            store = StoreWriter(Path(tmp), cfg.cohort_labels, IngestStats(), dedup_max_keys=dedup_keys)
+            store = StoreWriter(Path(tmp), cfg.cohort_labels, IngestCounters(), dedup_max_keys=dedup_keys)
             store.start()
             t0 = time.perf_counter()
             for b in batches:

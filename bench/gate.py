@@ -35,7 +35,7 @@ import polars as pl  # noqa: E402
 from common import add_json_arg, emit, say, spread  # noqa: E402
 
 from shadowlens.analyzers.rules import parse_gate  # noqa: E402
-from shadowlens.collector.store.database import PayloadDecoder, db_path, migrate, register_functions  # noqa: E402
+from shadowlens.collector.store.database import SegmentPayloads, db_path, migrate, register_functions  # noqa: E402
 
 LABELS = ("intent", "language", "tier")
 
@@ -44,7 +44,7 @@ def build_store(data_dir: Path, traces: int, values: tuple[int, int, int]) -> No
     """A store holding `traces` completed traces (half per route, paired by request id) and their evals."""
     data_dir.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(db_path(data_dir)))
-    register_functions(con, PayloadDecoder(data_dir))     # the spans view needs it to be created
+    register_functions(con, SegmentPayloads(data_dir))     # the spans view needs it to be created
     migrate(con, LABELS)
     n = traces // 2
     vi, vl, vt = values

@@ -1,4 +1,4 @@
-"""A prometheus_client Collector over IngestStats (and, later, the analysis snapshot).
+"""A prometheus_client Collector over IngestCounters (and, later, the analysis snapshot).
 
 Values are read at scrape time from plain counters: a scrape never touches DuckDB.
 """
@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shadowlens.collector.stats import IngestStats, cap_keys, sum_snapshots
+from shadowlens.collector.counters import IngestCounters, cap_keys, sum_snapshots
 
 from .catalog import SELF_METRICS
 
@@ -29,11 +29,11 @@ def _counter(name: str, values) -> CounterMetricFamily:
 
 
 class IngestCollector(Collector):
-    def __init__(self, stats: IngestStats, store_bytes: Callable[[], float], frontend_stats: dict | None = None,
+    def __init__(self, stats: IngestCounters, store_bytes: Callable[[], float], child_counters: dict | None = None,
                  max_models: int | None = None):
         self.stats = stats
         self.store_bytes = store_bytes
-        self.frontend_stats = frontend_stats if frontend_stats is not None else {}
+        self.child_counters = child_counters if child_counters is not None else {}
         self.max_models = max_models
         # The processes cap their unpriced models each, so their sum may hold twice as many: the models
         # shown are the first max_models seen here, for good (counters never forget, so neither does this).
@@ -49,7 +49,7 @@ class IngestCollector(Collector):
         return dict(capped)
 
     def collect(self) -> Iterable:
-        s = sum_snapshots(self.stats.snapshot(), dict(self.frontend_stats))
+        s = sum_snapshots(self.stats.snapshot(), dict(self.child_counters))
         yield _counter("shadowlens_spans_received", s["spans_received"])
         yield _counter("shadowlens_spans_rejected", s["spans_rejected"])
         yield _counter("shadowlens_spans_duplicate", s["spans_duplicate"])

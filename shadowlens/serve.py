@@ -30,7 +30,7 @@ from shadowlens.analyzers.gate import GateRefresher
 from shadowlens.analyzers.pairing import PairingSink
 from shadowlens.analyzers.reprice import reprice_write
 from shadowlens.analyzers.rules import GateSettings
-from shadowlens.analyzers.window import WindowRefresher, WindowStats
+from shadowlens.analyzers.window import WindowQuery, WindowRefresher
 from shadowlens.exporters.analysis import AnalysisMetrics, GateMetrics
 from shadowlens.exporters.http import MetricsServer
 from shadowlens.exporters.parquet import ExportCollector, ParquetRunner, store_source
@@ -43,7 +43,7 @@ from .collector.decode.normalize import Normalizer
 from .collector.decode.pricing import PriceTable
 from .collector.ingest.messages import IngestSettings
 from .collector.ingest.supervisor import IngestSupervisor
-from .collector.stats import IngestStats
+from .collector.counters import IngestCounters
 from .collector.store.diskfull import readiness
 from .collector.store.files import private_umask
 from .collector.store.reader import QueryServer
@@ -58,7 +58,7 @@ log = logging.getLogger("shadowlens.serve")
 class App:
     """The one explicit app context: every long-lived component, in start order."""
     config: Config
-    stats: IngestStats
+    stats: IngestCounters
     store: StoreWriter
     components: list = field(default_factory=list)
     metrics: MetricsServer | None = None
@@ -88,7 +88,7 @@ class App:
 
 def build_app(cfg: Config) -> App:
     gate = cfg.gate_settings()           # a bad gate rule fails here, before anything starts
-    stats = IngestStats(max_models=cfg.metrics_max_models)
+    stats = IngestCounters(max_models=cfg.metrics_max_models)
     data_dir = cfg.store.data_dir
     store = StoreWriter(data_dir, cfg.cohort_labels, stats,
                         dedup_max_keys=cfg.store.dedup_max_keys, duckdb_settings={
@@ -153,7 +153,7 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
         for each in aggregates.limiters:
             each.forget_stale()
 
-    window = WindowRefresher(WindowStats(store.cursor, limiter, cfg.window_s, combos=aggregates.combos,
+    window = WindowRefresher(WindowQuery(store.cursor, limiter, cfg.window_s, combos=aggregates.combos,
                                          eval_names=aggregates.eval_names), cfg.analyzers.window_refresh_s,
                              forget=forget)
     verdicts = GateRefresher(store.cursor, gate, cfg.cohort_labels, trace_url=cfg.links.trace_url)

@@ -15,10 +15,10 @@ from harness import free_port
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
+from shadowlens.collector.counters import IngestCounters
 from shadowlens.collector.decode.batch import NormalizedBatch
 from shadowlens.collector.decode.normalize import Normalizer
 from shadowlens.collector.ingest.supervisor import IngestSupervisor
-from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.database import SEGMENTS_DIR
 from shadowlens.collector.store.segments import SegmentLog
 from shadowlens.collector.store.writer import StoreWriter
@@ -38,7 +38,7 @@ class Pipeline:
             ("receivers", "grpc", "endpoint"): f"127.0.0.1:{free_port()}",
             ("receivers", "http", "endpoint"): f"127.0.0.1:{free_port()}",
             ("store", "data_dir"): str(data_dir), ("store", "queue_max_spans"): queue_max_spans})
-        self.stats = IngestStats()
+        self.stats = IngestCounters()
         self.store = StoreWriter(Path(data_dir), self.cfg.cohort_labels, self.stats, **writer_kwargs)
         self.child_counters: dict = {}
         self.ingest = IngestSupervisor(self.store, ingest_settings(self.cfg), self.child_counters)

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
+from shadowlens.collector.counters import IngestCounters
 from shadowlens.collector.errors import Overloaded, ShuttingDown
 from shadowlens.collector.ingest import intake
 from shadowlens.collector.ingest.intake import Intake
 from shadowlens.collector.ingest.messages import Ack, Record
-from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.segments import SegmentLog, read_frames
 
 
@@ -21,7 +21,7 @@ def frontend(tmp_path):
     to_store, store_end = multiprocessing.Pipe()
     to_decoder, decoder_end = multiprocessing.Pipe(duplex=False)
     log = SegmentLog(tmp_path, 1)
-    stats = IngestStats()
+    stats = IngestCounters()
     rs = Intake(to_store, decoder_end, log, stats, queue_max_spans=10)
     yield rs, to_decoder, stats, tmp_path
     log.close()

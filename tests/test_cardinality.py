@@ -166,10 +166,10 @@ def test_metrics_at_every_cap_render_within_the_stated_bound(tmp_path):
     import polars as pl
 
     from shadowlens.analyzers.aggregates import StreamingAggregates
-    from shadowlens.analyzers.assembly import AssemblyStats, CompletedTraces
+    from shadowlens.analyzers.assembly import AssemblyCounters, CompletedTraces
     from shadowlens.analyzers.cohorts import CohortLimiter
     from shadowlens.analyzers.compare import Comparison, Verdict
-    from shadowlens.analyzers.window import WindowStats
+    from shadowlens.analyzers.window import WindowQuery
     from shadowlens.exporters.analysis import AnalysisMetrics, GateMetrics
 
     labels = ("intent", "language", "tier")
@@ -199,14 +199,14 @@ def test_metrics_at_every_cap_render_within_the_stated_bound(tmp_path):
     con.execute("CREATE TABLE traces AS SELECT * EXCLUDE (s), make_timestamp((s * 1e6)::BIGINT) AS completed_at FROM t_")
     con.register("e_", evals.to_arrow())
     con.execute("CREATE TABLE evals AS SELECT trace_id, name, passed FROM e_")
-    window = WindowStats(lambda: con.cursor(), limiter, 900, combos=agg.combos, eval_names=agg.eval_names).refresh()
+    window = WindowQuery(lambda: con.cursor(), limiter, 900, combos=agg.combos, eval_names=agg.eval_names).refresh()
     results = [Comparison(rule, "all", "pass", 1.0, 0.9, 1.1, 500, 500, 0.1, "")
                for rule in ("r1", "r2", "r3", "r4", "r5")]
     results += [Comparison(rule, f"{lab}={v}", ("fail", "pass")[j % 2], 1.0, 0.9, 1.1, 500 + j, 500, 0.1, "")
                 for rule in ("r1", "r2", "r3", "r4", "r5") for lab in labels
                 for j, v in enumerate([*{c[labels.index(lab)] for c in combos}, "__other__"])]
     verdict = Verdict("block", tuple(results), (), time.time(), 3600)
-    analysis = AnalysisMetrics(agg, lambda: window, AssemblyStats(), limiter)
+    analysis = AnalysisMetrics(agg, lambda: window, AssemblyCounters(), limiter)
     gate = GateMetrics(lambda: verdict, None, labels, lambda: 0.1, limiter=limiter)
     for openmetrics in (False, True):
         text = analysis.render(openmetrics) + gate.render(openmetrics)

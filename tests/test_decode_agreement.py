@@ -20,9 +20,9 @@ from otlp_builders import T0, random_spans, span_request
 from pipeline import Handover
 from wire_bytes import attribute, event, key_value, ld, nested_array, nested_kvlist, span_event, string_value, with_span_extras
 
+from shadowlens.collector.counters import IngestCounters
 from shadowlens.collector.decode import scan
 from shadowlens.collector.decode.normalize import Normalizer
-from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.writer import StoreWriter
 from shadowlens.config import default_config
 
@@ -44,7 +44,7 @@ def _four_spans(seed: int = 1):
 
 def _stored(batch, tmp_path, *queries: str) -> list[list[tuple]]:
     """Commits ``batch`` through the store writer (the real DDL and insert) and runs ``queries``."""
-    store = StoreWriter(tmp_path, default_config().cohort_labels, IngestStats())
+    store = StoreWriter(tmp_path, default_config().cohort_labels, IngestCounters())
     store.start()
     handover = Handover(store)
     try:
@@ -419,7 +419,7 @@ def test_replay_stores_every_span_of_an_acknowledged_poisoned_request(tmp_path):
     """Synced (acknowledged) but not yet in DuckDB when the process died: replay used to skip it whole."""
     from shadowlens.collector.store.database import SEGMENTS_DIR
     from shadowlens.collector.store.segments import SegmentLog
-    store = StoreWriter(tmp_path, default_config().cohort_labels, IngestStats())
+    store = StoreWriter(tmp_path, default_config().cohort_labels, IngestCounters())
     store.open()
     first = store.first_segment
     store.shutdown()
@@ -430,7 +430,7 @@ def test_replay_stores_every_span_of_an_acknowledged_poisoned_request(tmp_path):
     _, _, ticket = log.append(payload)
     log.wait_durable(ticket)
     log.close()
-    store = StoreWriter(tmp_path, default_config().cohort_labels, IngestStats())
+    store = StoreWriter(tmp_path, default_config().cohort_labels, IngestCounters())
     store.open()
     try:
         con = store.cursor()

@@ -349,9 +349,9 @@ def _writer(tmp_path, stats):
 
 
 def test_a_commit_refused_for_want_of_space_is_retried_until_it_succeeds(tmp_path):
-    from shadowlens.collector.stats import IngestStats
+    from shadowlens.collector.counters import IngestCounters
     from shadowlens.collector.store.diskfull import readiness
-    stats = IngestStats()
+    stats = IngestCounters()
     store, submit = _writer(tmp_path, stats)
     store.con = _FullDiskConnection(store.con, fail=3)
     fut = submit()
@@ -370,8 +370,8 @@ def test_a_commit_refused_for_want_of_space_is_retried_until_it_succeeds(tmp_pat
 
 
 def test_stopping_while_the_disk_stays_full_fails_the_group_instead_of_hanging(tmp_path):
-    from shadowlens.collector.stats import IngestStats
-    stats = IngestStats()
+    from shadowlens.collector.counters import IngestCounters
+    stats = IngestCounters()
     store, submit = _writer(tmp_path, stats)
     full = store.con = _FullDiskConnection(store.con, fail=float("inf"))
     fut = submit()

@@ -13,7 +13,7 @@ from harness import wait_for
 from otlp_builders import random_spans, span_request
 from test_receivers import grpc_export
 
-from shadowlens.collector.stats import IngestStats
+from shadowlens.collector.counters import IngestCounters
 from shadowlens.collector.store.quarantine import DDL, Quarantine
 
 
@@ -71,7 +71,7 @@ def test_opening_a_store_tightens_what_an_older_version_left_readable(serve_fact
 def test_quarantined_records_are_owner_only(tmp_path):
     con = duckdb.connect(str(tmp_path / "q.duckdb"))
     con.execute(DDL)
-    q = Quarantine(tmp_path / "data", tmp_path / "data" / "segments", IngestStats())
+    q = Quarantine(tmp_path / "data", tmp_path / "data" / "segments", IngestCounters())
     with umask(0):
         path = q.set_aside(con, (1, 16, 5), "traces", "insert", "a test reason", payload=b"bytes")
     assert path.read_bytes() == b"bytes"

@@ -24,7 +24,7 @@ from shadowlens.analyzers.evidence import NO_TRACE_DATA, trace_link
 from shadowlens.analyzers.gate import evaluate, evaluate_with_evidence
 from shadowlens.collector.errors import ConfigError
 from shadowlens.collector.schema import traces_ddl
-from shadowlens.collector.store.database import PayloadDecoder, db_path, migrate, register_functions
+from shadowlens.collector.store.database import SegmentPayloads, db_path, migrate, register_functions
 from shadowlens.exporters.report import render
 from shadowlens.exporters.verdict_json import verdict_to_json
 from shadowlens.traffic import SCENARIOS, Effect, Scenario, sample_request
@@ -266,7 +266,7 @@ def store_dir(tmp_path_factory, strong):
     data = tmp_path_factory.mktemp("evidence") / "data"
     data.mkdir()
     con = duckdb.connect(str(db_path(data)))
-    register_functions(con, PayloadDecoder(data))
+    register_functions(con, SegmentPayloads(data))
     migrate(con, LABELS)
     insert(con, rows)
     con.execute("CHECKPOINT")

@@ -25,7 +25,7 @@ RANKS = {
     "shadowlens.collector.errors": 0,
     "shadowlens.collector.settings": 1,     # the collector's settings dataclasses and their defaults
     "shadowlens.collector.security": 1,     # TLS files and tokens: settings the receivers and /metrics share
-    "shadowlens.collector.stats": 1,
+    "shadowlens.collector.counters": 1,
     "shadowlens.collector.decode": 2,
     "shadowlens.collector.store": 3,
     "shadowlens.collector.receivers": 3,

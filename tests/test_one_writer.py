@@ -20,10 +20,10 @@ from otlp_builders import random_spans, span_request
 
 from shadowlens.analyzers.assembly import TraceAssembler
 from shadowlens.analyzers.reprice import reprice_write
+from shadowlens.collector.counters import IngestCounters
 from shadowlens.collector.decode.normalize import Normalizer
 from shadowlens.collector.decode.pricing import PriceTable
 from shadowlens.collector.errors import Overloaded, ShuttingDown
-from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.database import SEGMENTS_DIR
 from shadowlens.collector.store.derived import DerivedQueue, DerivedWrite
 from shadowlens.collector.store.reader import QueryError, QueryServer, run_query
@@ -84,7 +84,7 @@ class GuardedStore(StoreWriter):
 
 
 def _store(tmp_path: Path, cls=StoreWriter, now=time.time) -> StoreWriter:
-    store = cls(tmp_path, default_config().cohort_labels, IngestStats(), now=now)
+    store = cls(tmp_path, default_config().cohort_labels, IngestCounters(), now=now)
     store.refused = []
     store.start()
     return store
@@ -150,7 +150,7 @@ def test_a_failed_derived_write_is_rolled_back_raised_to_its_caller_and_counted(
 
 
 def test_the_writer_refuses_a_derived_write_unless_it_runs(tmp_path):
-    store = StoreWriter(tmp_path, default_config().cohort_labels, IngestStats())
+    store = StoreWriter(tmp_path, default_config().cohort_labels, IngestCounters())
     with pytest.raises(ShuttingDown, match="not running"):
         store.write(DerivedWrite("probe", lambda con: 1))
     store.start()

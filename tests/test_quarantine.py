@@ -14,9 +14,9 @@ import pytest
 from otlp_builders import T0, random_spans, span_request
 from test_receivers import grpc_export
 
+from shadowlens.collector.counters import IngestCounters
 from shadowlens.collector.decode.normalize import Normalizer
 from shadowlens.collector.errors import SetAside
-from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.database import SEGMENTS_DIR
 from shadowlens.collector.store.quarantine import QUARANTINE_DIR
 from shadowlens.collector.store.segments import SegmentLog
@@ -49,7 +49,7 @@ def _count(store: StoreWriter, sql: str):
 def _running_store(tmp_path):
     """A started writer and a segment log to append to, as serve's frontend does."""
     cfg = default_config()
-    stats = IngestStats()
+    stats = IngestCounters()
     store = StoreWriter(tmp_path, cfg.cohort_labels, stats)
     store.start()
     return store, Normalizer(cfg.cohort_labels, cfg.evals), stats, SegmentLog(tmp_path / SEGMENTS_DIR, 100)
@@ -99,7 +99,7 @@ def test_replay_sets_aside_what_fails_again_and_the_store_opens(tmp_path):
     cfg = default_config()
     norm = Normalizer(cfg.cohort_labels, cfg.evals)
     payloads = _payloads(5, 2)
-    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats())
+    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestCounters())
     store.open()            # a new store: it replays from segment 1, which the "crashed" server wrote below
     store.shutdown()
     log = SegmentLog(tmp_path / SEGMENTS_DIR, 1)
@@ -108,7 +108,7 @@ def test_replay_sets_aside_what_fails_again_and_the_store_opens(tmp_path):
     log.sync()
     log.close()
     for _ in range(2):
-        stats = IngestStats()
+        stats = IngestCounters()
         store = StoreWriter(tmp_path, cfg.cohort_labels, stats)
         store.replay_normalizer = _Poisoning(norm, bad_insert=payloads[1], bad_decode=payloads[3])
         store.open()
@@ -165,7 +165,7 @@ def test_a_group_that_fails_for_the_store_is_inserted_on_the_next_start(tmp_path
     import duckdb
     cfg = default_config()
     norm = Normalizer(cfg.cohort_labels, cfg.evals)
-    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats())
+    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestCounters())
     store.start()
     first = store.first_segment
     real_commit = store._commit
@@ -189,7 +189,7 @@ def test_a_group_that_fails_for_the_store_is_inserted_on_the_next_start(tmp_path
     store.submit(norm.normalize_traces(b), log_b.append(b), low_segment=first + 1).result(10)
     log_b.close()
     store.shutdown()
-    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats())
+    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestCounters())
     store.start()
     assert _count(store, "select count(*) from spans_core") == [(16,)]
     assert _count(store, "select count(*) from quarantine") == [(0,)]

@@ -16,7 +16,7 @@ from harness import REPO, SHADOWLENS
 from otlp_builders import span_request
 from pipeline import Handover
 
-from shadowlens.collector.stats import IngestStats
+from shadowlens.collector.counters import IngestCounters
 from shadowlens.collector.store.reader import QueryError, QueryServer, query
 from shadowlens.collector.store.writer import StoreWriter
 from shadowlens.config import default_config
@@ -90,7 +90,7 @@ def assert_store_readable(run, n: int) -> None:
 def test_queries_see_the_store_and_no_other_file_on_both_paths(tmp_path, secrets):
     cfg = default_config()
     data = tmp_path / "data"
-    store = StoreWriter(data, cfg.cohort_labels, IngestStats())
+    store = StoreWriter(data, cfg.cohort_labels, IngestCounters())
     store.start()
     handover = Handover(store)
     server = QueryServer(data, store.cursor)           # as serve composes it (shadowlens/serve.py)
@@ -113,7 +113,7 @@ def test_queries_see_the_store_and_no_other_file_on_both_paths(tmp_path, secrets
     assert_store_readable(lambda sql: query(data, sql), 5)           # on the file, no server
     assert_sandboxed(lambda sql: query(data, sql), secrets)
     # and the store opens for writing again after its connections were sandboxed
-    store = StoreWriter(data, cfg.cohort_labels, IngestStats())
+    store = StoreWriter(data, cfg.cohort_labels, IngestCounters())
     store.start()
     handover = Handover(store)
     handover.submit(_request(1, 6)).result(10)

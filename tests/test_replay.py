@@ -7,7 +7,7 @@ import random
 import numpy as np
 from otlp_builders import random_spans, span_request
 
-from shadowlens.collector.stats import IngestStats
+from shadowlens.collector.counters import IngestCounters
 from shadowlens.collector.store.database import SEGMENTS_DIR
 from shadowlens.collector.store.segments import FRAME, SegmentLog, read_frames, segment_path
 from shadowlens.collector.store.writer import RecentKeys, StoreWriter
@@ -29,7 +29,7 @@ def _stored_ids(store: StoreWriter) -> list[tuple[str, str]]:
 
 
 def _open(data_dir) -> StoreWriter:
-    store = StoreWriter(data_dir, default_config().cohort_labels, IngestStats())
+    store = StoreWriter(data_dir, default_config().cohort_labels, IngestCounters())
     store.open()
     return store
 

@@ -15,7 +15,7 @@ from otlp_builders import span_request
 from pipeline import Handover, Pipeline
 from test_receivers import grpc_export
 
-from shadowlens.collector.stats import IngestStats
+from shadowlens.collector.counters import IngestCounters
 from shadowlens.collector.store.writer import RecentKeys, StoreWriter
 from shadowlens.config import default_config
 
@@ -70,7 +70,7 @@ def test_distinct_spans_with_colliding_folds_are_all_stored_through_serve(serve_
 
 def _store(tmp_path, **kw) -> tuple[StoreWriter, Handover]:
     cfg = default_config()
-    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats(), **kw)
+    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestCounters(), **kw)
     store.start()
     return store, Handover(store)
 

@@ -11,8 +11,8 @@ from harness import REPO, SHADOWLENS
 from otlp_builders import random_spans, span_request
 from pipeline import Pipeline
 
+from shadowlens.collector.counters import IngestCounters
 from shadowlens.collector.decode.normalize import Normalizer
-from shadowlens.collector.stats import IngestStats
 from shadowlens.collector.store.database import SEGMENTS_DIR
 from shadowlens.collector.store.reader import QueryError, query
 from shadowlens.collector.store.retention import Retention
@@ -141,7 +141,7 @@ def test_a_store_with_text_ids_is_converted_on_open(tmp_path):
                     " VALUES (?, ?, ?, ?, ?, ?)", rows)
     con.close()
     cfg = default_config()
-    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestStats())
+    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestCounters())
     store.start()
     con = store.cursor()
     got = con.execute("SELECT trace_id, span_id, parent_span_id, name, language, ingest_seq FROM spans"

@@ -26,11 +26,11 @@ def main(conn_in, conn_out, settings: IngestSettings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..counters import IngestCounters
     from ..decode.litellm import MixedSpansWarning
-    from ..stats import IngestStats
     from ..store.segments import SEGMENTS_DIR, SegmentReader
 
-    stats = IngestStats(max_models=settings.metrics_max_models)
+    stats = IngestCounters(max_models=settings.metrics_max_models)
     mixed_warning = MixedSpansWarning()      # one log line per interval, not per span
     decode = _record_decoder(settings, SegmentReader(settings.data_dir / SEGMENTS_DIR))
     gc.freeze()

@@ -29,12 +29,12 @@ def main(conn, decoder_conn, settings: IngestSettings, first_segment: int) -> No
     # (measured on the benchmark: 1 ms 32.7k, 10 ms 37-38k, 50 ms 36k acknowledged spans/s).
     sys.setswitchinterval(0.01)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ..stats import IngestStats
+    from ..counters import IngestCounters
     from ..store.diskfull import WriteHealth
     from ..store.segments import SEGMENTS_DIR, SegmentLog
     from .intake import Intake
 
-    stats = IngestStats()
+    stats = IngestCounters()
     segments = SegmentLog(settings.data_dir / SEGMENTS_DIR, first_segment, health=WriteHealth("payload log", stats))
     intake = Intake(conn, decoder_conn, segments, stats, settings.queue_max_spans)
     try:

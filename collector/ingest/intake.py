@@ -12,8 +12,8 @@ import logging
 import threading
 import time
 
+from ..counters import IngestCounters
 from ..errors import StorageFull
-from ..stats import IngestStats
 from ..store.commit import admit
 from ..store.segments import SegmentLog
 from .messages import Ack, Barrier, Counters, Nack, Record
@@ -29,7 +29,7 @@ ADMIT_WAIT_S = 5.0
 class Intake:
     """``persist`` makes a payload durable and sends its Record to the decoder; thread-safe."""
 
-    def __init__(self, conn, decoder_conn, segments: SegmentLog, stats: IngestStats, queue_max_spans: int):
+    def __init__(self, conn, decoder_conn, segments: SegmentLog, stats: IngestCounters, queue_max_spans: int):
         self.conn = conn                       # to and from the supervisor
         self.decoder_conn = decoder_conn       # to the decoder process
         self.segments = segments

@@ -95,7 +95,7 @@ class Failed(_Message):
 
 @dataclass(frozen=True, slots=True)
 class Counters(_Message):
-    """A child's ingest counters (``IngestStats.snapshot()``); the supervisor sums the two children's."""
+    """A child's ingest counters (``IngestCounters.snapshot()``); the supervisor sums the two children's."""
     values: dict = field(default_factory=dict)
 
 

@@ -13,8 +13,8 @@ import os
 import threading
 import time
 
+from ..counters import sum_snapshots
 from ..errors import SetAside
-from ..stats import sum_snapshots
 from . import decoder, frontend
 from .messages import Ack, Barrier, Batch, Counters, Failed, IngestSettings, Nack, Ready, Stop, Stopped, Undecodable
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import threading
 
+from ..counters import IngestCounters
 from ..decode import codec
-from ..stats import IngestStats
 
 # Checking is GIL-bound Python: many receiver threads checking at once only trade the GIL back and
 # forth (measured: 4 concurrent decoders ran ~35% slower in total than one at a time). Threads queue
@@ -20,7 +20,7 @@ DECODE_CONCURRENCY = 1
 class ExportHandler:
     """Returns the response body on success; raises a classified error otherwise (see status.py)."""
 
-    def __init__(self, checker, intake, stats: IngestStats):
+    def __init__(self, checker, intake, stats: IngestCounters):
         """``checker``: a decode.check.Checker. ``intake``: has ``persist(payload, signal, spans)``,
         durable on return (ingest.intake.Intake)."""
         self.checker = checker

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..counters import IngestCounters
 from ..errors import Overloaded, ShuttingDown
-from ..stats import IngestStats
 
 
 @dataclass(frozen=True)
-class Commit:
+class CommitReceipt:
     """What the store promises a receiver: these rows are durable as of ``seq``."""
     seq: int
     stored: int
@@ -18,7 +18,7 @@ class Commit:
 
 
 @dataclass(frozen=True)
-class Committed:
+class CommittedRows:
     """What one commit added, for in-process readers that follow the store (trace assembly):
     the stored rows' Arrow tables as inserted (duplicates already dropped), so that following the
     store costs no query. ``spans`` / ``evals`` are ``pyarrow.Table`` or None."""
@@ -27,7 +27,7 @@ class Committed:
     evals: Any
 
 
-def admit(stopping: bool, waiting: int, n: int, limit: int, stats: IngestStats) -> None:
+def admit(stopping: bool, waiting: int, n: int, limit: int, stats: IngestCounters) -> None:
     """Refuse new work while draining, or when ``n`` more spans would overfill the queue (a lone
     request larger than the limit is still taken: it could never fit otherwise)."""
     if stopping:

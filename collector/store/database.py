@@ -96,7 +96,7 @@ def _migrate_text_ids(con: duckdb.DuckDBPyConnection) -> None:
     con.commit()
 
 
-class PayloadDecoder:
+class SegmentPayloads:
     """Decodes spans' bulky parts from segment files, caching recently decoded requests."""
 
     def __init__(self, data_dir: Path, cache_requests: int = 64):
@@ -190,7 +190,7 @@ def _tolerant_part_json(req: wire.Request, rs: int, ss: int, sp: int, part: str)
     return None
 
 
-def register_functions(con: duckdb.DuckDBPyConnection, decoder: PayloadDecoder) -> None:
+def register_functions(con: duckdb.DuckDBPyConnection, decoder: SegmentPayloads) -> None:
     from duckdb.sqltypes import BIGINT, INTEGER, VARCHAR
     con.create_function("shadowlens_span_json", decoder.arrow_udf,
                         [INTEGER, BIGINT, INTEGER, INTEGER, INTEGER, INTEGER, VARCHAR], VARCHAR,

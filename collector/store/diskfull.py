@@ -9,7 +9,7 @@ retrying its commit until space returns (``retry_group``) instead of leaving it 
 Each writer (the payload log in the ingest frontend, the DuckDB writer in the store process) has a
 ``WriteHealth``: failing from a write refused for want of space until a write that began after it
 succeeds. It counts ``shadowlens_store_write_errors_total{reason}`` and sets
-``shadowlens_store_writable`` through ``IngestStats``, and ``/readyz`` says not ready meanwhile.
+``shadowlens_store_writable`` through ``IngestCounters``, and ``/readyz`` says not ready meanwhile.
 
 No DuckDB import here: the frontend process loads this module and never the database (a DuckDB
 error is recognised by its message, which carries the operating system's).
@@ -84,7 +84,7 @@ class WriteHealth:
 
     def __init__(self, name: str, stats=None):
         self.name = name
-        self.stats = stats              # IngestStats or None
+        self.stats = stats              # IngestCounters or None
         self._lock = threading.Lock()
         self.generation = 0
         self.failing_since: float | None = None

@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow as pa
 
 from ..decode.normalize import NormalizedBatch
-from .commit import Commit
+from .commit import CommitReceipt
 
 
 @dataclass
 class GroupRows:
-    results: list[Commit] = field(default_factory=list)       # each record's answer, in the group's order
+    results: list[CommitReceipt] = field(default_factory=list)       # each record's answer, in the group's order
     spans: list[pa.Table] = field(default_factory=list)
     evals: list[pa.Table] = field(default_factory=list)
     logs: list[pa.Table] = field(default_factory=list)
@@ -45,7 +45,7 @@ def group_rows(batches: Sequence[NormalizedBatch], refs: Sequence[tuple[int, int
         dups = 0 if keep is None else int(len(keep) - np.count_nonzero(keep))
         stored = b.accepted - dups
         rows.duplicates += dups
-        rows.results.append(Commit(seq, stored, dups))
+        rows.results.append(CommitReceipt(seq, stored, dups))
         if stored == 0 and b.logs is None and b.evals is None:
             continue
         seg, off, length = ref

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import duckdb
 
-from ..stats import IngestStats
+from ..counters import IngestCounters
 from .files import make_private_dir, open_private
 from .segments import SegmentReader
 
@@ -49,7 +49,7 @@ def is_data_error(exc: BaseException) -> bool:
 class Quarantine:
     """Sets records aside (file + ``quarantine`` row + counter + log line); knows which are set aside."""
 
-    def __init__(self, data_dir: Path, segments_dir: Path, stats: IngestStats):
+    def __init__(self, data_dir: Path, segments_dir: Path, stats: IngestCounters):
         self.dir = Path(data_dir) / QUARANTINE_DIR
         self.segments_dir = Path(segments_dir)
         self.stats = stats

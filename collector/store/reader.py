@@ -20,7 +20,7 @@ import duckdb
 import pyarrow as pa
 
 from ..errors import ShadowlensError
-from .database import SOCKET_FILE, PayloadDecoder, db_path, register_functions, sandbox
+from .database import SOCKET_FILE, SegmentPayloads, db_path, register_functions, sandbox
 from .files import PRIVATE_FILE
 
 log = logging.getLogger("shadowlens.query")
@@ -83,7 +83,7 @@ def query(data_dir: Path, sql: str, timeout: float = 300.0) -> pa.Table:
     except duckdb.IOException as exc:
         raise QueryError(f"cannot open {path} read-only ({str(exc).splitlines()[0]}); is a server running "
                          f"without its socket at {sock_path}?") from None
-    decoder = PayloadDecoder(data_dir)
+    decoder = SegmentPayloads(data_dir)
     try:
         con.execute("SET enable_progress_bar = false")     # a command's output is its answer, nothing else
         sandbox(con)

@@ -23,12 +23,12 @@ import duckdb
 import numpy as np
 
 from .. import schema
+from ..counters import IngestCounters
 from ..decode.normalize import NormalizedBatch
 from ..errors import SetAside, ShuttingDown
-from ..stats import IngestStats
 from . import dedup, diskfull
-from .commit import Commit, Committed
-from .database import SEGMENTS_DIR, PayloadDecoder, connect_writer, db_path, drop_torn_payloads, migrate, register_functions
+from .commit import CommitReceipt, CommittedRows
+from .database import SEGMENTS_DIR, SegmentPayloads, connect_writer, db_path, drop_torn_payloads, migrate, register_functions
 from .dedup import RecentKeys
 from .derived import DerivedQueue, DerivedWrite
 from .files import make_private_dir, tighten
@@ -60,7 +60,7 @@ class _Task:
 class StoreWriter:
     """Owns the DuckDB file for writing. ``submit`` from any thread; everything else runs on one thread."""
 
-    def __init__(self, data_dir: Path, cohort_labels, stats: IngestStats, *, dedup_max_keys: int = 4_000_000,
+    def __init__(self, data_dir: Path, cohort_labels, stats: IngestCounters, *, dedup_max_keys: int = 4_000_000,
                  duckdb_settings: dict | None = None,
                  now: Callable[[], float] = time.time):
         self.data_dir = Path(data_dir)
@@ -86,11 +86,11 @@ class StoreWriter:
         self._thread: threading.Thread | None = None
         self.committed_seq = 0
         self.con: duckdb.DuckDBPyConnection | None = None
-        self.decoder: PayloadDecoder | None = None
+        self.decoder: SegmentPayloads | None = None
         self._insert_spans = schema.spans_insert_select(self.cohort_labels, "new_spans")
         self.replay_normalizer = None   # set by serve: re-decodes records found only in the segment log
         # called on the writer thread after each commit, in seq order; must be quick (append to a queue)
-        self._followers: list[Callable[[Committed], None]] = []
+        self._followers: list[Callable[[CommittedRows], None]] = []
         self.derived = DerivedQueue()   # trace rows, retention, reprice, quarantine: run between span commits
         stats.gauges["ingest_queue_spans"] = lambda: float(self._queued_spans)
 
@@ -101,7 +101,7 @@ class StoreWriter:
         self.con = connect_writer(db_path(self.data_dir), self.duckdb_settings)
         tighten(self.data_dir)      # the database just created, and what an older version left readable
         self._catalog = self.con.execute("SELECT current_database()").fetchall()[0][0]
-        self.decoder = PayloadDecoder(self.data_dir)
+        self.decoder = SegmentPayloads(self.data_dir)
         register_functions(self.con, self.decoder)
         migrate(self.con, self.cohort_labels)
         self.con.execute(QUARANTINE_DDL)
@@ -186,7 +186,7 @@ class StoreWriter:
             self._commit_cond.wait_for(lambda: self.committed_seq > seq, timeout)
             return self.committed_seq
 
-    def follow(self, callback: Callable[[Committed], None]) -> None:
+    def follow(self, callback: Callable[[CommittedRows], None]) -> None:
         """Call ``callback`` with every later commit's stored rows, on the writer thread, in seq order.
         Commits before the call are not replayed: read them from the store (``committed_seq``)."""
         self._followers.append(callback)
@@ -263,7 +263,7 @@ class StoreWriter:
             return group, spans, low
 
     def _commit_group(self, group: list[_Task], spans: int, low: int) -> list:
-        """Commit ``group``; each record's ``Commit`` or the exception that failed it, in order."""
+        """Commit ``group``; each record's ``CommitReceipt`` or the exception that failed it, in order."""
         try:
             t0 = time.perf_counter()
             results = self._commit(group, low)
@@ -341,7 +341,7 @@ class StoreWriter:
         """Record in the open transaction (or auto-commit) that segments below ``segment`` are all in DuckDB."""
         self.con.execute("INSERT OR REPLACE INTO shadowlens_meta VALUES (?, ?)", [REPLAY_META_KEY, str(segment)])
 
-    def _commit(self, group: list[_Task], low: int | None = None) -> list[Commit]:
+    def _commit(self, group: list[_Task], low: int | None = None) -> list[CommitReceipt]:
         seq = self.committed_seq + 1
         now_us = int(self.now() * 1e6)
         keeps, stored_keys = self._deduplicate(group)
@@ -361,7 +361,7 @@ class StoreWriter:
         if rows.duplicates:
             self.stats.add("spans_duplicate", None, rows.duplicates)
         if self._followers and (new_spans is not None or new_evals is not None):
-            committed = Committed(seq, new_spans, new_evals)   # before the notify: waiters find it queued
+            committed = CommittedRows(seq, new_spans, new_evals)   # before the notify: waiters find it queued
             for follower in self._followers:
                 try:
                     follower(committed)

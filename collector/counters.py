@@ -1,4 +1,4 @@
-"""IngestStats: plain counters the stages bump and the Prometheus exporter reads at scrape time."""
+"""IngestCounters: plain counters the stages bump and the Prometheus exporter reads at scrape time."""
 from __future__ import annotations
 
 import threading
@@ -8,7 +8,7 @@ from typing import Callable
 OVERFLOW = "__overflow__"     # as analyzers/cohorts.py: the label value of everything past a cap
 
 
-class IngestStats:
+class IngestCounters:
     """Thread-safe counters by label; gauges are callbacks read when collected."""
 
     def __init__(self, max_models: int | None = None) -> None:
@@ -61,7 +61,7 @@ class IngestStats:
 
 
 def sum_snapshots(a: dict, b: dict) -> dict:
-    """Two ``IngestStats.snapshot()`` results added up (the processes of ``serve`` each count their part)."""
+    """Two ``IngestCounters.snapshot()`` results added up (the processes of ``serve`` each count their part)."""
     out = dict(a)
     for k, v in b.items():
         if isinstance(v, dict):
