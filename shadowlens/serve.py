@@ -39,11 +39,11 @@ from shadowlens.exporters.verdict_json import http_status, verdict_to_json
 
 from . import startup
 from .collector import security
+from .collector.counters import IngestCounters
 from .collector.decode.normalize import Normalizer
 from .collector.decode.pricing import PriceTable
 from .collector.ingest.messages import IngestSettings
 from .collector.ingest.supervisor import IngestSupervisor
-from .collector.counters import IngestCounters
 from .collector.store.diskfull import readiness
 from .collector.store.files import private_umask
 from .collector.store.reader import QueryServer
