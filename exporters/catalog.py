@@ -19,7 +19,8 @@ SELF_METRICS = (
     MetricSpec("shadowlens_spans_duplicate", "counter", (), "Spans received again (same trace_id+span_id), stored once."),
     MetricSpec("shadowlens_records_quarantined", "counter", ("stage",),
                "Acknowledged requests the store could not decode or insert, set aside in DATA_DIR/quarantine/ (by stage:"
-               " decode, insert) instead of failing the requests committed with them."),
+               " decode, insert; read: payload-log bytes that no longer frame as a record) instead of failing the"
+               " requests committed with them."),
     MetricSpec("shadowlens_log_records_received", "counter", ("receiver",), "OTLP log records received."),
     MetricSpec("shadowlens_log_records_rejected", "counter", ("reason",), "OTLP log records rejected as invalid."),
     MetricSpec("shadowlens_requests_refused", "counter", ("reason",),

@@ -3,6 +3,7 @@ inserted on the next start, exactly once; a torn tail is ignored; dedup memory f
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 from otlp_builders import random_spans, span_request
@@ -96,6 +97,43 @@ def test_a_record_whose_bytes_were_overwritten_fails_its_checksum(tmp_path):
     data[off_b + 10] ^= 0xFF
     segment_path(tmp_path, 1).write_bytes(bytes(data))
     assert [p for _, _, p in read_frames(tmp_path, 1)] == [a]
+
+
+def test_an_acknowledged_record_damaged_on_disk_is_kept_on_restart_not_skipped(tmp_path):
+    """Three durable records; the middle one's bytes are damaged on disk before DuckDB got any of them.
+    The restart stores the other two, and keeps the damaged bytes as they are in quarantine/ (a row with
+    stage "read", a counter, a note): counted, kept and said where, once, however often serve restarts."""
+    store = _open(tmp_path)
+    first = store.first_segment
+    store.shutdown()
+    log = SegmentLog(tmp_path / SEGMENTS_DIR, first)
+    (a, ids_a), (b, _), (c, ids_c) = _request(8, 11), _request(8, 12), _request(8, 13)
+    offsets = []
+    for payload in (a, b, c):
+        _, off, ticket = log.append(payload)
+        log.wait_durable(ticket)
+        offsets.append(off)
+    log.close()
+    path = segment_path(tmp_path / SEGMENTS_DIR, first)
+    data = bytearray(path.read_bytes())
+    data[offsets[1] + 10] ^= 0xFF
+    damaged = bytes(data[offsets[1] - FRAME.size: offsets[2] - FRAME.size])   # b's frame, as it is on disk now
+    path.write_bytes(bytes(data))
+
+    for _restart in range(2):
+        counters = IngestCounters()
+        store = StoreWriter(tmp_path, default_config().cohort_labels, counters)
+        store.open()
+        assert set(_stored_ids(store)) == ids_a | ids_c
+        con = store.cursor()
+        rows = con.execute("SELECT segment, byte_offset, length, stage, file FROM quarantine").fetchall()
+        con.close()
+        store.shutdown()
+        assert [(r[0], r[1], r[2], r[3]) for r in rows] == [(first, offsets[1] - FRAME.size, len(damaged), "read")]
+        kept = Path(rows[0][4])
+        assert kept.read_bytes() == damaged
+        assert "damaged on disk" in kept.with_suffix(".txt").read_text()
+        assert counters.snapshot()["records_quarantined"] == ({"read": 1} if _restart == 0 else {})
 
 
 def test_recent_keys_nominate_what_they_remember_and_forget_the_oldest():

@@ -6,7 +6,8 @@ are only in the segments: this walks every segment from the store's ``replay_fro
 decodes each record no ``payloads`` row points at, and inserts it like a new request
 (deduplicated, so a record the client also retried is stored once). A record that fails to
 decode or to insert is set aside, counted and logged (the rule: ``shadowlens.collector.ingest``),
-never a reason for ``serve`` not to start.
+never a reason for ``serve`` not to start; so are bytes between records that do not frame as one
+(``stage="read"``), since a record damaged on disk after its acknowledgement looks like that.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from .segments import list_segments, read_frames
 log = logging.getLogger("shadowlens.replay")
 
 GROUP_SPANS = 65536
+UNREADABLE = ("bytes in the payload log that do not frame as a record: a write refused on a full disk (never"
+              " acknowledged), or a record damaged on disk after it was acknowledged")
 
 
 def replay(writer, segments_dir: Path, from_segment: int, before_segment: int) -> tuple[int, int]:
@@ -51,7 +54,11 @@ def replay(writer, segments_dir: Path, from_segment: int, before_segment: int) -
         done = {r[0] for r in writer.con.execute(
             "SELECT byte_offset FROM payloads WHERE segment = ?", [seg]).fetchall()}
         done |= writer.quarantine.offsets(writer.con, seg)
-        for offset, signal, payload in read_frames(segments_dir, seg):
+        def keep_unreadable(offset: int, data: bytes, seg: int = seg, done: set = done) -> None:
+            if offset not in done:     # kept once: the quarantine row marks it for the next start
+                writer.quarantine.set_aside(writer.con, (seg, offset, len(data)), "unknown", "read", UNREADABLE, data)
+
+        for offset, signal, payload in read_frames(segments_dir, seg, on_skip=keep_unreadable):
             if offset in done:
                 continue
             try:
