@@ -27,5 +27,6 @@ frontend gets a Nack that says where it went, and ingest goes on. This holds for
 process (stage ``decode``), the writer (stage ``insert``) and the replay of the segment log on
 start (either stage, or ``read`` for bytes between records that no longer frame as one: a record
 damaged on disk after its acknowledgement, or a write the full disk refused and nobody acknowledged).
-A failure that is not about the record (I/O, a broken database) sets nothing aside: the record stays in the segment log and the next start inserts it.
+A failure that is not about the record (I/O, a broken database) sets nothing aside: the record stays
+in the segment log and the next start inserts it.
 """
