@@ -69,10 +69,10 @@ LOG_FIELDS: list[tuple[str, pa.DataType, str]] = [
 ]
 
 
-# ``spans_core`` stores ids as integers and shows them as hex text through virtual columns. Random
-# 32-character strings were the costliest columns to insert and checkpoint (DuckDB analyses each for
-# compression and finds none): measured 7.6 -> 5.1 us a row, the longest commit 1.5 -> 0.4 s.
-# Queries keep reading ``trace_id`` / ``span_id`` / ``parent_span_id`` as before.
+# ``spans_core`` stores ids as integers and shows them as hex text through virtual columns, so queries
+# read ``trace_id`` / ``span_id`` / ``parent_span_id`` as text. Random 32-character strings are the costliest
+# columns to insert and checkpoint (DuckDB analyses each for compression and finds none): integers measure
+# 5.1 instead of 7.6 us a row, and the longest commit 0.4 instead of 1.5 s (docs/performance.md).
 # (text column, its SQL, ((storage column, its SQL from the text {t}), ...))
 ID_COLUMNS: list[tuple[str, str, tuple[tuple[str, str], ...]]] = [
     ("trace_id", "printf('%016x%016x', trace_id_hi, trace_id_lo)",

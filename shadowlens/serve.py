@@ -183,8 +183,7 @@ def run(cfg: Config, data_dir_text: str | None = None, ready_file: str | None = 
     startup.check(cfg, data_dir_text)
     private_umask()     # DuckDB's files (database, WAL, spills) and the ingest processes' files: owner-only
     # The GIL is handed over every 1 ms instead of 5 ms: the store writer (DuckDB's binding takes the
-    # GIL back often) gets it back sooner from the analyzer threads. Measured +20-25% ingest throughput
-    # when decoding still ran in this process; not measured again since it moved out.
+    # GIL back often) gets it back sooner from the analyzer threads that share this process.
     sys.setswitchinterval(0.001)
     footprint = startup.StoreFootprint(cfg.store.data_dir)
     stop = threading.Event()
