@@ -21,7 +21,7 @@ run: $(VENV)/.installed
 
 # The suite includes tests/test_doctests.py, which runs every `>>>` example in the product modules.
 test: lint prometheus chromium
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check collector analyzers exporters shadowlens tests bench
