@@ -17,7 +17,7 @@ from pathlib import Path
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
-from .segments import list_segments, read_frames
+from .segments import FRAME, list_segments, read_frames
 
 log = logging.getLogger("shadowlens.replay")
 
@@ -55,7 +55,9 @@ def replay(writer, segments_dir: Path, from_segment: int, before_segment: int) -
             "SELECT byte_offset FROM payloads WHERE segment = ?", [seg]).fetchall()}
         done |= writer.quarantine.offsets(writer.con, seg)
         def keep_unreadable(offset: int, data: bytes, seg: int = seg, done: set = done) -> None:
-            if offset not in done:     # kept once: the quarantine row marks it for the next start
+            # Kept once: the quarantine row marks it for the next start. A record already set aside or
+            # stored (its payload starts one frame header in) is not kept again.
+            if offset not in done and offset + FRAME.size not in done:
                 writer.quarantine.set_aside(writer.con, (seg, offset, len(data)), "unknown", "read", UNREADABLE, data)
 
         for offset, signal, payload in read_frames(segments_dir, seg, on_skip=keep_unreadable):
