@@ -90,10 +90,7 @@ def build_app(cfg: Config) -> App:
     gate = cfg.gate_settings()           # a bad gate rule fails here, before anything starts
     stats = IngestCounters(max_models=cfg.metrics_max_models)
     data_dir = cfg.store.data_dir
-    store = StoreWriter(data_dir, cfg.cohort_labels, stats,
-                        dedup_max_keys=cfg.store.dedup_max_keys, duckdb_settings={
-                            "threads": cfg.store.duckdb_threads, "memory_limit": cfg.store.duckdb_memory_limit,
-                            "checkpoint_threshold": cfg.store.checkpoint_threshold})
+    store = StoreWriter(data_dir, cfg.cohort_labels, stats, settings=cfg.store)
     app = App(config=cfg, stats=stats, store=store)
     registry = CollectorRegistry(auto_describe=False)
     child_counters: dict = {}      # the ingest processes' counters, summed

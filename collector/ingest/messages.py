@@ -19,6 +19,8 @@ from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from ..settings import EvalSettings, ReceiversSettings
+
 if TYPE_CHECKING:
     from ..decode.batch import NormalizedBatch
 
@@ -47,12 +49,12 @@ class _Message:
 class IngestSettings:
     """The part of the configuration the children need; they never load the configuration."""
     data_dir: Path
-    receivers: Any                                  # the receivers' settings (endpoints, limits, TLS, token)
+    receivers: ReceiversSettings                    # endpoints, limits, TLS, token
     cohort_labels: Mapping[str, tuple[str, ...]]
-    evals: Any                                      # eval pass/fail settings (the decoder stores outcomes)
-    prices: tuple = ()                              # user price entries over the shipped table
-    queue_max_spans: int = 262144                   # acknowledged, not yet committed spans before UNAVAILABLE
-    metrics_max_models: int | None = None           # unpriced_spans keeps this many ``model`` values
+    evals: EvalSettings                             # the eval pass/fail rule (the decoder stores outcomes)
+    prices: tuple                                   # user price entries over the shipped table
+    queue_max_spans: int                            # acknowledged, not yet committed spans before UNAVAILABLE
+    metrics_max_models: int | None                  # unpriced_spans keeps this many ``model`` values; None: all
 
 
 # -- supervisor -> frontend --------------------------------------------------------------------------

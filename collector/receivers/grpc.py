@@ -42,7 +42,7 @@ class _BearerAuth(grpc.ServerInterceptor):
 
 
 class GrpcReceiver:
-    def __init__(self, endpoint: Endpoint, handler: ExportHandler, max_message_bytes: int, max_workers: int = 32,
+    def __init__(self, endpoint: Endpoint, handler: ExportHandler, max_message_bytes: int, max_workers: int,
                  tls: ServerTLS | None = None, token: BearerToken | None = None):
         self.tls = tls
         self.token = token

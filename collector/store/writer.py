@@ -26,6 +26,7 @@ from .. import schema
 from ..counters import IngestCounters
 from ..decode.normalize import NormalizedBatch
 from ..errors import SetAside, ShuttingDown
+from ..settings import StoreSettings, default_store
 from . import dedup, diskfull
 from .commit import CommitReceipt, CommittedRows
 from .database import SEGMENTS_DIR, SegmentPayloads, connect_writer, db_path, drop_torn_payloads, migrate, register_functions
@@ -60,19 +61,19 @@ class _Task:
 class StoreWriter:
     """Owns the DuckDB file for writing. ``submit`` from any thread; everything else runs on one thread."""
 
-    def __init__(self, data_dir: Path, cohort_labels, stats: IngestCounters, *, dedup_max_keys: int = 4_000_000,
-                 duckdb_settings: dict | None = None,
-                 now: Callable[[], float] = time.time):
+    def __init__(self, data_dir: Path, cohort_labels, stats: IngestCounters, *, settings: StoreSettings | None = None,
+                 dedup_max_keys: int | None = None, now: Callable[[], float] = time.time):
+        """``settings``: the store's settings (``store.*``); None: their defaults (``collector/settings.py``,
+        which also says why they are what they are). ``dedup_max_keys`` overrides the setting (0: no dedup)."""
+        settings = settings or default_store()
         self.data_dir = Path(data_dir)
         self.cohort_labels = tuple(cohort_labels)
         self.stats = stats
         self.now = now
-        # One DuckDB thread and a larger checkpoint threshold: with 2 cores shared with the decoder,
-        # parallel inserts and frequent checkpoints cost more than they give (measured: 53k -> 65k
-        # spans/s for the commit path alone). The memory limit bounds the sidecar's RSS.
-        self.duckdb_settings = {"threads": 1, "checkpoint_threshold": "64MB", "memory_limit": "128MB",
-                                **(duckdb_settings or {})}
-        self._dedup = RecentKeys(dedup_max_keys) if dedup_max_keys else None
+        self.duckdb_settings = {"threads": settings.duckdb_threads, "memory_limit": settings.duckdb_memory_limit,
+                                "checkpoint_threshold": settings.checkpoint_threshold}
+        keys = settings.dedup_max_keys if dedup_max_keys is None else dedup_max_keys
+        self._dedup = RecentKeys(keys) if keys else None
         self._queue: deque[_Task] = deque()
         self._queued_spans = 0
         self._queued_tasks = 0          # ever queued / ever finished (committed or failed): flush()
