@@ -35,6 +35,11 @@ SELF_METRICS = (
     MetricSpec("shadowlens_store_commit_seconds", "counter", (),
                "Time spent in group commits, from taking the group to durable (rate / commits = mean commit)."),
     MetricSpec("shadowlens_store_insert_seconds", "counter", (), "Part of the commit time spent in DuckDB."),
+    MetricSpec("shadowlens_store_derived_writes", "counter", ("write", "result"),
+               "Writes the store writer runs between span commits (write: traces, retention, reprice, quarantine;"
+               " result: done, failed)."),
+    MetricSpec("shadowlens_store_derived_write_seconds", "counter", ("write",),
+               "Time the store writer spends on derived writes; span commits wait meanwhile."),
     MetricSpec("shadowlens_store_sync_seconds", "counter", (), "Time spent in fdatasync of payload segments."),
     MetricSpec("shadowlens_store_write_errors", "counter", ("reason",),
                "Writes to the data disk refused for want of space (payload log appends and fdatasyncs, DuckDB"

@@ -30,8 +30,10 @@ def _counter(name: str, values) -> CounterMetricFamily:
 
 class IngestCollector(Collector):
     def __init__(self, stats: IngestCounters, store_bytes: Callable[[], float], child_counters: dict | None = None,
-                 max_models: int | None = None):
+                 max_models: int | None = None, derived: Callable[[], dict] | None = None):
+        """``derived``: the store writer's derived-write counters (``DerivedQueue.snapshot``); None: not shown."""
         self.stats = stats
+        self.derived = derived
         self.store_bytes = store_bytes
         self.child_counters = child_counters if child_counters is not None else {}
         self.max_models = max_models
@@ -56,11 +58,14 @@ class IngestCollector(Collector):
         yield _counter("shadowlens_log_records_received", s["logs_received"])
         yield _counter("shadowlens_log_records_rejected", s["logs_rejected"])
         yield _counter("shadowlens_requests_refused", s["requests_refused"])
-        yield _counter("shadowlens_records_quarantined", {"decode": 0, "insert": 0, **s.get("records_quarantined", {})})
+        yield _counter("shadowlens_records_quarantined",
+                       {"decode": 0, "insert": 0, "read": 0, **s.get("records_quarantined", {})})
         yield _counter("shadowlens_unpriced_spans", self._unpriced(s["unpriced_spans"]))
         yield _counter("shadowlens_mixed_spans", {"litellm": 0, **s.get("mixed_spans", {})})
         for name in ("store_commits", "store_commit_seconds", "store_insert_seconds", "store_sync_seconds"):
             yield _counter(f"shadowlens_{name}", s[name])
+        if self.derived is not None:
+            yield from _derived_families(self.derived())
         # both reasons from the start, so that increase() sees the first error
         yield _counter("shadowlens_store_write_errors", {"disk_full": 0, "disk_quota": 0, **s["store_write_errors"]})
         w = GaugeMetricFamily("shadowlens_store_writable", _SPECS["shadowlens_store_writable"].help)
@@ -72,3 +77,22 @@ class IngestCollector(Collector):
         b = GaugeMetricFamily("shadowlens_store_bytes", _SPECS["shadowlens_store_bytes"].help)
         b.add_metric([], self.store_bytes())
         yield b
+
+
+# The writes shadowlens itself queues, shown from the start so that increase() sees the first of each.
+DERIVED_WRITES = ("traces", "retention", "reprice", "quarantine")
+
+
+def _derived_families(snap: dict) -> Iterable:
+    name = "shadowlens_store_derived_writes"
+    writes = CounterMetricFamily(name, _SPECS[name].help, labels=_SPECS[name].labels)
+    names = sorted(set(DERIVED_WRITES) | set(snap["done"]) | set(snap["failed"]))
+    for write in names:
+        writes.add_metric([write, "done"], snap["done"].get(write, 0))
+        writes.add_metric([write, "failed"], snap["failed"].get(write, 0))
+    yield writes
+    name = "shadowlens_store_derived_write_seconds"
+    seconds = CounterMetricFamily(name, _SPECS[name].help, labels=_SPECS[name].labels)
+    for write in names:
+        seconds.add_metric([write], snap["seconds"].get(write, 0.0))
+    yield seconds

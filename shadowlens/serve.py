@@ -95,7 +95,7 @@ def build_app(cfg: Config) -> App:
     registry = CollectorRegistry(auto_describe=False)
     child_counters: dict = {}      # the ingest processes' counters, summed
     registry.register(IngestCollector(stats, lambda: store_bytes(data_dir), child_counters,
-                                      max_models=cfg.metrics_max_models))
+                                      max_models=cfg.metrics_max_models, derived=store.derived.snapshot))
     listeners = security.load(cfg)
     app.metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, registry,
                                 ready=lambda: readiness(app.ready, stats, child_counters),

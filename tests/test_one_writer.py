@@ -161,6 +161,41 @@ def test_the_writer_refuses_a_derived_write_unless_it_runs(tmp_path):
         store.derived.put(lambda con: 1)
 
 
+def test_derived_writes_are_counted_on_metrics_by_write_and_result(tmp_path):
+    """What the writer spends between span commits is visible: each derived write by name and result, and its
+    time, on /metrics' families (the shipped names are shown at zero from the start)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from shadowlens.exporters.prometheus import IngestCollector
+
+    store = StoreWriter(tmp_path, default_config().cohort_labels, IngestCounters())
+    store.start()
+    try:
+        assert store.write(DerivedWrite("retention", lambda con: con.execute("SELECT 1").fetchone())).result(10)
+        store.write(DerivedWrite("retention", lambda con: None)).result(10)
+
+        def broken(con):
+            raise ValueError("a derived write that fails")
+        with pytest.raises(ValueError, match="fails"):
+            store.write(DerivedWrite("reprice", broken)).result(10)
+    finally:
+        store.shutdown()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(IngestCollector(IngestCounters(), lambda: 0.0, derived=store.derived.snapshot))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(generate_latest(registry).decode())
+               for s in fam.samples if s.name.startswith("shadowlens_store_derived")}
+    writes = {labels: v for (name, labels), v in samples.items() if name == "shadowlens_store_derived_writes_total"}
+    assert writes[(("result", "done"), ("write", "retention"))] == 2
+    assert writes[(("result", "failed"), ("write", "reprice"))] == 1
+    assert writes[(("result", "done"), ("write", "reprice"))] == 0
+    assert writes[(("result", "done"), ("write", "traces"))] == 0          # shown before the first one
+    seconds = {labels: v for (name, labels), v in samples.items()
+               if name == "shadowlens_store_derived_write_seconds_total"}
+    assert seconds[(("write", "retention"),)] > 0 and seconds[(("write", "quarantine"),)] == 0
+
+
 def test_the_derived_queue_is_bounded():
     queue = DerivedQueue(max_pending=2)
     for _ in range(2):

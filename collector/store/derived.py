@@ -67,6 +67,10 @@ class DerivedQueue:
     def __bool__(self) -> bool:
         return bool(self._pending)
 
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """Copies of the counters by name, for /metrics: ``{"done": ..., "failed": ..., "seconds": ...}``."""
+        return {"done": dict(self.done), "failed": dict(self.failed), "seconds": dict(self.seconds)}
+
     def put(self, write: DerivedWrite) -> Future:
         if not isinstance(write, DerivedWrite):
             raise TypeError(f"the store writer takes a DerivedWrite, not {type(write).__name__}")
