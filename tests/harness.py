@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,11 +24,42 @@ SHADOWLENS = [sys.executable, "-m", "shadowlens.cli"]
 T = TypeVar("T")
 
 
+_HANDED_OUT: set[int] = set()
+_PICK = random.Random()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A loopback TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port nobody listens on right now, never one handed out before in this process, and below
+    the range the OS takes ephemeral ports from. Asking the OS for port 0 can give the same port twice in a row
+    (one server's gRPC and HTTP receivers then collide), and an outgoing connection can take that port before
+    the server binds it: both made a restarted serve fail with "Address already in use" once in a while."""
+    low = _ephemeral_low()
+    if low - 1024 >= 4000:
+        for _ in range(1000):
+            port = _PICK.randrange(max(1024, low - 12000), low)
+            if port in _HANDED_OUT:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _HANDED_OUT.add(port)
+            return port
+    while True:           # no room below the ephemeral range: let the OS pick, still never the same port twice
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for(pred: Callable[[], T], timeout: float = 60.0, interval: float = 0.1, what: str = "condition",
