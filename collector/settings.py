@@ -39,6 +39,9 @@ STORE: dict[str, Any] = {
     "data_dir": "./data",
     "retention": "7d",
     # developers' additions
+    # max_bytes: a disk budget for the store, as Prometheus' storage.tsdb.retention.size: over it the oldest
+    # segments and their rows go first (retention.py). 0 = off, like Prometheus' default.
+    "max_bytes": 0,
     "queue_max_spans": 262144,
     "dedup_max_keys": 4_000_000,
     "retention_check": "1m",
@@ -93,6 +96,7 @@ class StoreSettings:
     duckdb_threads: int
     duckdb_memory_limit: str
     checkpoint_threshold: str
+    max_bytes: int              # store.max_bytes; 0 = no budget
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,32 @@ def size(value: Any, key: str) -> str:
     return f"{m.group(1)}{m.group(2).upper().replace('I', 'i')}"
 
 
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def byte_count(value: Any, key: str) -> int:
+    """A number of bytes: an integer, or a size with a unit ('50GiB' = 50 * 2**30, '500MB' = 500 * 10**6, as
+    DuckDB reads them); 0, '' or null = off.
+
+    >>> byte_count("1.5KiB", "k"), byte_count(2048, "k"), byte_count(None, "k")
+    (1536, 2048, 0)
+    """
+    if value is None or value == "":
+        return 0
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: {value!r} is not a size (use bytes, or e.g. 500MB, 50GiB; 0 = off)")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0 (0 = off), got {value!r}")
+        return int(value)
+    m = _BYTES.match(str(value))
+    if not m:
+        raise ConfigError(f"{key}: {value!r} is not a size (use bytes, or e.g. 500MB, 50GiB; 0 = off)")
+    return int(float(m.group(1)) * _BYTE_UNITS[(m.group(2) or "b").lower()])
+
+
 def choice(value: Any, allowed: tuple[str, ...], key: str) -> str:
     if str(value) not in allowed:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
@@ -230,6 +260,7 @@ def parse_store(s: Mapping[str, Any]) -> StoreSettings:
         duckdb_threads=integer(s["duckdb_threads"], "store.duckdb_threads", minimum=1),
         duckdb_memory_limit=size(s["duckdb_memory_limit"], "store.duckdb_memory_limit"),
         checkpoint_threshold=size(s["checkpoint_threshold"], "store.checkpoint_threshold"),
+        max_bytes=byte_count(s["max_bytes"], "store.max_bytes"),
     )
 
 
