@@ -2,6 +2,7 @@
 """Render the benches' JSON results (bench/results/*.json) into the docs' figure tables.
 
     python bench/figures.py            # rewrite every <!-- figures:NAME --> ... <!-- /figures:NAME --> block
+                                       # (docs/performance.md, and the README's footprint table)
     python bench/figures.py --check    # exit 1 (and show the difference) when the doc is not what the JSON renders
 
 Each block holds exactly what its renderer makes of the committed results, so a figure in the doc is
@@ -21,6 +22,7 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "performance.md"
+README = REPO / "README.md"
 RESULTS = REPO / "bench" / "results"
 
 
@@ -175,8 +177,70 @@ def render_ab(results: Path) -> str:
     return "\n".join(out)
 
 
+# ---- footprint (bench/footprint.py) -----------------------------------------------------------------
+
+def _mb(x) -> str:
+    return "–" if x is None else f"{x:,.0f} MB"
+
+
+def _met(value, goal) -> str:
+    return "–" if value is None else "met" if value <= goal else "**missed**"
+
+
+def render_footprint(results: Path) -> str:
+    d = _load(results, "footprint")
+    if not d:
+        return _missing("python bench/footprint.py --json bench/results/footprint.json")
+    s, ph, p = d["results"]["summary"], d["results"]["phases"], d["params"]
+    g = s["goals"]
+
+    def procs(phase: str) -> str:
+        by = ph.get(phase, {}).get("by_process", {})
+        return ", ".join(f"{name} {v['pss']:.0f}" for name, v in by.items())
+
+    def cores(x) -> str:
+        return "–" if x is None else f"{x:.3f} cores"
+    disk = ph.get("disk_at_rest", {})
+    per = disk.get("bytes_per_span", {})
+    rows = [
+        ("memory idle (summed PSS, median)", _mb(s["pss_idle_mb"]) + f" ({procs('idle')})", f"≤ {g['pss_idle_mb']} MB",
+         _met(s["pss_idle_mb"], g["pss_idle_mb"])),
+        (f"memory at {_n(p['rate'])} spans/s (median)", _mb(s["pss_paced_mb"]) + f" ({procs('paced')})",
+         f"≤ {g['pss_paced_mb']} MB", _met(s["pss_paced_mb"], g["pss_paced_mb"])),
+        (f"memory at saturation (peak; median), {_n(s.get('saturation_acked_per_s'))} spans/s acknowledged",
+         f"{_mb(s['pss_saturation_mb'])}; {_mb(s.get('pss_saturation_median_mb'))} ({procs('saturation')})",
+         f"≤ {g['pss_saturation_mb']} MB", _met(s["pss_saturation_mb"], g["pss_saturation_mb"])),
+        ("CPU idle", cores(s["cpu_idle_cores"]), f"≤ {g['cpu_idle_cores']} cores",
+         _met(s["cpu_idle_cores"], g["cpu_idle_cores"])),
+        (f"CPU at {_n(p['rate'])} spans/s", cores(s["cpu_paced_cores"])
+         + (f" ({ph['paced']['us_per_span']:.0f} µs per span)" if ph.get("paced", {}).get("us_per_span") else ""),
+         f"≤ {g['cpu_paced_cores']} cores", _met(s["cpu_paced_cores"], g["cpu_paced_cores"])),
+        (f"disk at rest, bytes per stored span ({_n(disk.get('stored_spans'))} spans)",
+         f"{_n(per.get('total'))} (payload log {_n(per.get('segments'))}, DuckDB {_n(per.get('duckdb'))})",
+         f"≤ {g['bytes_per_span']}", _met(s["bytes_per_span"], g["bytes_per_span"])),
+    ]
+    for traces, key in (("1M", "gate_refresh_1m_s"), ("8M", "gate_refresh_8m_s")):
+        v, cli = s.get(key), s.get(key.replace("refresh", "cli"))
+        text = "–" if v is None else f"{v * 1000:,.0f} ms"
+        if cli is not None:
+            text += f" (`shadowlens gate --data-dir`: {cli:.2f} s)"
+        goal = f"≤ {g['gate_refresh_8m_s'] * 1000:.0f} ms" if traces == "8M" else ""
+        rows.append((f"the gate's refresh, {traces} traces in the window", text, goal,
+                     _met(v, g["gate_refresh_8m_s"]) if traces == "8M" else ""))
+    out = ["| figure | measured | goal | |", "|---|---|---|---|"]
+    out += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows]
+    cmd = (f"bench/footprint.py --idle {p['idle']:g} --paced {p['paced']:g} --saturation {p['saturation']:g}"
+           f" --gate {p['gate']}")
+    gate_src = ", ".join(f"{x['file']} ({x['commit']})" for x in (d["results"].get("gate") or {}).get("sources", []))
+    out += ["", _caption(d, cmd) + " Memory is the summed PSS of serve's process tree in MB (each process's share in"
+            " brackets); CPU is utime+stime of the tree over the phase; bytes after the queue drained and the server"
+            " stopped." + (f" The gate's figures are read from {gate_src}." if gate_src else "")]
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
-    "ingest": render_ingest, "gate": render_gate, "analyzers": render_analyzers, "ab": render_ab}
+    "ingest": render_ingest, "gate": render_gate, "analyzers": render_analyzers, "ab": render_ab,
+    "footprint": render_footprint}
 
 BLOCK = re.compile(r"<!-- figures:(?P<name>[\w-]+) -->\n.*?<!-- /figures:(?P=name) -->", re.S)
 
@@ -197,30 +261,41 @@ def render_doc(text: str, results: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--doc", type=Path, default=DOC, help="the doc holding the figures blocks (docs/performance.md)")
+    ap.add_argument("--doc", type=Path, default=None,
+                    help="the doc holding the figures blocks (default: docs/performance.md, and the README's blocks)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="the JSON results (bench/results)")
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when the doc differs from the render")
     args = ap.parse_args(argv)
-    if not args.doc.exists():
-        print(f"{args.doc} does not exist: give the doc with the figures blocks with --doc", file=sys.stderr)
+    # The README carries only named blocks (its footprint table); performance.md must have some.
+    docs = [(args.doc, True)] if args.doc else [(DOC, True), (README, False)]
+    worst = 0
+    for doc, required in docs:
+        worst = max(worst, _one_doc(doc, required, args))
+    return worst
+
+
+def _one_doc(doc: Path, required: bool, args) -> int:
+    if not doc.exists():
+        print(f"{doc} does not exist: give the doc with the figures blocks with --doc", file=sys.stderr)
         return 2
-    text = args.doc.read_text()
+    text = doc.read_text()
     if not BLOCK.search(text) and not re.search(r"^<!-- figures -->$", text, re.M):
-        print(f"{args.doc} has no <!-- figures:NAME --> block and no <!-- figures --> line", file=sys.stderr)
+        if not required:
+            return 0
+        print(f"{doc} has no <!-- figures:NAME --> block and no <!-- figures --> line", file=sys.stderr)
         return 2
     new = render_doc(text, args.results)
     if args.check:
         if new == text:
             return 0
-        sys.stderr.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True), str(args.doc),
+        sys.stderr.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True), str(doc),
                                                    "rendered from " + str(args.results)))
-        print(f"\n{args.doc} differs from what {args.results} renders: run `python bench/figures.py`", file=sys.stderr)
+        print(f"\n{doc} differs from what {args.results} renders: run `python bench/figures.py`", file=sys.stderr)
         return 1
     if new != text:
-        args.doc.write_text(new)
-        print(f"updated {args.doc}", file=sys.stderr)
+        doc.write_text(new)
+        print(f"updated {doc}", file=sys.stderr)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
