@@ -10,9 +10,16 @@ an Export at that point, and on restart ``replay.py`` re-inserts records DuckDB 
 CRC tells a torn record (never acknowledged) from a record. A torn record is not only a crash's
 tail: a write refused for want of space leaves its reserved bytes torn or a hole, and a record
 reserved after it may still be written and acknowledged, so a reader looks past a torn record.
+
+A closed segment whose records are all in DuckDB is later rewritten compressed (``compaction.py``):
+``NNNNNNNN.segz`` holds the same bytes as ``NNNNNNNN.seg`` in zstd blocks, with an index from the
+original offsets to the blocks, so rows keep their (segment, offset, length). Every reader here
+(``read_frames``, ``SegmentReader``, ``segment_sizes``, ``list_segments``, ``remove_segment``)
+takes either kind; when both exist (a crash between the rename and the delete) the plain one is read.
 """
 from __future__ import annotations
 
+import bisect
 import copy
 import logging
 import os
@@ -39,6 +46,16 @@ SIGNALS = ("traces", "logs")
 PROBE_FILE = ".space-probe"     # under the segments dir, while writes fail for want of space
 PROBE_BYTES = 256 << 10
 FAILED_SYNCS_KEPT = 64
+PLAIN_SUFFIX = ".seg"
+COMPRESSED_SUFFIX = ".segz"
+TEMP_SUFFIX = ".tmp"
+# A compressed segment (compaction.py writes it, this module reads it):
+ZHEADER = struct.Struct("<4sBB2x")      # magic, format version, codec (1: zstd)
+ZMAGIC = b"SLZ1"
+ZVERSION = 1
+ZBLOCK = struct.Struct("<QIII")         # original offset, original length, compressed length, CRC-32C(original)
+ZFOOTER = struct.Struct("<QQII4s")      # index offset, original size, blocks, CRC-32C(index), end magic
+ZEND_MAGIC = b"SLZE"
 
 
 class _Segment:
@@ -287,38 +304,35 @@ def read_frames(directory: Path, segment: int, start: int = 0,
     a write refused for want of space (never acknowledged) or a record damaged on disk after it was
     acknowledged; the bytes alone cannot tell which, so ``on_skip(offset, bytes)`` hands them to the
     caller to keep. A torn tail (a crash between write and fdatasync: never acknowledged) ends the read.
+    A compressed segment reads as the same records at the same offsets.
     """
-    path = segment_path(directory, segment)
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
+    with open_segment(directory, segment) as f:
+        size = f.size
         pos = start
         while pos + FRAME.size <= size:
-            fh.seek(pos)
-            header = fh.read(FRAME.size)
+            header = f.pread(pos, FRAME.size)
             magic, sig, length, crc = FRAME.unpack(header)
             if magic == FRAME_MAGIC and sig < len(SIGNALS) and pos + FRAME.size + length <= size:
-                data = fh.read(length)
+                data = f.pread(pos + FRAME.size, length)
                 if len(data) == length and crc32c(data) == crc:
                     yield pos + FRAME.size, SIGNALS[sig], data
                     pos += FRAME.size + length
                     continue
-            found = _find_magic(fh, pos + 1, size)
+            found = _find_magic(f, pos + 1, size)
             if found is None:
                 return
             log.warning("segment %d: skipped %d bytes at offset %d that do not frame as a record", segment,
                         found - pos, pos)
             if on_skip is not None:
-                fh.seek(pos)
-                on_skip(pos, fh.read(found - pos))
+                on_skip(pos, f.pread(pos, found - pos))
             pos = found
 
 
-def _find_magic(fh, pos: int, size: int, chunk: int = 1 << 20) -> int | None:
+def _find_magic(f, pos: int, size: int, chunk: int = 1 << 20) -> int | None:
     """The offset of the next FRAME_MAGIC at or after ``pos``."""
     keep = len(FRAME_MAGIC) - 1
     while pos + FRAME.size <= size:
-        fh.seek(pos)
-        block = fh.read(min(chunk, size - pos))
+        block = f.pread(pos, min(chunk, size - pos))
         i = block.find(FRAME_MAGIC)
         if i >= 0:
             return pos + i
@@ -329,18 +343,189 @@ def _find_magic(fh, pos: int, size: int, chunk: int = 1 << 20) -> int | None:
 
 
 def segment_path(directory: Path, segment: int) -> Path:
-    return Path(directory) / f"{segment:08d}.seg"
+    """The plain (appendable) file of ``segment``."""
+    return Path(directory) / f"{segment:08d}{PLAIN_SUFFIX}"
+
+
+def compressed_path(directory: Path, segment: int) -> Path:
+    return Path(directory) / f"{segment:08d}{COMPRESSED_SUFFIX}"
+
+
+def temp_compressed_path(directory: Path, segment: int) -> Path:
+    """Where compaction writes before the rename; matched by neither kind's glob."""
+    return Path(directory) / f"{segment:08d}{COMPRESSED_SUFFIX}{TEMP_SUFFIX}"
 
 
 def segment_sizes(directory: Path) -> dict[int, int]:
-    return {n: segment_path(directory, n).stat().st_size for n in list_segments(directory)}
+    """Each segment's size in bytes of the original log (a compressed one: the size it was compressed from)."""
+    out = {}
+    for n in list_segments(directory):
+        try:
+            with open_segment(directory, n) as f:
+                out[n] = f.size
+        except FileNotFoundError:       # removed meanwhile (retention)
+            pass
+    return out
 
 
 def list_segments(directory: Path) -> list[int]:
+    """Segment numbers present in either kind of file."""
     d = Path(directory)
     if not d.exists():
         return []
-    return sorted(int(p.stem) for p in d.glob("*.seg") if p.stem.isdigit())
+    return sorted({int(p.stem) for suffix in (PLAIN_SUFFIX, COMPRESSED_SUFFIX)
+                   for p in d.glob(f"*{suffix}") if p.stem.isdigit()})
+
+
+def list_plain_segments(directory: Path) -> list[int]:
+    d = Path(directory)
+    if not d.exists():
+        return []
+    return sorted(int(p.stem) for p in d.glob(f"*{PLAIN_SUFFIX}") if p.stem.isdigit())
+
+
+def remove_segment(directory: Path, segment: int) -> bool:
+    """Delete ``segment`` in every form (plain, compressed, a compaction's temp file); False if none was there."""
+    removed = False
+    for path in (segment_path(directory, segment), compressed_path(directory, segment),
+                 temp_compressed_path(directory, segment)):
+        try:
+            os.remove(path)
+            removed = True
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def segment_disk_bytes(directory: Path, segment: int) -> int:
+    """Bytes ``segment`` takes on disk now, whatever its form."""
+    total = 0
+    for path in (segment_path(directory, segment), compressed_path(directory, segment),
+                 temp_compressed_path(directory, segment)):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+class _PlainSegment:
+    compressed = False
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def pread(self, offset: int, length: int, cache=None) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class CompressedSegment:
+    """Read side of a ``.segz`` file: ``pread`` by offsets of the original log, one zstd block at a time.
+
+    Layout: ZHEADER, the blocks back to back, the index (one ZBLOCK per block, in order), ZFOOTER.
+    A block's CRC-32C is of its decompressed bytes, checked at every decompression.
+    """
+    compressed = True
+
+    def __init__(self, fd: int, name: str = "segment"):
+        import pyarrow as pa
+        self.fd = fd
+        self.name = name
+        try:
+            total = os.fstat(fd).st_size
+            if total < ZHEADER.size + ZFOOTER.size:
+                raise CorruptSegment(f"{name}: {total} bytes, too short for a compressed segment")
+            magic, version, _codec = ZHEADER.unpack(os.pread(fd, ZHEADER.size, 0))
+            index_off, self.size, n, index_crc, end_magic = ZFOOTER.unpack(
+                os.pread(fd, ZFOOTER.size, total - ZFOOTER.size))
+            if magic != ZMAGIC or end_magic != ZEND_MAGIC or version != ZVERSION:
+                raise CorruptSegment(f"{name}: not a complete compressed segment (header or footer missing)")
+            index = os.pread(fd, n * ZBLOCK.size, index_off)
+            if index_off + n * ZBLOCK.size + ZFOOTER.size != total or crc32c(index) != index_crc:
+                raise CorruptSegment(f"{name}: its block index is damaged")
+            self.blocks = [ZBLOCK.unpack_from(index, i * ZBLOCK.size) for i in range(n)]
+            self.starts = [b[0] for b in self.blocks]
+            self.places = []
+            pos = ZHEADER.size
+            for _, _, comp_len, _ in self.blocks:
+                self.places.append(pos)
+                pos += comp_len
+        except BaseException:
+            os.close(fd)
+            raise
+        self._codec = pa.Codec("zstd")
+
+    def block(self, i: int) -> bytes:
+        start, orig_len, comp_len, crc = self.blocks[i]
+        comp = os.pread(self.fd, comp_len, self.places[i])
+        try:
+            data = self._codec.decompress(comp, decompressed_size=orig_len, asbytes=True)
+        except Exception as exc:  # pyarrow's error classes: a damaged block
+            raise CorruptSegment(f"{self.name}: block at byte {start} does not decompress ({exc})") from exc
+        if len(data) != orig_len or crc32c(data) != crc:
+            raise CorruptSegment(f"{self.name}: block at byte {start} fails its checksum")
+        return data
+
+    def pread(self, offset: int, length: int, cache: OrderedDict | None = None) -> bytes:
+        """Bytes [offset, offset + length) of the original log, shorter at its end (as os.pread).
+        ``cache``: decompressed blocks by (fd, block), most recent last; its owner bounds it."""
+        end = min(offset + length, self.size)
+        out = []
+        i = bisect.bisect_right(self.starts, offset) - 1
+        while offset < end and 0 <= i < len(self.blocks):
+            key = (self.fd, i)
+            data = cache.get(key) if cache is not None else None
+            if data is None:
+                data = self.block(i)
+                if cache is not None:
+                    cache[key] = data
+            elif cache is not None:
+                cache.move_to_end(key)
+            start = self.starts[i]
+            out.append(data[offset - start:end - start])
+            offset = start + len(data)
+            i += 1
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class CorruptSegment(OSError):
+    """A compressed segment whose bytes do not check out."""
+
+
+def open_segment(directory: Path, segment: int) -> _PlainSegment | CompressedSegment:
+    """The segment's file for reading, plain if present (it is the original), else compressed.
+    FileNotFoundError when neither exists."""
+    for _ in range(2):      # compaction renames the compressed file in before it deletes the plain one
+        try:
+            return _PlainSegment(os.open(segment_path(directory, segment), os.O_RDONLY))
+        except FileNotFoundError:
+            pass
+        try:
+            path = compressed_path(directory, segment)
+            return CompressedSegment(os.open(path, os.O_RDONLY), path.name)
+        except FileNotFoundError:
+            pass
+    raise FileNotFoundError(f"segment {segment}: neither {segment_path(directory, segment)} nor "
+                            f"{compressed_path(directory, segment).name} exists (removed by retention?)")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -352,17 +537,20 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class SegmentReader:
-    """Read side: bytes of one payload by (segment, offset, length); descriptors cached, thread-safe.
+    """Read side: bytes of one payload by (segment, offset, length), plain or compressed segment alike;
+    open files and the last few decompressed blocks cached, thread-safe.
 
     ``pread`` rather than mmap: the segment being written grows with every append, and a mapping
     would have to be redone for nearly every read of a fresh payload (the decoder's case).
     """
 
-    def __init__(self, directory: Path, cache_files: int = 8):
+    def __init__(self, directory: Path, cache_files: int = 8, cache_blocks: int = 4):
         self.dir = Path(directory)
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._files: OrderedDict[int, _PlainSegment | CompressedSegment] = OrderedDict()
+        self._blocks: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self._cache_files = cache_files
+        self._cache_blocks = cache_blocks
 
     def read(self, segment: int, offset: int, length: int, *, last_read: bool = False) -> bytes:
         """``last_read``: the caller will not read this record again soon (the decoder reads each
@@ -372,23 +560,52 @@ class SegmentReader:
         2 GB of appends, 0.8 ms when the pages were dropped once read and so came back warm.
         Queries and replay read the bytes from disk again, which they do rarely."""
         with self._lock:
-            fd = self._fds.get(segment)
-            if fd is None:
-                fd = self._fds[segment] = os.open(segment_path(self.dir, segment), os.O_RDONLY)
-                while len(self._fds) > self._cache_files:
-                    os.close(self._fds.popitem(last=False)[1])
-            self._fds.move_to_end(segment)
-            data = os.pread(fd, length, offset)
-            if last_read and len(data) == length:
-                # The frame header too; pages shared with a neighbour record are kept by the kernel
-                # (it drops only whole pages of the range), dirty ones are never dropped.
-                os.posix_fadvise(fd, offset - FRAME.size, length + FRAME.size, os.POSIX_FADV_DONTNEED)
+            f = self._files.get(segment)
+            if f is None:
+                self._prune()
+                f = self._files[segment] = open_segment(self.dir, segment)
+                while len(self._files) > self._cache_files:
+                    self._forget(self._files.popitem(last=False)[1])
+            self._files.move_to_end(segment)
+            if f.compressed:
+                data = f.pread(offset, length, self._blocks)
+                while len(self._blocks) > self._cache_blocks:
+                    self._blocks.popitem(last=False)
+            else:
+                data = os.pread(f.fd, length, offset)
+                if last_read and len(data) == length:
+                    # The frame header too; pages shared with a neighbour record are kept by the kernel
+                    # (it drops only whole pages of the range), dirty ones are never dropped.
+                    os.posix_fadvise(f.fd, offset - FRAME.size, length + FRAME.size, os.POSIX_FADV_DONTNEED)
         if len(data) != length:
             raise OSError(f"segment {segment} ends before byte {offset + length} (a payload is missing)")
         return data
 
+    def _forget(self, f) -> None:
+        if f.compressed:
+            for key in [k for k in self._blocks if k[0] == f.fd]:
+                del self._blocks[key]
+        f.close()
+
+    def _prune(self) -> None:
+        """Under ``_lock``: close files that compaction or retention deleted, so their space is freed
+        (an open descriptor keeps a deleted file's blocks allocated)."""
+        for seg, f in list(self._files.items()):
+            try:
+                gone = os.fstat(f.fd).st_nlink == 0
+            except OSError:
+                gone = True
+            if gone:
+                del self._files[seg]
+                self._forget(f)
+
+    def prune(self) -> None:
+        with self._lock:
+            self._prune()
+
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+            self._blocks.clear()
