@@ -55,7 +55,7 @@ log = logging.getLogger("shadowlens.compaction")
 
 DEFAULT_LEVEL = 3
 BLOCK_BYTES = 1 << 20           # input per zstd frame: small requests still compress together; one read, one block
-MAX_BLOCK_BYTES = 4 << 20       # a larger record is cut across blocks (bounds the memory of a read)
+MAX_BLOCK = 4                   # a record larger than 4 blocks is cut across blocks (bounds the memory of a read)
 NICE = 10                       # added to the compactor thread's niceness
 INTERVAL_S = 5.0
 
@@ -74,7 +74,7 @@ class Compacted:
 
 def _block_ends(fd: int, size: int, block_bytes: int) -> list[int]:
     """Where blocks end: at record boundaries once a block holds ``block_bytes`` (so that a read usually
-    decompresses one block), at ``MAX_BLOCK_BYTES`` at most. Bytes that do not frame as a record are cut
+    decompresses one block), at ``MAX_BLOCK`` times that at most. Bytes that do not frame as a record are cut
     anywhere: a block boundary inside a record only costs its reader a second block."""
     ends = []
     start = pos = 0
@@ -85,7 +85,7 @@ def _block_ends(fd: int, size: int, block_bytes: int) -> list[int]:
             nxt = pos + FRAME.size + length if magic == FRAME_MAGIC else pos + block_bytes
         else:
             nxt = size
-        pos = min(max(nxt, pos + 1), size, start + MAX_BLOCK_BYTES)
+        pos = min(max(nxt, pos + 1), size, start + MAX_BLOCK * block_bytes)
         if pos - start >= block_bytes or pos == size:
             ends.append(pos)
             start = pos

@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from .. import schema
 from ..decode import wire
 from ..decode.anyvalue import attributes_to_dict, to_python
-from .segments import SEGMENTS_DIR, SegmentReader, segment_sizes
+from .segments import SEGMENTS_DIR, SegmentReader, segment_lengths
 
 DB_FILE = "shadowlens.duckdb"
 SOCKET_FILE = "serve.sock"
@@ -237,7 +237,7 @@ def drop_torn_payloads(con: duckdb.DuckDBPyConnection, segments_dir: Path) -> No
     """After a crash, rows may reference payload bytes whose fdatasync never finished (DuckDB
     commits while the payload sync runs; neither was acknowledged). Such rows are deleted, so
     a client's retry of those spans is stored again instead of being taken for a duplicate."""
-    sizes = segment_sizes(segments_dir)
+    sizes = segment_lengths(segments_dir)      # of the original log, compressed or not
     ends = con.execute("SELECT segment, max(byte_offset + length) FROM payloads GROUP BY segment").fetchall()
     torn = [(seg, sizes.get(seg, 0)) for seg, end in ends if end > sizes.get(seg, 0)]
     if not torn:

@@ -14,7 +14,7 @@ reserved after it may still be written and acknowledged, so a reader looks past 
 A closed segment whose records are all in DuckDB is later rewritten compressed (``compaction.py``):
 ``NNNNNNNN.segz`` holds the same bytes as ``NNNNNNNN.seg`` in zstd blocks, with an index from the
 original offsets to the blocks, so rows keep their (segment, offset, length). Every reader here
-(``read_frames``, ``SegmentReader``, ``segment_sizes``, ``list_segments``, ``remove_segment``)
+(``read_frames``, ``SegmentReader``, ``segment_lengths``, ``list_segments``, ``remove_segment``)
 takes either kind; when both exist (a crash between the rename and the delete) the plain one is read.
 """
 from __future__ import annotations
@@ -357,7 +357,14 @@ def temp_compressed_path(directory: Path, segment: int) -> Path:
 
 
 def segment_sizes(directory: Path) -> dict[int, int]:
-    """Each segment's size in bytes of the original log (a compressed one: the size it was compressed from)."""
+    """Each segment's bytes on disk now, whatever its form (what a disk budget counts)."""
+    sizes = {n: segment_disk_bytes(directory, n) for n in list_segments(directory)}
+    return {n: size for n, size in sizes.items() if size or segment_path(directory, n).exists()}
+
+
+def segment_lengths(directory: Path) -> dict[int, int]:
+    """Each segment's length in bytes of the original log (a compressed one: the length it was compressed
+    from), the offsets rows refer to."""
     out = {}
     for n in list_segments(directory):
         try:
