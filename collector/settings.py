@@ -42,6 +42,9 @@ STORE: dict[str, Any] = {
     # max_bytes: a disk budget for the store, as Prometheus' storage.tsdb.retention.size: over it the oldest
     # segments and their rows go first (retention.py). 0 = off, like Prometheus' default.
     "max_bytes": 0,
+    # compression_level: zstd level of closed payload segments (store/compaction.py); 0 = keep them plain.
+    # 3 measured 7.7x at ~300 MB/s of one core on the bench traffic; higher levels gain little and cost a lot.
+    "compression_level": 3,
     "queue_max_spans": 262144,
     "dedup_max_keys": 4_000_000,
     "retention_check": "1m",
@@ -97,6 +100,7 @@ class StoreSettings:
     duckdb_memory_limit: str
     checkpoint_threshold: str
     max_bytes: int              # store.max_bytes; 0 = no budget
+    compression_level: int = 3  # store.compression_level; 0 = payload segments stay uncompressed
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,15 @@ def parse_store(s: Mapping[str, Any]) -> StoreSettings:
         duckdb_memory_limit=size(s["duckdb_memory_limit"], "store.duckdb_memory_limit"),
         checkpoint_threshold=size(s["checkpoint_threshold"], "store.checkpoint_threshold"),
         max_bytes=byte_count(s["max_bytes"], "store.max_bytes"),
+        compression_level=compression_level(s.get("compression_level", STORE["compression_level"])),
     )
+
+
+def compression_level(value: Any, key: str = "store.compression_level") -> int:
+    level = integer(value, key, minimum=0)
+    if level > 22:
+        raise ConfigError(f"{key}: zstd levels go up to 22 (0 = no compression), got {level}")
+    return level
 
 
 def parse_evals(ev: Mapping[str, Any]) -> EvalSettings:

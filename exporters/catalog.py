@@ -31,6 +31,13 @@ SELF_METRICS = (
                "Application spans a gateway wrote two calls' attributes onto (litellm: a non-LiteLLM span carrying"
                " metadata.is_silent_experiment); stored with route mixed, never compared."),
     MetricSpec("shadowlens_store_bytes", "gauge", (), "Bytes on disk: DuckDB file, its WAL and payload segments."),
+    MetricSpec("shadowlens_store_compaction_pending_bytes", "gauge", (),
+               "Bytes of closed payload segments not compressed yet: the compactor's lag (it may grow at peak and"
+               " falls back once the rate drops; 0 when store.compression_level is 0)."),
+    MetricSpec("shadowlens_store_compacted_input_bytes", "counter", (),
+               "Bytes of payload segments compressed, before compression."),
+    MetricSpec("shadowlens_store_compacted_output_bytes", "counter", (),
+               "Bytes of payload segments compressed, after compression (input / output: the ratio)."),
     MetricSpec("shadowlens_store_commits", "counter", (), "Group commits (each covers every Export waiting)."),
     MetricSpec("shadowlens_store_commit_seconds", "counter", (),
                "Time spent in group commits, from taking the group to durable (rate / commits = mean commit)."),

@@ -77,6 +77,12 @@ class IngestCollector(Collector):
         b = GaugeMetricFamily("shadowlens_store_bytes", _SPECS["shadowlens_store_bytes"].help)
         b.add_metric([], self.store_bytes())
         yield b
+        name = "shadowlens_store_compaction_pending_bytes"
+        p = GaugeMetricFamily(name, _SPECS[name].help)
+        p.add_metric([], self.stats.gauges.get("store_compaction_pending_bytes", lambda: 0.0)())
+        yield p
+        for name in ("store_compacted_input_bytes", "store_compacted_output_bytes"):
+            yield _counter(f"shadowlens_{name}", self.stats.gauges.get(name, lambda: 0.0)())
 
 
 # The writes shadowlens itself queues, shown from the start so that increase() sees the first of each.

@@ -44,10 +44,12 @@ from .collector.decode.normalize import Normalizer
 from .collector.decode.pricing import PriceTable
 from .collector.ingest.messages import IngestSettings
 from .collector.ingest.supervisor import IngestSupervisor
+from .collector.store.compaction import Compactor
 from .collector.store.diskfull import readiness
 from .collector.store.files import private_umask
 from .collector.store.reader import QueryServer
 from .collector.store.retention import Retention, store_bytes
+from .collector.store.segments import SEGMENTS_DIR
 from .collector.store.writer import StoreWriter
 from .config import Config
 
@@ -112,9 +114,21 @@ def build_app(cfg: Config) -> App:
     requests = {"reprice": lambda req: store.write(reprice_write(PriceTable.load(req.get("prices") or []),
                                                                  req.get("since_s"))).result().as_table()}
     app.components = [store, QueryServer(data_dir, store.cursor, requests, sync=app.ingest.sync),
-                      retention, *analyzers, *_parquet_export(cfg, store, registry), app.metrics,
+                      retention, *_compaction(cfg, store), *analyzers, *_parquet_export(cfg, store, registry), app.metrics,
                       app.ingest]
     return app
+
+
+def _compaction(cfg: Config, store: StoreWriter) -> list:
+    """store.compression_level > 0: closed payload segments compressed on a low-priority thread."""
+    if not cfg.store.compression_level:
+        return []
+    compactor = Compactor(cfg.store.data_dir / SEGMENTS_DIR, store.current_segment, cfg.store.compression_level,
+                          after_pass=lambda: store.decoder is not None and store.decoder.segments.prune())
+    store.stats.gauges.update(store_compaction_pending_bytes=compactor.pending_bytes,
+                              store_compacted_input_bytes=lambda: float(compactor.input_bytes),
+                              store_compacted_output_bytes=lambda: float(compactor.output_bytes))
+    return [compactor]
 
 
 def ingest_settings(cfg: Config) -> IngestSettings:
