@@ -38,6 +38,7 @@ from shadowlens.collector.store.database import frame
 from shadowlens.collector.store.derived import replace_traces
 
 from .rollup import EVALS_SQL, MODELS_SQL, NO_EVALS, RouteResolver, rollup_sql, trace_rows
+from .units import CALLS_SQL, call_units
 
 log = logging.getLogger("shadowlens.assembly")
 
@@ -72,6 +73,8 @@ class CompletedTraces:
     models: pl.DataFrame | None    # trace_id, model, input_tokens, output_tokens, cost_usd (LLM spans)
     late_spans: int
     revised: int
+    units: pl.DataFrame | None = None   # calls compared on their own (analyzers/units.py), traces' columns
+    ambiguous: int = 0                  # parents whose calls could not be paired for sure
 
 
 @dataclass
@@ -282,9 +285,11 @@ class TraceAssembler:
                 max(st.evals_seq for st in states))
         revisit = {t: st.row_completed_us for t, st in zip(due, states) if st.row_completed_us is not None}
         now_us = int(self.now() * 1e6)
-        rows, evals, models, old = self._read_rows(due, seqs, revisit, now_us)
-        # the store's writer deletes the revised traces' rows and inserts the new ones in one transaction
-        self.store.write(replace_traces(rows.to_arrow(), list(old), min(revisit.values()) if old else None)).result()
+        rows, evals, models, old, cu = self._read_rows(due, seqs, revisit, now_us)
+        rows, units = cu.rows, cu.units
+        written = rows if units is None else pl.concat([rows, units], how="diagonal_relaxed")
+        # the store's writer deletes the revised traces' rows (and units) and inserts the new ones in one transaction
+        self.store.write(replace_traces(written.to_arrow(), list(old), min(revisit.values()) if old else None)).result()
         new_ids = [t for t in rows["trace_id"].to_list() if t not in old]
         self._forget_finalized(due, rows, now_us)
         late = 0
@@ -302,7 +307,9 @@ class TraceAssembler:
                 fresh = rows.filter(pl.col("revision") == 0)
                 ev = evals.filter(pl.col("trace_id").is_in(new_ids)) if evals.height else evals
                 mo = mo.filter(pl.col("trace_id").is_in(new_ids)) if mo.height else mo
-            result = CompletedTraces(fresh, ev, mo, late, len(old))
+            if units is not None and old:
+                units = units.filter(pl.col("revision") == 0)
+            result = CompletedTraces(fresh, ev, mo, late, len(old), units, cu.ambiguous)
             for sink in self.sinks:
                 sink(result)
 
@@ -321,10 +328,12 @@ class TraceAssembler:
             rows = frame(con, self._sql.replace("$now::TIMESTAMP", f"make_timestamp({now_us}::BIGINT)"), {"lo": lo, "hi": hi})
             evals = frame(con, EVALS_SQL, {"lo": lo, "evals_hi": evals_hi}) if evals_hi >= lo else NO_EVALS
             models = frame(con, MODELS_SQL, {"lo": lo, "hi": hi})
+            calls = frame(con, CALLS_SQL, {"lo": lo, "hi": hi})
         finally:
             con.execute("ROLLBACK")       # read only: nothing to keep
             con.unregister("done")
-        return self._finish_rows(trace_rows(rows, evals, models), old), evals, models, old
+        rows = self._finish_rows(trace_rows(rows, evals, models), old)
+        return rows, evals, models, old, call_units(rows, calls, self.cohort_labels)
 
     def _forget_finalized(self, due: dict[str, bool], rows: pl.DataFrame, now_us: int) -> None:
         """Close the finalized traces and remember them as completed (a late span revises their row)."""

@@ -10,6 +10,7 @@ same paired estimates the gate computes (analyzers/compare.py documents the form
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -19,10 +20,13 @@ import polars as pl
 
 from .assembly import CompletedTraces
 from .cohorts import CohortLimiter
-from .compare import ANY_VALUE, measure_column
+from .compare import ANY_VALUE, PAIR_STATUSES, measure_column
 from .rules import GateSettings
 
 STATS = ("n", "sb", "sc", "sbb", "scc", "sbc")
+# shadowlens_pairs_total{status}: the gate's statuses, and the pair units that could not be paired for
+# sure (analyzers/units.py: a parent with several calls on one side), counted here only
+PAIR_COUNTS = (*PAIR_STATUSES, "ambiguous")
 # the names exposed in shadowlens_compare_stat_total{stat}
 STAT_NAMES = {"n": "pairs", "sb": "sum_baseline", "sc": "sum_candidate", "sbb": "sumsq_baseline",
               "scc": "sumsq_candidate", "sbc": "sum_product"}
@@ -82,7 +86,7 @@ class PairingSink:
         self.now = now
         self.rules = [r for r in settings.rules if r.quantile is None]
         self.columns = sorted({measure_column(r) for r in self.rules})
-        self.pairs = Counter({"matched": 0, "unmatched_baseline": 0, "unmatched_candidate": 0})
+        self.pairs = Counter(dict.fromkeys(PAIR_COUNTS, 0))
         # (rule, cohort values tuple) -> {stat: value}
         self.stats: dict[tuple, dict[str, float]] = {}
         self._pending: pl.DataFrame | None = None      # traces waiting for their partner, + "_arrived"
@@ -90,9 +94,17 @@ class PairingSink:
 
     def __call__(self, done: CompletedTraces) -> None:
         """Columnar: the batch joins the waiting traces by request id; what pairs is summed, the rest waits."""
+        if done.ambiguous:
+            with self._lock:
+                self.pairs["ambiguous"] += done.ambiguous
         if done.traces.height == 0:
             return
-        frame = completed_frame(done, self.settings, self.labels).drop("trace_id")
+        frame = completed_frame(done, self.settings, self.labels)
+        if done.units is not None and done.units.height:
+            # calls compared on their own: the trace's evals are not theirs
+            calls = dataclasses.replace(done, traces=done.units, evals=done.evals.clear())
+            frame = pl.concat([frame, completed_frame(calls, self.settings, self.labels)], how="diagonal_relaxed")
+        frame = frame.drop("trace_id")
         frame = frame.filter(pl.col("request_id").is_not_null() & pl.col("route").is_in(["baseline", "candidate"]))
         if frame.height == 0:
             return

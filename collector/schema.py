@@ -181,6 +181,7 @@ def spans_view_ddl(cohort_labels) -> str:
 TRACES_ADDED_COLUMNS = (
     ("eval_names", "VARCHAR[]"),      # evals with a known outcome on the trace (the gate reads these
     ("failed_evals", "VARCHAR[]"),    # instead of joining the evals table)
+    ("call_span_id", "VARCHAR"),      # a call compared on its own (analyzers/units.py); NULL: the whole trace
 )
 TRACES_ADDED_COLUMNS_DDL = "".join(f", {n} {t}" for n, t in TRACES_ADDED_COLUMNS)
 

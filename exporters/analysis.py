@@ -9,8 +9,8 @@ from typing import Callable
 
 from shadowlens.analyzers.aggregates import COST_BUCKETS, DURATION_BUCKETS, STEPS_BUCKETS, StreamingAggregates
 from shadowlens.analyzers.cohorts import OVERFLOW
-from shadowlens.analyzers.compare import GATE_STATES, OTHER, PAIR_STATUSES, STATES, cohort_label_values
-from shadowlens.analyzers.pairing import STAT_NAMES
+from shadowlens.analyzers.compare import GATE_STATES, OTHER, STATES, cohort_label_values
+from shadowlens.analyzers.pairing import PAIR_COUNTS, STAT_NAMES
 from shadowlens.analyzers.window import QUANTILES, WindowSnapshot
 
 from .catalog import ALL_METRICS, COMPARE_METRICS
@@ -217,7 +217,7 @@ class GateMetrics:
                 fam["shadowlens_compare_samples"].add("", f'{lab},route="candidate"', nc)
         if self.pairing is not None:
             pairs, stats = self.pairing.snapshot()
-            for status in PAIR_STATUSES:
+            for status in PAIR_COUNTS:
                 fam["shadowlens_pairs"].add("_total", f'status="{status}"', pairs.get(status, 0))
             for (rule, cohort), acc in sorted(stats.items()):
                 lab = label_string(names, (rule, *cohort))

@@ -109,7 +109,8 @@ COMPARE_METRICS = (
     MetricSpec("shadowlens_compare_samples", "gauge", ("rule", "<cohort>", "route"),
                "Traces (or pairs) per route behind each rule result in the gate window."),
     MetricSpec("shadowlens_pairs", "counter", ("status",),
-               "Shadow pairs by request id: matched, or a trace whose partner never came (unmatched_<route>)."),
+               "Shadow pairs by request id: matched, a trace (or call) whose partner never came (unmatched_<route>), or"
+               " ambiguous: a parent span with several calls on one side, not paired (analyzers/units.py)."),
     MetricSpec("shadowlens_compare_stat", "counter", ("rule", "<cohort>", "stat"),
                "Mergeable sufficient statistics of matched pairs per mean/rate rule: pairs, sum_baseline,"
                " sum_candidate, sumsq_baseline, sumsq_candidate, sum_product."),

@@ -27,7 +27,8 @@ ROUTES, LABELS, RULES = 3, 3, 5
 BUCKETS = {"duration": 14, "steps": 14, "cost": 13}     # bounds; +Inf, _sum and _count come on top
 
 
-OTHERS = 67            # families whose labels only the server sets (receiver, reason, stage, write, status, state ...)
+OTHERS = 68            # families whose labels only the server sets (receiver, reason, stage, write, status, state ...;
+                       # 65: shadowlens_pairs_total{status="ambiguous"}, pair units not paired for sure)
                        # +3: shadowlens_store_compaction_pending_bytes, _compacted_input/output_bytes_total
 PAIRED_RULES = 4       # default rules with mergeable pair sums (every one but the p99 quantile rule)
 

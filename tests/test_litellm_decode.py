@@ -98,11 +98,11 @@ def test_litellm_silent_flag_beats_the_resources_route(normalizer):
     assert row["route"] == "candidate"
 
 
-def test_litellm_silent_child_call_is_left_to_the_pairing(normalizer):
-    # under an application span the trace's route is the root's: a candidate child would make the whole
-    # trace (both calls) the candidate. The analyzers' pairing by parent routes it (docs/litellm.md).
+def test_litellm_silent_child_call_is_the_candidate_call(normalizer):
+    # the per-call route: under an application span the silent call is still the candidate; the analyzers
+    # compare the calls one by one (analyzers/units.py), so the trace itself is not made the candidate
     [row], batch = rows(normalizer, [{**CHILD, "attrs": litellm_attrs("my-rlaif-1", silent=True)}])
-    assert row["route"] is None and row["span_kind"] == "LLM"
+    assert row["route"] == "candidate" and row["span_kind"] == "LLM"
     assert not batch.mixed
 
 

@@ -4,8 +4,10 @@ A deployment with ``silent_model`` mirrors each chat request to a second model; 
 mirrored call's span ``metadata.is_silent_experiment = true`` and nothing on the primary call. Decode
 knows one span at a time, so it does what a span alone tells:
 
-* a silent call that is the root of its trace (LiteLLM's default without an ambient span) is the
-  ``candidate`` route, unless the span names a route itself;
+* a silent call is the ``candidate`` route, unless the span names a route itself: the span's own route
+  (the per-call route). At the root of its trace (LiteLLM's default without an ambient span) that is the
+  trace's route too; under a parent span the analyzers compare the calls one by one (analyzers/units.py):
+  a trace's route is its root's, and a trace holding a gateway's call pair is routed ``calls``;
 * a silent flag on a span LiteLLM did not create (another scope) means LiteLLM wrote both calls'
   attributes onto the application's span (its default inside an ambient span; last writer wins): the
   span's model, tokens and cost belong to either call. It gets route ``mixed`` (stored, never
@@ -13,15 +15,18 @@ knows one span at a time, so it does what a span alone tells:
 * LiteLLM reports a cost of 0.0 for a model it has no price for: a zero reported cost on a LiteLLM
   span with tokens is not a price, so the price table prices the span (or counts it unpriced).
 
-A silent call under a parent span, and the primary call, are routed by the analyzers (pairing by
-parent or by request content) or by the ``routes`` config: see docs/litellm.md.
+The primary call carries no mark: the analyzers route it (pairing by parent or by request content) or the
+``routes`` config does: see docs/litellm.md.
 
 >>> from collections import Counter
 >>> cols = {"silent_experiment": [True, None, True], "route": None, "reported_cost_usd": [0.0, 0.0, None],
 ...         "input_tokens": [10, 10, 10], "output_tokens": [5, 5, 5]}
->>> mixed = mark_litellm(cols, ["litellm", "litellm", "app"], [True, True, True], 3)
+>>> mixed = mark_litellm(cols, ["litellm", "litellm", "app"], 3)
 >>> cols["route"], cols["reported_cost_usd"], mixed
 (['candidate', None, 'mixed'], [None, None, None], 1)
+>>> cols = {"silent_experiment": [True], "route": None}
+>>> mark_litellm(cols, ["litellm"], 1), cols["route"]
+(0, ['candidate'])
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ MIXED = "mixed"            # a route value no rule compares (CONTRACT: anything 
 GATEWAY = "litellm"        # the gateway label of shadowlens_mixed_spans_total
 
 
-def mark_litellm(cols: dict, scopes: Sequence[str | None], roots: Sequence[bool], n: int) -> int:
+def mark_litellm(cols: dict, scopes: Sequence[str | None], n: int) -> int:
     """Routes of LiteLLM's silent calls, the mixed spans' route, LiteLLM's zero costs (see the module doc);
     ``cols``: the normalizer's concept columns, changed in place. Returns the number of mixed spans."""
     silent = cols.get("silent_experiment")
@@ -47,7 +52,7 @@ def mark_litellm(cols: dict, scopes: Sequence[str | None], roots: Sequence[bool]
             if flag is not True:
                 continue
             if scopes[i] in A.LITELLM_SCOPES:
-                if roots[i] and (route is None or route[i] is None):
+                if route is None or route[i] is None:
                     if route is None:
                         route = cols["route"] = [None] * n
                     route[i] = CANDIDATE

@@ -132,7 +132,7 @@ class Normalizer:
         mixed = 0
         if cols["silent_experiment"] is not None or not A.LITELLM_SCOPES.isdisjoint(scopes):
             # before inheritance: a silent call's own route beats its resource's (litellm.py)
-            mixed = mark_litellm(cols, scopes, (~rec["parent_span_id"].any(axis=1)).tolist(), n)
+            mixed = mark_litellm(cols, scopes, n)
         # Trace-level concepts: the span, else its resource, else the metadata JSON (CONTRACT §4).
         resources = [self._resource_values(r) for r in sc["resources"]]
         self._inherit_from_resources(cols, resources, rs_idx, n)
