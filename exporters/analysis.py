@@ -150,14 +150,17 @@ class GateMetrics:
     """The comparison families: verdicts and effects from the latest gate evaluation, pair counters."""
 
     def __init__(self, verdict: Callable[[], object], pairing, labels, refresh_seconds: Callable[[], float],
-                 limiter=None):
+                 limiter=None, sketch=None):
         """``limiter``: the cohort limiter; then each label shows at most its ``max_values`` values (those the
-        other families show first, then the largest) and the results of the rest as one __overflow__ result."""
+        other families show first, then the largest) and the results of the rest as one __overflow__ result.
+        ``sketch``: analyzers/fleet.py's DurationSketch, shown as shadowlens_trace_duration_sketch_total."""
         self.verdict = verdict
         self.pairing = pairing
         self.labels = tuple(labels)
         self.refresh_seconds = refresh_seconds
         self.limiter = limiter
+        self.sketch = sketch
+        self._sketch_prefix: dict[tuple, str] = {}
 
     # the state an __overflow__ result shows for the results it stands for: the one that needs a look first
     _WORST = ("fail", "inconclusive", "insufficient_data", "pass")
@@ -224,4 +227,22 @@ class GateMetrics:
                 for stat, value in acc.items():
                     fam["shadowlens_compare_stat"].add("_total", f'{lab},stat="{STAT_NAMES[stat]}"', value)
         fam["shadowlens_gate_refresh_seconds"].add("", "", self.refresh_seconds())
+        if self.sketch is not None:
+            fam["shadowlens_trace_duration_sketch"].chunks.append(self._sketch_text())
         return list(fam.values())
+
+    def _sketch_text(self) -> str:
+        """Sparse: one series per non-empty bucket (a few dozen per route and cohort value, see README Fleet);
+        the label prefix is built once per (route, cohort) and the bucket appended, which keeps a scrape of
+        ~10k such series to a few ms."""
+        parts = []
+        names = ("route", *self.labels)
+        for key, buckets in self.sketch.snapshot().items():
+            prefix = self._sketch_prefix.get(key)
+            if prefix is None:
+                if len(self._sketch_prefix) > 10_000:
+                    self._sketch_prefix.clear()
+                lab = label_string(names, (key[0], *key[1]))
+                prefix = self._sketch_prefix[key] = f'shadowlens_trace_duration_sketch_total{{{lab},bucket="'
+            parts.extend(f'{prefix}{b}"}} {n}\n' for b, n in sorted(buckets.items()))
+        return "".join(parts)

@@ -221,22 +221,59 @@ def _fetch_gate(url: str) -> dict:
         raise click.UsageError(f"--url {target}: {getattr(exc, 'reason', exc)}") from None
 
 
+def _judge_fleet(cfg: config_mod.Config, settings, window: str | None, prometheus: str, match: str | None):
+    """(the fleet's Verdict, the fields the fleet adds to the JSON) from the sidecars' counters in Prometheus."""
+    from dataclasses import replace
+
+    from shadowlens.exporters.fleet import FleetError, judge_prometheus
+    if window:
+        try:
+            settings = replace(settings, window_s=config_mod.parse_duration(window, "--window"))
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
+    try:
+        fv, extra = judge_prometheus(prometheus, settings, tuple(cfg.cohort_labels), match)
+    except FleetError as exc:
+        raise click.UsageError(str(exc)) from None
+    return fv.verdict, extra
+
+
+def _fleet_line(extra: dict) -> str:
+    n = extra["sidecars"]
+    return f"source: prometheus ({n} sidecar{'s' if n != 1 else ''} contributed; {extra['prometheus']})\n"
+
+
 @main.command("gate")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Judge the store in this directory (store.data_dir).")
 @click.option("--url", help="Ask a running sidecar instead, e.g. http://127.0.0.1:9464 (its /gate).")
+@click.option("--prometheus", help="Judge the whole fleet from the sidecars' summed counters in this Prometheus"
+              " (or Thanos / Mimir), e.g. http://prometheus:9090.")
+@click.option("--match", help="With --prometheus: only these sidecars, e.g. '{namespace=\"agents\", rollout=\"v42\"}'.")
 @click.option("--rules", "rules_file", type=click.Path(dir_okay=False),
               help="YAML with gate rules (a list, or a mapping with `rules:` and gate settings); default: the config's.")
 @click.option("--window", help="Judge traces that started within this duration (default: gate.window).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def gate_cmd(data_dir, url, rules_file, window, config_file, fmt) -> None:
+def gate_cmd(data_dir, url, prometheus, match, rules_file, window, config_file, fmt) -> None:
     """May the candidate be promoted? Exit 0 promote, 1 block, 3 inconclusive or insufficient data, 2 usage error."""
     from shadowlens.exporters.verdict_json import EXIT_CODES, verdict_text, verdict_to_json
     if url and (data_dir or rules_file or window):
         raise click.UsageError("--url asks a running sidecar, which judges with its own gate config;"
                                " do not combine it with --data-dir, --rules or --window")
+    if sum(bool(x) for x in (data_dir, url, prometheus)) > 1:
+        raise click.UsageError("give one of --data-dir, --url, --prometheus")
+    if match and not prometheus:
+        raise click.UsageError("--match narrows the fleet of --prometheus; give --prometheus URL too")
     if url:
         doc = _fetch_gate(url)
+    elif prometheus:
+        from shadowlens.exporters.fleet import fleet_json
+        cfg = _load(config_file, {})
+        verdict, extra = _judge_fleet(cfg, _gate_settings(cfg, rules_file), window, prometheus, match)
+        doc = fleet_json(verdict_to_json(verdict), extra)
+        text = verdict_text(doc) + _fleet_line(extra)
+        click.echo(json.dumps(doc, indent=2) if fmt == "json" else text, nl=fmt == "json")
+        sys.exit(EXIT_CODES.get(doc.get("verdict"), 3))
     else:
         cfg = _load(config_file, {("store", "data_dir"): data_dir})
         verdict, _ = _judge_store(cfg, _gate_settings(cfg, rules_file), window)
@@ -247,6 +284,8 @@ def gate_cmd(data_dir, url, rules_file, window, config_file, fmt) -> None:
 
 @main.command("report")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="The store's directory (store.data_dir).")
+@click.option("--prometheus", help="The whole fleet, from the sidecars' summed counters in this Prometheus.")
+@click.option("--match", help="With --prometheus: only these sidecars (label matchers).")
 @click.option("--window", help="Traces that started within this duration (default: gate.window).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown", "html"]), default="table",
               show_default=True)
@@ -256,13 +295,29 @@ def gate_cmd(data_dir, url, rules_file, window, config_file, fmt) -> None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file.")
 @click.option("--cohort", help="Only this cohort's results (label=value, or all), with their example pairs.")
 @click.option("--rule", "rule_name", help="Only this rule's results (e.g. refusal_rate), with their example pairs.")
-def report_cmd(data_dir, window, fmt, out, rules_file, config_file, cohort, rule_name) -> None:
+def report_cmd(data_dir, prometheus, match, window, fmt, out, rules_file, config_file, cohort, rule_name) -> None:
     """Per-cohort baseline-vs-candidate table with verdicts, reasons and example pairs of failing results."""
     from shadowlens.exporters.report import render
+    if data_dir and prometheus:
+        raise click.UsageError("give one of --data-dir, --prometheus")
+    if match and not prometheus:
+        raise click.UsageError("--match narrows the fleet of --prometheus; give --prometheus URL too")
     cfg = _load(config_file, {("store", "data_dir"): data_dir})
-    verdict, bars = _judge_store(cfg, _gate_settings(cfg, rules_file), window, summary=True, rule=rule_name,
-                                 cohort=cohort)
-    text = render(verdict, fmt, bars)
+    if prometheus:
+        from shadowlens.exporters.fleet import fleet_json
+        from shadowlens.exporters.verdict_json import verdict_to_json
+        verdict, extra = _judge_fleet(cfg, _gate_settings(cfg, rules_file), window, prometheus, match)
+        doc = fleet_json(verdict_to_json(verdict), extra)
+        # --rule / --cohort keep those results (the fleet has no per-trace figures for the side-by-side bars)
+        doc["rules"] = [r for r in doc["rules"] if (rule_name is None or r["rule"] == rule_name)
+                        and (cohort is None or r["cohort"] == cohort)]
+        text = render(doc, fmt, None)
+        if fmt in ("table", "markdown"):
+            text += ("\n" if fmt == "markdown" else "") + _fleet_line(extra)
+    else:
+        verdict, bars = _judge_store(cfg, _gate_settings(cfg, rules_file), window, summary=True, rule=rule_name,
+                                     cohort=cohort)
+        text = render(verdict, fmt, bars)
     if fmt == "html" and not out:
         out = "shadowlens-report.html"
     if out:

@@ -26,6 +26,7 @@ from prometheus_client.registry import CollectorRegistry
 from shadowlens.analyzers.aggregates import StreamingAggregates
 from shadowlens.analyzers.assembly import TraceAssembler
 from shadowlens.analyzers.cohorts import CohortLimiter
+from shadowlens.analyzers.fleet import DurationSketch
 from shadowlens.analyzers.gate import GateRefresher
 from shadowlens.analyzers.pairing import PairingSink
 from shadowlens.analyzers.reprice import reprice_write
@@ -157,6 +158,7 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
                                      max_evals=cfg.metrics_max_evals)
     pairing = PairingSink(gate, limiter)
     assembler = TraceAssembler(store, cfg.cohort_labels, cfg.traces.idle_seconds, cfg.traces.max_seconds, cfg.routes,
+    sketch = DurationSketch(limiter)      # the fleet's p99 (analyzers/fleet.py)
                                max_open=cfg.traces.max_open, sinks=[aggregates, pairing])
 
     def forget(older_than_s: float) -> None:
@@ -170,7 +172,7 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
     verdicts = GateRefresher(store.cursor, gate, cfg.cohort_labels, trace_url=cfg.links.trace_url)
     analysis = AnalysisMetrics(aggregates, lambda: window.latest, assembler.stats, limiter)
     gate_metrics = GateMetrics(lambda: verdicts.latest, pairing, cfg.cohort_labels, lambda: verdicts.last_seconds,
-                               limiter=limiter)
+                               limiter=limiter, sketch=sketch)
     metrics.extra = lambda openmetrics: analysis.render(openmetrics) + gate_metrics.render(openmetrics)
 
     def gate_route(query: dict) -> tuple[int, object]:
