@@ -19,7 +19,7 @@ import duckdb
 
 from .database import SEGMENTS_DIR
 from .derived import DerivedWrite, delete_older_than
-from .segments import list_segments, segment_path
+from .segments import list_segments, remove_segment
 
 log = logging.getLogger("shadowlens.retention")
 
@@ -56,10 +56,7 @@ class Retention:
         current = self.current_segment()
         for seg in list_segments(self.data_dir / SEGMENTS_DIR):
             if seg < current and seg not in live:
-                try:
-                    os.remove(segment_path(self.data_dir / SEGMENTS_DIR, seg))
-                except FileNotFoundError:
-                    pass
+                remove_segment(self.data_dir / SEGMENTS_DIR, seg)     # plain or compressed
         self.deleted_spans += n
         return n
 
