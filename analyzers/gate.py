@@ -8,22 +8,28 @@ statement through store/reader.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
+import polars as pl
 import pyarrow as pa
 
 from .compare import Verdict, judge, route_summary_sql, statistics
 from .compare import sql_ident as _q
 from .compare import sql_literal as _lit
-from .evidence import with_evidence
+from .evidence import ExplainedVerdict, ordered_reasons, with_evidence
+from .gate_state import GateState, GateStateSink
 from .periodic import Periodic
 from .rules import GateSettings
 
+EVIDENCE_EVERY_S = 300.0     # serve: example pairs are re-read at most this often while the failing set stays
 
-def trace_frame_sql(settings: GateSettings, labels, now: float) -> str:
+
+def trace_frame_sql(settings: GateSettings, labels, now: float, completed: bool = False) -> str:
     """The window's traces as a trace frame (analyzers/compare.py's columns), read from ``traces`` alone:
-    eval outcomes come from its eval_names / failed_evals lists, not from a join with ``evals``."""
+    eval outcomes come from its eval_names / failed_evals lists, not from a join with ``evals``.
+    ``completed`` adds ``_completed_us`` (when the row was written; GateState's rebuild needs it)."""
     since_us = int((now - settings.window_s) * 1e6)
     cohort = "".join(f", t.{_q(label)}" for label in labels)
     evals = "".join(
@@ -31,11 +37,12 @@ def trace_frame_sql(settings: GateSettings, labels, now: float) -> str:
         f" END AS {_q('eval_pass:' + n)}, CASE WHEN list_contains(t.eval_names, {_lit(n)})"
         f" THEN list_contains(t.failed_evals, {_lit(n)})::DOUBLE END AS {_q('eval_fail:' + n)}"
         for n in settings.eval_names)
+    done = ", epoch_us(t.completed_at) AS _completed_us" if completed else ""
     return (
         f"SELECT t.trace_id, t.route, t.request_id, epoch_us(t.start_time) / 1e6 AS start_s{cohort},"
         " t.duration_seconds AS duration, t.cost_usd AS cost, CAST(t.steps AS DOUBLE) AS steps,"
         " CAST(t.input_tokens + t.output_tokens AS DOUBLE) AS tokens, CAST(t.refused AS DOUBLE) AS refused,"
-        f" CAST(t.escalated AS DOUBLE) AS escalated{evals}"
+        f" CAST(t.escalated AS DOUBLE) AS escalated{evals}{done}"
         f" FROM traces t WHERE t.route IN ('baseline', 'candidate') AND t.start_time >= make_timestamp({since_us})"
     )
 
@@ -61,13 +68,41 @@ def route_summary(run_sql: Callable[[str], pa.Table], settings: GateSettings, la
     return run_sql(route_summary_sql(labels, settings.eval_names, source)).to_pylist()
 
 
+def reuse_evidence(verdict: Verdict, last: ExplainedVerdict) -> ExplainedVerdict:
+    """A new verdict with the same failing set as ``last``, carrying last's example pairs and attribution."""
+    base = {f.name: getattr(verdict, f.name) for f in dataclasses.fields(Verdict)}
+    base["reasons"] = ordered_reasons(verdict, last.explained_by)
+    return ExplainedVerdict(**base, examples=last.examples, explained_by=last.explained_by,
+                            trace_url=last.trace_url, examples_note=last.examples_note)
+
+
+def rebuild(cursor, state: GateState, now: float, batch_rows: int = 500_000) -> int:
+    """Fill ``state`` from the store's window in one scan (serve's restart); returns the newest completed_at
+    (epoch us) it saw, from which GateStateSink takes over. ``cursor`` is a DuckDB cursor of the store."""
+    reader = cursor.sql(trace_frame_sql(state.settings, state.labels, now, completed=True)
+                        ).to_arrow_reader(batch_rows)
+    newest = -1
+    for batch in reader:
+        frame = pl.from_arrow(batch)
+        if frame.height:
+            newest = max(newest, int(frame["_completed_us"].max() or -1))
+            state.add_frame(frame)
+    return newest
+
+
 class GateRefresher(Periodic):
     """Component: recomputes the verdict every ``gate.refresh``; readers take ``latest`` (one reference swap)."""
     thread_name = "shadowlens-gate"
 
     def __init__(self, cursor_factory, settings: GateSettings, labels, now: Callable[[], float] = time.time,
-                 trace_url: str | None = None):
+                 trace_url: str | None = None, sink: GateStateSink | None = None,
+                 evidence_every_s: float = EVIDENCE_EVERY_S):
         self.cursor_factory = cursor_factory
+        # with a sink, a refresh judges the incremental GateState (rebuilt from the store on the first one);
+        # without one, every refresh runs the SQL over the window, as `shadowlens gate --data-dir` does
+        self.sink = sink
+        self.evidence_every_s = evidence_every_s
+        self._evidence: tuple | None = None     # (failing set, when, ExplainedVerdict) of the last evidence run
         self.trace_url = trace_url
         self.settings = settings
         self.interval_s = settings.refresh_s
@@ -78,12 +113,47 @@ class GateRefresher(Periodic):
 
     def refresh_now(self) -> Verdict:
         started = time.perf_counter()
-        cur = self.cursor_factory()
-        try:
-            verdict = evaluate_with_evidence(lambda sql: cur.sql(sql).to_arrow_table(), self.settings, self.labels,
-                                             self.now(), self.trace_url)
-        finally:
-            cur.close()
+        if self.sink is not None:
+            verdict = self._incremental()
+        else:
+            cur = self.cursor_factory()
+            try:
+                verdict = evaluate_with_evidence(lambda sql: cur.sql(sql).to_arrow_table(), self.settings,
+                                                 self.labels, self.now(), self.trace_url)
+            finally:
+                cur.close()
         self.last_seconds = time.perf_counter() - started
         self.latest = verdict
         return verdict
+
+    def _incremental(self) -> Verdict:
+        now = self.now()
+        if self.sink.after_us is None:          # the first refresh after a start: one scan of the window
+            cur = self.cursor_factory()
+            try:
+                self.sink.ready(rebuild(cur, self.sink.state, now))
+            finally:
+                cur.close()
+        verdict = judge(self.sink.state.statistics(now), self.settings, now)
+        return self._with_evidence(verdict, now)
+
+    def _with_evidence(self, verdict: Verdict, now: float) -> Verdict:
+        """Example pairs and attribution read the store (several scans of the window), so they run only when
+        the failing set changes, and every ``evidence_every_s`` while it stays the same; in between the last
+        run's evidence is attached to the new verdict."""
+        fails = frozenset((r.rule, r.cohort) for r in verdict.results if r.state == "fail")
+        last = self._evidence
+        if not fails:
+            self._evidence = None
+            return with_evidence(verdict, None, self.settings, self.labels, "", self.trace_url)
+        if last is None or last[0] != fails or now - last[1] >= self.evidence_every_s:
+            cur = self.cursor_factory()
+            try:
+                explained = with_evidence(verdict, lambda sql: cur.sql(sql).to_arrow_table(), self.settings,
+                                          self.labels, trace_frame_sql(self.settings, self.labels, now),
+                                          self.trace_url)
+            finally:
+                cur.close()
+            self._evidence = (fails, now, explained)
+            return explained
+        return reuse_evidence(verdict, last[2])

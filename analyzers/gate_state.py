@@ -1,0 +1,398 @@
+"""The gate's state kept incrementally: mergeable sums and sketches per minute of trace start, so a refresh in
+``serve`` merges a few dozen small arrays instead of rescanning the window (docs/gate.md, "How serve keeps the
+gate's state").
+
+What is kept, per *time bucket* (``bucket_s``, a minute by default, of the trace's start):
+
+* per (route, cohort label, raw value) and per route for all traffic: traces, the first start, and for every
+  mean/rate measure n, Σx, Σx², and for every quantile measure the count of values > 0;
+* per (cohort label, the baseline trace's raw value) and for all traffic, over the *pairs*: pairs, and per
+  measure n, Σb, Σc, Σb², Σc², Σbc (each measure counted only where both traces know it, as stats_sql masks);
+* request ids seen per route (the pair statuses' denominators);
+* per (route, label, value) and quantile measure a QuantileSketch (analyzers/sketch.py), kept as a running
+  total over the window (bucket counts are integers: adding a minute and taking it away again is exact), with
+  each bucket's own counts kept to take away when it leaves the window.
+
+Everything is a sum, so pooling the values with fewer than ``gate.min_samples`` traces on either route into
+``__other__`` happens at refresh time on the sums (the pooled sums are the sums of the small values' sums),
+exactly as stats_sql pools before aggregating. ``statistics(now)`` returns the dict sufficient_stats returns,
+so compare.judge gives the verdict with the same code as ``shadowlens gate --data-dir``.
+
+Pairing is streaming: a keyed trace waits (``pending_s``, by trace start) for the other route's trace of its
+request id; a pair counts in the bucket of its earlier start, so it leaves the window with its first trace, when
+the SQL stops seeing it too. The window holds the buckets that end after ``now - gate.window``: up to one bucket
+more than the SQL's exact edge (equal when the edge falls on a bucket boundary, as in the tests).
+
+Differences from the SQL path, by design: a trace revised by a late span keeps its first completion's values
+here (sinks see a trace once); a request id seen twice on one route counts its second trace as unmatched here,
+where the SQL keeps one of the two. p99 reads off the sketch, within its relative error ``alpha`` (1 %).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from .effects import quantile_grid
+from .rules import GateSettings
+from .sketch import DEFAULT_ALPHA, QuantileSketch
+from .sufficient import ALL, OTHER, measure_column
+
+ROUTES = ("baseline", "candidate")
+PAIR_STATS = ("n", "sb", "sc", "sbb", "scc", "sbc")
+
+
+@dataclass
+class _Bucket:
+    """One bucket's contributions: (slots, rows) chunks of route and pair sums, keyed counts, first starts,
+    and the sketch counts to take away from the running totals when the bucket leaves the window."""
+    route: list = field(default_factory=list)      # (slot ids, float rows)
+    pair: list = field(default_factory=list)
+    keyed: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    first: list = field(default_factory=lambda: [math.inf, math.inf])     # min start per route
+    sketch: list = field(default_factory=list)     # (quantile column index, route slot ids, keys, counts)
+
+
+def _compact(chunks: list, width: int) -> list:
+    """Chunks of (slots, rows) summed per slot into one chunk."""
+    if len(chunks) <= 1:
+        return chunks
+    slots = np.concatenate([s for s, _ in chunks])
+    rows = np.concatenate([r for _, r in chunks])
+    uniq, inv = np.unique(slots, return_inverse=True)
+    out = np.empty((uniq.size, width))
+    for j in range(width):
+        out[:, j] = np.bincount(inv, weights=rows[:, j], minlength=uniq.size)
+    return [(uniq, out)]
+
+
+class GateState:
+    """Thread-safe: ``add_frame`` from the assembler's thread, ``statistics`` from the gate's."""
+
+    def __init__(self, settings: GateSettings, labels, *, bucket_s: float = 60.0, pending_s: float | None = None,
+                 alpha: float = DEFAULT_ALPHA):
+        self.settings = settings
+        self.labels = tuple(labels)
+        self.bucket_s = float(bucket_s)
+        # how long a keyed trace waits for its partner, by start time: the pairing window plus the longest a
+        # partner can take to complete (serve passes traces.max_seconds + idle)
+        self.pending_s = float(pending_s if pending_s is not None else settings.pairing_window_s + 3600.0)
+        self.alpha = alpha
+        self.moment_cols = sorted({measure_column(r) for r in settings.rules if r.quantile is None})
+        self.quantile_cols = sorted({measure_column(r) for r in settings.rules if r.quantile is not None})
+        # route row: traces, (n, Σ, Σ²) per moment column, count > 0 per quantile column
+        self.route_width = 1 + 3 * len(self.moment_cols) + len(self.quantile_cols)
+        self.pair_width = 1 + 6 * len(self.moment_cols)
+        self._route_slots: dict[tuple, int] = {}      # (route, label or None, value) -> slot
+        self._pair_slots: dict[tuple, int] = {}       # (label or None, value) -> slot
+        self._buckets: dict[int, _Bucket] = {}
+        self._sketches: list[dict[int, QuantileSketch]] = [{} for _ in self.quantile_cols]   # running totals
+        self._pending: pl.DataFrame | None = None
+        self._newest = -math.inf           # the newest trace start seen: pending traces expire against it
+        self._oldest_bucket = -math.inf    # buckets before it have left the window
+        self._lock = threading.Lock()
+        self.traces_added = 0
+
+    # ------------------------------------------------------------ adding traces
+    def add_frame(self, frame: pl.DataFrame) -> None:
+        """Trace-frame rows (route, request_id, start_s, the labels, the measure columns) of newly completed
+        traces; rows of other routes, without a start, or older than the window are skipped."""
+        needed = ["route", "request_id", "start_s", *self.labels, *self.moment_cols, *self.quantile_cols]
+        missing = [c for c in needed if c not in frame.columns]
+        frame = frame.with_columns([pl.lit(None, dtype=pl.Float64).alias(c) for c in missing]).select(needed)
+        frame = frame.with_columns(
+            [pl.col(lab).cast(pl.Utf8).fill_null("unknown") for lab in self.labels]
+            + [pl.col(c).cast(pl.Float64) for c in (*self.moment_cols, *self.quantile_cols)]
+            + [pl.col("start_s").cast(pl.Float64), pl.col("request_id").cast(pl.Utf8)]
+        ).filter(pl.col("route").is_in(ROUTES) & pl.col("start_s").is_not_null())
+        frame = frame.with_columns((pl.col("start_s") / self.bucket_s).floor().cast(pl.Int64).alias("_bucket"))
+        with self._lock:
+            frame = frame.filter(pl.col("_bucket") >= self._oldest_bucket)
+            if frame.height == 0:
+                return
+            self.traces_added += frame.height
+            self._newest = max(self._newest, float(frame["start_s"].max()))
+            self._add_routes(frame)
+            self._add_sketches(frame)
+            self._add_pairs(frame.filter(pl.col("request_id").is_not_null()))
+
+    def _bucket(self, b: int) -> _Bucket:
+        got = self._buckets.get(b)
+        if got is None:
+            got = self._buckets[b] = _Bucket()
+        return got
+
+    def _route_slot(self, key: tuple) -> int:
+        slot = self._route_slots.get(key)
+        if slot is None:
+            slot = self._route_slots[key] = len(self._route_slots)
+        return slot
+
+    def _pair_slot(self, key: tuple) -> int:
+        slot = self._pair_slots.get(key)
+        if slot is None:
+            slot = self._pair_slots[key] = len(self._pair_slots)
+        return slot
+
+    def _rollup(self, fine: pl.DataFrame, keys: list[str], value_cols: list[str]):
+        """Rows of ``fine`` (grouped by keys + labels) summed for all traffic and for each label:
+        yields (label or None, frame with keys, "_value", value_cols)."""
+        sums = [pl.col(c).sum() for c in value_cols]
+        yield None, fine.group_by(keys).agg(sums).with_columns(pl.lit(None, dtype=pl.Utf8).alias("_value"))
+        for lab in self.labels:
+            yield lab, fine.group_by([*keys, lab]).agg(sums).rename({lab: "_value"})
+
+    def _add_routes(self, frame: pl.DataFrame) -> None:
+        aggs = [pl.len().alias("_traces").cast(pl.Float64)]
+        for c in self.moment_cols:
+            aggs += [pl.col(c).count().cast(pl.Float64).alias(c + "|n"), pl.col(c).sum().alias(c + "|s"),
+                     (pl.col(c) * pl.col(c)).sum().alias(c + "|ss")]
+        aggs += [(pl.col(c) > 0).sum().cast(pl.Float64).alias(c + "|qn") for c in self.quantile_cols]
+        values = [a.meta.output_name() for a in aggs]
+        fine = frame.group_by(["_bucket", "route", *self.labels]).agg(aggs)
+        for b, route, first in frame.group_by(["_bucket", "route"]).agg(pl.col("start_s").min()).iter_rows():
+            bucket = self._bucket(b)
+            i = ROUTES.index(route)
+            bucket.first[i] = min(bucket.first[i], first)
+        for lab, rows in self._rollup(fine, ["_bucket", "route"], values):
+            self._store(rows, values, lambda r, v, lab=lab: self._route_slot((r, lab, v)), "route")
+
+    def _store(self, rows: pl.DataFrame, values: list[str], slot_of, kind: str, route_col: str | None = "route"):
+        slots = np.fromiter((slot_of(r, v) for r, v in zip(
+            rows[route_col].to_list() if route_col else [None] * rows.height, rows["_value"].to_list())),
+            dtype=np.int64, count=rows.height)
+        matrix = rows.select(values).fill_null(0.0).to_numpy().astype(np.float64, copy=False)
+        buckets = rows["_bucket"].to_numpy()
+        for b in np.unique(buckets):
+            sel = buckets == b
+            getattr(self._bucket(int(b)), kind).append((slots[sel], matrix[sel]))
+
+    def _add_sketches(self, frame: pl.DataFrame) -> None:
+        for qi, col in enumerate(self.quantile_cols):
+            pos = frame.filter(pl.col(col) > 0)
+            if pos.height == 0:
+                continue
+            keys = QuantileSketch(self.alpha).keys(pos[col].to_numpy())
+            pos = pos.select(["_bucket", "route", *self.labels]).with_columns(pl.Series("_key", keys))
+            fine = pos.group_by(["_bucket", "route", *self.labels, "_key"]).len().with_columns(
+                pl.col("len").cast(pl.Float64))
+            for lab, rows in self._rollup(fine, ["_bucket", "route", "_key"], ["len"]):
+                slots = np.fromiter((self._route_slot((r, lab, v)) for r, v in
+                                     zip(rows["route"].to_list(), rows["_value"].to_list())), dtype=np.int64,
+                                    count=rows.height)
+                rkeys = rows["_key"].to_numpy()
+                counts = rows["len"].to_numpy()
+                buckets = rows["_bucket"].to_numpy()
+                for b in np.unique(buckets):
+                    sel = buckets == b
+                    self._bucket(int(b)).sketch.append((qi, slots[sel], rkeys[sel], counts[sel]))
+                self._apply_sketch(qi, slots, rkeys, counts, 1)
+
+    def _apply_sketch(self, qi: int, slots: np.ndarray, keys: np.ndarray, counts: np.ndarray, sign: int) -> None:
+        totals = self._sketches[qi]
+        order = np.argsort(slots, kind="stable")
+        slots, keys, counts = slots[order], keys[order], counts[order]
+        starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]])
+        ends = np.r_[starts[1:], slots.size]
+        for s, e in zip(starts, ends):
+            sk = totals.get(int(slots[s]))
+            if sk is None:
+                sk = totals[int(slots[s])] = QuantileSketch(self.alpha)
+            sk.add_keys(keys[s:e], counts[s:e], sign)
+
+    def _add_pairs(self, keyed: pl.DataFrame) -> None:
+        """Join the keyed traces with those waiting for their partner; count new request ids per route."""
+        if keyed.height == 0 and self._pending is None:
+            return
+        keyed = keyed.unique(["request_id", "route"], keep="first", maintain_order=True)
+        if self._pending is not None and self._pending.height:
+            # a request id already waiting on this route: a second trace, not a new request id
+            keyed = keyed.join(self._pending.select("request_id", "route"), on=["request_id", "route"], how="anti")
+        for b, route, n in keyed.group_by(["_bucket", "route"]).len().iter_rows():
+            self._bucket(b).keyed[ROUTES.index(route)] += n
+        pool = keyed if self._pending is None else pl.concat([self._pending, keyed], how="vertical_relaxed")
+        b = pool.filter(pl.col("route") == "baseline")
+        c = pool.filter(pl.col("route") == "candidate")
+        met = b.join(c, on="request_id", how="inner", suffix="_c")
+        rest = pool.filter(~pl.col("request_id").is_in(met["request_id"].implode())) if met.height else pool
+        horizon = max(self._newest - self.pending_s, self._oldest_bucket * self.bucket_s)
+        self._pending = rest.filter(pl.col("start_s") >= horizon)
+        pairs = met.filter((pl.col("start_s") - pl.col("start_s_c")).abs() <= self.settings.pairing_window_s)
+        if pairs.height:
+            self._add_pair_sums(pairs)
+
+    def _add_pair_sums(self, pairs: pl.DataFrame) -> None:
+        aggs = [pl.len().cast(pl.Float64).alias("_pairs")]
+        for col in self.moment_cols:
+            ok = pl.col(col).is_not_null() & pl.col(col + "_c").is_not_null()
+            vb, vc = pl.when(ok).then(pl.col(col)), pl.when(ok).then(pl.col(col + "_c"))
+            aggs += [ok.sum().cast(pl.Float64).alias(f"{col}|n"), vb.sum().alias(f"{col}|sb"),
+                     vc.sum().alias(f"{col}|sc"), (vb * vb).sum().alias(f"{col}|sbb"),
+                     (vc * vc).sum().alias(f"{col}|scc"), (vb * vc).sum().alias(f"{col}|sbc")]
+        values = [a.meta.output_name() for a in aggs]
+        pairs = pairs.with_columns(
+            (pl.min_horizontal("start_s", "start_s_c") / self.bucket_s).floor().cast(pl.Int64).alias("_bucket"))
+        fine = pairs.group_by(["_bucket", *self.labels]).agg(aggs)
+        for lab, rows in self._rollup(fine, ["_bucket"], values):
+            self._store(rows, values, lambda _, v, lab=lab: self._pair_slot((lab, v)), "pair", route_col=None)
+
+    # ------------------------------------------------------------ the window
+    def _slide(self, now: float) -> None:
+        """Buckets that end at or before now - window leave: their sketch counts are taken away."""
+        first = math.floor((now - self.settings.window_s) / self.bucket_s)    # the bucket holding the edge
+        if first <= self._oldest_bucket:
+            return
+        self._oldest_bucket = first
+        for b in [b for b in self._buckets if b < first]:
+            for qi, slots, keys, counts in self._buckets.pop(b).sketch:
+                self._apply_sketch(qi, slots, keys, counts, -1)
+        if self._pending is not None:
+            self._pending = self._pending.filter(pl.col("_bucket") >= first)
+
+    def statistics(self, now: float) -> dict:
+        """The window's sufficient statistics, as sufficient.sufficient_stats returns them."""
+        with self._lock:
+            self._slide(now)
+            route_tot = np.zeros((len(self._route_slots), self.route_width))
+            pair_tot = np.zeros((len(self._pair_slots), self.pair_width))
+            keyed = np.zeros(2)
+            first = [math.inf, math.inf]
+            for bucket in self._buckets.values():
+                bucket.route = _compact(bucket.route, self.route_width)
+                bucket.pair = _compact(bucket.pair, self.pair_width)
+                for slots, rows in bucket.route:
+                    route_tot[slots] += rows
+                for slots, rows in bucket.pair:
+                    pair_tot[slots] += rows
+                keyed += bucket.keyed
+                first = [min(a, x) for a, x in zip(first, bucket.first)]
+            route_slots, pair_slots = dict(self._route_slots), dict(self._pair_slots)
+            sketches = [dict(s) for s in self._sketches]
+            return self._assemble(route_tot, pair_tot, keyed, first, route_slots, pair_slots, sketches)
+
+    def _pooled(self, route_tot: np.ndarray, route_slots: dict) -> dict[tuple[str, str], str]:
+        """(label, raw value) -> the cohort value it is judged under: itself, or __other__ when it has fewer
+        than gate.min_samples traces on either route in the window."""
+        counts: dict[tuple[str, str], list[float]] = {}
+        for (route, lab, value), slot in route_slots.items():
+            if lab is not None:
+                counts.setdefault((lab, value), [0.0, 0.0])[ROUTES.index(route)] += route_tot[slot, 0]
+        n = self.settings.min_samples
+        return {key: (OTHER if min(cb, cc) < n else key[1]) for key, (cb, cc) in counts.items() if cb + cc > 0}
+
+    def _assemble(self, route_tot, pair_tot, keyed, first, route_slots, pair_slots, sketches) -> dict:
+        pooled = self._pooled(route_tot, route_slots)
+        cohort_of = lambda lab, value: ALL if lab is None else f"{lab}={pooled[(lab, value)]}"
+        out: dict = {"paired": {}, "unpaired": {}, "quantiles": {}, "routes": {}, "keyed": {}, "first_candidate": None,
+                     "cohort_traces": {}}
+        # route sums per (route, cohort); pooled cohorts add up their values' rows and sketches
+        by_cohort: dict[tuple[str, str], np.ndarray] = {}
+        members: dict[tuple[str, str], list[int]] = {}
+        for (route, lab, value), slot in route_slots.items():
+            row = route_tot[slot]
+            if row[0] <= 0:
+                continue
+            key = (route, cohort_of(lab, value))
+            by_cohort[key] = by_cohort[key] + row if key in by_cohort else row.copy()
+            members.setdefault(key, []).append(slot)
+        m = len(self.moment_cols)
+        for (route, cohort), row in by_cohort.items():
+            side = "b" if route == "baseline" else "c"
+            out["cohort_traces"][cohort] = out["cohort_traces"].get(cohort, 0) + int(row[0])
+            if cohort == ALL:
+                out["routes"][route] = int(row[0])
+            for i, col in enumerate(self.moment_cols):
+                d = out["unpaired"].setdefault((col, cohort), dict.fromkeys(("nb", "nc", "sb", "sc", "sbb", "scc"), 0))
+                d["n" + side], d["s" + side], d["s" + side * 2] = int(row[1 + 3 * i]), row[2 + 3 * i], row[3 + 3 * i]
+            for qi, col in enumerate(self.quantile_cols):
+                qn = int(row[1 + 3 * m + qi])
+                grid = None
+                if qn:
+                    parts = [sketches[qi][s] for s in members[(route, cohort)] if s in sketches[qi]]
+                    sk = parts[0] if len(parts) == 1 else _merged(parts, self.alpha)
+                    grid = sk.quantiles(self._grid(col))
+                out["quantiles"].setdefault((col, cohort), {})[route] = (qn, grid)
+        if first[1] < math.inf and "candidate" in out["routes"]:
+            out["first_candidate"] = first[1]
+        out["keyed"] = {"baseline": int(keyed[0]), "candidate": int(keyed[1])}
+        # pairs per cohort of the baseline trace's value
+        pairs: dict[str, np.ndarray] = {}
+        for (lab, value), slot in pair_slots.items():
+            row = pair_tot[slot]
+            if row[0] <= 0:
+                continue
+            cohort = cohort_of(lab, value)
+            pairs[cohort] = pairs[cohort] + row if cohort in pairs else row.copy()
+        for cohort, row in pairs.items():
+            out["paired"][(None, cohort)] = int(row[0])
+            for i, col in enumerate(self.moment_cols):
+                v = row[1 + 6 * i:7 + 6 * i]
+                out["paired"][(col, cohort)] = {"n": int(v[0]), **{s: float(x) for s, x in zip(PAIR_STATS[1:], v[1:])}}
+        return out
+
+    def _grid(self, col: str) -> list[float]:
+        # as stats_sql: the last quantile rule on a column sets its grid
+        rule = {measure_column(r): r for r in self.settings.rules if r.quantile is not None}[col]
+        return quantile_grid(rule)
+
+    def memory(self) -> dict:
+        """What the state holds, for the bench: buckets, slots, waiting traces, sketch buckets."""
+        with self._lock:
+            return {"buckets": len(self._buckets), "route_slots": len(self._route_slots),
+                    "pair_slots": len(self._pair_slots), "pending": 0 if self._pending is None else self._pending.height,
+                    "sketch_entries": sum(s[1].size for b in self._buckets.values() for s in b.sketch)}
+
+
+def _merged(parts: list[QuantileSketch], alpha: float) -> QuantileSketch:
+    out = QuantileSketch(alpha)
+    for p in parts:
+        out.merge(p)
+    return out
+
+
+class GateStateSink:
+    """A sink of the TraceAssembler (as PairingSink is): each round's completed traces, as the trace-frame
+    columns the SQL reads (pairing.completed_frame), into the GateState. Until the state has been rebuilt
+    from the store (GateRefresher's first refresh), rounds wait here; afterwards only traces completed after
+    the rebuild's newest ``completed_at`` count, so none is counted twice."""
+
+    def __init__(self, state: GateState, max_waiting: int = 1000):
+        self.state = state
+        self.max_waiting = max_waiting
+        self.after_us: int | None = None          # set by ready()
+        self._waiting: list[pl.DataFrame] = []
+        self._lock = threading.Lock()
+
+    def frame(self, done) -> pl.DataFrame:
+        from .pairing import completed_frame
+        s = self.state
+        t = done.traces
+        start = pl.col("start_time")
+        start_s = (start.dt.epoch("us") / 1e6) if t.schema["start_time"].is_temporal() else start.cast(pl.Float64)
+        done_us = (pl.col("completed_at").dt.epoch("us") if "completed_at" in t.columns
+                   else pl.lit(None, dtype=pl.Int64))
+        extra = t.select(pl.col("trace_id"), start_s.alias("start_s"), done_us.alias("_completed_us"))
+        return completed_frame(done, s.settings, s.labels).join(extra, on="trace_id", how="left")
+
+    def __call__(self, done) -> None:
+        if done.traces.height == 0:
+            return
+        frame = self.frame(done)
+        with self._lock:
+            if self.after_us is None:
+                if len(self._waiting) < self.max_waiting:     # bounded: the rebuild comes within one refresh
+                    self._waiting.append(frame)
+                return
+            after = self.after_us
+        self.state.add_frame(frame.filter(pl.col("_completed_us").is_null() | (pl.col("_completed_us") > after)))
+
+    def ready(self, after_us: int) -> None:
+        """The rebuild saw every trace completed up to ``after_us``: add the rounds that waited, past it."""
+        with self._lock:
+            self.after_us, waiting, self._waiting = after_us, self._waiting, []
+        for frame in waiting:
+            self.state.add_frame(frame.filter(pl.col("_completed_us").is_null()
+                                              | (pl.col("_completed_us") > after_us)))
