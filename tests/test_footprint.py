@@ -1,0 +1,67 @@
+"""The sidecar's footprint: serve runs as three processes and no more; bench/footprint.py's accounting."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import footprint  # noqa: E402
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def test_serve_is_three_processes_without_multiprocessings_resource_tracker(serve_factory):
+    """The frontend and decoder share no semaphores or shared memory: a resource tracker process (~8 MB)
+    beside them was memory for nothing, and the children do not import the CLI (click) to start."""
+    srv = serve_factory()
+    kids = _children(srv.proc.pid)
+    cmdlines = [Path(f"/proc/{k}/cmdline").read_bytes().replace(b"\0", b" ").decode() for k in kids]
+    assert len(kids) == 2, cmdlines
+    assert not any("resource_tracker" in c or "multiprocessing" in c for c in cmdlines), cmdlines
+    roles = sorted(c.split("_child_main()")[1].split()[0] for c in cmdlines)
+    assert roles == ["decoder", "frontend"]
+    for k in kids:
+        maps = Path(f"/proc/{k}/maps").read_text()
+        assert "/click/" not in maps and "_polars" not in maps and "_duckdb" not in maps
+
+
+def test_disk_bytes_counts_the_payload_log_and_duckdb_apart(tmp_path):
+    (tmp_path / "segments").mkdir()
+    (tmp_path / "segments" / "00000001.seg").write_bytes(b"x" * 10_000)
+    (tmp_path / "shadowlens.duckdb").write_bytes(b"y" * 20_000)
+    (tmp_path / "shadowlens.duckdb.wal").write_bytes(b"z" * 5_000)
+    (tmp_path / "serve.sock.lock").write_bytes(b"")
+    parts = footprint.disk_bytes(str(tmp_path))
+    block = os.statvfs(tmp_path).f_frsize
+    def rounded(n):
+        return -(-n // block) * block
+    assert parts["segments"] >= 10_000 and parts["segments"] <= rounded(10_000) + block
+    assert rounded(25_000) - 2 * block <= parts["duckdb"] <= rounded(20_000) + rounded(5_000) + 2 * block
+    assert parts["total"] == parts["segments"] + parts["duckdb"] + parts["other"]
+    assert footprint.per_span({"total": 1000}, 4) == {"total": 250.0}
+
+
+def test_the_tree_alone_counts_a_page_two_processes_map_once():
+    """The goals are read on the tree's distinct pages: a page two processes map counts once, split between them."""
+    pages = footprint.resident_pages(os.getpid())
+    if pages is None:       # page numbers need root
+        return
+    assert len(pages) * 4096 <= int(footprint.smaps_rollup(os.getpid())["Rss"]) * 1024 * 1.05 + 4096 * 64
+    assert len(set(pages.tolist())) == len(pages)
+
+
+def test_gate_figures_read_the_shapes_bench_gate_writes():
+    found = {"refresh_s": {}, "cli_s": {}}
+    footprint._collect_gate({"traces": 1_000_000, "gate_cli_s": {"median": 0.76}}, found)
+    footprint._collect_gate({"refresh_s": {"1000000": {"median": 0.004}, "8000000": 0.03}}, found)
+    footprint._collect_gate({"windows": [{"traces": 8_000_000, "refresh_s": {"median": 0.02}}]}, found)
+    assert found == {"cli_s": {"1000000": 0.76}, "refresh_s": {"1000000": 0.004, "8000000": 0.02}}
