@@ -196,7 +196,7 @@ def render_footprint(results: Path) -> str:
 
     def procs(phase: str) -> str:
         by = ph.get(phase, {}).get("by_process", {})
-        return ", ".join(f"{name} {v['pss']:.0f}" for name, v in by.items())
+        return ", ".join(f"{name} {v.get('alone', v['pss']):.0f}" for name, v in by.items())
 
     def cores(x) -> str:
         return "–" if x is None else f"{x:.3f} cores"
@@ -233,8 +233,12 @@ def render_footprint(results: Path) -> str:
            f" --gate {p['gate']}")
     gate_src = ", ".join(f"{x['file']} ({x['commit']})" for x in (d["results"].get("gate") or {}).get("sources", []))
     out += ["", _caption(d, cmd) + " Memory is the summed PSS of serve's process tree in MB (each process's share in"
-            " brackets); CPU is utime+stime of the tree over the phase; bytes after the queue drained and the server"
-            " stopped." + (f" The gate's figures are read from {gate_src}." if gate_src else "")]
+            " brackets)" + (", as it is alone in its container: the tree's distinct resident pages, since on the shared"
+                            " bench machine the kernel's PSS also splits library pages with other processes of the"
+                            f" venv (it read {_mb(s.get('machine_pss_idle_mb'))} idle)"
+                            if s.get("memory_basis") == "alone" else "")
+            + "; CPU is utime+stime of the tree over the phase; bytes after the queue drained and the server stopped."
+            + (f" The gate's figures are read from {gate_src}." if gate_src else "")]
     return "\n".join(out)
 
 

@@ -10,8 +10,12 @@ import itertools
 import logging
 import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
 import threading
 import time
+from multiprocessing.connection import Connection
 
 from ..counters import sum_snapshots
 from ..errors import SetAside
@@ -23,6 +27,61 @@ log = logging.getLogger("shadowlens.ingest")
 # Decoded spans this process holds for the writer: two of its largest groups (writer.MAX_GROUP_SPANS).
 DECODED_MAX_SPANS = 65536
 CHILDREN = ("frontend", "decoder")
+
+# A child reads its role, its pipes' descriptors and its arguments, then runs the role's main.
+_BOOT = "from shadowlens.collector.ingest.supervisor import _child_main; _child_main()"
+
+
+class ChildProcess:
+    """A child process as a fresh interpreter (subprocess), holding the ends of ``multiprocessing`` pipes.
+
+    Not multiprocessing's spawn: it also starts multiprocessing's resource tracker, a third Python
+    process (~8 MB) that these children, which share no semaphores or shared memory, never use, and
+    it re-imports serve's main module (the CLI: click, yaml) into each child before its work begins.
+    The pipes' descriptors are inherited (pass_fds); the other arguments are pickled on stdin."""
+
+    def __init__(self, role: str, conns: tuple, args: tuple):
+        self.role, self.conns, self.args = role, conns, args
+        self._popen: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        spec = [f"{c.fileno()}:{int(c.readable)}{int(c.writable)}" for c in self.conns]
+        cmd = [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", _BOOT, self.role, *spec]
+        self._popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=[c.fileno() for c in self.conns])
+        try:
+            self._popen.stdin.write(pickle.dumps(self.args))
+            self._popen.stdin.close()
+        except OSError:
+            pass    # it died at once; the supervisor sees it as not alive
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen is not None else None
+
+    def is_alive(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._popen is not None:
+            try:
+                self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self._popen.kill()
+
+
+def _child_main() -> None:
+    """The child's side of ChildProcess: rebuild the pipe ends, read the arguments, run the role."""
+    role, *spec = sys.argv[1:]
+    conns = [Connection(int(fd), readable=rw[0] == "1", writable=rw[1] == "1")
+             for fd, rw in (s.split(":") for s in spec)]
+    args = pickle.load(sys.stdin.buffer)
+    sys.stdin.close()
+    target = {"frontend": frontend.main, "decoder": decoder.main}[role]
+    target(*conns, *args)
 
 
 class IngestSupervisor:
@@ -36,7 +95,7 @@ class IngestSupervisor:
         self.child_counters = child_counters
         self.start_timeout = start_timeout
         self.ready = False
-        self._procs: dict[str, multiprocessing.Process] = {}
+        self._procs: dict[str, ChildProcess] = {}
         self._fe_conn = None
         self._send_lock = threading.Lock()
         self._ready = threading.Event()
@@ -50,18 +109,15 @@ class IngestSupervisor:
         self.on_child_exit = None     # called once if a child process ends without being asked to
 
     def start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
         # glibc gives each thread that allocates its own malloc arena (up to 8 per core); with
         # 30-odd receiver threads holding 1 MB requests that was ~150 MB of RSS in the frontend.
         os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-        fe_parent, fe_child = ctx.Pipe(duplex=True)
-        dec_in, fe_to_dec = ctx.Pipe(duplex=False)        # frontend -> decoder
-        dec_parent, dec_out = ctx.Pipe(duplex=False)      # decoder -> supervisor
+        fe_parent, fe_child = multiprocessing.Pipe(duplex=True)
+        dec_in, fe_to_dec = multiprocessing.Pipe(duplex=False)        # frontend -> decoder
+        dec_parent, dec_out = multiprocessing.Pipe(duplex=False)      # decoder -> supervisor
         self._fe_conn = fe_parent
-        self._procs["decoder"] = ctx.Process(target=decoder.main, name="shadowlens-decoder", daemon=True,
-                                             args=(dec_in, dec_out, self.settings))
-        self._procs["frontend"] = ctx.Process(target=frontend.main, name="shadowlens-frontend", daemon=True,
-                                              args=(fe_child, fe_to_dec, self.settings, self.store.first_segment))
+        self._procs["decoder"] = ChildProcess("decoder", (dec_in, dec_out), (self.settings,))
+        self._procs["frontend"] = ChildProcess("frontend", (fe_child, fe_to_dec), (self.settings, self.store.first_segment))
         for p in self._procs.values():
             p.start()
         for c in (fe_child, fe_to_dec, dec_in, dec_out):
