@@ -54,6 +54,20 @@ SELF_METRICS = (
     MetricSpec("shadowlens_store_writable", "gauge", (),
                "0 while writes to the data disk fail for want of space (Exports get UNAVAILABLE / 503, /readyz is"
                " 503), else 1."),
+    MetricSpec("shadowlens_store_max_bytes", "gauge", (), "The store's disk budget, store.max_bytes (0: none)."),
+    MetricSpec("shadowlens_store_used_bytes", "gauge", (),
+               "Bytes the disk budget counts: payload segments, DuckDB's used blocks and its WAL (DuckDB's file keeps"
+               " the blocks a delete frees for reuse, so shadowlens_store_bytes may be larger)."),
+    MetricSpec("shadowlens_store_retention_seconds", "gauge", (), "store.retention: how long data is kept at most."),
+    MetricSpec("shadowlens_store_oldest_age_seconds", "gauge", (),
+               "Age of the oldest data kept (its oldest payload's receive time); shown once the store holds data."
+               " Below shadowlens_store_retention_seconds on an old store: the disk budget keeps less."),
+    MetricSpec("shadowlens_store_budget_deleted_spans", "counter", (),
+               "Spans deleted because the store was over store.max_bytes (the oldest first), not for their age."),
+    MetricSpec("shadowlens_store_budget_deleted_segments", "counter", (),
+               "Payload segments deleted because the store was over store.max_bytes."),
+    MetricSpec("shadowlens_store_budget_deleted_bytes", "counter", (),
+               "Payload-log bytes (segment files) deleted because the store was over store.max_bytes."),
 )
 
 # CONTRACT §6; <cohort> stands for the configured cohort labels (default intent, language, tier).

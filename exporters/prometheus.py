@@ -102,3 +102,29 @@ def _derived_families(snap: dict) -> Iterable:
     for write in names:
         seconds.add_metric([write], snap["seconds"].get(write, 0.0))
     yield seconds
+
+
+class StoreBudgetCollector(Collector):
+    """The disk budget and what it deleted, from ``Retention.snapshot`` (kept by the retention thread: a
+    scrape never queries DuckDB)."""
+
+    def __init__(self, snapshot: Callable[[], dict]):
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterable:
+        s = self.snapshot()
+        for name, value in (("shadowlens_store_max_bytes", s["max_bytes"]),
+                            ("shadowlens_store_used_bytes", s["used_bytes"]),
+                            ("shadowlens_store_retention_seconds", s["retention_s"])):
+            g = GaugeMetricFamily(name, _SPECS[name].help)
+            g.add_metric([], float(value))
+            yield g
+        if s["oldest_s"] is not None:
+            name = "shadowlens_store_oldest_age_seconds"
+            g = GaugeMetricFamily(name, _SPECS[name].help)
+            g.add_metric([], max(0.0, s["now_s"] - s["oldest_s"]))
+            yield g
+        budget = s["budget"]
+        yield _counter("shadowlens_store_budget_deleted_spans", budget.spans)
+        yield _counter("shadowlens_store_budget_deleted_segments", budget.segments)
+        yield _counter("shadowlens_store_budget_deleted_bytes", budget.bytes)

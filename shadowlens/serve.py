@@ -35,7 +35,7 @@ from shadowlens.analyzers.window import WindowQuery, WindowRefresher
 from shadowlens.exporters.analysis import AnalysisMetrics, GateMetrics
 from shadowlens.exporters.http import MetricsServer
 from shadowlens.exporters.parquet import ExportCollector, ParquetRunner, store_source
-from shadowlens.exporters.prometheus import IngestCollector
+from shadowlens.exporters.prometheus import IngestCollector, StoreBudgetCollector
 from shadowlens.exporters.verdict_json import http_status, verdict_to_json
 
 from . import startup
@@ -107,7 +107,8 @@ def build_app(cfg: Config) -> App:
     app.ingest = IngestSupervisor(store, ingest_settings(cfg), child_counters)
     store.replay_normalizer = Normalizer(cfg.cohort_labels, cfg.evals, PriceTable.load(cfg.prices), cfg.receivers.scanner)
     retention = Retention(data_dir, store.write, cfg.store.retention_s, cfg.store.retention_check_s,
-                          current_segment=store.current_segment)
+                          current_segment=store.current_segment, max_bytes=cfg.store.max_bytes, cursor=store.cursor)
+    registry.register(StoreBudgetCollector(retention.snapshot))
     analyzers = _analyzers(cfg, gate, store, app.metrics) if cfg.analyzers.enabled else []
     # downstream first: the store must be open before anything can submit to it
     # reprice uses the price entries of the config the *command* was given (the current table),

@@ -27,9 +27,11 @@ ROUTES, LABELS, RULES = 3, 3, 5
 BUCKETS = {"duration": 14, "steps": 14, "cost": 13}     # bounds; +Inf, _sum and _count come on top
 
 
-OTHERS = 68            # families whose labels only the server sets (receiver, reason, stage, write, status, state ...;
+OTHERS = 75            # families whose labels only the server sets (receiver, reason, stage, write, status, state ...;
                        # 65: shadowlens_pairs_total{status="ambiguous"}, pair units not paired for sure)
                        # +3: shadowlens_store_compaction_pending_bytes, _compacted_input/output_bytes_total
+                       # +7: the disk budget's shadowlens_store_max_bytes, _used_bytes, _retention_seconds,
+                       # _oldest_age_seconds and _budget_deleted_spans/segments/bytes_total (no labels)
 PAIRED_RULES = 4       # default rules with mergeable pair sums (every one but the p99 quantile rule)
 
 

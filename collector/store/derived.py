@@ -179,6 +179,35 @@ def delete_older_than(cutoff_us: int) -> DerivedWrite[RetentionPass]:
     return DerivedWrite("retention", apply)
 
 
+@dataclass(frozen=True)
+class BudgetPass:
+    spans: int                  # spans deleted
+    payloads: int               # payload rows deleted (one per request)
+
+
+def delete_segments_before(keep_from: int) -> DerivedWrite[BudgetPass]:
+    """Delete the rows of every payload in segments below ``keep_from`` (the disk budget's oldest data first):
+    their spans, evals and logs, the payload rows, and the trace rows none of whose spans remain (every span
+    older than the oldest payload left). The caller never passes a segment that may hold a record DuckDB
+    lacks (``StoreWriter.current_segment``)."""
+    def apply(con: duckdb.DuckDBPyConnection) -> BudgetPass:
+        k = {"keep": keep_from}
+        last = con.execute("SELECT max(ingest_seq) FROM payloads WHERE segment < $keep", k).fetchone()[0]
+        if last is None:
+            return BudgetPass(0, 0)
+        # a row's ingest_seq is its commit's, as its payload's: the bound lets zonemaps skip newer row groups
+        k["last"] = last
+        gone = "ingest_seq <= $last AND payload_id IN (SELECT payload_id FROM payloads WHERE segment < $keep)"
+        n = con.execute(f"DELETE FROM spans_core WHERE {gone}", k).fetchone()[0]
+        con.execute(f"DELETE FROM evals WHERE {gone}", k)
+        con.execute(f"DELETE FROM logs WHERE {gone}", k)
+        p = con.execute("DELETE FROM payloads WHERE segment < $keep", {"keep": keep_from}).fetchone()[0]
+        floor = con.execute("SELECT coalesce(min(ingest_seq), $next) FROM payloads", {"next": last + 1}).fetchone()[0]
+        con.execute("DELETE FROM traces WHERE max_ingest_seq < $floor", {"floor": floor})
+        return BudgetPass(int(n), int(p))
+    return DerivedWrite("retention", apply)
+
+
 def update_costs(con: duckdb.DuckDBPyConnection, new_costs: pa.Table) -> int:
     """Set spans' ``cost_usd`` from ``new_costs`` (rid: the span's rowid, trace_id, cost) and sum the
     affected traces' costs again; the number of traces updated. Runs inside a derived write (reprice):
