@@ -214,3 +214,16 @@ def test_the_kubernetes_budget_is_80_to_90_percent_of_its_volume():
     assert request.endswith("Gi")
     volume = int(request[:-2]) * 1024**3
     assert 0.8 <= budget / volume <= 0.9, (budget, volume)
+
+
+def test_a_running_serve_shows_the_budget_on_metrics(serve_factory):
+    import urllib.request
+    srv = serve_factory(env={"SHADOWLENS_STORE__MAX_BYTES": "3GiB"})
+    with urllib.request.urlopen(srv.metrics_url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    lines = dict(ln.rsplit(" ", 1) for ln in text.splitlines() if ln and not ln.startswith("#"))
+    assert float(lines["shadowlens_store_max_bytes"]) == 3 * 1024**3
+    assert float(lines["shadowlens_store_retention_seconds"]) == 7 * 86400
+    assert float(lines["shadowlens_store_used_bytes"]) > 0          # measured at start: DuckDB's first blocks
+    for name in ("spans", "segments", "bytes"):
+        assert float(lines[f"shadowlens_store_budget_deleted_{name}_total"]) == 0
