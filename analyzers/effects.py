@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from .rules import Rule
 from .sequential import anytime_p_one_sided, log_se_from_grid, radius
@@ -30,19 +31,19 @@ class Estimate:
     n: int
     radius: float
 
-    @property
+    @cached_property     # read several times per refresh for each of ~1,000 results
     def p_past(self) -> float:
         """Anytime p-value for "the effect is within the margin" (one-sided; the largest of its tests)."""
         return max((anytime_p_one_sided((t.estimate - t.bound) * t.worse / t.se, self.n) for t in self.tests),
                    default=1.0)
 
-    @property
+    @cached_property
     def past(self) -> bool:
         """The whole confidence sequence is past the margin (and past the floor, if the rule has one)."""
         return bool(self.tests) and all((t.estimate - t.worse * self.radius * t.se - t.bound) * t.worse > 0
                                         for t in self.tests)
 
-    @property
+    @cached_property
     def within(self) -> bool:
         """The whole confidence sequence is within the margin (or the rise is bounded below the floor)."""
         return any((t.estimate + t.worse * self.radius * t.se - t.bound) * t.worse <= 0 for t in self.tests)

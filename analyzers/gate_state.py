@@ -86,6 +86,8 @@ class GateState:
         # route row: traces, (n, Σ, Σ²) per moment column, count > 0 per quantile column
         self.route_width = 1 + 3 * len(self.moment_cols) + len(self.quantile_cols)
         self.pair_width = 1 + 6 * len(self.moment_cols)
+        # as stats_sql: the last quantile rule on a column sets the probabilities read off its sketches
+        self._grids = {measure_column(r): quantile_grid(r) for r in settings.rules if r.quantile is not None}
         self._route_slots: dict[tuple, int] = {}      # (route, label or None, value) -> slot
         self._pair_slots: dict[tuple, int] = {}       # (label or None, value) -> slot
         self._buckets: dict[int, _Bucket] = {}
@@ -277,66 +279,76 @@ class GateState:
         """(label, raw value) -> the cohort value it is judged under: itself, or __other__ when it has fewer
         than gate.min_samples traces on either route in the window."""
         counts: dict[tuple[str, str], list[float]] = {}
+        traces = route_tot[:, 0].tolist()
         for (route, lab, value), slot in route_slots.items():
             if lab is not None:
-                counts.setdefault((lab, value), [0.0, 0.0])[ROUTES.index(route)] += route_tot[slot, 0]
+                counts.setdefault((lab, value), [0.0, 0.0])[route == "candidate"] += traces[slot]
         n = self.settings.min_samples
         return {key: (OTHER if min(cb, cc) < n else key[1]) for key, (cb, cc) in counts.items() if cb + cc > 0}
 
     def _assemble(self, route_tot, pair_tot, keyed, first, route_slots, pair_slots, sketches) -> dict:
         pooled = self._pooled(route_tot, route_slots)
-        cohort_of = lambda lab, value: ALL if lab is None else f"{lab}={pooled[(lab, value)]}"
         out: dict = {"paired": {}, "unpaired": {}, "quantiles": {}, "routes": {}, "keyed": {}, "first_candidate": None,
                      "cohort_traces": {}}
+        # plain lists: a few hundred short rows read element by element are much cheaper than numpy scalars
+        route_rows, pair_rows = route_tot.tolist(), pair_tot.tolist()
         # route sums per (route, cohort); pooled cohorts add up their values' rows and sketches
-        by_cohort: dict[tuple[str, str], np.ndarray] = {}
+        by_cohort: dict[tuple[str, str], list[float]] = {}
         members: dict[tuple[str, str], list[int]] = {}
         for (route, lab, value), slot in route_slots.items():
-            row = route_tot[slot]
+            row = route_rows[slot]
             if row[0] <= 0:
                 continue
-            key = (route, cohort_of(lab, value))
-            by_cohort[key] = by_cohort[key] + row if key in by_cohort else row.copy()
-            members.setdefault(key, []).append(slot)
+            key = (route, ALL if lab is None else f"{lab}={pooled[(lab, value)]}")
+            got = by_cohort.get(key)
+            if got is None:
+                by_cohort[key], members[key] = row, [slot]
+            else:
+                by_cohort[key] = [a + b for a, b in zip(got, row)]
+                members[key].append(slot)
         m = len(self.moment_cols)
+        wanted: list[list] = [[] for _ in self.quantile_cols]     # (key, route, sketch) whose grid is read
+        unpaired, quantiles, cohort_traces = out["unpaired"], out["quantiles"], out["cohort_traces"]
         for (route, cohort), row in by_cohort.items():
             side = "b" if route == "baseline" else "c"
-            out["cohort_traces"][cohort] = out["cohort_traces"].get(cohort, 0) + int(row[0])
+            cohort_traces[cohort] = cohort_traces.get(cohort, 0) + int(row[0])
             if cohort == ALL:
                 out["routes"][route] = int(row[0])
             for i, col in enumerate(self.moment_cols):
-                d = out["unpaired"].setdefault((col, cohort), dict.fromkeys(("nb", "nc", "sb", "sc", "sbb", "scc"), 0))
+                d = unpaired.get((col, cohort))
+                if d is None:
+                    d = unpaired[(col, cohort)] = {"nb": 0, "nc": 0, "sb": 0, "sc": 0, "sbb": 0, "scc": 0}
                 d["n" + side], d["s" + side], d["s" + side * 2] = int(row[1 + 3 * i]), row[2 + 3 * i], row[3 + 3 * i]
             for qi, col in enumerate(self.quantile_cols):
                 qn = int(row[1 + 3 * m + qi])
-                grid = None
+                quantiles.setdefault((col, cohort), {})[route] = (qn, None)
                 if qn:
                     parts = [sketches[qi][s] for s in members[(route, cohort)] if s in sketches[qi]]
-                    sk = parts[0] if len(parts) == 1 else _merged(parts, self.alpha)
-                    grid = sk.quantiles(self._grid(col))
-                out["quantiles"].setdefault((col, cohort), {})[route] = (qn, grid)
+                    wanted[qi].append(((col, cohort), route, parts[0] if len(parts) == 1 else _merged(parts, self.alpha)))
+        for qi, col in enumerate(self.quantile_cols):       # every grid of a column in one numpy pass
+            grids = QuantileSketch.quantiles_many([sk for _, _, sk in wanted[qi]], self._grids[col])
+            for (key, route, _), grid in zip(wanted[qi], grids):
+                quantiles[key][route] = (quantiles[key][route][0], grid)
         if first[1] < math.inf and "candidate" in out["routes"]:
             out["first_candidate"] = first[1]
         out["keyed"] = {"baseline": int(keyed[0]), "candidate": int(keyed[1])}
         # pairs per cohort of the baseline trace's value
-        pairs: dict[str, np.ndarray] = {}
+        pairs: dict[str, list[float]] = {}
         for (lab, value), slot in pair_slots.items():
-            row = pair_tot[slot]
+            row = pair_rows[slot]
             if row[0] <= 0:
                 continue
-            cohort = cohort_of(lab, value)
-            pairs[cohort] = pairs[cohort] + row if cohort in pairs else row.copy()
+            cohort = ALL if lab is None else f"{lab}={pooled[(lab, value)]}"
+            got = pairs.get(cohort)
+            pairs[cohort] = row if got is None else [a + b for a, b in zip(got, row)]
+        paired = out["paired"]
         for cohort, row in pairs.items():
-            out["paired"][(None, cohort)] = int(row[0])
+            paired[(None, cohort)] = int(row[0])
             for i, col in enumerate(self.moment_cols):
-                v = row[1 + 6 * i:7 + 6 * i]
-                out["paired"][(col, cohort)] = {"n": int(v[0]), **{s: float(x) for s, x in zip(PAIR_STATS[1:], v[1:])}}
+                j = 1 + 6 * i
+                paired[(col, cohort)] = {"n": int(row[j]), "sb": row[j + 1], "sc": row[j + 2], "sbb": row[j + 3],
+                                         "scc": row[j + 4], "sbc": row[j + 5]}
         return out
-
-    def _grid(self, col: str) -> list[float]:
-        # as stats_sql: the last quantile rule on a column sets its grid
-        rule = {measure_column(r): r for r in self.settings.rules if r.quantile is not None}[col]
-        return quantile_grid(rule)
 
     def memory(self) -> dict:
         """What the state holds, for the bench: buckets, slots, waiting traces, sketch buckets."""

@@ -26,6 +26,8 @@ True
 >>> lo, hi = s.interval(0.99, 0.95)
 >>> lo < 990.01 < hi, round(lo), round(hi)      # ranks 983..997, widened to their buckets' edges
 (True, 973, 1013)
+>>> QuantileSketch.quantiles_many([s, a], [0.5, 0.99]) == [s.quantiles([0.5, 0.99]), a.quantiles([0.5, 0.99])]
+True
 >>> s.key(1.0), s.upper_edge(s.key(1.0)) >= 1.0 > s.lower_edge(s.key(1.0))
 (0, True)
 """
@@ -154,17 +156,16 @@ class QuantileSketch:
 
     def quantiles(self, qs) -> list[float]:
         """quantile() at several probabilities in one pass over the counts; nan when empty."""
-        n = self.count
+        cum = np.cumsum(self.bins)
+        n = int(cum[-1]) if cum.size else 0
         if n == 0:
             return [math.nan] * len(qs)
-        qs = np.clip(np.asarray(qs, dtype=np.float64), 0.0, 1.0)
-        pos = qs * (n - 1)
+        pos = np.clip(np.asarray(qs, dtype=np.float64), 0.0, 1.0) * (n - 1)
         lo = np.floor(pos)
-        hi = np.minimum(lo + 1, n - 1)
-        k_lo, k_hi = self._at_ranks(lo), self._at_ranks(hi)
-        v_lo = 2 * self.gamma ** k_lo.astype(float) / (self.gamma + 1)
-        v_hi = 2 * self.gamma ** k_hi.astype(float) / (self.gamma + 1)
-        return [float(x) for x in v_lo + (pos - lo) * (v_hi - v_lo)]
+        k = np.searchsorted(cum, np.concatenate([lo, np.minimum(lo + 1, n - 1)]), side="right") + self.offset
+        v = (2 / (self.gamma + 1)) * np.power(self.gamma, k.astype(np.float64))
+        v_lo, v_hi = v[:pos.size], v[pos.size:]
+        return (v_lo + (pos - lo) * (v_hi - v_lo)).tolist()
 
     def quantile(self, q: float) -> float:
         """The q-quantile, within alpha (relative) of quantile_cont over the same values; nan when empty."""
@@ -183,6 +184,35 @@ class QuantileSketch:
         lo = self.lower_edge(int(keys[0])) if lo_rank >= 1 else 0.0
         hi = self.upper_edge(int(keys[1])) if hi_rank <= n else math.inf
         return lo, hi
+
+    @staticmethod
+    def quantiles_many(sketches: list["QuantileSketch"], qs) -> list[list[float]]:
+        """quantiles(qs) of many sketches of one relative error at once: one cumulative sum over all their
+        counts and one search, instead of a few numpy calls per sketch (a refresh reads hundreds)."""
+        if not sketches:
+            return []
+        gamma = sketches[0].gamma
+        if any(s.gamma != gamma for s in sketches):
+            raise ValueError("quantiles_many needs sketches of one relative error")
+        sizes = np.array([s.bins.size for s in sketches], dtype=np.int64)
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        cum = np.cumsum(np.concatenate([s.bins for s in sketches]))
+        before = np.where(starts > 0, cum[np.maximum(starts - 1, 0)], 0)
+        n = np.where(sizes > 0, cum[np.maximum(ends - 1, 0)], 0) - before
+        qs = np.clip(np.asarray(qs, dtype=np.float64), 0.0, 1.0)
+        pos = qs[None, :] * np.maximum(n - 1, 0)[:, None]               # (sketches, qs)
+        lo = np.floor(pos)
+        hi = np.minimum(lo + 1, np.maximum(n - 1, 0)[:, None])
+        ranks = np.concatenate([lo, hi], axis=1) + before[:, None]
+        idx = np.searchsorted(cum, ranks.ravel(), side="right").reshape(ranks.shape)
+        offsets = np.array([s.offset for s in sketches], dtype=np.int64)
+        keys = idx - starts[:, None] + offsets[:, None]
+        v = (2 / (gamma + 1)) * np.power(gamma, keys.astype(np.float64))
+        k = qs.size
+        out = v[:, :k] + (pos - lo) * (v[:, k:] - v[:, :k])
+        out[n == 0] = np.nan
+        return out.tolist()
 
     def __repr__(self) -> str:
         return f"QuantileSketch(alpha={self.alpha}, count={self.count}, buckets={int(np.count_nonzero(self.bins))})"

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Gate benchmark and statistical figures. Prints numbers (medians, shares of seeds); it is not a test.
 
-  python bench/gate.py speed                    # `shadowlens gate --data-dir` over 1M stored traces, 200 cohorts
+  python bench/gate.py speed                    # `shadowlens gate --data-dir` over 1M stored traces, 200 cohorts,
+                                                #   and serve's refresh on the incremental state (gate_state.py)
+  python bench/gate.py speed --traces 8000000 --repeat 1     # the same at 8M traces in the window
   python bench/gate.py errors --seeds 200       # false blocks: A/A, every rule at half its margin, at the margin
   python bench/gate.py power --seeds 100        # pairs each rule needs to block in >= 90 % of seeds
   python bench/gate.py all --seeds 200 --json gate-stats.json     # both, and the figures as JSON
   python bench/gate.py aa --seeds 300           # A/A alone (kept for comparisons with earlier figures)
 
 Bars (issue 4, issue 16): the gate over 1M stored traces and 200 cohorts answers in <= 2 s (median of 3);
+serve's refresh on the incremental state costs <= 50 ms at 8M traces in the window (issue 18);
 with every true effect inside its margin (half of it) the gate blocks in <= 5 % of seeds (aim <= 1 %) over
 continuous looks and 50 cohort values; exactly at the margin at most at the test's level (gate.fdr);
 A/A <= 1 %; task completion -4 points (10 % discordant pairs) blocks by 8,000 pairs, -10 points by 1,000.
@@ -103,9 +106,58 @@ def speed(args) -> dict:
         evaluate_s = time.perf_counter() - t
         say(f"  in process: evaluate {evaluate_s:.2f} s, {len(v.results)} rule results;"
             f" verdict {v.verdict}; traces {v.traces}")
+        incremental = serve_refresh(data, settings, v, args.refreshes)
     return {"traces": args.traces, "cohort_values": sum(args.values), "build_store_s": round(build_s, 2),
             "gate_cli_s": spread(times, 3), "gate_exit": rc, "gate_first_line": first, "failed": not first,
-            "evaluate_in_process_s": round(evaluate_s, 3), "rule_results": len(v.results), "verdict": v.verdict}
+            "evaluate_in_process_s": round(evaluate_s, 3), "rule_results": len(v.results), "verdict": v.verdict,
+            "serve_refresh": incremental,
+            "refresh_speedup_vs_sql": round(evaluate_s / incremental["refresh_s"]["median"], 1)}
+
+
+def serve_refresh(data: Path, settings, sql_verdict, refreshes: int) -> dict:
+    """serve's refresh on the incremental state (analyzers/gate_state.py): the restart's one scan of the window,
+    then the refresh (merge the buckets, pool, judge) `refreshes` times, and one assembly round's cost to add
+    a second of traffic at the window's rate; the verdict compared with the SQL path's."""
+    from shadowlens.analyzers.compare import judge
+    from shadowlens.analyzers.gate import rebuild, trace_frame_sql
+    from shadowlens.analyzers.gate_state import GateState
+    now = sql_verdict.as_of
+    con = duckdb.connect(str(db_path(data)), read_only=True)
+    try:
+        state = GateState(settings, LABELS)
+        t = time.perf_counter()
+        rebuild(con.cursor(), state, now)
+        rebuild_s = time.perf_counter() - t
+        times, verdict = [], None
+        for _ in range(refreshes):
+            t = time.perf_counter()
+            verdict = judge(state.statistics(now), settings, now)
+            times.append(time.perf_counter() - t)
+        sql = {(r.rule, r.cohort): r for r in sql_verdict.results}
+        differ = [f"{r.rule} {r.cohort}: {sql[(r.rule, r.cohort)].state} -> {r.state}" for r in verdict.results
+                  if sql.get((r.rule, r.cohort)) is None or sql[(r.rule, r.cohort)].state != r.state]
+        moments = [abs(r.effect / sql[(r.rule, r.cohort)].effect - 1) for r in verdict.results
+                   if r.rule != "p99_latency" and r.effect and sql[(r.rule, r.cohort)].effect]
+        p99 = [abs(r.effect / sql[(r.rule, r.cohort)].effect - 1) for r in verdict.results
+               if r.rule == "p99_latency" and r.effect and sql[(r.rule, r.cohort)].effect]
+        # one assembly round: a second of traffic at the window's rate (traces / 3,600 s), fresh request ids
+        per_s = max(1, sql_verdict.traces.get("baseline", 0) + sql_verdict.traces.get("candidate", 0)) // 3600
+        sample = pl.from_arrow(con.sql(trace_frame_sql(settings, LABELS, now) + f" LIMIT {per_s}").to_arrow_table())
+        sample = sample.with_columns(pl.col("request_id") + "-round")
+        rounds = []
+        for i in range(5):
+            t = time.perf_counter()
+            state.add_frame(sample.with_columns(pl.col("request_id") + str(i)))
+            rounds.append(time.perf_counter() - t)
+    finally:
+        con.close()
+    say(f"  serve's refresh on the incremental state: median {statistics.median(times) * 1000:.1f} ms over"
+        f" {refreshes} (restart scan {rebuild_s:.1f} s); verdict {verdict.verdict}, {len(differ)} states differ"
+        f" from the SQL path; a round of {per_s:,} traces adds in {statistics.median(rounds) * 1000:.1f} ms")
+    return {"refresh_s": spread(times, 4), "rebuild_s": round(rebuild_s, 2), "verdict": verdict.verdict,
+            "same_verdict": verdict.verdict == sql_verdict.verdict, "states_differing": differ,
+            "moment_effect_max_rel_diff": max(moments, default=0.0), "p99_effect_max_rel_diff": max(p99, default=0.0),
+            "round_traces": per_s, "round_add_s": spread(rounds, 4), "state": state.memory()}
 
 
 LOOKS = (1000, 2000, 4000, 6000, 8000, 10000)      # requests per route at each look (a look every ~2 min)
@@ -251,6 +303,7 @@ def main() -> int:
     s.add_argument("--traces", type=int, default=1_000_000)
     s.add_argument("--values", type=int, nargs=3, default=(100, 60, 40), help="cohort values per label")
     s.add_argument("--repeat", type=int, default=3)
+    s.add_argument("--refreshes", type=int, default=7, help="serve refreshes on the incremental state")
     for name, seeds in (("aa", 300), ("errors", 200), ("power", 100), ("all", 200)):
         p = sub.add_parser(name)
         p.add_argument("--seeds", type=int, default=seeds)
