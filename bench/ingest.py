@@ -24,6 +24,7 @@ Usage:
   python bench/ingest.py --server-env SHADOWLENS_X__Y=z   # extra server env (repeatable)
   python bench/ingest.py --endpoint 127.0.0.1:4317        # existing server (no CPU/RSS/stored figures)
   python bench/ingest.py --json bench/results/ingest-closed.json
+  python bench/ingest.py --at-rest --pool-requests 256   # + disk bytes per span, as left and once compacted
 
 Bar (issue): >= 50,000 acknowledged spans/s over gRPC, Export p99 <= 250 ms, server peak RSS <= 500 MB,
 stored == acknowledged. Exit status: 0 ok, 1 stored != acknowledged or the server misbehaved
@@ -43,6 +44,7 @@ import time
 
 import clients
 from common import REPO, add_json_arg, emit, pct, say
+from disk import at_rest, say_at_rest
 from ingest_report import median_of, print_bar, print_run
 from pool import SPANS_PER_REQUEST, build_pool
 from server import BacklogSampler, Server, count_stored
@@ -194,6 +196,9 @@ def one_run(run_no, args, extra_env) -> tuple[dict, str | None]:
     elapsed = _client_figures(res, total, client_cpu, start, args.duration)
     if server:
         _server_figures(res, server, args, total, cpu0, start, end, elapsed, backlog)
+        if args.at_rest and res.get("stored"):
+            res["disk"] = at_rest(args.shadowlens, server.data_dir, res["stored"])
+            say_at_rest(res["disk"])
     return res, data_dir
 
 
@@ -219,6 +224,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=1, help="traffic generator seed (default 1)")
     ap.add_argument("--timeout", type=float, default=30.0, help="per-Export deadline, seconds (default 30)")
     ap.add_argument("--tmp-dir", default=None, help="where the fresh data dirs go (default: system temp)")
+    ap.add_argument("--at-rest", action="store_true",
+                    help="after each run, bytes per stored span on disk as left and once compacted (bench/disk.py)")
     ap.add_argument("--keep-data", action="store_true", help="keep the data dirs and server logs")
     add_json_arg(ap)
     ap.add_argument("--timeline", action="store_true", help="print acknowledged spans for every second of a run")

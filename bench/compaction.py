@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Compaction bench: how fast closed payload segments compress, how small, and what that costs the
+acknowledgement path (issue 18, part 4).
+
+1. Builds (seeded) bench/pool.py's 512-span agent requests and writes them as one plain segment.
+2. ``compress``: compact_segment at each ``--levels`` on a copy of it: MB/s of one core, spans/s, ratio,
+   compressed bytes per span. Blocks hold one 1.3 MB request each, so no block sees a repeated request.
+3. ``ack``: the frontend's acknowledgement path alone (4 threads appending a request each to a SegmentLog
+   and waiting for its group fdatasync, as intake.py does), alternating with the same while another process
+   compacts segments in a loop on a thread niced by +10, as serve's compactor runs. Acknowledged spans/s,
+   medians over ``--rounds`` alternations.
+
+Usage: python bench/compaction.py [--seconds 5] [--rounds 3] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+
+from common import add_json_arg, emit, say
+from pool import SPANS_PER_REQUEST, build_pool
+
+from shadowlens.collector.store import compaction
+from shadowlens.collector.store.segments import SegmentLog, segment_path
+
+
+def _segment(directory: str, seg: int, payloads: list[bytes], total: int) -> int:
+    log = SegmentLog(directory, seg, segment_bytes=1 << 40)
+    n = 0
+    for i in range(total):
+        log.append(payloads[i % len(payloads)])
+        n += 1
+    log.sync()
+    log.close()
+    return n
+
+
+def compress_figures(payloads: list[bytes], levels: list[int], tmp: str) -> list[dict]:
+    src = os.path.join(tmp, "src")
+    os.makedirs(src)
+    records = len(payloads)
+    _segment(src, 1, payloads, records)
+    size = os.path.getsize(segment_path(src, 1))
+    out = []
+    for level in levels:
+        d = os.path.join(tmp, f"level{level}")
+        os.makedirs(d)
+        shutil.copy(segment_path(src, 1), segment_path(d, 1))
+        c = compaction.compact_segment(d, 1, level)
+        spans = records * SPANS_PER_REQUEST
+        out.append({"level": level, "input_bytes": size, "output_bytes": c.output_bytes,
+                    "ratio": round(size / c.output_bytes, 2), "bytes_per_span": round(c.output_bytes / spans, 1),
+                    "mb_per_s": round(size / c.seconds / 1e6, 1), "spans_per_s": round(spans / c.seconds)})
+        say(f"  level {level}: {size / c.output_bytes:.2f}x, {c.output_bytes / spans:,.0f} B/span compressed, "
+            f"{size / c.seconds / 1e6:,.0f} MB/s ({spans / c.seconds:,.0f} spans/s) incl. fsync and read-back")
+        shutil.rmtree(d)
+    return out
+
+
+def _compact_forever(src: str, work: str, stop, level: int) -> None:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + compaction.NICE)
+    n = 0
+    while not stop.is_set():
+        n += 1
+        shutil.copy(segment_path(src, 1), segment_path(work, n))
+        try:
+            compaction.compact_segment(work, n, level, stop=stop)
+        except compaction.Stopped:
+            return
+        os.remove(compaction.compressed_path(work, n))
+
+
+def ack_rate(payloads: list[bytes], directory: str, seconds: float, threads: int = 4) -> float:
+    log = SegmentLog(directory, len(os.listdir(directory)) + 1)
+    count = [0] * threads
+    end = time.monotonic() + seconds
+
+    def worker(i: int) -> None:
+        k = i
+        while time.monotonic() < end:
+            _, _, ticket = log.append(payloads[k % len(payloads)])
+            log.wait_durable(ticket)
+            count[i] += 1
+            k += threads
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    t0 = time.monotonic()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    took = time.monotonic() - t0
+    log.close()
+    for name in os.listdir(directory):
+        os.remove(os.path.join(directory, name))
+    return sum(count) * SPANS_PER_REQUEST / took
+
+
+def ack_figures(payloads: list[bytes], seconds: float, rounds: int, level: int, tmp: str) -> dict:
+    src, work, acks = (os.path.join(tmp, n) for n in ("csrc", "cwork", "acks"))
+    for d in (src, work, acks):
+        os.makedirs(d)
+    _segment(src, 1, payloads, 64)       # ~85 MB: one compaction ~0.3 s, then again
+    alone, beside = [], []
+    ctx = mp.get_context("spawn")
+    for r in range(rounds):
+        alone.append(ack_rate(payloads, acks, seconds))
+        stop = ctx.Event()
+        p = ctx.Process(target=_compact_forever, args=(src, work, stop, level))
+        p.start()
+        time.sleep(0.5)
+        beside.append(ack_rate(payloads, acks, seconds))
+        stop.set()
+        p.join(30)
+        say(f"  round {r + 1}: acknowledged {alone[-1]:,.0f} spans/s alone, {beside[-1]:,.0f} with compaction beside")
+    med_a, med_b = statistics.median(alone), statistics.median(beside)
+    return {"alone_spans_per_s": [round(x) for x in alone], "beside_spans_per_s": [round(x) for x in beside],
+            "median_alone": round(med_a), "median_beside": round(med_b), "ratio": round(med_b / med_a, 3)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=24, help="distinct pool requests (default 24, ~32 MB)")
+    ap.add_argument("--levels", default="1,3,6", help="zstd levels to measure (default 1,3,6)")
+    ap.add_argument("--seconds", type=float, default=5.0, help="each ack phase (default 5)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations of the ack phases (default 3)")
+    ap.add_argument("--level", type=int, default=compaction.DEFAULT_LEVEL, help="level compacting beside acks")
+    ap.add_argument("--seed", type=int, default=1)
+    add_json_arg(ap)
+    a = ap.parse_args(argv)
+    templates, stats, _ = build_pool(a.requests, a.seed)
+    payloads = [t.data for t in templates]
+    say(stats.lines()[0])
+    tmp = tempfile.mkdtemp(prefix="shadowlens-compaction-")
+    try:
+        say("compression (one core, one request per block):")
+        comp = compress_figures(payloads, [int(x) for x in a.levels.split(",")], tmp)
+        say(f"acknowledgement path, alone vs beside a compactor (level {a.level}, nice +{compaction.NICE}):")
+        acks = ack_figures(payloads, a.seconds, a.rounds, a.level, tmp)
+        say(f"  median {acks['median_alone']:,} vs {acks['median_beside']:,} spans/s ({acks['ratio']:.3f}x)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    emit("compaction", vars(a), {"generator": stats.as_dict(), "compress": comp, "ack": acks,
+                                 "load_avg": os.getloadavg()}, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
