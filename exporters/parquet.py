@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .catalog import EXPORT_METRICS
 
@@ -175,6 +174,7 @@ def _plain(table: pa.Table) -> pa.Table:
 
 
 def stored_signature(path: Path) -> tuple[int, int] | None:
+    import pyarrow.parquet as pq  # here, not at the top: serve loads it only when the lake is on (~5 MB)
     try:
         meta = pq.read_metadata(path).metadata or {}
         return int(meta[META_ROWS]), int(meta[META_SEQ])
@@ -212,6 +212,7 @@ def export_hour(run: Run, spec: TableSpec, hour: int, rows_hint: int, seq: int, 
         cuts = run(f"SELECT quantile_disc(epoch_us({spec.time_sql}), [{qs}]) AS q FROM {spec.source}"
                    f" WHERE {_range_sql(spec, *edges)}").column("q").to_pylist()[0] or []
         edges = sorted({start, start + HOUR_US, *(c for c in cuts if c is not None and start < c < start + HOUR_US)})
+    import pyarrow.parquet as pq
     writer = None
     rows = 0
     try:
