@@ -8,12 +8,21 @@ log = logging.getLogger("shadowlens.analyzers")
 
 
 class Periodic:
-    """Subclasses set ``interval_s`` and implement ``refresh_now()``; a failing refresh is logged and retried."""
+    """Subclasses set ``interval_s`` and implement ``refresh_now()``; a failing refresh is logged and retried.
+
+    A subclass whose result can be known unchanged (nothing was written, nothing aged out) overrides
+    ``stale()``: the thread still wakes every ``interval_s``, so a change is picked up as soon as
+    before, but an idle sidecar no longer reruns the same queries every few seconds."""
     interval_s: float = 5.0
     thread_name = "shadowlens-periodic"
+    refreshes = 0          # refresh_now calls made by the loop (tests: a quiet store is not recomputed)
 
     def refresh_now(self):
         raise NotImplementedError
+
+    def stale(self) -> bool:
+        """Whether the last result may differ from a new one; True: always recompute."""
+        return True
 
     def start(self) -> None:
         self._stop = threading.Event()
@@ -21,10 +30,15 @@ class Periodic:
         self._thread.start()
 
     def _loop(self) -> None:
+        failed = False
         while True:
             try:
-                self.refresh_now()
+                if failed or self.stale():
+                    self.refreshes += 1
+                    self.refresh_now()
+                failed = False
             except Exception:  # keep refreshing; the error is logged
+                failed = True
                 log.exception("%s failed", self.thread_name)
             if self._stop.wait(self.interval_s):
                 return

@@ -27,6 +27,7 @@ class WindowSnapshot:
     evals: pl.DataFrame        # route, <cohorts>, eval, fail_ratio
     as_of: float
     seconds: float             # how long the refresh took
+    oldest: float | None = None   # completed_at of the window's oldest trace (epoch s): it leaves at oldest + window
 
 
 def _label_expr(label: str) -> str:
@@ -62,8 +63,8 @@ class WindowQuery:
                        FROM traces WHERE completed_at >= make_timestamp($cutoff::BIGINT)),
                  w AS (SELECT route{sep}{combo}, {cols} FROM w0)"""
         self._sql_traces = f"""
-            WITH {windowed("duration_seconds, steps, cost_usd, refused, escalated")}
-            SELECT {group}, count(*) AS n,
+            WITH {windowed("duration_seconds, steps, cost_usd, refused, escalated, completed_at")}
+            SELECT {group}, count(*) AS n, epoch_us(min(completed_at)) AS _oldest_us,
                    quantile_cont(duration_seconds, {list(QUANTILES)}) AS q,
                    avg(steps) AS steps_mean, avg(cost_usd) AS cost_mean,
                    avg(refused::INTEGER) AS refusal_ratio, avg(escalated::INTEGER) AS escalation_ratio
@@ -98,7 +99,9 @@ class WindowQuery:
             evals = self._cap_evals(frame(con, self._sql_evals, params))
         finally:
             con.close()
-        return WindowSnapshot(traces, evals, now, time.perf_counter() - t0)
+        oldest = traces["_oldest_us"].min() if traces.height else None
+        return WindowSnapshot(traces.drop("_oldest_us"), evals, now, time.perf_counter() - t0,
+                              None if oldest is None else oldest / 1e6)
 
     def _cap_evals(self, evals: pl.DataFrame) -> pl.DataFrame:
         """Eval names past metrics.max_evals pooled as __overflow__ (their ratio over all their results)."""
@@ -113,17 +116,39 @@ class WindowQuery:
 
 
 class WindowRefresher(Periodic):
-    """Component: refreshes the window on an interval and forgets cohorts unseen for two windows."""
+    """Component: refreshes the window on an interval and forgets cohorts unseen for two windows.
+
+    ``generation``: a number that changes whenever the store's tables do (``StoreWriter.generation``).
+    With it, a tick recomputes only when something was written since the last result or its oldest
+    trace has left the window; otherwise the result is the same and the queries are not run again
+    (an idle sidecar ran them every ``interval_s``). None: every tick recomputes."""
     thread_name = "shadowlens-window"
 
-    def __init__(self, stats: WindowQuery, interval_s: float, forget: Callable[[float], object] | None = None):
+    def __init__(self, stats: WindowQuery, interval_s: float, forget: Callable[[float], object] | None = None,
+                 generation: Callable[[], int] | None = None):
         self.stats = stats
         self.interval_s = interval_s
         self.forget = forget
+        self.generation = generation
         self.latest: WindowSnapshot | None = None
+        self._generation: int | None = None     # the generation the latest result was read at
+        self._expires = float("inf")            # when the latest result's oldest trace leaves the window
+
+    def stale(self) -> bool:
+        if self.generation is None or self.latest is None:
+            return True
+        if self.generation() != self._generation or self.stats.now() >= self._expires:
+            return True
+        if self.forget is not None:     # time-based, and cheap (bounded dicts): also on the ticks that skip
+            self.forget(2 * self.stats.window_s)
+        return False
 
     def refresh_now(self) -> WindowSnapshot:
+        # read before the queries: a write during them changes it again, and the next tick recomputes
+        generation = self.generation() if self.generation is not None else None
         snap = self.stats.refresh()
+        self._generation = generation
+        self._expires = float("inf") if snap.oldest is None else snap.oldest + self.stats.window_s
         self.latest = snap
         if self.forget is not None:
             self.forget(2 * self.stats.window_s)

@@ -187,6 +187,15 @@ class StoreWriter:
             self._commit_cond.wait_for(lambda: self.committed_seq > seq, timeout)
             return self.committed_seq
 
+    def generation(self) -> int:
+        """A number that changes whenever a span commit or a derived write (trace rows, retention,
+        reprice, quarantine) has changed the tables: a reader that computes over them (the window)
+        can skip a refresh while it stays the same. Read it before the reader's queries."""
+        try:
+            return self.committed_seq + sum(self.derived.done.values())
+        except RuntimeError:      # a write of a new name was counted meanwhile: say "changed"
+            return -1
+
     def follow(self, callback: Callable[[CommittedRows], None]) -> None:
         """Call ``callback`` with every later commit's stored rows, on the writer thread, in seq order.
         Commits before the call are not replayed: read them from the store (``committed_seq``)."""
