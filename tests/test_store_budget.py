@@ -10,7 +10,7 @@ import subprocess
 import duckdb
 import pytest
 import yaml
-from harness import REPO, SHADOWLENS
+from harness import REPO, SHADOWLENS, wait_for
 from otlp_builders import random_spans, span_request
 from pipeline import Handover
 from prometheus_client import generate_latest
@@ -154,6 +154,22 @@ def test_the_metrics_show_the_budget_and_what_it_deleted(store, tmp_path):
     assert float(lines["shadowlens_store_budget_deleted_bytes_total"]) == budget.budget.bytes > SEGMENT // 2
     # the clock stands at T0: the oldest span kept was received ... now, by the store's own clock (time.time)
     assert "shadowlens_store_oldest_age_seconds" in lines
+
+
+def test_the_running_component_enforces_the_budget_on_its_own(store, tmp_path):
+    s, h = store
+    _fill(h, 30)
+    s.cursor().execute("CHECKPOINT")      # the rows in DuckDB's blocks, as in a store that has run a while
+    budget = Retention(tmp_path, s.write, retention_s=10 * 365 * 86400, interval_s=0.2,
+                       current_segment=s.current_segment, max_bytes=0, cursor=s.cursor)
+    before = budget.measure()
+    budget.max_bytes = before.total - 1
+    budget.start()
+    try:
+        wait_for(lambda: budget.snapshot()["budget"].segments, 20, 0.1, what="a budget pass of the component's own")
+    finally:
+        budget.shutdown()
+    assert budget.measure().segments == before.segments - budget.budget.bytes
 
 
 def test_an_empty_or_unbudgeted_store_deletes_nothing(store, tmp_path):

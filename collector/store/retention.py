@@ -118,7 +118,8 @@ class Retention:
         self._thread.start()
 
     def _loop(self) -> None:
-        tick = min(self.interval_s, BUDGET_CHECK_S)
+        # without a budget the gauges (usage, oldest age) are refreshed on retention's interval only
+        tick = min(self.interval_s, BUDGET_CHECK_S) if self.max_bytes else self.interval_s
         due = time.monotonic() + self.interval_s
         while not self._stop.wait(tick):
             try:
