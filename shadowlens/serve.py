@@ -169,7 +169,7 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
 
     window = WindowRefresher(WindowQuery(store.cursor, limiter, cfg.window_s, combos=aggregates.combos,
                                          eval_names=aggregates.eval_names), cfg.analyzers.window_refresh_s,
-                             forget=forget)
+                             forget=forget, generation=store.generation)
     verdicts = GateRefresher(store.cursor, gate, cfg.cohort_labels, trace_url=cfg.links.trace_url)
     analysis = AnalysisMetrics(aggregates, lambda: window.latest, assembler.stats, limiter)
     gate_metrics = GateMetrics(lambda: verdicts.latest, pairing, cfg.cohort_labels, lambda: verdicts.last_seconds,
