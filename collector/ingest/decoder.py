@@ -46,7 +46,8 @@ def main(conn_in, conn_out, settings: IngestSettings) -> None:
     dirty = False
     while True:
         try:
-            if not conn_in.poll(STATS_INTERVAL_S):
+            # with no counters to send, block until a record comes: an idle decoder does not wake
+            if not conn_in.poll(STATS_INTERVAL_S if dirty else None):
                 if dirty:              # counters of the last records, also when no more arrive
                     send(Counters(stats.snapshot()))
                     dirty = False

@@ -45,10 +45,14 @@ def main(conn, decoder_conn, settings: IngestSettings, first_segment: int) -> No
     stop = threading.Event()
 
     def report_counters() -> None:
+        last = None
         while not stop.wait(STATS_INTERVAL_S):
             stats.store_sync_seconds = segments.sync_seconds     # the write-ahead fdatasyncs happen here
             segments.recheck()       # after a full disk, readiness returns with the space, not with a client
-            intake.send(intake.counters())
+            counters = intake.counters()
+            if counters.values != last:      # unchanged (an idle sidecar): the supervisor has them already
+                intake.send(counters)
+                last = counters.values
 
     threading.Thread(target=report_counters, name="counters", daemon=True).start()
     # Decoding allocates many short-lived objects; the default gen-0 threshold (700) ran the
