@@ -7,6 +7,7 @@ stops them upstream-first on SIGTERM/SIGINT (stop accepting, drain, commit, exit
                                                    | a Batch over a pipe; Acks go back to the frontend
     this process:      IngestSupervisor -> StoreWriter (grouped inserts) -> DuckDB -> TraceAssembler -> aggregates
                                                                                -> PairingSink (pairs, sums)
+                                                                               -> GateStateSink (the gate's sums)
                        QueryServer, Retention, WindowRefresher, GateRefresher (compare -> Verdict);
                        /metrics and /gate read stats and the latest snapshots
 """
@@ -28,6 +29,7 @@ from shadowlens.analyzers.assembly import TraceAssembler
 from shadowlens.analyzers.cohorts import CohortLimiter
 from shadowlens.analyzers.fleet import DurationSketch
 from shadowlens.analyzers.gate import GateRefresher
+from shadowlens.analyzers.gate_state import GateState, GateStateSink
 from shadowlens.analyzers.pairing import PairingSink
 from shadowlens.analyzers.reprice import reprice_write
 from shadowlens.analyzers.rules import GateSettings
@@ -158,9 +160,12 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
     aggregates = StreamingAggregates(limiter, max_series=cfg.cohort_max_series, max_models=cfg.metrics_max_models,
                                      max_evals=cfg.metrics_max_evals)
     pairing = PairingSink(gate, limiter)
-    assembler = TraceAssembler(store, cfg.cohort_labels, cfg.traces.idle_seconds, cfg.traces.max_seconds, cfg.routes,
     sketch = DurationSketch(limiter)      # the fleet's p99 (analyzers/fleet.py)
-                               max_open=cfg.traces.max_open, sinks=[aggregates, pairing])
+    # the gate's window as mergeable sums (analyzers/gate_state.py): a refresh merges them instead of rescanning
+    gate_state = GateStateSink(GateState(gate, cfg.cohort_labels, pending_s=gate.pairing_window_s
+                                         + cfg.traces.max_seconds + cfg.traces.idle_seconds))
+    assembler = TraceAssembler(store, cfg.cohort_labels, cfg.traces.idle_seconds, cfg.traces.max_seconds, cfg.routes,
+                               max_open=cfg.traces.max_open, sinks=[aggregates, pairing, sketch, gate_state])
 
     def forget(older_than_s: float) -> None:
         aggregates.forget_stale(older_than_s)
@@ -170,7 +175,7 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
     window = WindowRefresher(WindowQuery(store.cursor, limiter, cfg.window_s, combos=aggregates.combos,
                                          eval_names=aggregates.eval_names), cfg.analyzers.window_refresh_s,
                              forget=forget, generation=store.generation)
-    verdicts = GateRefresher(store.cursor, gate, cfg.cohort_labels, trace_url=cfg.links.trace_url)
+    verdicts = GateRefresher(store.cursor, gate, cfg.cohort_labels, trace_url=cfg.links.trace_url, sink=gate_state)
     analysis = AnalysisMetrics(aggregates, lambda: window.latest, assembler.stats, limiter)
     gate_metrics = GateMetrics(lambda: verdicts.latest, pairing, cfg.cohort_labels, lambda: verdicts.last_seconds,
                                limiter=limiter, sketch=sketch)
