@@ -134,6 +134,7 @@ class GateRefresher(Periodic):
                 self.sink.ready(rebuild(cur, self.sink.state, now))
             finally:
                 cur.close()
+        self.sink.drain()         # the rounds since the last refresh (fewer than the sink's batch_rows)
         verdict = judge(self.sink.state.statistics(now), self.settings, now)
         return self._with_evidence(verdict, now)
 

@@ -366,21 +366,45 @@ def _merged(parts: list[QuantileSketch], alpha: float) -> QuantileSketch:
 
 
 class GateStateSink:
-    """A sink of the TraceAssembler (as PairingSink is): each round's completed traces, as the trace-frame
-    columns the SQL reads (pairing.completed_frame), into the GateState. Until the state has been rebuilt
-    from the store (GateRefresher's first refresh), rounds wait here; afterwards only traces completed after
-    the rebuild's newest ``completed_at`` count, so none is counted twice."""
+    """A sink of the TraceAssembler (as PairingSink is): completed traces, as the trace-frame columns the SQL
+    reads (pairing.completed_frame), into the GateState.
 
-    def __init__(self, state: GateState, max_waiting: int = 1000):
+    A round only appends to a list: the state is read once per ``gate.refresh``, so rounds are added in bulk
+    (``drain``) when ``batch_rows`` traces have gathered, and by the refresh before it merges; per-round
+    polars work would cost more than the rescan it replaces at low rates. Until the state has been rebuilt from
+    the store (GateRefresher's first refresh) rounds wait; afterwards only traces completed after the rebuild's
+    newest ``completed_at`` are added, so none is counted twice."""
+
+    def __init__(self, state: GateState, batch_rows: int = 5_000):
         self.state = state
-        self.max_waiting = max_waiting
+        self.batch_rows = batch_rows
         self.after_us: int | None = None          # set by ready()
-        self._waiting: list[pl.DataFrame] = []
+        self._rounds: list = []
+        self._rows = 0
         self._lock = threading.Lock()
+        self._drain_lock = threading.Lock()       # one drain at a time: rounds are added in order
 
-    def frame(self, done) -> pl.DataFrame:
+    def __call__(self, done) -> None:
+        if done.traces.height == 0:
+            return
+        with self._lock:
+            self._rounds.append(done)
+            self._rows += done.traces.height
+            full = self.after_us is not None and self._rows >= self.batch_rows
+        if full:
+            self.drain()
+
+    def frame(self, rounds: list) -> pl.DataFrame:
+        """Rounds of CompletedTraces -> one trace frame with start_s and _completed_us."""
+        from .assembly import CompletedTraces
         from .pairing import completed_frame
         s = self.state
+        if len(rounds) == 1:
+            done = rounds[0]
+        else:
+            evals = [r.evals for r in rounds if r.evals is not None and r.evals.height]
+            done = CompletedTraces(pl.concat([r.traces for r in rounds], how="diagonal_relaxed"),
+                                   pl.concat(evals, how="diagonal_relaxed") if evals else rounds[0].evals, None, 0, 0)
         t = done.traces
         start = pl.col("start_time")
         start_s = (start.dt.epoch("us") / 1e6) if t.schema["start_time"].is_temporal() else start.cast(pl.Float64)
@@ -389,22 +413,19 @@ class GateStateSink:
         extra = t.select(pl.col("trace_id"), start_s.alias("start_s"), done_us.alias("_completed_us"))
         return completed_frame(done, s.settings, s.labels).join(extra, on="trace_id", how="left")
 
-    def __call__(self, done) -> None:
-        if done.traces.height == 0:
-            return
-        frame = self.frame(done)
-        with self._lock:
-            if self.after_us is None:
-                if len(self._waiting) < self.max_waiting:     # bounded: the rebuild comes within one refresh
-                    self._waiting.append(frame)
-                return
-            after = self.after_us
-        self.state.add_frame(frame.filter(pl.col("_completed_us").is_null() | (pl.col("_completed_us") > after)))
+    def drain(self) -> None:
+        """Add the rounds gathered so far to the state (a no-op before ready())."""
+        with self._drain_lock:
+            with self._lock:
+                if self.after_us is None or not self._rounds:
+                    return
+                rounds, self._rounds, self._rows = self._rounds, [], 0
+                after = self.after_us
+            frame = self.frame(rounds)
+            self.state.add_frame(frame.filter(pl.col("_completed_us").is_null() | (pl.col("_completed_us") > after)))
 
     def ready(self, after_us: int) -> None:
         """The rebuild saw every trace completed up to ``after_us``: add the rounds that waited, past it."""
         with self._lock:
-            self.after_us, waiting, self._waiting = after_us, self._waiting, []
-        for frame in waiting:
-            self.state.add_frame(frame.filter(pl.col("_completed_us").is_null()
-                                              | (pl.col("_completed_us") > after_us)))
+            self.after_us = after_us
+        self.drain()
