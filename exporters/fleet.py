@@ -175,8 +175,11 @@ def fleet_examples(api: PrometheusAPI, verdict, labels, window_s: float, match: 
             for ex in series.get("exemplars", []):
                 tid = ex.get("labels", {}).get("trace_id")
                 if tid:
-                    found.append({"candidate_trace_id": tid, "value": float(ex.get("value", "nan")),
-                                  "timestamp": float(ex.get("timestamp", 0))})
+                    value = float(ex.get("value", "nan"))
+                    # the example-pair shape (evidence_text reads it); an exemplar has no baseline partner
+                    found.append({"request_id": "-", "baseline_trace_id": "-", "candidate_trace_id": tid,
+                                  "value": value, "timestamp": float(ex.get("timestamp", 0)),
+                                  "display": f"a candidate trace of {r.cohort} that took {value:.3g} s (exemplar)"})
         found.sort(key=lambda e: -e["value"])
         seen, uniq = set(), []
         for e in found:
