@@ -73,8 +73,7 @@ class CompletedTraces:
     models: pl.DataFrame | None    # trace_id, model, input_tokens, output_tokens, cost_usd (LLM spans)
     late_spans: int
     revised: int
-    units: pl.DataFrame | None = None   # calls compared on their own (analyzers/units.py), traces' columns
-    ambiguous: int = 0                  # parents whose calls could not be paired for sure
+    ambiguous: int = 0             # parents whose calls could not be paired for sure (analyzers/units.py)
 
 
 @dataclass
@@ -313,6 +312,7 @@ class TraceAssembler:
         new_ids = [t for t in rows["trace_id"].to_list() if t not in old]
         self._forget_finalized(due, rows, now_us)
         late = 0
+        rounds: list[CompletedTraces] = []
         if old:
             late = sum(max(0, n - old[t]["n"]) for t, n in zip(rows["trace_id"].to_list(), rows["span_count"].to_list())
                        if t in old)
@@ -327,10 +327,17 @@ class TraceAssembler:
                 fresh = rows.filter(pl.col("revision") == 0)
                 ev = evals.filter(pl.col("trace_id").is_in(new_ids)) if evals.height else evals
                 mo = mo.filter(pl.col("trace_id").is_in(new_ids)) if mo.height else mo
-            if units is not None and old:
-                units = units.filter(pl.col("revision") == 0)
-            result = CompletedTraces(fresh, ev, mo, late, len(old), units, cu.ambiguous)
-            for sink in self.sinks:
+            rounds.append(CompletedTraces(fresh, ev, mo, late, len(old), cu.ambiguous))
+        if units is not None:
+            # calls compared on their own reach every sink as trace rows of their own (the pair counters and the
+            # gate pair them by request id; the trace's evals and models stay with its row), once: a revision's
+            # units only where the earlier row had none (the calls' spans came after the application's)
+            had = [t for t, o in old.items() if o["units"]]
+            units = units.filter(~pl.col("trace_id").is_in(had)) if had else units
+            if units.height:
+                rounds.append(CompletedTraces(units, evals.clear(), None, 0, 0))
+        for sink in self.sinks:
+            for result in rounds:
                 sink(result)
 
     def _read_rows(self, due: dict[str, bool], seqs: tuple[int, int, int], revisit: dict[str, int], now_us: int):
@@ -374,9 +381,11 @@ class TraceAssembler:
         con = self._con
         con.register("revisit", pa.table({"trace_id": list(revisit)}))
         try:
+            # a trace's row and its call units' rows (analyzers/units.py) share these values
             return dict(con.execute(
-                "SELECT trace_id, struct_pack(n := span_count, rev := revision, lo := min_ingest_seq) FROM traces "
-                "SEMI JOIN revisit USING (trace_id) WHERE completed_at >= make_timestamp($since::BIGINT)",
+                "SELECT trace_id, struct_pack(n := any_value(span_count), rev := max(revision), lo := min(min_ingest_seq),"
+                " units := bool_or(call_span_id IS NOT NULL)) FROM traces "
+                "SEMI JOIN revisit USING (trace_id) WHERE completed_at >= make_timestamp($since::BIGINT) GROUP BY trace_id",
                 {"since": min(revisit.values())}).fetchall())
         finally:
             con.unregister("revisit")

@@ -10,7 +10,6 @@ same paired estimates the gate computes (analyzers/compare.py documents the form
 """
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections import Counter
@@ -99,12 +98,7 @@ class PairingSink:
                 self.pairs["ambiguous"] += done.ambiguous
         if done.traces.height == 0:
             return
-        frame = completed_frame(done, self.settings, self.labels)
-        if done.units is not None and done.units.height:
-            # calls compared on their own: the trace's evals are not theirs
-            calls = dataclasses.replace(done, traces=done.units, evals=done.evals.clear())
-            frame = pl.concat([frame, completed_frame(calls, self.settings, self.labels)], how="diagonal_relaxed")
-        frame = frame.drop("trace_id")
+        frame = completed_frame(done, self.settings, self.labels).drop("trace_id")
         frame = frame.filter(pl.col("request_id").is_not_null() & pl.col("route").is_in(["baseline", "candidate"]))
         if frame.height == 0:
             return

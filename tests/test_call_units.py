@@ -68,7 +68,8 @@ def test_calls_under_one_parent_are_compared_call_by_call(server):
              == 4, 20,
              what="trace rows", detail=server.log)
     rows = server.query("SELECT trace_id, route, request_id, language, tier, call_span_id, duration_seconds, model, "
-                        "input_tokens, llm_calls, steps FROM traces WHERE trace_id IN " + ids + " ORDER BY trace_id, call_span_id NULLS FIRST")
+                        f"input_tokens, llm_calls, steps FROM traces WHERE trace_id IN {ids} "
+                        "ORDER BY trace_id, call_span_id NULLS FIRST")
     by_trace: dict[str, list[dict]] = {}
     for r in rows:
         by_trace.setdefault(r["trace_id"], []).append(r)
@@ -106,3 +107,18 @@ def test_a_late_span_replaces_the_units_with_the_trace_row(server):
     assert rows == [{"route": "calls", "revision": 1}, {"route": "baseline", "revision": 1},
                     {"route": "candidate", "revision": 1}]
     assert pairs_total(server)["matched"] == matched      # the revision is not paired again
+
+
+def test_calls_that_come_after_their_trace_completed_are_compared_once(server):
+    # the application's span exported first: its trace completes alone, then LiteLLM's calls revise it
+    tid, app, calls = app_trace(6, [("gpt-4o-mini", False, 0.4), ("my-rlaif-1", True, 0.9)])
+    before = pairs_total(server).get("matched", 0)
+    send(server, app, [])
+    wait_for(lambda: server.query(f"SELECT route FROM traces WHERE trace_id = '{tid}'") == [{"route": None}], 20,
+             what="the application's trace row", detail=server.log)
+    send(server, [], calls)
+    wait_for(lambda: len(server.query(f"SELECT 1 FROM traces WHERE trace_id = '{tid}'")) == 3, 20,
+             what="the revision with the calls", detail=server.log)
+    wait_for(lambda: pairs_total(server)["matched"] == before + 1, 10, what="the pair counted")
+    assert [r["route"] for r in server.query(f"SELECT route FROM traces WHERE trace_id = '{tid}' "
+                                             "ORDER BY call_span_id NULLS FIRST")] == ["calls", "baseline", "candidate"]

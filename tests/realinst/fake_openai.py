@@ -10,7 +10,9 @@ Standard library only (``http.server`` in a daemon thread, port 0, loopback). It
   in the conversation, it answers with text. That gives a two-round tool loop;
 * usage with ``prompt_tokens_details.cached_tokens`` (always set, a third of the prompt)
   and ``completion_tokens_details.reasoning_tokens`` (non-zero for o-models, 0 otherwise);
-* model ``X`` is answered as ``X-2024-07-18`` (a dated snapshot, like the real API).
+* model ``X`` is answered as ``X-2024-07-18`` (a dated snapshot, like the real API);
+* ``FakeOpenAI(refuse=f)``: where ``f(model, last user text)`` is true, the answer is a refusal
+  (``finish_reason: content_filter``), a planted regression for the gate tests.
 
 Every request is recorded in :attr:`FakeOpenAI.records` with the exact model and usage the
 server returned. That is the ground truth the tests compare the store against; it is
@@ -28,7 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 SNAPSHOT_SUFFIX = "-2024-07-18"
 CASE_HEADER = "x-shadowlens-case"
@@ -182,6 +184,10 @@ class _Handler(BaseHTTPRequestHandler):
         response_id = "chatcmpl-" + uuid.uuid4().hex[:24]
         resp_model = response_model_for(model)
         text, tool_calls, finish = plan_reply(body, response_id)
+        refuse = self.server.owner.refuse
+        last_user = next((_text_of(m.get("content")) for m in reversed(body["messages"]) if m.get("role") == "user"), "")
+        if refuse is not None and not tool_calls and refuse(model, last_user):
+            text, finish = "I can't help with that.", "content_filter"
         u = compute_usage(body, text or "", tool_calls)
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -277,8 +283,10 @@ class _Server(ThreadingHTTPServer):
 class FakeOpenAI:
     """Start with :meth:`start` (or as a context manager); :attr:`base_url` ends in ``/v1``."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 refuse: Callable[[str, str], bool] | None = None) -> None:
         self._host, self._port = host, port
+        self.refuse = refuse
         self._lock = threading.Lock()
         self._records: list[Record] = []
         self._server: _Server | None = None
