@@ -323,12 +323,16 @@ def _seconds(v) -> float | None:
 
 
 def _collect_gate(r: dict, found: dict) -> None:
-    """Refresh seconds keyed by traces, from the shapes bench/gate.py writes: ``refresh_s`` as
+    """Refresh seconds keyed by traces, from the shapes bench/gate.py writes: serve's refresh as
+    ``serve_refresh.refresh_s`` beside ``traces`` (one store per file), ``refresh_s`` as
     {traces: seconds or spread} or a list of {traces, refresh_s}; the full `gate --data-dir` run as
     ``gate_cli_s`` beside ``traces``."""
     traces = r.get("traces")
     if isinstance(r.get("gate_cli_s"), dict) and traces:
         found["cli_s"][str(traces)] = _seconds(r["gate_cli_s"])
+    serve = r.get("serve_refresh")
+    if isinstance(serve, dict) and traces and _seconds(serve.get("refresh_s")) is not None:
+        found["refresh_s"][str(traces)] = _seconds(serve["refresh_s"])
     ref = r.get("refresh_s")
     if isinstance(ref, dict):
         if _seconds(ref) is not None and traces:

@@ -64,4 +64,5 @@ def test_gate_figures_read_the_shapes_bench_gate_writes():
     footprint._collect_gate({"traces": 1_000_000, "gate_cli_s": {"median": 0.76}}, found)
     footprint._collect_gate({"refresh_s": {"1000000": {"median": 0.004}, "8000000": 0.03}}, found)
     footprint._collect_gate({"windows": [{"traces": 8_000_000, "refresh_s": {"median": 0.02}}]}, found)
-    assert found == {"cli_s": {"1000000": 0.76}, "refresh_s": {"1000000": 0.004, "8000000": 0.02}}
+    footprint._collect_gate({"traces": 2_000_000, "serve_refresh": {"refresh_s": {"median": 0.011, "n": 7}}}, found)
+    assert found == {"cli_s": {"1000000": 0.76}, "refresh_s": {"1000000": 0.004, "8000000": 0.02, "2000000": 0.011}}
