@@ -7,12 +7,13 @@ confidence sequences, e-BH, states and reasons. What reads them (Prometheus's HT
 exporters/fleet.py; this module only maps the summed samples, a list of (labels, value), to
 sufficient_stats' shape.
 
-The sketch: log-spaced buckets, bucket ``i`` holding durations in (GAMMA^(i-1), GAMMA^i] seconds with
-GAMMA = 2^(1/8) (Prometheus's native-histogram schema 3), only the non-empty ones exposed. A quantile is
-read at the geometric middle of the bucket(s) holding its order statistics, so it is within a factor
-sqrt(GAMMA) (4.4 %) of the exact sample quantile; a ratio of two routes' quantiles within GAMMA (9.05 %).
-The p99 interval is widened by that bound (``quantile_side``), so the bucket width never makes the gate
-claim more than the buckets know.
+The sketch: analyzers/sketch.py's QuantileSketch with FLEET_ALPHA, so bucket ``i`` holds durations in
+(GAMMA^(i-1), GAMMA^i] seconds with GAMMA = 2^(1/8) (Prometheus's native-histogram schema 3), only the
+non-empty ones exposed. A quantile read from the summed buckets is within FLEET_ALPHA (4.3 %, relative) of
+the exact sample quantile, so a ratio of two routes' quantiles within a factor 1/(1 - FLEET_ALPHA)^2 on the
+safe side; the p99 interval is widened by that bound (``quantile_side``), so the bucket width never makes the
+gate claim more than the buckets know. (The sidecar's own gate keeps 1 % buckets; 4.3 % keeps the exposed
+series count at a few dozen per route and cohort value, README "Fleet".)
 """
 from __future__ import annotations
 
@@ -29,27 +30,27 @@ from .effects import quantile_grid
 from .pairing import STAT_NAMES
 from .rules import GateSettings, Rule
 from .sequential import radius
+from .sketch import QuantileSketch
 
 SKETCH_SCHEMA = 3
 GAMMA = 2.0 ** (2.0 ** -SKETCH_SCHEMA)       # 1.0905: each bucket is 9.05 % wide
-RELATIVE_ERROR = math.sqrt(GAMMA) - 1        # 4.4 %: a quantile read from the buckets vs the exact one
+FLEET_ALPHA = (GAMMA - 1) / (GAMMA + 1)      # 0.0433: QuantileSketch's relative error for that bucket width
+RELATIVE_ERROR = FLEET_ALPHA
 # durations are clamped into [1 ms, 1 day]: at most 8 x log2(86.4e6) = 211 buckets per series key
 MIN_SECONDS, MAX_SECONDS = 1e-3, 86_400.0
+WIDENING = -2 * math.log(1 - FLEET_ALPHA)    # the most a p99 ratio read from the buckets is off, log scale
 SKETCHED_MEASURES = {"duration"}             # the quantile rules' measures that have a sketch
 STAT_KEYS = {name: key for key, name in STAT_NAMES.items()}
 NOT_MERGEABLE = "not mergeable across sidecars"
 ROUTES = ("baseline", "candidate")
 
 
+_MAPPING = QuantileSketch(FLEET_ALPHA)
+
+
 def bucket_index(seconds: float) -> int:
     """The sketch bucket holding a duration (seconds > 0)."""
-    x = min(max(seconds, MIN_SECONDS), MAX_SECONDS)
-    return math.ceil(math.log2(x) * 2 ** SKETCH_SCHEMA - 1e-9)
-
-
-def bucket_middle(index: int) -> float:
-    """The geometric middle of bucket ``index``: within sqrt(GAMMA) of every duration in it."""
-    return GAMMA ** (index - 0.5)
+    return _MAPPING.key(min(max(seconds, MIN_SECONDS), MAX_SECONDS))
 
 
 class DurationSketch:
@@ -74,10 +75,9 @@ class DurationSketch:
         t = t.filter(pl.col("route").is_in(list(ROUTES)) & (pl.col("d") > 0))
         if t.height == 0:
             return
-        t = t.with_columns(
-            *[pl.Series(lab, self.limiter.map(lab, t[lab].to_list(), count=False)) for lab in labels],
-            ((pl.col("d").clip(MIN_SECONDS, MAX_SECONDS).log(2) * 2 ** SKETCH_SCHEMA - 1e-9).ceil()
-             .cast(pl.Int32)).alias("bucket"))
+        keys = _MAPPING.keys(t["d"].clip(MIN_SECONDS, MAX_SECONDS).to_numpy())
+        t = t.with_columns(*[pl.Series(lab, self.limiter.map(lab, t[lab].to_list(), count=False)) for lab in labels],
+                           pl.Series("bucket", keys, dtype=pl.Int32))
         fine = t.group_by(["route", *labels, "bucket"]).len()
         updates = []
         for label in (None, *labels):
@@ -98,38 +98,20 @@ class DurationSketch:
 # ---------------------------------------------------------------- quantiles from buckets
 
 def sketch_quantile(buckets: dict[int, float], p: float) -> float:
-    """The p-quantile as DuckDB's quantile_cont defines it (linear between the order statistics at
-    (n-1)p), each order statistic read at the middle of its bucket."""
-    items = sorted((i, c) for i, c in buckets.items() if c > 0)
-    n = sum(c for _, c in items)
-    if n <= 0:
-        return math.nan
-    h = (n - 1) * min(max(p, 0.0), 1.0)
-    k = math.floor(h)
-    f = h - k
-    lo, hi = _order_stat(items, k), _order_stat(items, min(k + 1, n - 1))
-    return lo + f * (hi - lo)
-
-
-def _order_stat(items: list[tuple[int, float]], k: float) -> float:
-    cum = 0.0
-    for i, c in items:
-        cum += c
-        if k < cum - 1e-9:
-            return bucket_middle(i)
-    return bucket_middle(items[-1][0])
+    """The p-quantile (as DuckDB's quantile_cont), read from summed bucket counts by QuantileSketch."""
+    return QuantileSketch.from_counts(buckets, FLEET_ALPHA).quantile(p)
 
 
 def quantile_side(rule: Rule, buckets: dict[int, float], n_other: int, alpha: float) -> tuple[int, list[float]]:
     """One route's (n, quantiles on quantile_grid(rule)), as sufficient_stats gives them, from its buckets.
 
-    The bucket width enters as a widening: every quantile read here is within a factor sqrt(GAMMA) of the
-    exact one, so the ratio of two routes' within GAMMA, i.e. log(GAMMA) on the log scale the effect is
-    judged on. effects.judge_quantile reads each route's standard error from the grid's spread at
-    q -+ sqrt(q(1-q)/n); tilting the grid's log values by (p - q) / that half-width x log(GAMMA) / r adds
-    log(GAMMA) / r to the route's standard error, which adds at least log(GAMMA) / r to the combined one
+    The bucket width enters as a widening: every quantile read here is within FLEET_ALPHA (relative) of the
+    exact one, so on the log scale the effect is judged on, the ratio of two routes' is within
+    w = -2 log(1 - FLEET_ALPHA). effects.judge_quantile reads each route's standard error from the grid's
+    spread at q -+ sqrt(q(1-q)/n); tilting the grid's log values by (p - q) / that half-width x w / r adds
+    w / r to the route's standard error, which adds at least w / r to the combined one
     (sqrt((a+b)^2 + (c+b)^2) >= sqrt(a^2 + c^2) + b), so the interval, r standard errors wide, grows by at
-    least log(GAMMA) on each side. The estimate (p = q) is untouched.
+    least w on each side. The estimate (p = q) is untouched.
     """
     n = int(round(sum(c for c in buckets.values() if c > 0)))
     grid = quantile_grid(rule)
@@ -138,8 +120,9 @@ def quantile_side(rule: Rule, buckets: dict[int, float], n_other: int, alpha: fl
     q = rule.quantile
     r = radius(min(n, n_other), alpha) if min(n, n_other) > 0 else math.inf
     half = math.sqrt(q * (1 - q) / n)
-    tilt = math.log(GAMMA) / r / half if math.isfinite(r) else 0.0
-    return n, [sketch_quantile(buckets, p) * math.exp((p - q) * tilt) for p in grid]
+    tilt = WIDENING / r / half if math.isfinite(r) else 0.0
+    values = QuantileSketch.from_counts({k: c for k, c in buckets.items() if c > 0}, FLEET_ALPHA).quantiles(grid)
+    return n, [v * math.exp((p - q) * tilt) for p, v in zip(grid, values)]
 
 
 # ---------------------------------------------------------------- summed samples -> statistics
@@ -286,6 +269,6 @@ def judge_fleet(c: FleetCounters, settings: GateSettings, labels, now: float) ->
     return FleetVerdict(v, c.sidecars, c.notes)
 
 
-__all__ = ["GAMMA", "NOT_MERGEABLE", "RELATIVE_ERROR", "SKETCH_SCHEMA", "Comparison", "DurationSketch",
-           "FleetCounters", "FleetVerdict", "Sample", "bucket_index", "bucket_middle", "fleet_statistics",
+__all__ = ["FLEET_ALPHA", "GAMMA", "WIDENING", "NOT_MERGEABLE", "RELATIVE_ERROR", "SKETCH_SCHEMA", "Comparison", "DurationSketch",
+           "FleetCounters", "FleetVerdict", "Sample", "bucket_index", "fleet_statistics",
            "judge_fleet", "not_mergeable", "quantile_side", "sketch_quantile"]
