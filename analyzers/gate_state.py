@@ -53,7 +53,29 @@ class _Bucket:
     pair: list = field(default_factory=list)
     keyed: np.ndarray = field(default_factory=lambda: np.zeros(2))
     first: list = field(default_factory=lambda: [math.inf, math.inf])     # min start per route
-    sketch: list = field(default_factory=list)     # (quantile column index, route slot ids, keys, counts)
+    sketch: dict = field(default_factory=dict)     # quantile column index -> [(codes, counts)], see _code
+
+
+_KEY_BIAS = 1 << 31
+
+
+def _code(slots: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """(route slot, sketch key) as one int64: a bucket's sketch counts cost 12 bytes a (slot, key), not 24."""
+    return (slots.astype(np.int64) << 32) | (keys.astype(np.int64) + _KEY_BIAS)
+
+
+def _decode(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return codes >> 32, (codes & 0xFFFFFFFF) - _KEY_BIAS
+
+
+def _compact_codes(chunks: list) -> list:
+    """Chunks of (codes, counts) summed per code into one chunk."""
+    if len(chunks) <= 1:
+        return chunks
+    codes = np.concatenate([c for c, _ in chunks])
+    uniq, inv = np.unique(codes, return_inverse=True)
+    counts = np.bincount(inv, weights=np.concatenate([n for _, n in chunks]), minlength=uniq.size)
+    return [(uniq, counts.astype(np.int32))]
 
 
 def _compact(chunks: list, width: int) -> list:
@@ -188,9 +210,10 @@ class GateState:
                 rkeys = rows["_key"].to_numpy()
                 counts = rows["len"].to_numpy()
                 buckets = rows["_bucket"].to_numpy()
+                codes = _code(slots, rkeys)
                 for b in np.unique(buckets):
                     sel = buckets == b
-                    self._bucket(int(b)).sketch.append((qi, slots[sel], rkeys[sel], counts[sel]))
+                    self._bucket(int(b)).sketch.setdefault(qi, []).append((codes[sel], counts[sel].astype(np.int32)))
                 self._apply_sketch(qi, slots, rkeys, counts, 1)
 
     def _apply_sketch(self, qi: int, slots: np.ndarray, keys: np.ndarray, counts: np.ndarray, sign: int) -> None:
@@ -249,8 +272,9 @@ class GateState:
             return
         self._oldest_bucket = first
         for b in [b for b in self._buckets if b < first]:
-            for qi, slots, keys, counts in self._buckets.pop(b).sketch:
-                self._apply_sketch(qi, slots, keys, counts, -1)
+            for qi, chunks in self._buckets.pop(b).sketch.items():
+                for codes, counts in chunks:
+                    self._apply_sketch(qi, *_decode(codes), counts.astype(np.float64), -1)
         if self._pending is not None:
             self._pending = self._pending.filter(pl.col("_bucket") >= first)
 
@@ -265,6 +289,8 @@ class GateState:
             for bucket in self._buckets.values():
                 bucket.route = _compact(bucket.route, self.route_width)
                 bucket.pair = _compact(bucket.pair, self.pair_width)
+                for qi, chunks in bucket.sketch.items():
+                    bucket.sketch[qi] = _compact_codes(chunks)
                 for slots, rows in bucket.route:
                     route_tot[slots] += rows
                 for slots, rows in bucket.pair:
@@ -355,7 +381,9 @@ class GateState:
         with self._lock:
             return {"buckets": len(self._buckets), "route_slots": len(self._route_slots),
                     "pair_slots": len(self._pair_slots), "pending": 0 if self._pending is None else self._pending.height,
-                    "sketch_entries": sum(s[1].size for b in self._buckets.values() for s in b.sketch)}
+                    "sketch_entries": sum(c.size for b in self._buckets.values() for chunks in b.sketch.values()
+                                          for c, _ in chunks),
+                    "sketch_totals_bins": sum(sk.bins.size for per in self._sketches for sk in per.values())}
 
 
 def _merged(parts: list[QuantileSketch], alpha: float) -> QuantileSketch:
