@@ -160,7 +160,7 @@ class GateMetrics:
         self.refresh_seconds = refresh_seconds
         self.limiter = limiter
         self.sketch = sketch
-        self._sketch_prefix: dict[tuple, str] = {}
+        self._sketch_prefix: dict[tuple, tuple[int, str]] = {}     # key -> (generation, its series' text)
 
     # the state an __overflow__ result shows for the results it stands for: the one that needs a look first
     _WORST = ("fail", "inconclusive", "insufficient_data", "pass")
@@ -237,12 +237,9 @@ class GateMetrics:
         ~10k such series to a few ms."""
         parts = []
         names = ("route", *self.labels)
-        for key, buckets in self.sketch.snapshot().items():
-            prefix = self._sketch_prefix.get(key)
-            if prefix is None:
-                if len(self._sketch_prefix) > 10_000:
-                    self._sketch_prefix.clear()
-                lab = label_string(names, (key[0], *key[1]))
-                prefix = self._sketch_prefix[key] = f'shadowlens_trace_duration_sketch_total{{{lab},bucket="'
-            parts.extend(f'{prefix}{b}"}} {n}\n' for b, n in sorted(buckets.items()))
-        return "".join(parts)
+
+        def render_key(key: tuple, counts: dict[int, int]) -> str:
+            lab = label_string(names, (key[0], *key[1]))
+            prefix = f'shadowlens_trace_duration_sketch_total{{{lab},bucket="'
+            return "".join(f'{prefix}{b}"}} {n}\n' for b, n in sorted(counts.items()))
+        return "".join(self.sketch.render(render_key, self._sketch_prefix))
