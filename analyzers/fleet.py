@@ -62,6 +62,7 @@ class DurationSketch:
         self.labels = tuple(limiter.labels)
         # (route, cohort values tuple with ANY_VALUE for the other labels) -> {bucket index: traces}
         self.counts: dict[tuple, dict[int, int]] = {}
+        self.generation: dict[tuple, int] = {}     # bumped when a key's counts change: scrapes re-render only those
         self._lock = threading.Lock()
 
     def __call__(self, done: CompletedTraces) -> None:
@@ -89,10 +90,25 @@ class DurationSketch:
             for key, bucket, n in updates:
                 acc = self.counts.setdefault(key, {})
                 acc[bucket] = acc.get(bucket, 0) + n
+            for key in {k for k, _, _ in updates}:
+                self.generation[key] = self.generation.get(key, 0) + 1
 
     def snapshot(self) -> dict[tuple, dict[int, int]]:
         with self._lock:
             return {k: dict(v) for k, v in self.counts.items()}
+
+    def render(self, render_key, cache: dict) -> list[str]:
+        """render_key(key, counts) per key, reusing ``cache``'s text of the keys unchanged since the last call
+        (at the defaults ~300 keys of a few dozen buckets each: a scrape re-renders only what changed)."""
+        out = []
+        with self._lock:
+            for key, counts in self.counts.items():
+                gen = self.generation.get(key, 0)
+                hit = cache.get(key)
+                if hit is None or hit[0] != gen:
+                    hit = cache[key] = (gen, render_key(key, counts))
+                out.append(hit[1])
+        return out
 
 
 # ---------------------------------------------------------------- quantiles from buckets

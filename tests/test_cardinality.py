@@ -33,6 +33,10 @@ OTHERS = 75            # families whose labels only the server sets (receiver, r
                        # +7: the disk budget's shadowlens_store_max_bytes, _used_bytes, _retention_seconds,
                        # _oldest_age_seconds and _budget_deleted_spans/segments/bytes_total (no labels)
 PAIRED_RULES = 4       # default rules with mergeable pair sums (every one but the p99 quantile rule)
+# the fleet's duration sketch (shadowlens_trace_duration_sketch_total, analyzers/fleet.py): non-empty buckets per
+# compared route and cohort value. Buckets are 2^(1/8) wide, so durations spanning a factor 30 within a cohort
+# fill 8 x log2(30) = 40 of them (the clamp to [1 ms, 1 day] allows 211; README "Fleet" states both)
+SKETCH_BUCKETS = 40
 
 
 def bound_at_defaults() -> int:
@@ -44,7 +48,8 @@ def bound_at_defaults() -> int:
     results = 1 + LABELS * (MAX_VALUES + 2)                           # all, values + __other__ + __overflow__
     gate = RULES * results * (4 + 3 + 2) + PAIRED_RULES * (1 + LABELS * (MAX_VALUES + 1)) * 6
     overflow = LABELS + 3
-    return keys * per_key + models + gate + overflow + OTHERS
+    sketch = 2 * (1 + LABELS * (MAX_VALUES + 1)) * SKETCH_BUCKETS      # baseline, candidate x (all, values + overflow)
+    return keys * per_key + models + gate + overflow + OTHERS + sketch
 
 
 def samples(text: str) -> list[str]:
@@ -173,6 +178,7 @@ def test_metrics_at_every_cap_render_within_the_stated_bound(tmp_path):
     from shadowlens.analyzers.assembly import AssemblyCounters, CompletedTraces
     from shadowlens.analyzers.cohorts import CohortLimiter
     from shadowlens.analyzers.compare import Comparison, Verdict
+    from shadowlens.analyzers.fleet import DurationSketch
     from shadowlens.analyzers.window import WindowQuery
     from shadowlens.exporters.analysis import AnalysisMetrics, GateMetrics
 
@@ -211,7 +217,11 @@ def test_metrics_at_every_cap_render_within_the_stated_bound(tmp_path):
                 for j, v in enumerate([*{c[labels.index(lab)] for c in combos}, "__other__"])]
     verdict = Verdict("block", tuple(results), (), time.time(), 3600)
     analysis = AnalysisMetrics(agg, lambda: window, AssemblyCounters(), limiter)
-    gate = GateMetrics(lambda: verdict, None, labels, lambda: 0.1, limiter=limiter)
+    # the duration sketch full: every compared route and cohort value with SKETCH_BUCKETS non-empty buckets
+    sketch = DurationSketch(limiter)
+    sketch(CompletedTraces(pl.concat([traces.with_columns(pl.lit(2 ** ((b + 0.5) / 8)).alias("duration_seconds"))
+                                      for b in range(SKETCH_BUCKETS)]), evals.head(0), None, 0, 0))
+    gate = GateMetrics(lambda: verdict, None, labels, lambda: 0.1, limiter=limiter, sketch=sketch)
     for openmetrics in (False, True):
         text = analysis.render(openmetrics) + gate.render(openmetrics)
         times = []
