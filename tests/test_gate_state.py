@@ -185,3 +185,30 @@ def test_noisy_traffic_unpaired_and_pooled_cohorts():
     assert any(r.cohort == "intent=__other__" for r in sql.results)
     assert any(r.cohort == "language=unknown" for r in sql.results)
     assert_same(sql, judge(state.statistics(NOW), SETTINGS, NOW))
+
+
+def test_serve_refresh_reads_evidence_only_when_the_failing_set_changes(regression):
+    """GateRefresher with a sink: the first refresh rebuilds (one scan) and reads evidence; the next ones judge
+    the state and reuse the evidence until the failing set changes or evidence_every_s has passed."""
+    from shadowlens.analyzers.gate import GateRefresher
+    _, con = regression
+    opened = []
+    clock = [NOW]
+
+    def cursor():
+        opened.append(clock[0])
+        return con.cursor()
+    state = GateState(SETTINGS, LABELS)
+    refresher = GateRefresher(cursor, SETTINGS, LABELS, now=lambda: clock[0], sink=GateStateSink(state),
+                              evidence_every_s=300)
+    first = refresher.refresh_now()
+    assert len(opened) == 2                               # the restart scan, then the evidence
+    fails = {(r.rule, r.cohort) for r in first.results if r.state == "fail"}
+    assert fails and set(first.examples) == fails and first.explained_by
+    clock[0] = NOW + 10
+    again = refresher.refresh_now()
+    assert len(opened) == 2 and again.examples == first.examples and again.explained_by == first.explained_by
+    assert again.as_of == NOW + 10
+    clock[0] = NOW + 320                                  # evidence_every_s later: read again
+    refresher.refresh_now()
+    assert len(opened) == 3
