@@ -51,6 +51,11 @@ RECENT_COMPLETED = 50_000
 # of query planning and fixed work whatever its size, and ran after every commit (3-4 a second under
 # load). Completion is at most this much later than idle_seconds.
 ROUND_S = 1.0
+# Below this many due traces a round waits, up to idle_seconds / 2 after the last one: at 1,000
+# spans/s (~90 traces/s) the round's fixed cost was most of the sidecar's CPU (73 ms of a core per
+# second, at 1 s rounds; bench/footprint.py). The window and the gate ask for a round before they
+# refresh (round_now), so what they read is as fresh as before; under load every round has enough.
+ROUND_MIN_DUE = 1000
 FAILURE_LOG_S = 60.0           # while rounds keep failing, a reminder this often (the first has the traceback)
 
 
@@ -131,6 +136,8 @@ class TraceAssembler:
         self._seq = 0          # the last commit consumed
         self._seen = 0         # the last commit the store announced
         self.round_s = min(ROUND_S, idle_s / 2)
+        self.lazy_round_s = idle_s / 2      # the longest a due trace waits for ROUND_MIN_DUE others
+        self._asks: deque[threading.Event] = deque()     # round_now callers waiting for a round
         self._last_round = float("-inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -157,6 +164,8 @@ class TraceAssembler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        while self._asks:               # asked after the last round: nothing more is coming
+            self._asks.popleft().set()
         if self._con is not None:
             self._con.close()
             self._con = None
@@ -193,14 +202,28 @@ class TraceAssembler:
         self._wake.set()
 
     def _wait(self) -> None:
-        """Until the next commit, or ``poll_s`` while a trace is open (it becomes due with time alone).
-        With none open nothing can become due before a span arrives: the thread sleeps until then
-        instead of waking four times a second on an idle sidecar."""
-        if self._open or self._failing_since is not None or not self._following:
+        """Until the next commit or round_now, or ``poll_s`` while a trace is open (it becomes due with
+        time alone). With none open nothing can become due before a span arrives: the thread sleeps
+        until then instead of waking four times a second on an idle sidecar."""
+        if not self._following:
             self._seen = self.store.wait_for_commit(self._seen, self.poll_s)
+        elif self._open or self._failing_since is not None:
+            self._wake.wait(self.poll_s)
         else:
             self._wake.wait()
         self._wake.clear()       # before the feed is read: a commit after this sets it again
+
+    def round_now(self, timeout: float = 5.0) -> None:
+        """Finalize what is due now, on the assembler's thread, before a reader of the traces table
+        refreshes (the window, the gate): rounds may wait for more due traces at low rates, readers
+        do not. Returns at once when no trace is open (an idle sidecar); waits at most ``timeout``."""
+        if not self._open or self._thread is None or self._stop.is_set():
+            return
+        self.store.flush(timeout)       # spans the writer holds back for a bigger group count as arrived
+        done = threading.Event()
+        self._asks.append(done)
+        self._wake.set()
+        done.wait(timeout)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -213,9 +236,17 @@ class TraceAssembler:
                         self._consume(committed)
                         self._seq = committed.seq
                 now = time.monotonic()
-                if now - self._last_round >= self.round_s or len(self._open) > self.max_open:
-                    self._last_round = now
-                    self.complete_due()
+                asks = [self._asks.popleft() for _ in range(len(self._asks))]
+                try:
+                    pressed = asks or len(self._open) > self.max_open or now - self._last_round >= self.lazy_round_s
+                    if pressed:
+                        self._last_round = now
+                        self.complete_due()
+                    elif now - self._last_round >= self.round_s and self.complete_due(ROUND_MIN_DUE):
+                        self._last_round = now
+                finally:
+                    for done in asks:       # also after a failed round: the reader reads what there is
+                        done.set()
                 if self._failing_since is not None:
                     log.info("trace assembly rounds succeed again after %.0f s of failures",
                              time.monotonic() - self._failing_since)
@@ -266,8 +297,8 @@ class TraceAssembler:
                     st.evals_seq = seq
         self.stats.open_traces = len(open_)
 
-    def complete_due(self) -> int:
-        """Finalize every trace that is due now; returns how many were finalized."""
+    def complete_due(self, min_due: int = 1) -> int:
+        """Finalize every trace that is due now, if at least ``min_due`` are; returns how many were finalized."""
         now = self.now()
         due: dict[str, bool] = {}
         for tid, st in self._open.items():              # max_seconds, in first_seen order
@@ -288,7 +319,7 @@ class TraceAssembler:
                     excess -= 1
                     if excess <= 0:
                         break
-        if not due:
+        if not due or len(due) < min_due:
             return 0
         self._finalize(due)
         return len(due)

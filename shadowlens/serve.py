@@ -176,6 +176,8 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
                                          eval_names=aggregates.eval_names), cfg.analyzers.window_refresh_s,
                              forget=forget, generation=store.generation)
     verdicts = GateRefresher(store.cursor, gate, cfg.cohort_labels, trace_url=cfg.links.trace_url, sink=gate_state)
+    # rounds wait for more due traces at low rates (assembly.ROUND_MIN_DUE); these readers never do
+    window.before = verdicts.before = assembler.round_now
     analysis = AnalysisMetrics(aggregates, lambda: window.latest, assembler.stats, limiter)
     gate_metrics = GateMetrics(lambda: verdicts.latest, pairing, cfg.cohort_labels, lambda: verdicts.last_seconds,
                                limiter=limiter, sketch=sketch)
