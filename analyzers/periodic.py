@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 log = logging.getLogger("shadowlens.analyzers")
 
@@ -16,6 +17,9 @@ class Periodic:
     interval_s: float = 5.0
     thread_name = "shadowlens-periodic"
     refreshes = 0          # refresh_now calls made by the loop (tests: a quiet store is not recomputed)
+    # called first on every tick: what the result is computed from is brought up to date (serve: the
+    # assembler's round_now, so that traces due now are in the table the refresh reads)
+    before: Callable[[], object] | None = None
 
     def refresh_now(self):
         raise NotImplementedError
@@ -33,6 +37,8 @@ class Periodic:
         failed = False
         while True:
             try:
+                if self.before is not None:
+                    self.before()
                 if failed or self.stale():
                     self.refreshes += 1
                     self.refresh_now()
