@@ -184,10 +184,17 @@ class GateState:
         for lab, rows in self._rollup(fine, ["_bucket", "route"], values):
             self._store(rows, values, lambda r, v, lab=lab: self._route_slot((r, lab, v)), "route")
 
+    @staticmethod
+    def _slots(rows: pl.DataFrame, route_col: str | None, slot_of) -> np.ndarray:
+        """Each row's slot: looked up once per distinct (route, value), then joined back (rows can be many)."""
+        cols = [route_col, "_value"] if route_col else ["_value"]
+        uniq = rows.select(cols).unique()
+        pairs = uniq.iter_rows() if route_col else ((None, v) for (v,) in uniq.iter_rows())
+        uniq = uniq.with_columns(pl.Series("_slot", [slot_of(r, v) for r, v in pairs], dtype=pl.Int64))
+        return rows.join(uniq, on=cols, how="left", nulls_equal=True, maintain_order="left")["_slot"].to_numpy()
+
     def _store(self, rows: pl.DataFrame, values: list[str], slot_of, kind: str, route_col: str | None = "route"):
-        slots = np.fromiter((slot_of(r, v) for r, v in zip(
-            rows[route_col].to_list() if route_col else [None] * rows.height, rows["_value"].to_list())),
-            dtype=np.int64, count=rows.height)
+        slots = self._slots(rows, route_col, slot_of)
         matrix = rows.select(values).fill_null(0.0).to_numpy().astype(np.float64, copy=False)
         buckets = rows["_bucket"].to_numpy()
         for b in np.unique(buckets):
@@ -204,9 +211,7 @@ class GateState:
             fine = pos.group_by(["_bucket", "route", *self.labels, "_key"]).len().with_columns(
                 pl.col("len").cast(pl.Float64))
             for lab, rows in self._rollup(fine, ["_bucket", "route", "_key"], ["len"]):
-                slots = np.fromiter((self._route_slot((r, lab, v)) for r, v in
-                                     zip(rows["route"].to_list(), rows["_value"].to_list())), dtype=np.int64,
-                                    count=rows.height)
+                slots = self._slots(rows, "route", lambda r, v, lab=lab: self._route_slot((r, lab, v)))
                 rkeys = rows["_key"].to_numpy()
                 counts = rows["len"].to_numpy()
                 buckets = rows["_bucket"].to_numpy()
