@@ -129,8 +129,8 @@ def _calibration() -> float:
 
 def serve_refresh(data: Path, settings, sql_verdict, refreshes: int) -> dict:
     """serve's refresh on the incremental state (analyzers/gate_state.py): the restart's one scan of the window,
-    then the refresh (merge the buckets, pool, judge) `refreshes` times, and one assembly round's cost to add
-    a second of traffic at the window's rate; the verdict compared with the SQL path's."""
+    then the refresh (merge the buckets, pool, judge) `refreshes` times, and the CPU cost of adding new traces
+    in the sink's batches; the verdict compared with the SQL path's."""
     from shadowlens.analyzers.compare import judge
     from shadowlens.analyzers.gate import rebuild, trace_frame_sql
     from shadowlens.analyzers.gate_state import GateState
@@ -154,26 +154,27 @@ def serve_refresh(data: Path, settings, sql_verdict, refreshes: int) -> dict:
                    if r.rule != "p99_latency" and r.effect and sql[(r.rule, r.cohort)].effect]
         p99 = [abs(r.effect / sql[(r.rule, r.cohort)].effect - 1) for r in verdict.results
                if r.rule == "p99_latency" and r.effect and sql[(r.rule, r.cohort)].effect]
-        # one assembly round: a second of traffic at the window's rate (traces / 3,600 s), fresh request ids
-        per_s = max(1, sql_verdict.traces.get("baseline", 0) + sql_verdict.traces.get("candidate", 0)) // 3600
-        sample = pl.from_arrow(con.sql(trace_frame_sql(settings, LABELS, now) + f" LIMIT {per_s}").to_arrow_table())
-        sample = sample.with_columns(pl.col("request_id") + "-round")
-        rounds = []
+        # what feeding the state costs: GateStateSink adds gathered rounds in batches of (at most) 5,000 traces
+        batch = 5_000
+        sample = pl.from_arrow(con.sql(trace_frame_sql(settings, LABELS, now) + f" LIMIT {batch}").to_arrow_table())
+        adds = []
         for i in range(5):
-            t = time.perf_counter()
-            state.add_frame(sample.with_columns(pl.col("request_id") + str(i)))
-            rounds.append(time.perf_counter() - t)
+            fresh = sample.with_columns(pl.col("request_id") + f"-add{i}")
+            t = time.process_time()
+            state.add_frame(fresh)
+            adds.append(time.process_time() - t)
     finally:
         con.close()
     say(f"  serve's refresh on the incremental state: median {statistics.median(times) * 1000:.1f} ms over"
         f" {refreshes} (CPU {statistics.median(cpu) * 1000:.1f} ms; restart scan {rebuild_s:.1f} s);"
-        f" verdict {verdict.verdict}, {len(differ)} states differ"
-        f" from the SQL path; a round of {per_s:,} traces adds in {statistics.median(rounds) * 1000:.1f} ms")
+        f" verdict {verdict.verdict}, {len(differ)} states differ from the SQL path; adding {batch:,} traces costs"
+        f" {statistics.median(adds) * 1000:.0f} ms CPU ({statistics.median(adds) / batch * 1e6:.1f} us a trace)")
     return {"refresh_s": spread(times, 4), "refresh_cpu_s": spread(cpu, 4), "rebuild_s": round(rebuild_s, 2),
             "verdict": verdict.verdict,
             "same_verdict": verdict.verdict == sql_verdict.verdict, "states_differing": differ,
             "moment_effect_max_rel_diff": max(moments, default=0.0), "p99_effect_max_rel_diff": max(p99, default=0.0),
-            "round_traces": per_s, "round_add_s": spread(rounds, 4), "state": state.memory()}
+            "add_batch_traces": batch, "add_batch_cpu_s": spread(adds, 4),
+            "add_cpu_us_per_trace": round(statistics.median(adds) / batch * 1e6, 2), "state": state.memory()}
 
 
 LOOKS = (1000, 2000, 4000, 6000, 8000, 10000)      # requests per route at each look (a look every ~2 min)
