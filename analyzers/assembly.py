@@ -38,7 +38,7 @@ from shadowlens.collector.store.database import frame
 from shadowlens.collector.store.derived import replace_traces
 
 from .rollup import EVALS_SQL, MODELS_SQL, NO_EVALS, RouteResolver, rollup_sql, trace_rows
-from .units import CALLS_SQL, call_units
+from .units import CALLS_SQL, ROOT_CALLS_SQL, CallUnits, ContentPairer, call_units
 
 log = logging.getLogger("shadowlens.assembly")
 
@@ -113,7 +113,8 @@ def traces_of(spans: pa.Table) -> tuple[list[str], list[int]]:
 class TraceAssembler:
     def __init__(self, store, cohort_labels, idle_s: float, max_s: float, routes, *, max_open: int = 100_000,
                  poll_s: float = 0.25, sinks: list[Callable[[CompletedTraces], None]] | None = None,
-                 now: Callable[[], float] = time.time):
+                 now: Callable[[], float] = time.time, content_pairing_s: float = 0.0):
+        """``content_pairing_s``: traces.content_pairing_seconds (0: off; analyzers/units.py)."""
         self.store = store
         self.cohort_labels = tuple(cohort_labels)
         self.idle_s, self.max_s = idle_s, max_s
@@ -122,6 +123,7 @@ class TraceAssembler:
         self.sinks = list(sinks or [])
         self.now = now
         self.routes = RouteResolver(routes)
+        self.content = ContentPairer(content_pairing_s, max_s)
         self.stats = AssemblyCounters()
         self._sql = rollup_sql(self.cohort_labels)
         self._open: dict[str, _Open] = {}                         # insertion order = first_seen order
@@ -387,11 +389,20 @@ class TraceAssembler:
             evals = frame(con, EVALS_SQL, {"lo": lo, "evals_hi": evals_hi}) if evals_hi >= lo else NO_EVALS
             models = frame(con, MODELS_SQL, {"lo": lo, "hi": hi})
             calls = frame(con, CALLS_SQL, {"lo": lo, "hi": hi})
+            roots = frame(con, ROOT_CALLS_SQL, {"lo": lo, "hi": hi}) if self.content.window_ns > 0 else None
         finally:
             con.execute("ROLLBACK")       # read only: nothing to keep
             con.unregister("done")
         rows = self._finish_rows(trace_rows(rows, evals, models), old)
-        return rows, evals, models, old, call_units(rows, calls, self.cohort_labels)
+        cu = call_units(rows, calls, self.cohort_labels)
+        if roots is not None and roots.height:
+            # a revision keeps the request id its first row got (the spans carry none)
+            kept = {t: o["rid"] for t, o in old.items() if o["rid"]}
+            revised = cu.rows.filter(pl.col("revision") > 0).with_columns(pl.coalesce(
+                "request_id", pl.col("trace_id").replace_strict(kept, default=None, return_dtype=pl.Utf8)).alias("request_id"))
+            keyed, ambiguous = self.content.assign(cu.rows.filter(pl.col("revision") == 0), roots)
+            cu = CallUnits(pl.concat([keyed, revised], how="diagonal_relaxed"), cu.units, cu.ambiguous + ambiguous)
+        return rows, evals, models, old, cu
 
     def _forget_finalized(self, due: dict[str, bool], rows: pl.DataFrame, now_us: int) -> None:
         """Close the finalized traces and remember them as completed (a late span revises their row)."""
@@ -415,7 +426,8 @@ class TraceAssembler:
             # a trace's row and its call units' rows (analyzers/units.py) share these values
             return dict(con.execute(
                 "SELECT trace_id, struct_pack(n := any_value(span_count), rev := max(revision), lo := min(min_ingest_seq),"
-                " units := bool_or(call_span_id IS NOT NULL)) FROM traces "
+                " units := bool_or(call_span_id IS NOT NULL), rid := max(request_id) FILTER (WHERE call_span_id IS NULL))"
+                " FROM traces "
                 "SEMI JOIN revisit USING (trace_id) WHERE completed_at >= make_timestamp($since::BIGINT) GROUP BY trace_id",
                 {"since": min(revisit.values())}).fetchall())
         finally:

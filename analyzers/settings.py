@@ -44,7 +44,9 @@ GATE_SETTINGS_DEFAULTS: dict[str, Any] = {
 
 GATE: dict[str, Any] = {"rules": copy.deepcopy(DEFAULT_GATE_RULES), **GATE_SETTINGS_DEFAULTS}
 
-TRACES: dict[str, Any] = {"idle_seconds": 5, "max_seconds": 300, "max_open": 100000}
+# content_pairing_seconds: a gateway's mirrored root calls (LiteLLM without an application span) pair when their
+# input messages are identical and their starts this close (0: off; analyzers/units.py, docs/litellm.md)
+TRACES: dict[str, Any] = {"idle_seconds": 5, "max_seconds": 300, "max_open": 100000, "content_pairing_seconds": 1}
 
 WINDOW = "15m"
 
@@ -67,6 +69,7 @@ class TracesSettings:
     idle_seconds: float
     max_seconds: float
     max_open: int
+    content_pairing_seconds: float
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ def parse_traces(t: Mapping[str, Any]) -> TracesSettings:
     """The ``traces`` section (merged over ``TRACES``)."""
     return TracesSettings(idle_seconds=number(t["idle_seconds"], "traces.idle_seconds"),
                           max_seconds=number(t["max_seconds"], "traces.max_seconds"),
-                          max_open=integer(t["max_open"], "traces.max_open", minimum=1))
+                          max_open=integer(t["max_open"], "traces.max_open", minimum=1),
+                          content_pairing_seconds=number(t["content_pairing_seconds"], "traces.content_pairing_seconds"))
 
 
 def parse_window(value: Any) -> float:

@@ -18,9 +18,18 @@ A parent with a candidate call and more than one other call (or several candidat
 paired for sure: it is counted ``ambiguous`` (``shadowlens_pairs_total{status="ambiguous"}``) and gives no
 units. A candidate call with no sibling is a unit alone (counted unmatched_candidate by the pair counters).
 Any gateway whose decode step marks its mirrored call with a route reuses this by adding its scope below.
+
+**Pairing by request content** (``ContentPairer``): without an application span each LiteLLM call is the root
+of its own trace and nothing links the two. A gateway's root call that has no ``shadow.request_id`` is keyed by
+its ``gen_ai.input.messages`` (a hash; the text is read back from the payload for these calls only): a
+candidate call and a non-candidate call with the same content whose starts are at most
+``traces.content_pairing_seconds`` apart get one request id (``content:<trace id of the first>``), so the
+trace-level pairing judges them as any shadow pair. Never two calls of one route; a call with more than one
+possible twin (the same prompt sent twice at once) is counted ``ambiguous`` and keeps an id of its own.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import polars as pl
@@ -48,6 +57,20 @@ WITH c AS (
       AND sc.scope_name IN ({_SCOPES_SQL})
 )
 SELECT * EXCLUDE (_has_candidate) FROM c WHERE _has_candidate
+"""
+
+# The due traces' gateway calls that are the root of their trace, with a hash of their input messages (NULL
+# without content capture). The messages are in the span's attributes, read back from the payload log.
+ROOT_CALLS_SQL = f"""
+SELECT trace_id, start_ns, route, hash(content) AS content FROM (
+    SELECT d.trace_id, epoch_ns(sc.start_time) AS start_ns, sc.route,
+        json_extract_string(CAST(shadowlens_span_json(p.segment, p.byte_offset, p.length, sc.rs_idx, sc.ss_idx,
+            sc.sp_idx, 'attributes') AS JSON), '$."gen_ai.input.messages"') AS content
+    FROM spans_core sc JOIN {with_trace_id_ints("done")} d USING (trace_id_hi, trace_id_lo)
+        LEFT JOIN payloads p USING (payload_id)
+    WHERE sc.ingest_seq BETWEEN $lo AND $hi AND sc.span_kind = 'LLM' AND sc.parent_span_id_int IS NULL
+      AND sc.scope_name IN ({_SCOPES_SQL})
+) WHERE content IS NOT NULL
 """
 
 # Columns a unit row copies from its trace's row (the rest describe the call).
@@ -109,3 +132,81 @@ def call_units(rows: pl.DataFrame, calls: pl.DataFrame, cohort_labels) -> CallUn
                  pl.col("span_id").alias("call_span_id"))
              .drop("span_id", "parent_span_id", "name"))
     return CallUnits(routed, units, ambiguous)
+
+
+@dataclass(slots=True)
+class _Waiting:
+    start_ns: int
+    candidate: bool
+    request_id: str
+    open: bool = True
+
+
+class ContentPairer:
+    """Request ids for a gateway's root calls by identical content within ``window_s`` (see the module doc).
+
+    State across rounds: the calls still waiting for their twin, by content hash, forgotten ``horizon_s``
+    after their start (by the newest start seen) or beyond ``max_waiting``. Used by the assembler's thread only.
+
+    >>> p = ContentPairer(window_s=1.0, horizon_s=60.0)
+    >>> rows = pl.DataFrame({"trace_id": ["a", "b", "c"], "request_id": [None, None, None]})
+    >>> roots = pl.DataFrame({"trace_id": ["a", "b", "c"], "start_ns": [0, 200_000_000, 5_000_000_000],
+    ...                       "route": [None, "candidate", "candidate"], "content": [7, 7, 7]})
+    >>> out, ambiguous = p.assign(rows, roots)
+    >>> out["request_id"].to_list(), ambiguous
+    (['content:a', 'content:a', 'content:c'], 0)
+    """
+
+    def __init__(self, window_s: float, horizon_s: float, max_waiting: int = 100_000):
+        self.window_ns = int(window_s * 1e9)
+        self.horizon_ns = int(horizon_s * 1e9)
+        self.max_waiting = max_waiting
+        self._by_content: dict[int, list[_Waiting]] = {}
+        self._order: deque[tuple[int, int, _Waiting]] = deque()    # (start_ns, content, call), by arrival
+        self._newest = 0
+
+    def assign(self, rows: pl.DataFrame, roots: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+        """``rows`` with request ids for the calls of ``roots`` (ROOT_CALLS_SQL's rows) that have none;
+        returns them and the number of calls with more than one possible twin."""
+        if self.window_ns <= 0 or roots.height == 0:
+            return rows, 0
+        keyed = set(rows.filter(pl.col("request_id").is_not_null())["trace_id"].to_list())
+        ids: dict[str, str] = {}
+        ambiguous = 0
+        for tid, start, route, content in roots.sort("start_ns").iter_rows():
+            if tid in keyed:
+                continue
+            candidate = route == "candidate"
+            waiting = self._by_content.setdefault(content, [])
+            twins = [w for w in waiting if w.open and w.candidate != candidate
+                     and abs(w.start_ns - start) <= self.window_ns]
+            if len(twins) == 1:
+                twins[0].open = False
+                ids[tid] = twins[0].request_id
+                continue
+            ids[tid] = f"content:{tid}"
+            if twins:          # the same prompt twice at once: which call mirrors which is unknown
+                ambiguous += 1
+                continue
+            call = _Waiting(start, candidate, ids[tid])
+            waiting.append(call)
+            self._order.append((start, content, call))
+            self._newest = max(self._newest, start)
+        self._forget()
+        if not ids:
+            return rows, ambiguous
+        given = pl.DataFrame({"trace_id": list(ids), "_rid": list(ids.values())}, schema={"trace_id": pl.Utf8, "_rid": pl.Utf8})
+        rows = rows.join(given, on="trace_id", how="left").with_columns(
+            pl.coalesce("request_id", "_rid").alias("request_id")).drop("_rid")
+        return rows, ambiguous
+
+    def _forget(self) -> None:
+        order, by_content = self._order, self._by_content
+        while order and (order[0][0] < self._newest - self.horizon_ns or len(order) > self.max_waiting
+                         or not order[0][2].open):
+            _, content, call = order.popleft()
+            waiting = by_content.get(content)
+            if waiting is not None:
+                waiting[:] = [w for w in waiting if w is not call and w.open]
+                if not waiting:
+                    del by_content[content]

@@ -165,7 +165,8 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
     gate_state = GateStateSink(GateState(gate, cfg.cohort_labels, pending_s=gate.pairing_window_s
                                          + cfg.traces.max_seconds + cfg.traces.idle_seconds))
     assembler = TraceAssembler(store, cfg.cohort_labels, cfg.traces.idle_seconds, cfg.traces.max_seconds, cfg.routes,
-                               max_open=cfg.traces.max_open, sinks=[aggregates, pairing, sketch, gate_state])
+                               max_open=cfg.traces.max_open, sinks=[aggregates, pairing, sketch, gate_state],
+                               content_pairing_s=cfg.traces.content_pairing_seconds)
 
     def forget(older_than_s: float) -> None:
         aggregates.forget_stale(older_than_s)

@@ -122,3 +122,34 @@ def test_calls_that_come_after_their_trace_completed_are_compared_once(server):
     wait_for(lambda: pairs_total(server)["matched"] == before + 1, 10, what="the pair counted")
     assert [r["route"] for r in server.query(f"SELECT route FROM traces WHERE trace_id = '{tid}' "
                                              "ORDER BY call_span_id NULLS FIRST")] == ["calls", "baseline", "candidate"]
+
+
+def root_call(n: int, model: str, silent: bool, start_ms: int, prompt: str):
+    """A LiteLLM call at the root of its own trace (LiteLLM without an application span), with its input messages."""
+    attrs = {**litellm_attrs(model, silent=silent),
+             "gen_ai.input.messages": f'[{{"role": "user", "parts": [{{"type": "text", "content": "{prompt}"}}]}}]'}
+    start = T0 + start_ms * NS // 1000
+    return (100 + n).to_bytes(16, "big").hex(), span((100 + n).to_bytes(16, "big"), b"\x01" * 8,
+                                                     name="litellm_request", start=start, end=start + NS // 2,
+                                                     attrs=attrs)
+
+
+def test_root_calls_with_identical_content_close_in_time_share_a_request_id(server):
+    calls = [root_call(1, "gpt-4o-mini", False, 0, "total of INV-1"),       # a primary and its silent twin 50 ms on
+             root_call(2, "my-rlaif-1", True, 50, "total of INV-1"),
+             root_call(3, "my-rlaif-1", True, 5000, "total of INV-1"),       # the same prompt 5 s on: no twin
+             root_call(4, "gpt-4o-mini", False, 10000, "hello"),             # two primaries of one prompt at once,
+             root_call(5, "gpt-4o-mini", False, 10010, "hello"),             # then a silent call: which is its twin?
+             root_call(6, "my-rlaif-1", True, 10050, "hello"),
+             root_call(7, "gpt-4o-mini", False, 20000, "bye"),               # two calls of one route never pair
+             root_call(8, "gpt-4o-mini", False, 20010, "bye")]
+    ids = [t for t, _ in calls]
+    before = pairs_total(server).get("ambiguous", 0)
+    send(server, [], [s for _, s in calls])
+    where = "trace_id IN (" + ", ".join(f"'{t}'" for t in ids) + ")"
+    wait_for(lambda: len(server.query(f"SELECT 1 FROM traces WHERE {where}")) == len(ids), 20, what="rows",
+             detail=server.log)
+    got = {r["trace_id"]: r["request_id"] for r in server.query(f"SELECT trace_id, request_id FROM traces WHERE {where}")}
+    assert got[ids[0]] == got[ids[1]] == f"content:{ids[0]}"
+    assert [got[t] for t in ids[2:]] == [f"content:{t}" for t in ids[2:]]      # each its own
+    wait_for(lambda: pairs_total(server)["ambiguous"] == before + 1, 10, what="the ambiguous count")

@@ -126,6 +126,12 @@ def test_litellm_bare_calls_route_silent_candidate_primary_baseline(run):
     assert [(t["route"], t["model"].split("-2024")[0]) for t in traces] == \
         [("baseline", drive_litellm.PRIMARY)] * REQUESTS + [("candidate", drive_litellm.SILENT)] * REQUESTS
     assert all(t["llm_calls"] == 1 and t["cost_usd"] > 0 and t["tier"] == "pro" for t in traces), traces
+    # paired by identical input messages within traces.content_pairing_seconds: one request id per request,
+    # held by its baseline and its candidate trace
+    keyed = srv.query(f"SELECT request_id, list(route ORDER BY route) AS routes FROM traces WHERE "
+                      f"{in_traces([r['trace_id'] for r in roots])} GROUP BY request_id")
+    assert len(keyed) == REQUESTS and all(k["request_id"].startswith("content:") for k in keyed), keyed
+    assert all(k["routes"] == ["baseline", "candidate"] for k in keyed), keyed
 
 
 def test_litellm_request_span_setting_puts_both_calls_under_the_ambient_span(run):
