@@ -161,3 +161,46 @@ def test_match_and_the_window_sum():
     # exact unless a reset: last minus the value at the start (or the last, for a series born in the window)
     assert q == ('(((last_over_time(m_total{a="b"}[3600s]) - m_total{a="b"} offset 3600s) or last_over_time('
                  'm_total{a="b"}[3600s])) unless (resets(m_total{a="b"}[3600s]) > 0)) or increase(m_total{a="b"}[3600s])')
+
+
+def test_the_window_sum_is_exact_across_sidecars_that_come_go_and_restart(tmp_path):
+    """fleet_queries' window sum, evaluated by promtool (Prometheus's own engine) over four sidecars: one there
+    all along, one that starts inside the window, one that leaves, one that restarts (its counter resets)."""
+    import shutil
+    import subprocess
+
+    import yaml
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("promtool is not on PATH (sh scripts/install-prometheus.sh)")
+    series = {"a": "100+10x10",                                   # +100 in the window
+              "b": "_ _ _ _ _ 5 10 15 20 25 30",                   # born at 5m: all of its 30
+              "c": "50 60 70 _ _ _ _ _ _ _ _",                     # gone after 2m: +20
+              "d": "0 10 20 5 15 25 35 45 55 65 75"}               # restarted at 3m: 20 + 5 + 70 = 95
+    expr = "sum by (stat) (" + window_increase("shadowlens_compare_stat_total", 'job="x"', "600s") + ")"
+    test = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": f'shadowlens_compare_stat_total{{job="x",instance="{k}",stat="pairs"}}',
+                          "values": v} for k, v in series.items()],
+        "promql_expr_test": [{"expr": expr, "eval_time": "10m",
+                              "exp_samples": [{"labels": '{stat="pairs"}', "value": 245}]}]}]}
+    path = tmp_path / "window.test.yml"
+    path.write_text(yaml.safe_dump(test))
+    out = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_report_renders_a_fleet_verdict_in_every_format(regression):
+    from shadowlens.exporters.fleet import fleet_json
+    from shadowlens.exporters.report import render
+    from shadowlens.exporters.verdict_json import verdict_to_json
+    traces, evals, now = regression
+    v = judge_fleet(_fleet_counters(traces, evals, SETTINGS), SETTINGS, LABELS, now).verdict
+    ex = {(r.rule, r.cohort): [{"request_id": "-", "baseline_trace_id": "-", "candidate_trace_id": "ab" * 16,
+                                "value": 9.5, "timestamp": now, "display": "a candidate trace (exemplar)"}]
+          for r in v.results if r.state == "fail"}
+    doc = fleet_json(verdict_to_json(v), {"source": "prometheus", "sidecars": 3, "examples": ex})
+    assert doc["source"] == "prometheus" and doc["sidecars"] == 3 and "examples" not in {k for k in doc if k != "rules"}
+    for fmt in ("table", "markdown", "html", "json"):
+        text = render(doc, fmt, None)
+        assert "ab" * 16 in text and "block" in text, fmt
