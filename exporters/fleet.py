@@ -17,6 +17,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
+from shadowlens.analyzers.compare import readable_duration
 from shadowlens.analyzers.fleet import FleetCounters, FleetVerdict, Sample, judge_fleet
 from shadowlens.analyzers.rules import GateSettings
 
@@ -145,6 +146,9 @@ def read_fleet(api: PrometheusAPI, labels, window_s: float, match: str = "", now
     sidecars = api.query(q.sidecars, now)
     first = api.query(q.first_candidate, now)
     notes = ("read the recording rules' series (shadowlens:*:increase1m): sums are per-minute increases",) if recorded else ()
+    if not sidecars or not sidecars[0].value:
+        notes += (f"no sidecar counted a trace in the last {readable_duration(window_s)}{' matching ' + match if match else ''}:"
+                  " check --match and that Prometheus scrapes the sidecars (up{job=...})",)
     counters = FleetCounters(stats=api.query(q.stats, now), sketch=api.query(q.sketch, now),
                              traces=api.query(q.traces, now), pairs=api.query(q.pairs, now),
                              sidecars=int(sidecars[0].value) if sidecars else 0,
