@@ -172,6 +172,7 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
         aggregates.forget_stale(older_than_s)
         for each in aggregates.limiters:
             each.forget_stale()
+        sketch.forget()
 
     window = WindowRefresher(WindowQuery(store.cursor, limiter, cfg.window_s, combos=aggregates.combos,
                                          eval_names=aggregates.eval_names), cfg.analyzers.window_refresh_s,
