@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import polars as pl
 
 from .assembly import CompletedTraces
-from .cohorts import CohortLimiter
+from .cohorts import OVERFLOW, CohortLimiter
 from .compare import ALL, ANY_VALUE, OTHER, Comparison, Verdict, _gate, judge, measure_column
 from .effects import quantile_grid
 from .pairing import STAT_NAMES
@@ -96,6 +96,19 @@ class DurationSketch:
     def snapshot(self) -> dict[tuple, dict[int, int]]:
         with self._lock:
             return {k: dict(v) for k, v in self.counts.items()}
+
+    def forget(self) -> int:
+        """Drop the keys of cohort values the limiter forgot (unseen for two windows), so a new value taking
+        the place does not add series past the bound. Prometheus's window sum keeps their last counts
+        (last_over_time), and a value that comes back starts from 0, which it reads as a counter reset."""
+        allowed = {lab: set(self.limiter.allowed(lab)) for lab in self.labels}
+        with self._lock:
+            gone = [k for k in self.counts
+                    if any(v not in (ANY_VALUE, OVERFLOW) and v not in allowed[lab] for lab, v in zip(self.labels, k[1]))]
+            for k in gone:
+                del self.counts[k]
+                self.generation.pop(k, None)
+        return len(gone)
 
     def render(self, render_key, cache: dict) -> list[str]:
         """render_key(key, counts) per key, reusing ``cache``'s text of the keys unchanged since the last call

@@ -204,3 +204,20 @@ def test_the_report_renders_a_fleet_verdict_in_every_format(regression):
     for fmt in ("table", "markdown", "html", "json"):
         text = render(doc, fmt, None)
         assert "ab" * 16 in text and "block" in text, fmt
+
+
+def test_the_sketch_forgets_the_cohort_values_the_limiter_forgot():
+    """Without it a churn of cohort values would add sketch series past the /metrics bound."""
+    clock = [100.0]
+    limiter = CohortLimiter(("intent",), 50, 10, now=lambda: clock[0])
+    sketch = DurationSketch(limiter)
+    one = lambda value: CompletedTraces(pl.DataFrame({"route": ["baseline"], "intent": [value],
+                                                      "duration_seconds": [1.0]}), None, None, 0, 0)
+    sketch(one("a"))
+    clock[0] = 105
+    sketch(one("b"))
+    clock[0] = 112          # "a" unseen for 12 s > 10 s
+    limiter.forget_stale()
+    assert sketch.forget() == 1
+    assert sorted(sketch.snapshot()) == [("baseline", ("__all__",)), ("baseline", ("b",))]
+    assert sketch.snapshot()[("baseline", ("__all__",))] == {bucket_index(1.0): 2}     # all traffic keeps counting
