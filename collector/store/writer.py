@@ -46,7 +46,11 @@ log = logging.getLogger("shadowlens.store")
 # and 7.8 in 32k; but each commit frees room in the frontend's queue, and big commits free it in lumps.
 MAX_GROUP_SPANS = 32768
 MIN_GROUP_SPANS = 16384
-GROUP_LINGER_S = 0.2           # bounds the time to visibility of acknowledged spans
+# Bounds the time to visibility of acknowledged spans, unless a reader asks (flush: read-your-acks,
+# and the assembler's round before the window or the gate refreshes, cut it short). 0.2 s made a
+# commit of each 512-span request at 1,000 spans/s, and a commit's fixed cost was most of the
+# writer's 0.05 cores there (bench/footprint.py); under load a group fills long before.
+GROUP_LINGER_S = 1.0
 SLOW_COMMIT_S = 0.5
 REPLAY_META_KEY = "replay_from_segment"
 
@@ -82,6 +86,7 @@ class StoreWriter:
         self.replay_from = 0            # every record in lower segments is in DuckDB
         self._failed_low = 1 << 62      # lowest segment of a record whose commit failed (replayed on start)
         self._cond = threading.Condition()
+        self._flushing = 0              # flush() callers waiting: a group stops lingering for them
         self._commit_cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -176,10 +181,18 @@ class StoreWriter:
             return self._commit_cond.wait_for(lambda: self._queued_spans <= limit or self._stopping, timeout)
 
     def flush(self, timeout: float) -> bool:
-        """Wait until everything submitted so far is committed (or failed); False on timeout."""
-        with self._commit_cond:
-            target = self._queued_tasks
-            return self._commit_cond.wait_for(lambda: self._finished_tasks >= target, timeout)
+        """Wait until everything submitted so far is committed (or failed); False on timeout.
+        A group that lingers for more records is committed now."""
+        with self._cond:
+            self._flushing += 1
+            self._cond.notify()
+        try:
+            with self._commit_cond:
+                target = self._queued_tasks
+                return self._commit_cond.wait_for(lambda: self._finished_tasks >= target, timeout)
+        finally:
+            with self._cond:
+                self._flushing -= 1
 
     def wait_for_commit(self, seq: int, timeout: float) -> int:
         """Block until a commit newer than ``seq`` exists (or timeout); returns the newest seq."""
@@ -258,7 +271,7 @@ class StoreWriter:
                 return None
             # Linger for a bigger group: fewer, larger commits (the clients have their acks already).
             deadline = time.monotonic() + GROUP_LINGER_S
-            while (self._queued_spans < MIN_GROUP_SPANS and not self._stopping
+            while (self._queued_spans < MIN_GROUP_SPANS and not self._stopping and not self._flushing
                    and (left := deadline - time.monotonic()) > 0):
                 self._cond.wait(left)
                 self.derived.run_pending(self.con, self._cond)      # a linger's idle time is theirs
