@@ -226,3 +226,13 @@ def test_the_compactor_leaves_open_segments_alone(tmp_path):
     assert [c.segment for c in compactor.run_once()] == [1]
     assert segment_path(seg_dir, 2).exists() and compactor.pending_bytes() == 0
     assert compactor.input_bytes == pending > compactor.output_bytes > 0
+
+
+def test_store_compression_level_is_optional_and_checked():
+    from shadowlens.collector.errors import ConfigError
+    from shadowlens.collector.settings import STORE, parse_store
+    assert parse_store(STORE).compression_level == 3
+    assert parse_store({k: v for k, v in STORE.items() if k != "compression_level"}).compression_level == 3
+    assert parse_store({**STORE, "compression_level": 0}).compression_level == 0
+    with pytest.raises(ConfigError, match="up to 22"):
+        parse_store({**STORE, "compression_level": 23})
