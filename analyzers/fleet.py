@@ -80,17 +80,24 @@ class DurationSketch:
         t = t.with_columns(*[pl.Series(lab, self.limiter.map(lab, t[lab].to_list(), count=False)) for lab in labels],
                            pl.Series("bucket", keys, dtype=pl.Int32))
         fine = t.group_by(["route", *labels, "bucket"]).len()
-        updates = []
-        for label in (None, *labels):
-            keys = ["route", "bucket"] + ([label] if label else [])
-            for row in fine.group_by(keys).agg(pl.col("len").sum()).iter_rows(named=True):
-                cohort = tuple(row[label] if lab == label else ANY_VALUE for lab in labels)
-                updates.append(((row["route"], cohort), row["bucket"], row["len"]))
+        everything = (ANY_VALUE,) * len(labels)
+        groups = []         # (routes, cohort keys, buckets, counts) per grouping: all traffic, then each label
+        for i, label in enumerate((None, *labels)):
+            g = fine.group_by(["route", "bucket", *([label] if label else [])]).agg(pl.col("len").sum())
+            cohorts = ([everything] * g.height if label is None else
+                       [everything[:i - 1] + (v,) + everything[i:] for v in g[label].to_list()])
+            groups.append((g["route"].to_list(), cohorts, g["bucket"].to_list(), g["len"].to_list()))
         with self._lock:
-            for key, bucket, n in updates:
-                acc = self.counts.setdefault(key, {})
-                acc[bucket] = acc.get(bucket, 0) + n
-            for key in {k for k, _, _ in updates}:
+            counts, touched = self.counts, set()
+            for routes, cohorts, buckets, ns in groups:
+                for route, cohort, b, n in zip(routes, cohorts, buckets, ns):
+                    key = (route, cohort)
+                    acc = counts.get(key)
+                    if acc is None:
+                        acc = counts[key] = {}
+                    acc[b] = acc.get(b, 0) + n
+                    touched.add(key)
+            for key in touched:
                 self.generation[key] = self.generation.get(key, 0) + 1
 
     def snapshot(self) -> dict[tuple, dict[int, int]]:
