@@ -32,13 +32,16 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from shadowlens.collector.store.commit import CommittedRows
 from shadowlens.collector.store.database import frame
 from shadowlens.collector.store.derived import replace_traces
 
 from .rollup import EVALS_SQL, MODELS_SQL, NO_EVALS, RouteResolver, rollup_sql, trace_rows
-from .units import CALLS_SQL, ROOT_CALLS_SQL, CallUnits, ContentPairer, call_units
+from .units import CALLS_SQL, GATEWAY_SCOPES, ROOT_CALLS_SQL, CallUnits, ContentPairer, call_units
+
+_GATEWAY_SCOPES = pa.array(GATEWAY_SCOPES, pa.string())
 
 log = logging.getLogger("shadowlens.assembly")
 
@@ -124,6 +127,9 @@ class TraceAssembler:
         self.now = now
         self.routes = RouteResolver(routes)
         self.content = ContentPairer(content_pairing_s, max_s)
+        # open traces with a gateway's span (analyzers/units.py): a round reads calls for these only, so
+        # traffic without one pays no extra query
+        self._gateway: set[str] = set()
         self.stats = AssemblyCounters()
         self._sql = rollup_sql(self.cohort_labels)
         self._open: dict[str, _Open] = {}                         # insertion order = first_seen order
@@ -192,6 +198,7 @@ class TraceAssembler:
             FROM spans_core s JOIN traces t USING (trace_id)
             WHERE s.ingest_seq > t.max_ingest_seq GROUP BY s.trace_id ORDER BY 5""").fetchall()
         for tid, root, first_seq, last_seq, first, last, completed_us in rows + late:
+            self._gateway.add(tid)       # not known without reading their spans: the first round reads them
             self._touch(tid, bool(root), int(first_seq), int(last_seq), float(first), float(last),
                         None if completed_us is None else int(completed_us))
         self.stats.open_traces = len(self._open)
@@ -292,6 +299,9 @@ class TraceAssembler:
                 # a late span: the trace had a row (found by its completed_at), and maybe a root
                 known = recent.get(tid) if tid not in open_ else None
                 self._touch(tid, roots > 0 or bool(known and known[0]), seq, seq, now, now, known and known[1])
+            gateway = pc.is_in(committed.spans.column("scope_name"), value_set=_GATEWAY_SCOPES)
+            if pc.any(gateway).as_py():
+                self._gateway.update(traces_of(committed.spans.filter(gateway))[0])
         if committed.evals is not None:
             for tid in committed.evals.column("trace_id").unique().to_pylist():
                 st = open_.get(tid)
@@ -388,20 +398,24 @@ class TraceAssembler:
             rows = frame(con, self._sql.replace("$now::TIMESTAMP", f"make_timestamp({now_us}::BIGINT)"), {"lo": lo, "hi": hi})
             evals = frame(con, EVALS_SQL, {"lo": lo, "evals_hi": evals_hi}) if evals_hi >= lo else NO_EVALS
             models = frame(con, MODELS_SQL, {"lo": lo, "hi": hi})
-            calls = frame(con, CALLS_SQL, {"lo": lo, "hi": hi})
-            roots = frame(con, ROOT_CALLS_SQL, {"lo": lo, "hi": hi}) if self.content.window_ns > 0 else None
+            # a revision of a trace with units or a request id is read again (its late span may be the app's)
+            gateway = not self._gateway.isdisjoint(due) or any(o["units"] or o["rid"] for o in old.values())
+            calls = frame(con, CALLS_SQL, {"lo": lo, "hi": hi}) if gateway else None
+            roots = frame(con, ROOT_CALLS_SQL, {"lo": lo, "hi": hi}) if gateway and self.content.window_ns > 0 else None
         finally:
             con.execute("ROLLBACK")       # read only: nothing to keep
             con.unregister("done")
         rows = self._finish_rows(trace_rows(rows, evals, models), old)
-        cu = call_units(rows, calls, self.cohort_labels)
-        if roots is not None and roots.height:
-            # a revision keeps the request id its first row got (the spans carry none)
-            kept = {t: o["rid"] for t, o in old.items() if o["rid"]}
+        cu = call_units(rows, calls, self.cohort_labels) if calls is not None else CallUnits(rows, None, 0)
+        kept = {t: o["rid"] for t, o in old.items() if o["rid"]}
+        if kept or (roots is not None and roots.height):
+            # a revision keeps the request id its first row got (content pairing's: the spans carry none)
             revised = cu.rows.filter(pl.col("revision") > 0).with_columns(pl.coalesce(
                 "request_id", pl.col("trace_id").replace_strict(kept, default=None, return_dtype=pl.Utf8)).alias("request_id"))
-            keyed, ambiguous = self.content.assign(cu.rows.filter(pl.col("revision") == 0), roots)
-            cu = CallUnits(pl.concat([keyed, revised], how="diagonal_relaxed"), cu.units, cu.ambiguous + ambiguous)
+            fresh, ambiguous = cu.rows.filter(pl.col("revision") == 0), 0
+            if roots is not None and roots.height:
+                fresh, ambiguous = self.content.assign(fresh, roots)
+            cu = CallUnits(pl.concat([fresh, revised], how="diagonal_relaxed"), cu.units, cu.ambiguous + ambiguous)
         return rows, evals, models, old, cu
 
     def _forget_finalized(self, due: dict[str, bool], rows: pl.DataFrame, now_us: int) -> None:
@@ -410,6 +424,7 @@ class TraceAssembler:
         for tid in due:
             del open_[tid]
             del by_last[tid]
+        self._gateway.difference_update(due)
         for tid, complete in zip(rows["trace_id"].to_list(), (~rows["incomplete"]).to_list()):
             if tid in recent:
                 recent.move_to_end(tid)
