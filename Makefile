@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ./data
 
-.PHONY: run test lint bench clean prometheus chromium
+.PHONY: run test lint bench footprint clean prometheus chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ chromium:
 bench: $(VENV)/.installed
 	$(BIN)/python bench/ingest.py --duration 20 --runs 3 --json bench/results/ingest-closed.json
 	$(BIN)/python bench/ingest.py --duration 20 --runs 3 --rate 50000 --json bench/results/ingest-paced.json
+	$(BIN)/python bench/figures.py
+
+# The sidecar's footprint (memory idle / at 1,000 spans/s / at saturation, CPU, disk per span, the gate's
+# refresh) as JSON in bench/results/footprint.json, rendered into the README's Footprint table (~6 min).
+footprint: $(VENV)/.installed
+	$(BIN)/python bench/footprint.py --json bench/results/footprint.json
 	$(BIN)/python bench/figures.py
 
 clean:
