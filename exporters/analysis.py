@@ -232,10 +232,8 @@ class GateMetrics:
         return list(fam.values())
 
     def _sketch_text(self) -> str:
-        """Sparse: one series per non-empty bucket (a few dozen per route and cohort value, see README Fleet);
-        the label prefix is built once per (route, cohort) and the bucket appended, which keeps a scrape of
-        ~10k such series to a few ms."""
-        parts = []
+        """Sparse: one series per non-empty bucket (a few dozen per route and cohort value, see README Fleet).
+        A key's text is rebuilt only when its counts changed since the last scrape (DurationSketch.render)."""
         names = ("route", *self.labels)
 
         def render_key(key: tuple, counts: dict[int, int]) -> str:
