@@ -129,6 +129,10 @@ COMPARE_METRICS = (
                "Mergeable sufficient statistics of matched pairs per mean/rate rule: pairs, sum_baseline,"
                " sum_candidate, sumsq_baseline, sumsq_candidate, sum_product."),
     MetricSpec("shadowlens_gate_refresh_seconds", "gauge", (), "How long the last gate evaluation took."),
+    MetricSpec("shadowlens_trace_duration_sketch", "counter", ("route", "<cohort>", "bucket"),
+               "Traces (baseline and candidate) per log-spaced duration bucket, on all traffic and on each cohort"
+               " value: bucket i holds durations in (2^((i-1)/8), 2^(i/8)] seconds; only non-empty buckets are"
+               " shown. Summed across sidecars it gives the fleet's p99 (shadowlens gate --prometheus)."),
 )
 
 # `export.parquet` in serve (exporters/parquet.py); present only when export.parquet.dir is set.
@@ -143,10 +147,6 @@ EXPORT_METRICS = (
 )
 
 ALL_METRICS = SELF_METRICS + STREAMING_METRICS + WINDOW_METRICS + ANALYZER_SELF_METRICS + COMPARE_METRICS + EXPORT_METRICS
-    MetricSpec("shadowlens_trace_duration_sketch", "counter", ("route", "<cohort>", "bucket"),
-               "Traces (baseline and candidate) per log-spaced duration bucket, on all traffic and on each cohort"
-               " value: bucket i holds durations in (2^((i-1)/8), 2^(i/8)] seconds; only non-empty buckets are"
-               " shown. Summed across sidecars it gives the fleet's p99 (shadowlens gate --prometheus)."),
 
 
 def exposed_names(spec: MetricSpec) -> list[str]:
