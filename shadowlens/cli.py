@@ -240,7 +240,8 @@ def _judge_fleet(cfg: config_mod.Config, settings, window: str | None, prometheu
 
 def _fleet_line(extra: dict) -> str:
     n = extra["sidecars"]
-    return f"source: prometheus ({n} sidecar{'s' if n != 1 else ''} contributed; {extra['prometheus']})\n"
+    notes = "".join(f"  note: {x}\n" for x in extra.get("notes", ()))
+    return f"source: prometheus ({n} sidecar{'s' if n != 1 else ''} contributed; {extra['prometheus']})\n{notes}"
 
 
 @main.command("gate")
