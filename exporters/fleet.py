@@ -141,11 +141,16 @@ def read_fleet(api: PrometheusAPI, labels, window_s: float, match: str = "", now
     """The fleet's summed counters over the window ending ``now``; the recording rules' series when Prometheus
     has them (deploy/prometheus/rules), else the sidecars' own."""
     now = time.time() if now is None else now
-    recorded = bool(api.query(f"count({_sel(RECORDED[STAT], match)})", now))
+    w = f"{max(int(math.ceil(window_s)), 1)}s"
+    # the recorded sums only where they cover the whole window (rules loaded an hour ago cannot sum a day)
+    since = api.query(f"min(min_over_time(timestamp({_sel(RECORDED[STAT], match)})[{w}:1m]))", now)
+    recorded = bool(since) and since[0].value <= now - window_s + 120
     q = fleet_queries(labels, window_s, match, recorded)
     sidecars = api.query(q.sidecars, now)
     first = api.query(q.first_candidate, now)
     notes = ("read the recording rules' series (shadowlens:*:increase1m): sums are per-minute increases",) if recorded else ()
+    if since and not recorded:
+        notes += ("the recording rules' series do not cover the window yet: read the sidecars' own series",)
     if not sidecars or not sidecars[0].value:
         notes += (f"no sidecar counted a trace in the last {readable_duration(window_s)}{' matching ' + match if match else ''}:"
                   " check --match and that Prometheus scrapes the sidecars (up{job=...})",)
