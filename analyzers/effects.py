@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 from .rules import Rule
 from .sequential import anytime_p_one_sided, log_se_from_grid, radius
@@ -31,20 +30,24 @@ class Estimate:
     n: int
     radius: float
 
-    @cached_property     # read several times per refresh for each of ~1,000 results
-    def p_past(self) -> float:
+    def __post_init__(self):
+        # read several times per refresh for each of ~1,000 results: computed once (plain attributes;
+        # functools.cached_property takes a lock on every read in Python 3.11)
+        self.p_past = self._p_past()
+        self.past = self._past()
+        self.within = self._within()
+
+    def _p_past(self) -> float:
         """Anytime p-value for "the effect is within the margin" (one-sided; the largest of its tests)."""
         return max((anytime_p_one_sided((t.estimate - t.bound) * t.worse / t.se, self.n) for t in self.tests),
                    default=1.0)
 
-    @cached_property
-    def past(self) -> bool:
+    def _past(self) -> bool:
         """The whole confidence sequence is past the margin (and past the floor, if the rule has one)."""
         return bool(self.tests) and all((t.estimate - t.worse * self.radius * t.se - t.bound) * t.worse > 0
                                         for t in self.tests)
 
-    @cached_property
-    def within(self) -> bool:
+    def _within(self) -> bool:
         """The whole confidence sequence is within the margin (or the rise is bounded below the floor)."""
         return any((t.estimate + t.worse * self.radius * t.se - t.bound) * t.worse <= 0 for t in self.tests)
 
