@@ -314,7 +314,8 @@ def gate_figures(mode: str) -> dict | None:
             say(f"gate: bench/gate.py speed --traces {traces} (builds the store first: minutes)")
             subprocess.run([sys.executable, str(REPO / "bench" / "gate.py"), "speed", "--traces", str(traces),
                             "--json", str(out)], check=False)
-    docs = sorted((REPO / "bench" / "results").glob("gate-speed*.json"))
+    # oldest first: a figure a newer file has for the same window size replaces an older one
+    docs = sorted((REPO / "bench" / "results").glob("gate-speed*.json"), key=lambda p: p.stat().st_mtime)
     found: dict = {"sources": [], "refresh_s": {}, "cli_s": {}}
     for p in docs:
         try:
