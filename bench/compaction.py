@@ -7,8 +7,8 @@ acknowledgement path (issue 18, part 4).
    compressed bytes per span. Blocks hold one 1.3 MB request each, so no block sees a repeated request.
 3. ``ack``: the frontend's acknowledgement path alone (4 threads appending a request each to a SegmentLog
    and waiting for its group fdatasync, as intake.py does), alternating with the same while another process
-   compacts segments in a loop on a thread niced by +10, as serve's compactor runs. Acknowledged spans/s,
-   medians over ``--rounds`` alternations.
+   compacts segments in a loop on a thread niced by +10 (as serve's compactor, ``compaction.lower_priority``),
+   and on one at SCHED_IDLE (the alternative). Acknowledged spans/s, medians over ``--rounds`` alternations.
 
 Usage: python bench/compaction.py [--seconds 5] [--rounds 3] [--json FILE]
 """
@@ -63,8 +63,11 @@ def compress_figures(payloads: list[bytes], levels: list[int], tmp: str) -> list
     return out
 
 
-def _compact_forever(src: str, work: str, stop, level: int) -> None:
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + compaction.NICE)
+def _compact_forever(src: str, work: str, stop, level: int, idle: bool) -> None:
+    if idle:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    else:
+        compaction.lower_priority()     # as serve's compactor thread
     n = 0
     while not stop.is_set():
         n += 1
@@ -107,21 +110,26 @@ def ack_figures(payloads: list[bytes], seconds: float, rounds: int, level: int, 
     for d in (src, work, acks):
         os.makedirs(d)
     _segment(src, 1, payloads, 64)       # ~85 MB: one compaction ~0.3 s, then again
-    alone, beside = [], []
+    rates: dict[str, list[float]] = {"alone": [], "nice": [], "idle": []}
     ctx = mp.get_context("spawn")
     for r in range(rounds):
-        alone.append(ack_rate(payloads, acks, seconds))
-        stop = ctx.Event()
-        p = ctx.Process(target=_compact_forever, args=(src, work, stop, level))
-        p.start()
-        time.sleep(0.5)
-        beside.append(ack_rate(payloads, acks, seconds))
-        stop.set()
-        p.join(30)
-        say(f"  round {r + 1}: acknowledged {alone[-1]:,.0f} spans/s alone, {beside[-1]:,.0f} with compaction beside")
-    med_a, med_b = statistics.median(alone), statistics.median(beside)
-    return {"alone_spans_per_s": [round(x) for x in alone], "beside_spans_per_s": [round(x) for x in beside],
-            "median_alone": round(med_a), "median_beside": round(med_b), "ratio": round(med_b / med_a, 3)}
+        for mode in rates:
+            if mode == "alone":
+                rates[mode].append(ack_rate(payloads, acks, seconds))
+                continue
+            stop = ctx.Event()
+            p = ctx.Process(target=_compact_forever, args=(src, work, stop, level, mode == "idle"))
+            p.start()
+            time.sleep(0.5)
+            rates[mode].append(ack_rate(payloads, acks, seconds))
+            stop.set()
+            p.join(30)
+        say(f"  round {r + 1}: acknowledged spans/s alone {rates['alone'][-1]:,.0f}, beside a compactor niced +"
+            f"{compaction.NICE} {rates['nice'][-1]:,.0f}, beside one at SCHED_IDLE {rates['idle'][-1]:,.0f}")
+    med = {mode: statistics.median(xs) for mode, xs in rates.items()}
+    return {**{f"{mode}_spans_per_s": [round(x) for x in xs] for mode, xs in rates.items()},
+            **{f"median_{mode}": round(v) for mode, v in med.items()},
+            "ratio_nice": round(med["nice"] / med["alone"], 3), "ratio_idle": round(med["idle"] / med["alone"], 3)}
 
 
 def main(argv=None) -> int:
@@ -141,9 +149,10 @@ def main(argv=None) -> int:
     try:
         say("compression (one core, one request per block):")
         comp = compress_figures(payloads, [int(x) for x in a.levels.split(",")], tmp)
-        say(f"acknowledgement path, alone vs beside a compactor (level {a.level}, nice +{compaction.NICE}):")
+        say(f"acknowledgement path, alone vs beside a compactor process (level {a.level}):")
         acks = ack_figures(payloads, a.seconds, a.rounds, a.level, tmp)
-        say(f"  median {acks['median_alone']:,} vs {acks['median_beside']:,} spans/s ({acks['ratio']:.3f}x)")
+        say(f"  medians: alone {acks['median_alone']:,}, nice {acks['median_nice']:,} ({acks['ratio_nice']:.3f}x), "
+            f"SCHED_IDLE {acks['median_idle']:,} ({acks['ratio_idle']:.3f}x) spans/s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     emit("compaction", vars(a), {"generator": stats.as_dict(), "compress": comp, "ack": acks,
