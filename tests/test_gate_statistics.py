@@ -341,7 +341,7 @@ def test_pairing_sink_sums_matched_pairs_and_counts_the_unmatched_after_the_wind
     sink(_completed([{"trace_id": "c1", "route": "candidate", "request_id": "r1", "cost_usd": 0.025, "refused": True,
                       "language": "de"}], evals=[("c1", "task_completion", False, 1)]))
     pairs, stats = sink.snapshot()
-    assert pairs == {"matched": 1, "unmatched_baseline": 0, "unmatched_candidate": 0}
+    assert pairs == {"matched": 1, "unmatched_baseline": 0, "unmatched_candidate": 0, "ambiguous": 0}
     everywhere = ("__all__", "__all__", "__all__")
     cost = stats[("cost_per_trace", everywhere)]
     assert cost["n"] == 1 and cost["sb"] == pytest.approx(0.010) and cost["sc"] == pytest.approx(0.025)
@@ -352,7 +352,7 @@ def test_pairing_sink_sums_matched_pairs_and_counts_the_unmatched_after_the_wind
     assert ("cost_per_trace", ("__all__", "en", "__all__")) in stats        # cohort values from the baseline
     clock[0] += 61
     pairs, _ = sink.snapshot()
-    assert pairs == {"matched": 1, "unmatched_baseline": 1, "unmatched_candidate": 1}
+    assert pairs == {"matched": 1, "unmatched_baseline": 1, "unmatched_candidate": 1, "ambiguous": 0}
 
 
 def test_cohort_values_beyond_the_cap_overflow_the_first_seen_win_and_each_overflowed_trace_counts():
