@@ -19,8 +19,9 @@ compressed one checks out). Every acknowledged payload stays readable at every p
 The work runs on one low-priority thread of serve's main process (niceness raised by ``NICE``): zstd
 releases the GIL, and the acknowledgement path is in the ingest frontend process, so at peak the
 compactor takes what CPU is left and lags (while it compresses flat out, a frontend-like append+fdatasync
-loop acknowledged 0.88x its spans/s alone, 124k vs 141k: shared disk and memory, not CPU priority); ``pending_bytes`` (``shadowlens_store_compaction_pending_bytes``)
-shows the lag, and it catches up when the rate drops.
+loop acknowledged 0.88x its spans/s alone, 124k vs 141k: shared disk and memory, not CPU priority);
+``pending_bytes`` (``shadowlens_store_compaction_pending_bytes``) shows the lag, and it catches up when
+the rate drops.
 """
 from __future__ import annotations
 
