@@ -76,18 +76,14 @@ def reuse_evidence(verdict: Verdict, last: ExplainedVerdict) -> ExplainedVerdict
                             trace_url=last.trace_url, examples_note=last.examples_note)
 
 
-def rebuild(cursor, state: GateState, now: float, batch_rows: int = 500_000) -> int:
-    """Fill ``state`` from the store's window in one scan (serve's restart); returns the newest completed_at
-    (epoch us) it saw, from which GateStateSink takes over. ``cursor`` is a DuckDB cursor of the store."""
-    reader = cursor.sql(trace_frame_sql(state.settings, state.labels, now, completed=True)
-                        ).to_arrow_reader(batch_rows)
-    newest = -1
-    for batch in reader:
-        frame = pl.from_arrow(batch)
-        if frame.height:
-            newest = max(newest, int(frame["_completed_us"].max() or -1))
-            state.add_frame(frame)
-    return newest
+def rebuild(cursor, state: GateState, now: float) -> int:
+    """Fill ``state`` from the store's window (serve's restart); returns the newest completed_at (epoch us) it
+    saw, from which GateStateSink takes over. ``cursor`` is a DuckDB cursor of the store. The sums, pairs and
+    sketch counts are computed by DuckDB in one statement (GateState.rebuild_sql), so a restart costs about
+    one SQL evaluation of the window; only the per-bucket rows and the traces still waiting for a partner
+    come back to Python."""
+    sql = state.rebuild_sql(trace_frame_sql(state.settings, state.labels, now, completed=True))
+    return state.load(pl.from_arrow(cursor.sql(sql).to_arrow_table()))
 
 
 class GateRefresher(Periodic):

@@ -39,7 +39,7 @@ import polars as pl
 from .effects import quantile_grid
 from .rules import GateSettings
 from .sketch import DEFAULT_ALPHA, QuantileSketch
-from .sufficient import ALL, OTHER, measure_column
+from .sufficient import ALL, OTHER, measure_column, sql_ident, sql_literal
 
 ROUTES = ("baseline", "candidate")
 PAIR_STATS = ("n", "sb", "sc", "sbb", "scc", "sbc")
@@ -194,8 +194,11 @@ class GateState:
         return rows.join(uniq, on=cols, how="left", nulls_equal=True, maintain_order="left")["_slot"].to_numpy()
 
     def _store(self, rows: pl.DataFrame, values: list[str], slot_of, kind: str, route_col: str | None = "route"):
-        slots = self._slots(rows, route_col, slot_of)
         matrix = rows.select(values).fill_null(0.0).to_numpy().astype(np.float64, copy=False)
+        self._store_matrix(rows, matrix, slot_of, kind, route_col)
+
+    def _store_matrix(self, rows: pl.DataFrame, matrix: np.ndarray, slot_of, kind: str, route_col: str | None):
+        slots = self._slots(rows, route_col, slot_of)
         buckets = rows["_bucket"].to_numpy()
         for b in np.unique(buckets):
             sel = buckets == b
@@ -211,15 +214,22 @@ class GateState:
             fine = pos.group_by(["_bucket", "route", *self.labels, "_key"]).len().with_columns(
                 pl.col("len").cast(pl.Float64))
             for lab, rows in self._rollup(fine, ["_bucket", "route", "_key"], ["len"]):
-                slots = self._slots(rows, "route", lambda r, v, lab=lab: self._route_slot((r, lab, v)))
-                rkeys = rows["_key"].to_numpy()
-                counts = rows["len"].to_numpy()
-                buckets = rows["_bucket"].to_numpy()
-                codes = _code(slots, rkeys)
-                for b in np.unique(buckets):
-                    sel = buckets == b
-                    self._bucket(int(b)).sketch.setdefault(qi, []).append((codes[sel], counts[sel].astype(np.int32)))
-                self._apply_sketch(qi, slots, rkeys, counts, 1)
+                self._store_sketch(qi, lab, rows)
+
+    def _store_sketch(self, qi: int, lab: str | None, rows: pl.DataFrame) -> None:
+        """Rows of (_bucket, route, _value, _key, len): sketch counts of one label's values (None: all traffic)."""
+        slots = self._slots(rows, "route", lambda r, v: self._route_slot((r, lab, v)))
+        rkeys = rows["_key"].to_numpy()
+        counts = rows["len"].to_numpy().astype(np.float64)
+        buckets = rows["_bucket"].to_numpy()
+        codes = _code(slots, rkeys)
+        order = np.argsort(buckets, kind="stable")       # one slice per bucket, not a mask per bucket
+        buckets, codes_o, counts_o = buckets[order], codes[order], counts[order]
+        cuts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+        for s, e in zip(cuts, np.r_[cuts[1:], buckets.size]):
+            self._bucket(int(buckets[s])).sketch.setdefault(qi, []).append(
+                (codes_o[s:e], counts_o[s:e].astype(np.int32)))
+        self._apply_sketch(qi, slots, rkeys, counts, 1)
 
     def _apply_sketch(self, qi: int, slots: np.ndarray, keys: np.ndarray, counts: np.ndarray, sign: int) -> None:
         totals = self._sketches[qi]
@@ -268,6 +278,131 @@ class GateState:
         fine = pairs.group_by(["_bucket", *self.labels]).agg(aggs)
         for lab, rows in self._rollup(fine, ["_bucket"], values):
             self._store(rows, values, lambda _, v, lab=lab: self._pair_slot((lab, v)), "pair", route_col=None)
+
+    # ------------------------------------------------------------ the restart: sums computed in DuckDB
+    def rebuild_sql(self, source: str) -> str:
+        """One statement over ``source`` (gate.trace_frame_sql with ``completed``) giving everything add_frame
+        would have stored for those traces, already summed per bucket: serve's restart then costs about one SQL
+        evaluation of the window, not a Python pass over every trace. Rows by ``kind``: route and pair sums
+        (``vals`` in add_frame's column order, per label and value by GROUPING SETS), sketch counts per bucket
+        key (``ceil(ln(x) / ln(gamma))``, QuantileSketch.keys' formula), new request ids per route, the keyed
+        traces still waiting for their partner, and the newest start / completion."""
+        q, labels = sql_ident, self.labels
+        bs, lg = repr(self.bucket_s), repr(QuantileSketch(self.alpha)._log_gamma)
+        fill = "".join(f", coalesce(CAST({q(lab)} AS VARCHAR), 'unknown') AS {q(lab)}" for lab in labels)
+        measures = "".join(f", CAST({q(c)} AS DOUBLE) AS {q(c)}" for c in (*self.moment_cols, *self.quantile_cols))
+        t = (f"t AS MATERIALIZED (SELECT route, request_id, start_s, CAST(floor(start_s / {bs}) AS BIGINT) AS _bucket"
+             f"{fill}{measures}, _completed_us FROM ({source}) AS s"
+             " WHERE route IN ('baseline', 'candidate') AND start_s IS NOT NULL)")
+
+        def by_label(keys: list[str]) -> tuple[str, str, str]:
+            """(label column, value column, GROUPING SETS) for all traffic and each label."""
+            sets = ", ".join(f"({', '.join(keys + extra)})" for extra in [[], *[[q(lab)] for lab in labels]])
+            if not labels:
+                return "NULL", "NULL", sets
+            lab = " ".join(f"WHEN GROUPING({q(x)}) = 0 THEN {sql_literal(x)}" for x in labels)
+            val = " ".join(f"WHEN GROUPING({q(x)}) = 0 THEN {q(x)}" for x in labels)
+            return f"CASE {lab} END", f"CASE {val} END", sets
+
+        route_vals = ["count(*)::DOUBLE"]
+        for c in self.moment_cols:
+            route_vals += [f"count({q(c)})::DOUBLE", f"sum({q(c)})", f"sum({q(c)} * {q(c)})"]
+        route_vals += [f"(count(*) FILTER (WHERE {q(c)} > 0))::DOUBLE" for c in self.quantile_cols]
+        route_vals.append("min(start_s)")            # the bucket's first start (read on all traffic's rows)
+        lab, val, sets = by_label(["_bucket", "route"])
+        selects = [f"SELECT 'route' AS kind, _bucket, route, {lab} AS _label, {val} AS _value,"
+                   f" [{', '.join(route_vals)}] AS vals FROM t GROUP BY GROUPING SETS ({sets})"]
+        lab, val, sets = by_label(["_bucket", "route", "_key"])
+        for qi, c in enumerate(self.quantile_cols):
+            selects.append(
+                f"SELECT 'sketch' AS kind, {qi} AS _qi, _bucket, route, {lab} AS _label, {val} AS _value, _key,"
+                f" count(*) AS _n FROM (SELECT *, CAST(ceil(ln({q(c)}) / {lg}) AS BIGINT) AS _key FROM t"
+                f" WHERE {q(c)} > 0) GROUP BY GROUPING SETS ({sets})")
+        # pairing as the SQL path does (sufficient._pair_ctes): one row per request id, one trace kept per route
+        keep = [*labels, "start_s", *self.moment_cols]
+        per_route = ", ".join(f"any_value({q(c)}) FILTER (WHERE route = '{r}') AS {q(c + sfx)}"
+                              for r, sfx in (("baseline", ""), ("candidate", "_c")) for c in keep)
+        k = (f"k AS (SELECT any_value(request_id) AS request_id, count(*) FILTER (WHERE route = 'baseline') AS nb,"
+             f" count(*) FILTER (WHERE route = 'candidate') AS nc, {per_route}"
+             " FROM t WHERE request_id IS NOT NULL GROUP BY hash(request_id))")
+        masked = "".join(f", CASE WHEN {q(c)} IS NOT NULL AND {q(c + '_c')} IS NOT NULL THEN {q(c + sfx)} END"
+                         f" AS {q(c + sfx)}" for c in self.moment_cols for sfx in ("", "_c"))
+        p = (f"p AS (SELECT CAST(floor(least(start_s, start_s_c) / {bs}) AS BIGINT) AS _bucket"
+             f"{''.join(', ' + q(x) for x in labels)}{masked} FROM k WHERE nb > 0 AND nc > 0"
+             f" AND abs(start_s - start_s_c) <= {float(self.settings.pairing_window_s)!r})")
+        pair_vals = ["count(*)::DOUBLE"]
+        for c in self.moment_cols:
+            b, cc = q(c), q(c + "_c")
+            pair_vals += [f"count({b})::DOUBLE", f"sum({b})", f"sum({cc})", f"sum({b} * {b})", f"sum({cc} * {cc})",
+                          f"sum({b} * {cc})"]
+        lab, val, sets = by_label(["_bucket"])
+        selects.append(f"SELECT 'pair' AS kind, _bucket, {lab} AS _label, {val} AS _value,"
+                       f" [{', '.join(pair_vals)}] AS vals FROM p GROUP BY GROUPING SETS ({sets})")
+        for r, sfx in (("baseline", ""), ("candidate", "_c")):
+            other = "nc" if sfx == "" else "nb"
+            mine = "nb" if sfx == "" else "nc"
+            start = q("start_s" + sfx)
+            selects.append(f"SELECT 'keyed' AS kind, CAST(floor({start} / {bs}) AS BIGINT) AS _bucket, '{r}' AS route,"
+                           f" [count(*)::DOUBLE] AS vals FROM k WHERE {mine} > 0 GROUP BY 2")
+            # a request id seen on one route only waits for its partner, as add_frame's pending traces do
+            labs = f"[{', '.join(q(x + sfx) for x in labels)}]::VARCHAR[]" if labels else "[]::VARCHAR[]"
+            vals = f"[{', '.join(q(c + sfx) for c in self.moment_cols)}]::DOUBLE[]"
+            selects.append(
+                f"SELECT 'pending' AS kind, CAST(floor({start} / {bs}) AS BIGINT) AS _bucket, '{r}' AS route,"
+                f" request_id, {start} AS start_s, {labs} AS labs, {vals} AS vals FROM k WHERE {mine} > 0"
+                f" AND {other} = 0 AND {start} >= (SELECT max(start_s) FROM t) - {self.pending_s!r}")
+        selects.append("SELECT 'meta' AS kind, max(_completed_us) AS _done, [max(start_s), count(*)::DOUBLE] AS vals"
+                       " FROM t")
+        return f"WITH {t}, {k}, {p} " + " UNION ALL BY NAME ".join(selects)
+
+    def load(self, rows: pl.DataFrame) -> int:
+        """rebuild_sql's rows into an empty state; returns the newest completed_at (epoch us) among them."""
+        parts = {k[0]: v for k, v in rows.partition_by("kind", as_dict=True).items()}
+        empty = rows.head(0)
+        with self._lock:
+            meta = parts["meta"]
+            done = meta["_done"][0]
+            newest, traces = (meta["vals"].to_list()[0] if meta.height else None) or [None, 0.0]
+            if not traces:
+                return -1
+            self._newest = max(self._newest, float(newest))
+            self.traces_added += int(traces)
+            route = parts.get("route", empty)
+            matrix = _matrix(route["vals"], self.route_width + 1)
+            firsts = route.with_row_index("_i").filter(pl.col("_label").is_null())
+            for i, b, r in firsts.select("_i", "_bucket", "route").iter_rows():
+                bucket = self._bucket(b)
+                j = ROUTES.index(r)
+                bucket.first[j] = min(bucket.first[j], float(matrix[i, -1]))
+            for lab in (None, *self.labels):
+                sel = (route["_label"].is_null() if lab is None else (route["_label"] == lab).fill_null(False)).to_numpy()
+                self._store_matrix(route.filter(sel), matrix[sel, :-1],
+                                   lambda r, v, lab=lab: self._route_slot((r, lab, v)), "route", "route")
+            pair = parts.get("pair", empty)
+            matrix = _matrix(pair["vals"], self.pair_width)
+            for lab in (None, *self.labels):
+                sel = (pair["_label"].is_null() if lab is None else (pair["_label"] == lab).fill_null(False)).to_numpy()
+                self._store_matrix(pair.filter(sel), matrix[sel], lambda _, v, lab=lab: self._pair_slot((lab, v)),
+                                   "pair", None)
+            sketch = parts.get("sketch", empty)
+            for qi in range(len(self.quantile_cols)):
+                mine = sketch.filter(pl.col("_qi") == qi).rename({"_n": "len"})
+                for lab in (None, *self.labels):
+                    part = mine.filter(pl.col("_label").is_null() if lab is None else pl.col("_label") == lab)
+                    if part.height:
+                        self._store_sketch(qi, lab, part)
+            for b, r, v in parts.get("keyed", empty).select("_bucket", "route", "vals").iter_rows():
+                self._bucket(b).keyed[ROUTES.index(r)] += v[0]
+            pending = parts.get("pending")
+            if pending is not None and pending.height:
+                cols = [pl.col("route"), pl.col("request_id").cast(pl.Utf8), pl.col("start_s").cast(pl.Float64)]
+                cols += [pl.col("labs").list.get(i).alias(lab) for i, lab in enumerate(self.labels)]
+                cols += [pl.col("vals").list.get(i).cast(pl.Float64).alias(c) for i, c in enumerate(self.moment_cols)]
+                cols += [pl.lit(None, dtype=pl.Float64).alias(c) for c in self.quantile_cols]
+                frame = pending.select(*cols, pl.col("_bucket").cast(pl.Int64))
+                self._pending = frame if self._pending is None else pl.concat([self._pending, frame],
+                                                                              how="vertical_relaxed")
+            return int(done) if done is not None else -1
 
     # ------------------------------------------------------------ the window
     def _slide(self, now: float) -> None:
@@ -389,6 +524,13 @@ class GateState:
                     "sketch_entries": sum(c.size for b in self._buckets.values() for chunks in b.sketch.values()
                                           for c, _ in chunks),
                     "sketch_totals_bins": sum(sk.bins.size for per in self._sketches for sk in per.values())}
+
+
+def _matrix(lists: pl.Series, width: int) -> np.ndarray:
+    """A column of equal-length lists of floats (nulls: 0) as a (rows, width) array."""
+    if lists.len() == 0:
+        return np.zeros((0, width))
+    return lists.list.to_array(width).arr.to_struct().struct.unnest().fill_null(0.0).to_numpy().astype(np.float64)
 
 
 def _merged(parts: list[QuantileSketch], alpha: float) -> QuantileSketch:

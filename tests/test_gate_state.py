@@ -212,3 +212,69 @@ def test_serve_refresh_reads_evidence_only_when_the_failing_set_changes(regressi
     clock[0] = NOW + 320                                  # evidence_every_s later: read again
     refresher.refresh_now()
     assert len(opened) == 3
+
+
+def _contents(state: GateState, now: float) -> tuple[dict, dict, list]:
+    """Everything the state holds after sliding to ``now``: {(kind, bucket, slot key): sums}, {(column, slot key):
+    sketch counts}, and the request ids waiting for a partner."""
+    state.statistics(now)           # slides and compacts each bucket's chunks into one per kind
+    sums = {}
+    for kind, slots in (("route", state._route_slots), ("pair", state._pair_slots)):
+        names = {v: k for k, v in slots.items()}
+        for b, bucket in state._buckets.items():
+            for ids, rows in getattr(bucket, kind):
+                sums.update({(kind, b, names[int(i)]): row for i, row in zip(ids, rows)})
+    for b, bucket in state._buckets.items():
+        sums[("keyed", b)], sums[("first", b)] = bucket.keyed, np.array(bucket.first)
+    names = {v: k for k, v in state._route_slots.items()}
+    sketches = {(col, names[slot]): sk.counts() for col, per in zip(state.quantile_cols, state._sketches)
+                for slot, sk in per.items() if sk.count}
+    pending = sorted(state._pending["request_id"].to_list()) if state._pending is not None else []
+    return sums, sketches, pending
+
+
+def test_sql_rebuild_holds_what_the_streamed_rounds_hold():
+    """The restart's one statement (GateState.rebuild_sql) and the window's traces streamed in completion order
+    through add_frame leave equal sums per bucket and slot, equal sketch counts, and the same waiting traces
+    (some candidates without a baseline, some requests without an id)."""
+    rows = traces(STRONG, 3000, seed=3, start=NOW - 4000, span_s=4000)
+    rng = np.random.default_rng(4)
+    rows = [r for r in rows if not (r["route"] == "baseline" and rng.random() < 0.03)]
+    for r in rows:
+        if rng.random() < 0.02:
+            r["request_id"] = None
+    con = store(rows)
+    streamed = GateState(SETTINGS, LABELS)
+    window = pl.from_arrow(con.sql(trace_frame_sql(SETTINGS, LABELS, NOW, completed=True)).to_arrow_table())
+    window = window.sort("_completed_us")
+    for part in np.array_split(np.arange(window.height), 25):
+        streamed.add_frame(window[int(part[0]):int(part[-1]) + 1])
+    rebuilt = GateState(SETTINGS, LABELS)
+    newest = rebuild(con.cursor(), rebuilt, NOW)
+    assert newest == window["_completed_us"].max()
+    assert rebuilt.traces_added == streamed.traces_added == window.height
+    a_sums, a_sketch, a_pending = _contents(streamed, NOW)
+    b_sums, b_sketch, b_pending = _contents(rebuilt, NOW)
+    assert a_sums.keys() == b_sums.keys()
+    for key, x in a_sums.items():      # summed in another order: equal to the last bits
+        np.testing.assert_allclose(b_sums[key], x, rtol=1e-12, atol=0, err_msg=str(key))
+    assert a_sketch == b_sketch and len(a_sketch) > 20
+    assert a_pending == b_pending and len(a_pending) > 10
+    a, b = judge(streamed.statistics(NOW), SETTINGS, NOW), judge(rebuilt.statistics(NOW), SETTINGS, NOW)
+    assert (b.verdict, b.reasons, b.traces, b.pairs) == (a.verdict, a.reasons, a.traces, a.pairs)
+    assert [(r.rule, r.cohort, r.state, r.reason) for r in b.results] == [
+        (r.rule, r.cohort, r.state, r.reason) for r in a.results]
+
+
+def test_sql_bucket_key_is_the_sketch_key():
+    """rebuild_sql computes sketch keys as ceil(ln(x) / ln(gamma)) in DuckDB: the same keys as
+    QuantileSketch.keys, on random values and on every bucket edge and its neighbouring doubles."""
+    from shadowlens.analyzers.sketch import QuantileSketch
+    sk = QuantileSketch(GateState(SETTINGS, LABELS).alpha)
+    edges = sk.gamma ** np.arange(-1500, 1500, dtype=np.float64)
+    values = np.concatenate([np.random.default_rng(0).lognormal(0, 3, 200_000), edges, np.nextafter(edges, 0),
+                             np.nextafter(edges, np.inf)])
+    con = duckdb.connect()
+    con.register("v", pa.table({"x": values}))
+    in_sql = con.sql(f"SELECT CAST(ceil(ln(x) / {sk._log_gamma!r}) AS BIGINT) AS k FROM v").fetchnumpy()["k"]
+    assert np.array_equal(in_sql, sk.keys(values))
