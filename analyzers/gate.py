@@ -124,9 +124,16 @@ class GateRefresher(Periodic):
 
     def _incremental(self) -> Verdict:
         now = self.now()
-        if self.sink.after_us is None:          # the first refresh after a start: one scan of the window
+        if self.sink.after_us is None:
+            # the first refresh after a start: /gate answers from one SQL evaluation of the window, then the state
+            # is rebuilt from the window (GateState.rebuild_sql, which costs about as much again) and judged
             cur = self.cursor_factory()
             try:
+                first = evaluate_with_evidence(lambda sql: cur.sql(sql).to_arrow_table(), self.settings, self.labels,
+                                               now, self.trace_url)
+                self.latest = first
+                fails = frozenset((r.rule, r.cohort) for r in first.results if r.state == "fail")
+                self._evidence = (fails, now, first) if fails else None
                 self.sink.ready(rebuild(cur, self.sink.state, now))
             finally:
                 cur.close()

@@ -57,6 +57,10 @@ class _Bucket:
 
 
 _KEY_BIAS = 1 << 31
+# rebuild_sql's sketch rows: ((bucket * 2 + candidate) << _SKETCH_SHIFT) + key + _SKETCH_BIAS; a double's key
+# (alpha 1 %) is within +-36,000 of 0, and a minute bucket of any date fits in the 42 bits left
+_SKETCH_SHIFT = 21
+_SKETCH_BIAS = 1 << 20
 
 
 def _code(slots: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -186,12 +190,28 @@ class GateState:
 
     @staticmethod
     def _slots(rows: pl.DataFrame, route_col: str | None, slot_of) -> np.ndarray:
-        """Each row's slot: looked up once per distinct (route, value), then joined back (rows can be many)."""
-        cols = [route_col, "_value"] if route_col else ["_value"]
-        uniq = rows.select(cols).unique()
-        pairs = uniq.iter_rows() if route_col else ((None, v) for (v,) in uniq.iter_rows())
-        uniq = uniq.with_columns(pl.Series("_slot", [slot_of(r, v) for r, v in pairs], dtype=pl.Int64))
-        return rows.join(uniq, on=cols, how="left", nulls_equal=True, maintain_order="left")["_slot"].to_numpy()
+        """Each row's slot: looked up once per distinct (route, value), then mapped back by integer codes (rows
+        can be a million sketch counts at a restart)."""
+        if rows.height == 0:
+            return np.zeros(0, dtype=np.int64)
+        values = rows["_value"]
+        names = values.unique(maintain_order=True)
+        if names.null_count() == names.len():            # all traffic: one value, None
+            codes, names = np.zeros(rows.height, dtype=np.int64), [None]
+        else:
+            codes = values.replace_strict(names, pl.Series(np.arange(names.len()))).to_numpy()
+            names = names.to_list()
+        if route_col is None:
+            routes = np.zeros(rows.height, dtype=np.int64)
+        elif rows[route_col].dtype.is_integer():      # already 1 for the candidate (rebuild_sql's sketch rows)
+            routes = rows[route_col].to_numpy().astype(np.int64)
+        else:
+            routes = (rows[route_col] == "candidate").cast(pl.Int64).to_numpy()
+        combined = routes * len(names) + codes
+        present, inverse = np.unique(combined, return_inverse=True)
+        slots = np.array([slot_of(ROUTES[int(c) // len(names)] if route_col else None, names[int(c) % len(names)])
+                          for c in present], dtype=np.int64)
+        return slots[inverse]
 
     def _store(self, rows: pl.DataFrame, values: list[str], slot_of, kind: str, route_col: str | None = "route"):
         matrix = rows.select(values).fill_null(0.0).to_numpy().astype(np.float64, copy=False)
@@ -291,9 +311,18 @@ class GateState:
         bs, lg = repr(self.bucket_s), repr(QuantileSketch(self.alpha)._log_gamma)
         fill = "".join(f", coalesce(CAST({q(lab)} AS VARCHAR), 'unknown') AS {q(lab)}" for lab in labels)
         measures = "".join(f", CAST({q(c)} AS DOUBLE) AS {q(c)}" for c in (*self.moment_cols, *self.quantile_cols))
-        t = (f"t AS MATERIALIZED (SELECT route, request_id, start_s, CAST(floor(start_s / {bs}) AS BIGINT) AS _bucket"
-             f"{fill}{measures}, _completed_us FROM ({source}) AS s"
-             " WHERE route IN ('baseline', 'candidate') AND start_s IS NOT NULL)")
+        t0 = (f"t0 AS (SELECT route, request_id, start_s, CAST(floor(start_s / {bs}) AS BIGINT) AS _bucket"
+              f"{fill}{measures}, _completed_us FROM ({source}) AS s"
+              " WHERE route IN ('baseline', 'candidate') AND start_s IS NOT NULL)")
+        # each label's values as small integers (0, 1, ...; the dict rows name them): grouping a million rows by
+        # integers is about 3x cheaper than by text
+        ctes = [t0] + [f"{q('d_' + lab)} AS MATERIALIZED (SELECT v, (row_number() OVER () - 1)::INTEGER AS id"
+                       f" FROM (SELECT DISTINCT {q(lab)} AS v FROM t0))" for lab in labels]
+        ids = "".join(f", {q('d_' + lab)}.id AS {q(lab)}" for lab in labels)
+        joins = "".join(f" JOIN {q('d_' + lab)} ON t0.{q(lab)} = {q('d_' + lab)}.v" for lab in labels)
+        plain = ", ".join(f"t0.{q(c)}" for c in ("route", "request_id", "start_s", "_bucket", *self.moment_cols,
+                                                   *self.quantile_cols, "_completed_us"))
+        ctes.append(f"t AS MATERIALIZED (SELECT {plain}{ids} FROM t0{joins})")
 
         def by_label(keys: list[str]) -> tuple[str, str, str]:
             """(label column, value column, GROUPING SETS) for all traffic and each label."""
@@ -312,19 +341,23 @@ class GateState:
         lab, val, sets = by_label(["_bucket", "route"])
         selects = [f"SELECT 'route' AS kind, _bucket, route, {lab} AS _label, {val} AS _value,"
                    f" [{', '.join(route_vals)}] AS vals FROM t GROUP BY GROUPING SETS ({sets})"]
-        lab, val, sets = by_label(["_bucket", "route", "_key"])
+        # bucket, route and key grouped as one integer (_SKETCH_CODE): a narrower hash key, fewer columns back
+        code = (f"((_bucket * 2 + (route = 'candidate')::BIGINT) << {_SKETCH_SHIFT})"
+                f" + CAST(ceil(ln({{c}}) / {lg}) AS BIGINT) + {_SKETCH_BIAS}")
+        lab, val, sets = by_label(["_code"])
         for qi, c in enumerate(self.quantile_cols):
             selects.append(
-                f"SELECT 'sketch' AS kind, {qi} AS _qi, _bucket, route, {lab} AS _label, {val} AS _value, _key,"
-                f" count(*) AS _n FROM (SELECT *, CAST(ceil(ln({q(c)}) / {lg}) AS BIGINT) AS _key FROM t"
-                f" WHERE {q(c)} > 0) GROUP BY GROUPING SETS ({sets})")
+                f"SELECT 'sketch' AS kind, {qi} AS _qi, {lab} AS _label, {val} AS _value, _code, count(*) AS _n"
+                f" FROM (SELECT *, {code.format(c=q(c))} AS _code FROM t WHERE {q(c)} > 0)"
+                f" GROUP BY GROUPING SETS ({sets})")
         # pairing as the SQL path does (sufficient._pair_ctes): one row per request id, one trace kept per route
-        keep = [*labels, "start_s", *self.moment_cols]
+        # (the candidate's labels are not needed: a pair counts under its baseline trace's values)
         per_route = ", ".join(f"any_value({q(c)}) FILTER (WHERE route = '{r}') AS {q(c + sfx)}"
-                              for r, sfx in (("baseline", ""), ("candidate", "_c")) for c in keep)
-        k = (f"k AS (SELECT any_value(request_id) AS request_id, count(*) FILTER (WHERE route = 'baseline') AS nb,"
+                              for r, sfx, keep in (("baseline", "", [*labels, "start_s", *self.moment_cols]),
+                                                   ("candidate", "_c", ["start_s", *self.moment_cols])) for c in keep)
+        k = ("k AS MATERIALIZED (SELECT hash(request_id) AS rid, count(*) FILTER (WHERE route = 'baseline') AS nb,"
              f" count(*) FILTER (WHERE route = 'candidate') AS nc, {per_route}"
-             " FROM t WHERE request_id IS NOT NULL GROUP BY hash(request_id))")
+             " FROM t WHERE request_id IS NOT NULL GROUP BY rid)")
         masked = "".join(f", CASE WHEN {q(c)} IS NOT NULL AND {q(c + '_c')} IS NOT NULL THEN {q(c + sfx)} END"
                          f" AS {q(c + sfx)}" for c in self.moment_cols for sfx in ("", "_c"))
         p = (f"p AS (SELECT CAST(floor(least(start_s, start_s_c) / {bs}) AS BIGINT) AS _bucket"
@@ -338,26 +371,30 @@ class GateState:
         lab, val, sets = by_label(["_bucket"])
         selects.append(f"SELECT 'pair' AS kind, _bucket, {lab} AS _label, {val} AS _value,"
                        f" [{', '.join(pair_vals)}] AS vals FROM p GROUP BY GROUPING SETS ({sets})")
-        for r, sfx in (("baseline", ""), ("candidate", "_c")):
-            other = "nc" if sfx == "" else "nb"
-            mine = "nb" if sfx == "" else "nc"
-            start = q("start_s" + sfx)
-            selects.append(f"SELECT 'keyed' AS kind, CAST(floor({start} / {bs}) AS BIGINT) AS _bucket, '{r}' AS route,"
-                           f" [count(*)::DOUBLE] AS vals FROM k WHERE {mine} > 0 GROUP BY 2")
-            # a request id seen on one route only waits for its partner, as add_frame's pending traces do
-            labs = f"[{', '.join(q(x + sfx) for x in labels)}]::VARCHAR[]" if labels else "[]::VARCHAR[]"
-            vals = f"[{', '.join(q(c + sfx) for c in self.moment_cols)}]::DOUBLE[]"
-            selects.append(
-                f"SELECT 'pending' AS kind, CAST(floor({start} / {bs}) AS BIGINT) AS _bucket, '{r}' AS route,"
-                f" request_id, {start} AS start_s, {labs} AS labs, {vals} AS vals FROM k WHERE {mine} > 0"
-                f" AND {other} = 0 AND {start} >= (SELECT max(start_s) FROM t) - {self.pending_s!r}")
+        for r, mine, sfx in (("baseline", "nb", ""), ("candidate", "nc", "_c")):
+            selects.append(f"SELECT 'keyed' AS kind, CAST(floor({q('start_s' + sfx)} / {bs}) AS BIGINT) AS _bucket,"
+                           f" '{r}' AS route, [count(*)::DOUBLE] AS vals FROM k WHERE {mine} > 0 GROUP BY 2")
+        # a request id seen on one route only waits for its partner, as add_frame's pending traces do (read
+        # back from t: usually few, and k then needs neither the request id's text nor the candidate's labels)
+        labs = f"[{', '.join(map(q, labels))}]::INTEGER[]" if labels else "[]::INTEGER[]"
+        vals = f"[{', '.join(map(q, self.moment_cols))}]::DOUBLE[]"
+        selects.append(
+            f"SELECT 'pending' AS kind, _bucket, route, request_id, start_s, {labs} AS labs, {vals} AS vals FROM t"
+            " WHERE request_id IS NOT NULL AND hash(request_id) IN (SELECT rid FROM k WHERE (nb = 0) <> (nc = 0))"
+            f" AND start_s >= (SELECT max(start_s) FROM t) - {self.pending_s!r}"
+            " QUALIFY row_number() OVER (PARTITION BY route, request_id ORDER BY start_s) = 1")
         selects.append("SELECT 'meta' AS kind, max(_completed_us) AS _done, [max(start_s), count(*)::DOUBLE] AS vals"
                        " FROM t")
-        return f"WITH {t}, {k}, {p} " + " UNION ALL BY NAME ".join(selects)
+        selects += [f"SELECT 'dict' AS kind, {sql_literal(lab)} AS _label, v AS _name, id AS _value FROM {q('d_' + lab)}"
+                    for lab in labels]
+        return f"WITH {', '.join(ctes)}, {k}, {p} " + " UNION ALL BY NAME ".join(selects)
 
     def load(self, rows: pl.DataFrame) -> int:
         """rebuild_sql's rows into an empty state; returns the newest completed_at (epoch us) among them."""
-        parts = {k[0]: v for k, v in rows.partition_by("kind", as_dict=True).items()}
+        kinds = rows["kind"]
+        parts = {kind: rows.filter(kinds == kind) for kind in ("meta", "route", "pair", "keyed", "pending", "dict")}
+        # the sketch counts are most of the rows: only their columns, without the list column
+        parts["sketch"] = rows.select("kind", "_qi", "_label", "_value", "_code", "_n").filter(kinds == "sketch")
         empty = rows.head(0)
         with self._lock:
             meta = parts["meta"]
@@ -367,6 +404,15 @@ class GateState:
                 return -1
             self._newest = max(self._newest, float(newest))
             self.traces_added += int(traces)
+            names = {lab: pl.Series([], dtype=pl.Utf8) for lab in self.labels}    # label -> values by id
+            for lab, part in parts["dict"].sort("_value").group_by("_label", maintain_order=True):
+                names[lab[0]] = part["_name"].cast(pl.Utf8)
+
+            def named(part: pl.DataFrame, lab: str | None) -> pl.DataFrame:
+                if lab is None:
+                    return part.with_columns(pl.lit(None, dtype=pl.Utf8).alias("_value"))
+                return part.with_columns(names[lab].gather(part["_value"]).alias("_value"))
+
             route = parts.get("route", empty)
             matrix = _matrix(route["vals"], self.route_width + 1)
             firsts = route.with_row_index("_i").filter(pl.col("_label").is_null())
@@ -376,27 +422,32 @@ class GateState:
                 bucket.first[j] = min(bucket.first[j], float(matrix[i, -1]))
             for lab in (None, *self.labels):
                 sel = (route["_label"].is_null() if lab is None else (route["_label"] == lab).fill_null(False)).to_numpy()
-                self._store_matrix(route.filter(sel), matrix[sel, :-1],
+                self._store_matrix(named(route.filter(sel), lab), matrix[sel, :-1],
                                    lambda r, v, lab=lab: self._route_slot((r, lab, v)), "route", "route")
             pair = parts.get("pair", empty)
             matrix = _matrix(pair["vals"], self.pair_width)
             for lab in (None, *self.labels):
                 sel = (pair["_label"].is_null() if lab is None else (pair["_label"] == lab).fill_null(False)).to_numpy()
-                self._store_matrix(pair.filter(sel), matrix[sel], lambda _, v, lab=lab: self._pair_slot((lab, v)),
+                self._store_matrix(named(pair.filter(sel), lab), matrix[sel], lambda _, v, lab=lab: self._pair_slot((lab, v)),
                                    "pair", None)
             sketch = parts.get("sketch", empty)
             for qi in range(len(self.quantile_cols)):
-                mine = sketch.filter(pl.col("_qi") == qi).rename({"_n": "len"})
+                mine = sketch.filter(pl.col("_qi") == qi)
                 for lab in (None, *self.labels):
                     part = mine.filter(pl.col("_label").is_null() if lab is None else pl.col("_label") == lab)
                     if part.height:
-                        self._store_sketch(qi, lab, part)
+                        codes = part["_code"].to_numpy()
+                        self._store_sketch(qi, lab, pl.DataFrame({
+                            "_bucket": codes >> (_SKETCH_SHIFT + 1), "route": (codes >> _SKETCH_SHIFT) & 1,
+                            "_value": named(part, lab)["_value"], "_key": (codes & ((1 << _SKETCH_SHIFT) - 1)) - _SKETCH_BIAS,
+                            "len": part["_n"]}))
             for b, r, v in parts.get("keyed", empty).select("_bucket", "route", "vals").iter_rows():
                 self._bucket(b).keyed[ROUTES.index(r)] += v[0]
             pending = parts.get("pending")
             if pending is not None and pending.height:
                 cols = [pl.col("route"), pl.col("request_id").cast(pl.Utf8), pl.col("start_s").cast(pl.Float64)]
-                cols += [pl.col("labs").list.get(i).alias(lab) for i, lab in enumerate(self.labels)]
+                cols += [pl.col("labs").list.get(i).map_batches(names[lab].gather, return_dtype=pl.Utf8).alias(lab)
+                         for i, lab in enumerate(self.labels)]
                 cols += [pl.col("vals").list.get(i).cast(pl.Float64).alias(c) for i, c in enumerate(self.moment_cols)]
                 cols += [pl.lit(None, dtype=pl.Float64).alias(c) for c in self.quantile_cols]
                 frame = pending.select(*cols, pl.col("_bucket").cast(pl.Int64))

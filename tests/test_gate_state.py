@@ -202,16 +202,42 @@ def test_serve_refresh_reads_evidence_only_when_the_failing_set_changes(regressi
     refresher = GateRefresher(cursor, SETTINGS, LABELS, now=lambda: clock[0], sink=GateStateSink(state),
                               evidence_every_s=300)
     first = refresher.refresh_now()
-    assert len(opened) == 2                               # the restart scan, then the evidence
+    # one cursor: the SQL evaluation with its evidence (what /gate answers while the state is rebuilt), then the
+    # rebuild; the state's verdict has the same failing set, so it carries that evidence
+    assert len(opened) == 1
     fails = {(r.rule, r.cohort) for r in first.results if r.state == "fail"}
     assert fails and set(first.examples) == fails and first.explained_by
     clock[0] = NOW + 10
     again = refresher.refresh_now()
-    assert len(opened) == 2 and again.examples == first.examples and again.explained_by == first.explained_by
+    assert len(opened) == 1 and again.examples == first.examples and again.explained_by == first.explained_by
     assert again.as_of == NOW + 10
     clock[0] = NOW + 320                                  # evidence_every_s later: read again
     refresher.refresh_now()
-    assert len(opened) == 3
+    assert len(opened) == 2
+
+
+def test_first_refresh_answers_from_sql_before_the_rebuild(regression):
+    """While the restart's rebuild runs, ``latest`` already holds the SQL evaluation's verdict (serve's /gate
+    reads it), not the "first gate evaluation is still running" placeholder."""
+    from shadowlens.analyzers import gate as gate_mod
+    _, con = regression
+    state = GateState(SETTINGS, LABELS)
+    refresher = gate_mod.GateRefresher(con.cursor, SETTINGS, LABELS, now=lambda: NOW, sink=GateStateSink(state))
+    seen = []
+    real = gate_mod.rebuild
+
+    def watching(cursor, st, now):
+        seen.append(refresher.latest)
+        return real(cursor, st, now)
+    gate_mod.rebuild = watching
+    try:
+        refresher.refresh_now()
+    finally:
+        gate_mod.rebuild = real
+    sql = evaluate(lambda q: con.sql(q).to_arrow_table(), SETTINGS, LABELS, NOW)
+    assert len(seen) == 1 and seen[0] is not None
+    assert [(r.rule, r.cohort, r.state, r.reason) for r in seen[0].results] == [
+        (r.rule, r.cohort, r.state, r.reason) for r in sql.results]
 
 
 def _contents(state: GateState, now: float) -> tuple[dict, dict, list]:
