@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .effects import Estimate, describe, judge_moments, judge_quantile
+from .effects import Estimate, describe, judge_moments, judge_quantile, quantile_grid
 from .rules import GateSettings, Rule
 from .sequential import ebh
 from .sufficient import (
@@ -112,16 +112,17 @@ def _cohorts(stats: dict) -> list[str]:
     return [ALL] + sorted(n for n in names if n != ALL)
 
 
-def _judge(rule: Rule, cohort: str, stats: dict, alpha: float):
-    """→ (Estimate or None, n_baseline, n_candidate, paired, why-insufficient)."""
-    col = measure_column(rule)
+def _judge(rule: Rule, cohort: str, stats: dict, alpha: float, col: str | None = None, grid=None):
+    """→ (Estimate or None, n_baseline, n_candidate, paired, why-insufficient). ``col`` and ``grid`` (the
+    rule's measure column and quantile grid) when judge() has them already."""
+    col = measure_column(rule) if col is None else col
     need = rule.min_samples
     if rule.quantile is not None:
         sides = stats["quantiles"].get((col, cohort), {})
         (nb, gb), (nc, gc) = sides.get("baseline", (0, None)), sides.get("candidate", (0, None))
         if min(nb, nc) < need:
             return None, nb, nc, False, f"needs {need} traces per route for p{rule.quantile * 100:g}"
-        return judge_quantile(rule, (nb, gb), (nc, gc), alpha), nb, nc, False, ""
+        return judge_quantile(rule, (nb, gb), (nc, gc), alpha, grid), nb, nc, False, ""
     p = stats["paired"].get((col, cohort))
     if p and p["n"] >= need:
         return judge_moments(rule, p, True, alpha), p["n"], p["n"], True, ""
@@ -142,9 +143,13 @@ def judge(stats: dict, settings: GateSettings, now: float) -> Verdict:
     cohorts = _cohorts(stats)
     judged = []
     for rule in settings.rules:
+        # per rule, not per cohort: a refresh judges ~1,000 results of a handful of rules
+        col = measure_column(rule)
+        grid = quantile_grid(rule) if rule.quantile is not None else None
         for cohort in cohorts:
-            judged.append((rule, cohort, *_judge(rule, cohort, stats, settings.alpha)))
+            judged.append((rule, cohort, *_judge(rule, cohort, stats, settings.alpha, col, grid)))
     selected, family = _selection(judged, settings)
+    correction = f"e-BH over {family} results at {settings.fdr * 100:g}%"
 
     results = []
     for j in judged:
@@ -157,7 +162,7 @@ def judge(stats: dict, settings: GateSettings, now: float) -> Verdict:
             results.append(Comparison(rule.name, cohort, "insufficient_data", None, None, None, nb, nc, rule.margin,
                                       reason, paired, None, rule.critical, rule.kind, no_input=missing))
             continue
-        state, reason = _state(rule, est, selected.get(id(j), False), family, settings)
+        state, reason = _state(rule, est, selected.get(id(j), False), family, settings, correction)
         results.append(Comparison(rule.name, cohort, state, est.effect, est.lower, est.upper, nb, nc, rule.margin,
                                   reason + f" ({'paired' if paired else 'unpaired'}, n={est.n})", paired, est.p_past,
                                   rule.critical, rule.kind, past_margin=est.past))
@@ -195,9 +200,11 @@ def _no_input(j) -> bool:
     return est is None and nb == 0 and nc == 0
 
 
-def _state(rule: Rule, est: Estimate, selected: bool, family: int, settings: GateSettings) -> tuple[str, str]:
+def _state(rule: Rule, est: Estimate, selected: bool, family: int, settings: GateSettings,
+           correction: str | None = None) -> tuple[str, str]:
     ci, margin = describe(rule, est, settings.alpha)
-    correction = f"e-BH over {family} results at {settings.fdr * 100:g}%"
+    if correction is None:
+        correction = f"e-BH over {family} results at {settings.fdr * 100:g}%"
     if est.past and selected:
         return "fail", (f"{ci} is past the margin {margin} (p={est.p_past:.2g} that it is within the margin;"
                         f" {correction})")

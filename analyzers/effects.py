@@ -39,17 +39,30 @@ class Estimate:
 
     def _p_past(self) -> float:
         """Anytime p-value for "the effect is within the margin" (one-sided; the largest of its tests)."""
-        return max((anytime_p_one_sided((t.estimate - t.bound) * t.worse / t.se, self.n) for t in self.tests),
-                   default=1.0)
+        best = None
+        for t in self.tests:
+            p = anytime_p_one_sided((t.estimate - t.bound) * t.worse / t.se, self.n)
+            if best is None or p > best:
+                best = p
+        return 1.0 if best is None else best
 
     def _past(self) -> bool:
         """The whole confidence sequence is past the margin (and past the floor, if the rule has one)."""
-        return bool(self.tests) and all((t.estimate - t.worse * self.radius * t.se - t.bound) * t.worse > 0
-                                        for t in self.tests)
+        if not self.tests:
+            return False
+        r = self.radius
+        for t in self.tests:
+            if not (t.estimate - t.worse * r * t.se - t.bound) * t.worse > 0:
+                return False
+        return True
 
     def _within(self) -> bool:
         """The whole confidence sequence is within the margin (or the rise is bounded below the floor)."""
-        return any((t.estimate + t.worse * self.radius * t.se - t.bound) * t.worse <= 0 for t in self.tests)
+        r = self.radius
+        for t in self.tests:
+            if (t.estimate + t.worse * r * t.se - t.bound) * t.worse <= 0:
+                return True
+        return False
 
 
 def _var(sum_: float, sumsq: float, n: int, binary: bool) -> float:
@@ -105,9 +118,10 @@ def judge_moments(rule: Rule, s: dict, paired: bool, alpha: float) -> Estimate:
                      d, d - r * se_d, d + r * se_d, n_eff, r)
 
 
-def judge_quantile(rule: Rule, b: tuple, c: tuple, alpha: float) -> Estimate:
-    """b, c: (n, quantiles on quantile_grid(rule)) per route."""
-    grid = quantile_grid(rule)
+def judge_quantile(rule: Rule, b: tuple, c: tuple, alpha: float, grid=None) -> Estimate:
+    """b, c: (n, quantiles on quantile_grid(rule)) per route; ``grid``: quantile_grid(rule), when the caller
+    judges many cohorts of one rule."""
+    grid = quantile_grid(rule) if grid is None else grid
     (nb, gb), (nc, gc) = b, c
     qb, se_b = log_se_from_grid(grid, gb, rule.quantile, nb)
     qc, se_c = log_se_from_grid(grid, gc, rule.quantile, nc)
@@ -133,24 +147,50 @@ def _fmt(rule: Rule, x: float | None, decimals: int = 2, unit: bool = True) -> s
     return f"{x * 100:+.{decimals}f}{' points' if unit else ''}"
 
 
+# (bound * scale, decimals) -> the bound as printed: the same few margins are printed for ~1,000 results a refresh
+_SHOWN: dict[tuple[float, int], str] = {}
+
+
+def _shown(x: float, d: int) -> str:
+    got = _SHOWN.get((x, d))
+    if got is None:
+        if len(_SHOWN) > 4096:        # margins come from the config: a few; bounded all the same
+            _SHOWN.clear()
+        got = _SHOWN[(x, d)] = f"{x:.{d}f}"
+    return got
+
+
 def _decimals(values, bound: float, scale: float = 1.0) -> int:
     """Decimals (2 to 6) with which no value that differs from the bound prints as the bound, so a
     bound just past the margin reads past it (x1.1004 is "x1.1004", never "x1.10" next to "x1.10")."""
+    scaled = bound * scale
     for d in range(2, 7):
-        shown = f"{bound * scale:.{d}f}"
-        if all(v is None or v == bound or f"{v * scale:.{d}f}" != shown for v in values):
+        shown = _shown(scaled, d)
+        for v in values:
+            if v is not None and v != bound and f"{v * scale:.{d}f}" == shown:
+                break
+        else:
             return d
     return 6
+
+
+_LEVELS: dict[float, str] = {}       # alpha -> "95% CS"
 
 
 def describe(rule: Rule, est: Estimate, alpha: float) -> tuple[str, str]:
     """(the effect with its confidence sequence, the margin) written with the same decimals, in the
     rule's unit: ("x1.27 (95% CS x1.15..x1.41)", "x1.10"); a floor (min_increase) adds the rise in points."""
-    level = f"{(1 - alpha) * 100:g}% CS"
+    level = _LEVELS.get(alpha)
+    if level is None:
+        level = _LEVELS[alpha] = f"{(1 - alpha) * 100:g}% CS"
     if est.effect is None:
         ci, margin = "no ratio (baseline mean is 0)", rule.describe_margin()
+    elif rule.kind == "ratio":
+        d = _decimals((est.effect, est.lower, est.upper), rule.margin, 1.0)
+        ci = f"x{est.effect:.{d}f} ({level} {_fmt(rule, est.lower, d, False)}..{_fmt(rule, est.upper, d)})"
+        margin = "x" + _shown(rule.margin, d)
     else:
-        d = _decimals((est.effect, est.lower, est.upper), rule.margin, 1.0 if rule.kind == "ratio" else 100.0)
+        d = _decimals((est.effect, est.lower, est.upper), rule.margin, 100.0)
         ci = (f"{_fmt(rule, est.effect, d)} ({level} {_fmt(rule, est.lower, d, False)}.."
               f"{_fmt(rule, est.upper, d)})")
         margin = _fmt(rule, rule.margin, d)

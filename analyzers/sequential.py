@@ -27,6 +27,7 @@ True
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -35,8 +36,10 @@ from typing import Sequence
 N0 = 250.0
 
 
+@functools.lru_cache(maxsize=8192)
 def radius(n: float, alpha: float, n0: float = N0) -> float:
-    """Half-width of the two-sided confidence sequence in standard errors."""
+    """Half-width of the two-sided confidence sequence in standard errors. Cached: a refresh asks it for
+    ~1,000 results, and a cohort's rules share their n (pairs)."""
     if n <= 0:
         return math.inf
     k = n / n0
