@@ -325,10 +325,12 @@ class GateState:
         ctes.append(f"t AS MATERIALIZED (SELECT {plain}{ids} FROM t0{joins})")
 
         def by_label(keys: list[str]) -> tuple[str, str, str]:
-            """(label column, value column, GROUPING SETS) for all traffic and each label."""
-            sets = ", ".join(f"({', '.join(keys + extra)})" for extra in [[], *[[q(lab)] for lab in labels]])
+            """(label column, value column, GROUPING SETS) for each label, or for all traffic when there are no
+            labels (with labels, load() sums all traffic from the first label's rows: every trace has exactly one
+            value of it, and a grouping set over millions of rows costs more than summing a few thousand)."""
             if not labels:
-                return "NULL", "NULL", sets
+                return "NULL", "NULL", f"({', '.join(keys)})"
+            sets = ", ".join(f"({', '.join(keys + [q(lab)])})" for lab in labels)
             lab = " ".join(f"WHEN GROUPING({q(x)}) = 0 THEN {sql_literal(x)}" for x in labels)
             val = " ".join(f"WHEN GROUPING({q(x)}) = 0 THEN {q(x)}" for x in labels)
             return f"CASE {lab} END", f"CASE {val} END", sets
@@ -415,26 +417,56 @@ class GateState:
 
             route = parts.get("route", empty)
             matrix = _matrix(route["vals"], self.route_width + 1)
-            firsts = route.with_row_index("_i").filter(pl.col("_label").is_null())
-            for i, b, r in firsts.select("_i", "_bucket", "route").iter_rows():
+            route_parts = {lab: (named(route.filter(sel), lab), matrix[sel])
+                           for lab in self.labels for sel in [(route["_label"] == lab).fill_null(False).to_numpy()]}
+            if self.labels:       # all traffic: the first label's rows summed per (bucket, route)
+                rows, m = route_parts[self.labels[0]]
+                code = rows["_bucket"].to_numpy() * 2 + (rows["route"] == "candidate").cast(pl.Int64).to_numpy()
+                uniq, sums = _sum_by(code, m[:, :-1])
+                first = np.full(uniq.size, math.inf)
+                np.minimum.at(first, np.searchsorted(uniq, code), m[:, -1])
+                route_parts[None] = (pl.DataFrame({"_bucket": uniq >> 1, "route": np.array(ROUTES)[uniq & 1],
+                                                   "_value": pl.Series([None] * uniq.size, dtype=pl.Utf8)}),
+                                     np.column_stack([sums, first]))
+            else:
+                route_parts[None] = (route, matrix)
+            rows, m = route_parts[None]
+            for b, r, f in zip(rows["_bucket"].to_list(), rows["route"].to_list(), m[:, -1].tolist()):
                 bucket = self._bucket(b)
                 j = ROUTES.index(r)
-                bucket.first[j] = min(bucket.first[j], float(matrix[i, -1]))
+                bucket.first[j] = min(bucket.first[j], f)
             for lab in (None, *self.labels):
-                sel = (route["_label"].is_null() if lab is None else (route["_label"] == lab).fill_null(False)).to_numpy()
-                self._store_matrix(named(route.filter(sel), lab), matrix[sel, :-1],
-                                   lambda r, v, lab=lab: self._route_slot((r, lab, v)), "route", "route")
+                rows, m = route_parts[lab]
+                self._store_matrix(rows, m[:, :-1], lambda r, v, lab=lab: self._route_slot((r, lab, v)), "route",
+                                   "route")
             pair = parts.get("pair", empty)
             matrix = _matrix(pair["vals"], self.pair_width)
+            pair_parts = {lab: (named(pair.filter(sel), lab), matrix[sel])
+                          for lab in self.labels for sel in [(pair["_label"] == lab).fill_null(False).to_numpy()]}
+            if self.labels:
+                rows, m = pair_parts[self.labels[0]]
+                uniq, sums = _sum_by(rows["_bucket"].to_numpy(), m)
+                pair_parts[None] = (pl.DataFrame({"_bucket": uniq, "_value": pl.Series([None] * uniq.size,
+                                                                                        dtype=pl.Utf8)}), sums)
+            else:
+                pair_parts[None] = (pair, matrix)
             for lab in (None, *self.labels):
-                sel = (pair["_label"].is_null() if lab is None else (pair["_label"] == lab).fill_null(False)).to_numpy()
-                self._store_matrix(named(pair.filter(sel), lab), matrix[sel], lambda _, v, lab=lab: self._pair_slot((lab, v)),
-                                   "pair", None)
+                rows, m = pair_parts[lab]
+                self._store_matrix(rows, m, lambda _, v, lab=lab: self._pair_slot((lab, v)), "pair", None)
             sketch = parts.get("sketch", empty)
             for qi in range(len(self.quantile_cols)):
                 mine = sketch.filter(pl.col("_qi") == qi)
+                by_label = {lab: mine.filter(pl.col("_label") == lab) for lab in self.labels}
+                if self.labels:
+                    first_label = by_label[self.labels[0]]
+                    uniq, counts = _sum_by(first_label["_code"].to_numpy(),
+                                           first_label["_n"].to_numpy().astype(np.float64)[:, None])
+                    by_label[None] = pl.DataFrame({"_code": uniq, "_n": counts[:, 0],
+                                                   "_value": pl.Series([None] * uniq.size, dtype=pl.Int64)})
+                else:
+                    by_label[None] = mine
                 for lab in (None, *self.labels):
-                    part = mine.filter(pl.col("_label").is_null() if lab is None else pl.col("_label") == lab)
+                    part = by_label[lab]
                     if part.height:
                         codes = part["_code"].to_numpy()
                         self._store_sketch(qi, lab, pl.DataFrame({
@@ -575,6 +607,15 @@ class GateState:
                     "sketch_entries": sum(c.size for b in self._buckets.values() for chunks in b.sketch.values()
                                           for c, _ in chunks),
                     "sketch_totals_bins": sum(sk.bins.size for per in self._sketches for sk in per.values())}
+
+
+def _sum_by(keys: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``matrix`` summed per distinct key (keys sorted), each column in row order."""
+    uniq, inv = np.unique(keys, return_inverse=True)
+    out = np.empty((uniq.size, matrix.shape[1]))
+    for j in range(matrix.shape[1]):
+        out[:, j] = np.bincount(inv, weights=matrix[:, j], minlength=uniq.size)
+    return uniq, out
 
 
 def _matrix(lists: pl.Series, width: int) -> np.ndarray:
