@@ -60,7 +60,8 @@ def test_env_overrides_file_and_flag_overrides_both(tmp_path):
     code, out, err = run("serve", "--config", str(cfg), "--data-dir", "/from/flag", "--print-config", env=env)
     assert code == 0, err
     eff = yaml.safe_load(out)
-    assert eff["traces"] == {"idle_seconds": 11, "max_seconds": 100, "max_open": 100000}
+    assert eff["traces"] == {"idle_seconds": 11, "max_seconds": 100, "max_open": 100000,
+                            "content_pairing_seconds": 1}
     assert eff["store"]["data_dir"] == "/from/flag"
     assert eff["receivers"]["grpc"]["endpoint"] == "127.0.0.1:1"
     assert eff["cohorts"]["labels"]["plan"] == ["customer.plan"]

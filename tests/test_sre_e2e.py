@@ -70,6 +70,9 @@ GRAFANA_VARIABLES = {"intent": ".*", "language": ".*", "tier": ".*", "instance":
 ALERT_EMPTY = {
     # shadowlens_spans_rejected_total{reason} is born with the first rejected span; the generator sends none.
     "ShadowlensIngestRejections",
+    # used > 0.9 * budget compares two series, which unthreshold leaves as a filter: empty unless the store is
+    # near store.max_bytes (10 GiB here). deploy/prometheus/tests and tests/test_store_budget.py fire it.
+    "ShadowlensStoreNearBudget",
 }
 # Dashboard targets (by metric name in the expression) that legitimately return nothing under this traffic:
 # each is a labelled counter whose series is born with its first event (reason, receiver or model is only
@@ -86,12 +89,15 @@ PANEL_EMPTY = {
 
 # -- Prometheus with the shipped configuration ---------------------------------------------------------
 def fast_rule_copies(workdir: Path) -> list[Path]:
-    """Copies of the shipped rule files with every alert's ``for:`` set to ``FOR``; nothing else changes."""
+    """Copies of the shipped rule files with every alert's ``for:`` set to ``FOR`` and no group ``interval:``
+    of its own (the fleet's recording rules keep 1m; here every group runs at the test's evaluation interval
+    so the test can wait for one evaluation of each); nothing else changes."""
     shipped = yaml.safe_load(PROMETHEUS_YML.read_text())
     out = []
     for rel in shipped["rule_files"]:
         doc = yaml.safe_load((PROMETHEUS_YML.parent / rel).read_text())
         for group in doc["groups"]:
+            group.pop("interval", None)
             for rule in group["rules"]:
                 if "alert" in rule and "for" in rule:
                     rule["for"] = FOR
@@ -217,7 +223,8 @@ def test_shipped_rules_and_dashboards_against_real_prometheus(scenario, serve_fa
     prometheus_binary()                             # skip (or fail under CI) before doing any work
     t0 = time.monotonic()
     requests, seed = SCENARIOS[scenario]
-    server = serve_factory(env=FAST)
+    # a disk budget, as the shipped Kubernetes config sets one, so the budget's panels have data
+    server = serve_factory(env={**FAST, "SHADOWLENS_STORE__MAX_BYTES": "10GiB"})
     with ShippedPrometheus(target=f"127.0.0.1:{server.metrics_port}", workdir=tmp_path / "prometheus") as prom:
         rules = shipped_rules()
         loaded = {r["name"] for g in rule_groups(prom).values() for r in g["rules"]}
