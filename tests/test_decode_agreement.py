@@ -48,7 +48,7 @@ def _stored(batch, tmp_path, *queries: str) -> list[list[tuple]]:
     store.start()
     handover = Handover(store)
     try:
-        handover.submit(batch).result(30)
+        handover.commit(batch)
         con = store.cursor()
         try:
             return [con.execute(sql).fetchall() for sql in queries]

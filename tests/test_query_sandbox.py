@@ -96,11 +96,11 @@ def test_queries_see_the_store_and_no_other_file_on_both_paths(tmp_path, secrets
     server = QueryServer(data, store.cursor)           # as serve composes it (shadowlens/serve.py)
     server.start()
     try:
-        handover.submit(_request(3, 1)).result(10)
+        handover.commit(_request(3, 1))
         assert_store_readable(lambda sql: query(data, sql), 3)      # through serve.sock
         assert_sandboxed(lambda sql: query(data, sql), secrets)
         # the writer's own connection, which the socket's cursors share, still writes and checkpoints
-        handover.submit(_request(2, 4)).result(10)
+        handover.commit(_request(2, 4))
         assert_store_readable(lambda sql: query(data, sql), 5)
         con = store.cursor()
         con.execute("CHECKPOINT")
@@ -116,7 +116,7 @@ def test_queries_see_the_store_and_no_other_file_on_both_paths(tmp_path, secrets
     store = StoreWriter(data, cfg.cohort_labels, IngestCounters())
     store.start()
     handover = Handover(store)
-    handover.submit(_request(1, 6)).result(10)
+    handover.commit(_request(1, 6))
     store.shutdown()
     handover.close()
     assert_store_readable(lambda sql: query(data, sql), 6)

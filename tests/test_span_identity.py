@@ -119,7 +119,7 @@ def test_property_stored_is_received_minus_rejected_and_a_retry_is_stored_once(t
             if part:
                 batch = handover.normalizer.normalize_traces(span_request(part).SerializeToString())
                 received, rejected = received + batch.received, rejected + batch.rejected
-                handover.submit(batch).result(10)
+                handover.commit(batch)
         stored = _stored(store)
         want = {(t.hex(), s.hex()) for t, s in valid}
         assert sorted(stored) == sorted(want)          # each distinct identity once
