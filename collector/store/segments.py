@@ -416,15 +416,9 @@ def segment_disk_bytes(directory: Path, segment: int) -> int:
     return total
 
 
-class _PlainSegment:
-    compressed = False
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.size = os.fstat(fd).st_size
-
-    def pread(self, offset: int, length: int, cache=None) -> bytes:
-        return os.pread(self.fd, length, offset)
+class _OpenFile:
+    """A segment file open for reading, in either form; closed by ``close`` or at the end of a ``with``."""
+    fd: int
 
     def close(self) -> None:
         os.close(self.fd)
@@ -436,7 +430,18 @@ class _PlainSegment:
         self.close()
 
 
-class CompressedSegment:
+class _PlainSegment(_OpenFile):
+    compressed = False
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def pread(self, offset: int, length: int, cache=None) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+
+class CompressedSegment(_OpenFile):
     """Read side of a ``.segz`` file: ``pread`` by offsets of the original log, one zstd block at a time.
 
     Layout: ZHEADER, the blocks back to back, the index (one ZBLOCK per block, in order), ZFOOTER.
@@ -503,15 +508,6 @@ class CompressedSegment:
             offset = start + len(data)
             i += 1
         return out[0] if len(out) == 1 else b"".join(out)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class CorruptSegment(OSError):
