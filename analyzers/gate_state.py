@@ -23,6 +23,10 @@ request id; a pair counts in the bucket of its earlier start, so it leaves the w
 the SQL stops seeing it too. The window holds the buckets that end after ``now - gate.window``: up to one bucket
 more than the SQL's exact edge (equal when the edge falls on a bucket boundary, as in the tests).
 
+A restart fills the state from the store's window with one DuckDB statement (``rebuild_sql`` / ``load``): the
+same sums and sketch counts, summed per bucket in the database, and the keyed traces still waiting for a partner;
+its pairing is the SQL path's (one trace kept per request id and route).
+
 Differences from the SQL path, by design: a trace revised by a late span keeps its first completion's values
 here (sinks see a trace once); a request id seen twice on one route counts its second trace as unmatched here,
 where the SQL keeps one of the two. p99 reads off the sketch, within its relative error ``alpha`` (1 %).
