@@ -199,10 +199,13 @@ class GateState:
         if rows.height == 0:
             return np.zeros(0, dtype=np.int64)
         values = rows["_value"]
-        names = values.unique(maintain_order=True)
-        if names.null_count() == names.len():            # all traffic: one value, None
+        if values.dtype.is_integer() and not values.null_count():     # rebuild_sql's value ids: already codes
+            codes = values.to_numpy().astype(np.int64)
+            names = list(range(int(codes.max()) + 1))
+        elif values.null_count() == values.len():            # all traffic: one value, None
             codes, names = np.zeros(rows.height, dtype=np.int64), [None]
         else:
+            names = values.unique(maintain_order=True)
             codes = values.replace_strict(names, pl.Series(np.arange(names.len()))).to_numpy()
             names = names.to_list()
         if route_col is None:
@@ -212,10 +215,11 @@ class GateState:
         else:
             routes = (rows[route_col] == "candidate").cast(pl.Int64).to_numpy()
         combined = routes * len(names) + codes
-        present, inverse = np.unique(combined, return_inverse=True)
-        slots = np.array([slot_of(ROUTES[int(c) // len(names)] if route_col else None, names[int(c) % len(names)])
-                          for c in present], dtype=np.int64)
-        return slots[inverse]
+        # a lookup table over the few (route, value) codes: no sort of a million rows
+        table = np.full(2 * len(names), -1, dtype=np.int64)
+        for c in np.flatnonzero(np.bincount(combined, minlength=table.size)):
+            table[c] = slot_of(ROUTES[int(c) // len(names)] if route_col else None, names[int(c) % len(names)])
+        return table[combined]
 
     def _store(self, rows: pl.DataFrame, values: list[str], slot_of, kind: str, route_col: str | None = "route"):
         matrix = rows.select(values).fill_null(0.0).to_numpy().astype(np.float64, copy=False)
@@ -240,14 +244,16 @@ class GateState:
             for lab, rows in self._rollup(fine, ["_bucket", "route", "_key"], ["len"]):
                 self._store_sketch(qi, lab, rows)
 
-    def _store_sketch(self, qi: int, lab: str | None, rows: pl.DataFrame) -> None:
-        """Rows of (_bucket, route, _value, _key, len): sketch counts of one label's values (None: all traffic)."""
-        slots = self._slots(rows, "route", lambda r, v: self._route_slot((r, lab, v)))
+    def _store_sketch(self, qi: int, lab: str | None, rows: pl.DataFrame, name=None) -> None:
+        """Rows of (_bucket, route, _value, _key, len): sketch counts of one label's values (None: all traffic);
+        ``name(lab, v)`` turns a value id into the value (load)."""
+        slots = self._slots(rows, "route",
+                            lambda r, v: self._route_slot((r, lab, v if name is None else name(lab, v))))
         rkeys = rows["_key"].to_numpy()
         counts = rows["len"].to_numpy().astype(np.float64)
         buckets = rows["_bucket"].to_numpy()
         codes = _code(slots, rkeys)
-        order = np.argsort(buckets, kind="stable")       # one slice per bucket, not a mask per bucket
+        order = _stable_order(buckets)       # one slice per bucket, not a mask per bucket
         buckets, codes_o, counts_o = buckets[order], codes[order], counts[order]
         cuts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
         for s, e in zip(cuts, np.r_[cuts[1:], buckets.size]):
@@ -257,7 +263,7 @@ class GateState:
 
     def _apply_sketch(self, qi: int, slots: np.ndarray, keys: np.ndarray, counts: np.ndarray, sign: int) -> None:
         totals = self._sketches[qi]
-        order = np.argsort(slots, kind="stable")
+        order = _stable_order(slots)
         slots, keys, counts = slots[order], keys[order], counts[order]
         starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]])
         ends = np.r_[starts[1:], slots.size]
@@ -414,10 +420,14 @@ class GateState:
             for lab, part in parts["dict"].sort("_value").group_by("_label", maintain_order=True):
                 names[lab[0]] = part["_name"].cast(pl.Utf8)
 
+            named_ = {lab: names[lab].to_list() for lab in self.labels}
+            name = (lambda lab, v: None if lab is None else named_[lab][v])     # value id -> the label's value
+
             def named(part: pl.DataFrame, lab: str | None) -> pl.DataFrame:
+                """The rows with their value ids kept (slots map them), all traffic's as null."""
                 if lab is None:
                     return part.with_columns(pl.lit(None, dtype=pl.Utf8).alias("_value"))
-                return part.with_columns(names[lab].gather(part["_value"]).alias("_value"))
+                return part
 
             route = parts.get("route", empty)
             matrix = _matrix(route["vals"], self.route_width + 1)
@@ -441,8 +451,8 @@ class GateState:
                 bucket.first[j] = min(bucket.first[j], f)
             for lab in (None, *self.labels):
                 rows, m = route_parts[lab]
-                self._store_matrix(rows, m[:, :-1], lambda r, v, lab=lab: self._route_slot((r, lab, v)), "route",
-                                   "route")
+                self._store_matrix(rows, m[:, :-1], lambda r, v, lab=lab: self._route_slot((r, lab, name(lab, v))),
+                                   "route", "route")
             pair = parts.get("pair", empty)
             matrix = _matrix(pair["vals"], self.pair_width)
             pair_parts = {lab: (named(pair.filter(sel), lab), matrix[sel])
@@ -456,7 +466,7 @@ class GateState:
                 pair_parts[None] = (pair, matrix)
             for lab in (None, *self.labels):
                 rows, m = pair_parts[lab]
-                self._store_matrix(rows, m, lambda _, v, lab=lab: self._pair_slot((lab, v)), "pair", None)
+                self._store_matrix(rows, m, lambda _, v, lab=lab: self._pair_slot((lab, name(lab, v))), "pair", None)
             sketch = parts.get("sketch", empty)
             for qi in range(len(self.quantile_cols)):
                 mine = sketch.filter(pl.col("_qi") == qi)
@@ -476,7 +486,7 @@ class GateState:
                         self._store_sketch(qi, lab, pl.DataFrame({
                             "_bucket": codes >> (_SKETCH_SHIFT + 1), "route": (codes >> _SKETCH_SHIFT) & 1,
                             "_value": named(part, lab)["_value"], "_key": (codes & ((1 << _SKETCH_SHIFT) - 1)) - _SKETCH_BIAS,
-                            "len": part["_n"]}))
+                            "len": part["_n"]}), name)
             for b, r, v in parts.get("keyed", empty).select("_bucket", "route", "vals").iter_rows():
                 self._bucket(b).keyed[ROUTES.index(r)] += v[0]
             pending = parts.get("pending")
@@ -611,6 +621,14 @@ class GateState:
                     "sketch_entries": sum(c.size for b in self._buckets.values() for chunks in b.sketch.values()
                                           for c, _ in chunks),
                     "sketch_totals_bins": sum(sk.bins.size for per in self._sketches for sk in per.values())}
+
+
+def _stable_order(keys: np.ndarray) -> np.ndarray:
+    """np.argsort(keys, kind="stable"); small key ranges (minutes of a window, slots) as int16, which numpy
+    sorts by radix in one linear pass instead of a merge sort of a million int64."""
+    if keys.size and int(keys.max()) - int(keys.min()) < 32767:
+        return np.argsort((keys - keys.min()).astype(np.int16), kind="stable")
+    return np.argsort(keys, kind="stable")
 
 
 def _sum_by(keys: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
