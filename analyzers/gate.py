@@ -79,9 +79,9 @@ def reuse_evidence(verdict: Verdict, last: ExplainedVerdict) -> ExplainedVerdict
 def rebuild(cursor, state: GateState, now: float) -> int:
     """Fill ``state`` from the store's window (serve's restart); returns the newest completed_at (epoch us) it
     saw, from which GateStateSink takes over. ``cursor`` is a DuckDB cursor of the store. The sums, pairs and
-    sketch counts are computed by DuckDB in one statement (GateState.rebuild_sql), so a restart costs about
-    one SQL evaluation of the window; only the per-bucket rows and the traces still waiting for a partner
-    come back to Python."""
+    sketch counts are computed by DuckDB in one statement (GateState.rebuild_sql), so a restart costs close
+    to one SQL evaluation of the window (1.3x at 8M traces, docs/gate.md); only the per-bucket rows and the
+    traces still waiting for a partner come back to Python."""
     sql = state.rebuild_sql(trace_frame_sql(state.settings, state.labels, now, completed=True))
     return state.load(pl.from_arrow(cursor.sql(sql).to_arrow_table()))
 
