@@ -99,6 +99,7 @@ class GateRefresher(Periodic):
         self.sink = sink
         self.evidence_every_s = evidence_every_s
         self._evidence: tuple | None = None     # (failing set, when, ExplainedVerdict) of the last evidence run
+        self._last_traces: dict | None = None   # the previous refresh's traces per route (is traffic still arriving?)
         self.trace_url = trace_url
         self.settings = settings
         self.interval_s = settings.refresh_s
@@ -143,14 +144,19 @@ class GateRefresher(Periodic):
 
     def _with_evidence(self, verdict: Verdict, now: float) -> Verdict:
         """Example pairs and attribution read the store (several scans of the window), so they run only when
-        the failing set changes, and every ``evidence_every_s`` while it stays the same; in between the last
-        run's evidence is attached to the new verdict."""
+        the failing set changes, every ``evidence_every_s`` while it stays the same, and once when traffic
+        settles (the window's traces the same as at the previous refresh, not as at the last evidence run: the
+        examples then match `shadowlens gate --data-dir` over the same window); in between the last run's
+        evidence is attached to the new verdict."""
         fails = frozenset((r.rule, r.cohort) for r in verdict.results if r.state == "fail")
         last = self._evidence
+        settled = verdict.traces == self._last_traces
+        self._last_traces = dict(verdict.traces)
         if not fails:
             self._evidence = None
             return with_evidence(verdict, None, self.settings, self.labels, "", self.trace_url)
-        if last is None or last[0] != fails or now - last[1] >= self.evidence_every_s:
+        if (last is None or last[0] != fails or now - last[1] >= self.evidence_every_s
+                or (settled and last[2].traces != verdict.traces)):
             cur = self.cursor_factory()
             try:
                 explained = with_evidence(verdict, lambda sql: cur.sql(sql).to_arrow_table(), self.settings,

@@ -304,3 +304,36 @@ def test_sql_bucket_key_is_the_sketch_key():
     con.register("v", pa.table({"x": values}))
     in_sql = con.sql(f"SELECT CAST(ceil(ln(x) / {sk._log_gamma!r}) AS BIGINT) AS k FROM v").fetchnumpy()["k"]
     assert np.array_equal(in_sql, sk.keys(values))
+
+
+def test_evidence_is_read_again_once_traffic_settles(regression):
+    """serve reuses the last example pairs while the failing set stays; once no new trace arrives between two
+    refreshes, it reads them once more, so its examples are those `shadowlens gate --data-dir` prints."""
+    from shadowlens.analyzers.gate import GateRefresher, evaluate_with_evidence
+    rows, _ = regression
+    order = sorted(rows, key=lambda r: r["completed_at_us"])
+    con = store(order[:-60])
+    opened = []
+
+    def cursor():
+        opened.append(1)
+        return con.cursor()
+    sink = GateStateSink(GateState(SETTINGS, LABELS))
+    refresher = GateRefresher(cursor, SETTINGS, LABELS, now=lambda: NOW, sink=sink, evidence_every_s=1e9)
+    first = refresher.refresh_now()
+    fails = {(r.rule, r.cohort) for r in first.results if r.state == "fail"}
+    assert fails and len(opened) == 1
+    later = order[-60:]                               # the last traces: into the store and through the sink
+    con.register("src", pa.Table.from_pylist(later))
+    con.execute("INSERT INTO traces BY NAME SELECT * EXCLUDE (start_ns, completed_at_us),"
+                " make_timestamp_ns(start_ns) AS start_time, make_timestamp(completed_at_us) AS completed_at FROM src")
+    sink(completed(later))
+    second = refresher.refresh_now()                  # traffic still arriving: the evidence is reused
+    assert {(r.rule, r.cohort) for r in second.results if r.state == "fail"} == fails
+    assert len(opened) == 1 and second.examples == first.examples
+    third = refresher.refresh_now()                   # nothing new since: read once more
+    assert len(opened) == 2
+    sql = evaluate_with_evidence(lambda q: con.sql(q).to_arrow_table(), SETTINGS, LABELS, NOW)
+    assert third.examples == sql.examples and third.explained_by == sql.explained_by
+    refresher.refresh_now()                           # and not again while nothing changes
+    assert len(opened) == 2
