@@ -15,11 +15,22 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pool import SPANS_PER_REQUEST, id_suffix, materialize
+from common import say
+from pool import SPANS_PER_REQUEST, build_pool, id_suffix, materialize
 
 GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 POOL: list = []   # set in the parent before forking; children read it copy-on-write
+
+
+def load_pool(requests: int, seed: int):
+    """Build the seeded pool of ``requests`` templates into ``POOL`` (before forking) and print what it holds;
+    returns the generator's stats."""
+    templates, stats, _ = build_pool(requests, seed)
+    POOL[:] = templates
+    for line in stats.lines():
+        say(line)
+    return stats
 
 
 @dataclass

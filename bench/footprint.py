@@ -57,7 +57,7 @@ from pathlib import Path
 import clients
 from common import REPO, add_json_arg, emit, proc_tree, say
 from ingest import _drive_clients
-from pool import SPANS_PER_REQUEST, build_pool
+from pool import SPANS_PER_REQUEST
 from server import Server, count_stored
 
 GOALS = {"pss_idle_mb": 150, "pss_paced_mb": 250, "pss_saturation_mb": 400, "cpu_idle_cores": 0.01,
@@ -516,10 +516,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    templates, gstats, _ = build_pool(args.pool_requests, args.seed)
-    clients.POOL[:] = templates
-    for line in gstats.lines():
-        say(line)
+    gstats = clients.load_pool(args.pool_requests, args.seed)
     out = run(args)
     gate = gate_figures(args.gate)
     s = summary(out, gate)

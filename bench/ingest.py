@@ -46,7 +46,7 @@ import clients
 from common import REPO, add_json_arg, emit, pct, say
 from disk import at_rest, say_at_rest
 from ingest_report import median_of, print_bar, print_run
-from pool import SPANS_PER_REQUEST, build_pool
+from pool import SPANS_PER_REQUEST
 from server import BacklogSampler, Server, count_stored
 
 
@@ -282,10 +282,7 @@ def _say_median(med: dict, n: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    templates, gstats, _ = build_pool(args.pool_requests, args.seed)
-    clients.POOL[:] = templates
-    for line in gstats.lines():
-        say(line)
+    gstats = clients.load_pool(args.pool_requests, args.seed)
     say(f"load: {args.clients} client processes x {args.concurrency} in-flight Exports over "
         f"{'HTTP/1.1 keep-alive' if args.http else 'gRPC (one channel per process)'}, {args.duration:g} s per run, "
         f"{args.runs} run(s); server: {args.endpoint or args.shadowlens}"
