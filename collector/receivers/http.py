@@ -275,6 +275,10 @@ class _Server(TLSServerMixin, ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         self._lock = threading.Lock()
         self._idle: dict[_Handler, float] = {}      # insertion order = longest idle first
+        # Threads that gave back their slot but may still be exiting: a slot is released in the
+        # thread's last Python frame, and the acceptor joins the thread before starting the next one,
+        # or under churn (idle connections closed to make room) cap + 1 threads briefly existed.
+        self._finished: list[threading.Thread] = []
         self.closing = False
         super().__init__(address, handler_cls)
 
@@ -307,6 +311,7 @@ class _Server(TLSServerMixin, ThreadingHTTPServer):
             if self.closing:
                 self.shutdown_request(request)
                 return
+        self._join_finished()
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -317,7 +322,15 @@ class _Server(TLSServerMixin, ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._lock:
+                self._finished.append(threading.current_thread())
             self._slots.release()
+
+    def _join_finished(self) -> None:
+        with self._lock:
+            finished, self._finished = self._finished, []
+        for thread in finished:
+            thread.join()
 
     def handle_error(self, request, client_address) -> None:
         # A connection that breaks (reset, closed to make room) is the client's business; the
