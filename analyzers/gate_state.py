@@ -551,67 +551,73 @@ class GateState:
 
     def _assemble(self, route_tot, pair_tot, keyed, first, route_slots, pair_slots, sketches) -> dict:
         pooled = self._pooled(route_tot, route_slots)
+        names: dict[tuple, str] = {}      # (label, raw value) -> "label=value" or "label=__other__"
+
+        def cohort(lab: str | None, value: str) -> str:
+            if lab is None:
+                return ALL
+            name = names.get((lab, value))
+            if name is None:
+                name = names[(lab, value)] = f"{lab}={pooled[(lab, value)]}"
+            return name
+
+        # route sums per (route, cohort): a pooled cohort adds up its values' rows (and sketches)
+        live = (route_tot[:, 0] > 0).tolist()
+        route_keys, route_rows, members = _pool_rows(
+            route_tot, [(route, cohort(lab, value)) if live[slot] else None
+                        for (route, lab, value), slot in route_slots.items()])
         out: dict = {"paired": {}, "unpaired": {}, "quantiles": {}, "routes": {}, "keyed": {}, "first_candidate": None,
                      "cohort_traces": {}}
-        # plain lists: a few hundred short rows read element by element are much cheaper than numpy scalars
-        route_rows, pair_rows = route_tot.tolist(), pair_tot.tolist()
-        # route sums per (route, cohort); pooled cohorts add up their values' rows and sketches
-        by_cohort: dict[tuple[str, str], list[float]] = {}
-        members: dict[tuple[str, str], list[int]] = {}
-        for (route, lab, value), slot in route_slots.items():
-            row = route_rows[slot]
-            if row[0] <= 0:
-                continue
-            key = (route, ALL if lab is None else f"{lab}={pooled[(lab, value)]}")
-            got = by_cohort.get(key)
-            if got is None:
-                by_cohort[key], members[key] = row, [slot]
-            else:
-                by_cohort[key] = [a + b for a, b in zip(got, row)]
-                members[key].append(slot)
-        m = len(self.moment_cols)
-        wanted: list[list] = [[] for _ in self.quantile_cols]     # (key, route, sketch) whose grid is read
-        unpaired, quantiles, cohort_traces = out["unpaired"], out["quantiles"], out["cohort_traces"]
-        for (route, cohort), row in by_cohort.items():
-            side = "b" if route == "baseline" else "c"
-            cohort_traces[cohort] = cohort_traces.get(cohort, 0) + int(row[0])
-            if cohort == ALL:
-                out["routes"][route] = int(row[0])
-            for i, col in enumerate(self.moment_cols):
-                d = unpaired.get((col, cohort))
-                if d is None:
-                    d = unpaired[(col, cohort)] = {"nb": 0, "nc": 0, "sb": 0, "sc": 0, "sbb": 0, "scc": 0}
-                d["n" + side], d["s" + side], d["s" + side * 2] = int(row[1 + 3 * i]), row[2 + 3 * i], row[3 + 3 * i]
-            for qi, col in enumerate(self.quantile_cols):
-                qn = int(row[1 + 3 * m + qi])
-                quantiles.setdefault((col, cohort), {})[route] = (qn, None)
-                if qn:
-                    parts = [sketches[qi][s] for s in members[(route, cohort)] if s in sketches[qi]]
-                    wanted[qi].append(((col, cohort), route, parts[0] if len(parts) == 1 else _merged(parts, self.alpha)))
-        for qi, col in enumerate(self.quantile_cols):       # every grid of a column in one numpy pass
-            grids = QuantileSketch.quantiles_many([sk for _, _, sk in wanted[qi]], self._grids[col])
-            for (key, route, _), grid in zip(wanted[qi], grids):
-                quantiles[key][route] = (quantiles[key][route][0], grid)
-        if first[1] < math.inf and "candidate" in out["routes"]:
+        routes, cohort_traces = out["routes"], out["cohort_traces"]
+        sides: dict[str, list] = {}       # cohort -> [baseline row, candidate row] (None: no trace on that route)
+        for (route, name), row in zip(route_keys, route_rows):
+            cohort_traces[name] = cohort_traces.get(name, 0) + int(row[0])
+            if name == ALL:
+                routes[route] = int(row[0])
+            sides.setdefault(name, [None, None])[route == "candidate"] = row
+        self._unpaired(sides, out["unpaired"])
+        self._quantiles(route_keys, route_rows, members, sketches, out["quantiles"])
+        if first[1] < math.inf and "candidate" in routes:
             out["first_candidate"] = first[1]
         out["keyed"] = {"baseline": int(keyed[0]), "candidate": int(keyed[1])}
         # pairs per cohort of the baseline trace's value
-        pairs: dict[str, list[float]] = {}
-        for (lab, value), slot in pair_slots.items():
-            row = pair_rows[slot]
-            if row[0] <= 0:
-                continue
-            cohort = ALL if lab is None else f"{lab}={pooled[(lab, value)]}"
-            got = pairs.get(cohort)
-            pairs[cohort] = row if got is None else [a + b for a, b in zip(got, row)]
+        live = (pair_tot[:, 0] > 0).tolist()
+        pair_keys, pair_rows, _ = _pool_rows(
+            pair_tot, [cohort(lab, value) if live[slot] else None for (lab, value), slot in pair_slots.items()])
         paired = out["paired"]
-        for cohort, row in pairs.items():
-            paired[(None, cohort)] = int(row[0])
+        for name, row in zip(pair_keys, pair_rows):
+            paired[(None, name)] = int(row[0])
             for i, col in enumerate(self.moment_cols):
                 j = 1 + 6 * i
-                paired[(col, cohort)] = {"n": int(row[j]), "sb": row[j + 1], "sc": row[j + 2], "sbb": row[j + 3],
-                                         "scc": row[j + 4], "sbc": row[j + 5]}
+                paired[(col, name)] = {"n": int(row[j]), "sb": row[j + 1], "sc": row[j + 2], "sbb": row[j + 3],
+                                       "scc": row[j + 4], "sbc": row[j + 5]}
         return out
+
+    def _unpaired(self, sides: dict[str, list], unpaired: dict) -> None:
+        """Per moment column and cohort, the two routes' n, sum and sum of squares (0 for a route without
+        traces, as sufficient_stats gives)."""
+        for name, (b, c) in sides.items():
+            for i, col in enumerate(self.moment_cols):
+                j = 1 + 3 * i
+                unpaired[(col, name)] = {"nb": int(b[j]) if b else 0, "nc": int(c[j]) if c else 0,
+                                         "sb": b[j + 1] if b else 0, "sc": c[j + 1] if c else 0,
+                                         "sbb": b[j + 2] if b else 0, "scc": c[j + 2] if c else 0}
+
+    def _quantiles(self, keys: list, rows: list, members: list, sketches: list, quantiles: dict) -> None:
+        """Per quantile column and (route, cohort): the count of values > 0 and the grid read off the sketch
+        (the members' sketches merged for a pooled cohort), every grid of a column in one numpy pass."""
+        m = len(self.moment_cols)
+        for qi, col in enumerate(self.quantile_cols):
+            wanted: list = []         # ((col, cohort), route, sketch) whose grid is read
+            for (route, name), row, slots in zip(keys, rows, members):
+                qn = int(row[1 + 3 * m + qi])
+                quantiles.setdefault((col, name), {})[route] = (qn, None)
+                if qn:
+                    parts = [sketches[qi][s] for s in slots if s in sketches[qi]]
+                    wanted.append(((col, name), route, parts[0] if len(parts) == 1 else _merged(parts, self.alpha)))
+            grids = QuantileSketch.quantiles_many([sk for _, _, sk in wanted], self._grids[col])
+            for (key, route, _), grid in zip(wanted, grids):
+                quantiles[key][route] = (quantiles[key][route][0], grid)
 
     def memory(self) -> dict:
         """What the state holds, for the bench: buckets, slots, waiting traces, sketch buckets."""
@@ -621,6 +627,34 @@ class GateState:
                     "sketch_entries": sum(c.size for b in self._buckets.values() for chunks in b.sketch.values()
                                           for c, _ in chunks),
                     "sketch_totals_bins": sum(sk.bins.size for per in self._sketches for sk in per.values())}
+
+
+def _pool_rows(totals: np.ndarray, keys: list) -> tuple[list, list[list[float]], list[list[int]]]:
+    """Rows of ``totals`` (by slot) summed per key (None leaves the slot out): the keys in the order of their
+    first slot, their sums as plain lists (a few hundred short rows read element by element are much cheaper
+    than numpy scalars) and their slots. A key's rows are added in slot order, ((r1 + r2) + r3), as a running
+    sum over the slots would."""
+    index: dict = {}
+    firsts: list[int] = []
+    members: list[list[int]] = []
+    rest_slots: list[int] = []
+    rest_groups: list[int] = []
+    for slot, key in enumerate(keys):
+        if key is None:
+            continue
+        g = index.get(key)
+        if g is None:
+            index[key] = len(firsts)
+            firsts.append(slot)
+            members.append([slot])
+        else:
+            rest_slots.append(slot)
+            rest_groups.append(g)
+            members[g].append(slot)
+    sums = totals[firsts]
+    if rest_slots:
+        np.add.at(sums, rest_groups, totals[rest_slots])     # unbuffered: in slot order within each key
+    return list(index), sums.tolist(), members
 
 
 def _stable_order(keys: np.ndarray) -> np.ndarray:
