@@ -94,6 +94,41 @@ class Comparison:
     past_margin: bool = False
 
 
+class _LazyReason:
+    """Comparison.reason of a result judge() estimated, written on its first read.
+
+    A refresh judges ~1,000 results and writing their reasons (the effect, its confidence sequence and the
+    margin with matching decimals) cost ~10 ms of serve's refresh at 8M traces, while the metrics read only
+    states and numbers: the text is needed by /gate's JSON, the report and the CLI, which read it later if
+    at all. judge() leaves ``reason`` out of such a result's __dict__ and puts what writes it under
+    ``_why``; this non-data descriptor then answers the read and stores the text in __dict__, where later
+    reads (and every Comparison made by __init__) find it without coming here. Two threads reading at once
+    both write the same text."""
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        d = obj.__dict__
+        why = d.get("_why")
+        if why is None:               # another thread has just written it
+            return d["reason"]
+        d["reason"] = text = _reason(*why)
+        d.pop("_why", None)           # the Estimate and settings are no longer needed
+        return text
+
+
+Comparison.reason = _LazyReason()
+_new_object = object.__new__
+
+
+def _comparison(fields: dict) -> Comparison:
+    """A Comparison from its fields (in declaration order), without the frozen dataclass's __init__: that
+    sets each of the 16 fields through object.__setattr__, ~4 ms of a refresh's 1,000 results."""
+    c = _new_object(Comparison)
+    c.__dict__.update(fields)
+    return c
+
+
 @dataclass(frozen=True)
 class Verdict:
     verdict: str                             # promote | block | inconclusive
@@ -148,7 +183,7 @@ def judge(stats: dict, settings: GateSettings, now: float) -> Verdict:
         grid = quantile_grid(rule) if rule.quantile is not None else None
         for cohort in cohorts:
             judged.append((rule, cohort, *_judge(rule, cohort, stats, settings.alpha, col, grid)))
-    selected, family = _selection(judged, settings)
+    selected_ids, family = _selection(judged, settings)
     correction = f"e-BH over {family} results at {settings.fdr * 100:g}%"
 
     results = []
@@ -159,13 +194,21 @@ def judge(stats: dict, settings: GateSettings, now: float) -> Verdict:
             missing = nb == 0 and nc == 0 and traces > 0
             reason = (no_input_reason(rule, cohort, traces, settings.window_s) if missing
                       else f"{why}; has {nb} baseline / {nc} candidate")
-            results.append(Comparison(rule.name, cohort, "insufficient_data", None, None, None, nb, nc, rule.margin,
-                                      reason, paired, None, rule.critical, rule.kind, no_input=missing))
+            results.append(_comparison({
+                "rule": rule.name, "cohort": cohort, "state": "insufficient_data", "effect": None, "lower": None,
+                "upper": None, "n_baseline": nb, "n_candidate": nc, "margin": rule.margin, "reason": reason,
+                "paired": paired, "p_value": None, "critical": rule.critical, "kind": rule.kind, "no_input": missing,
+                "past_margin": False}))
             continue
-        state, reason = _state(rule, est, selected.get(id(j), False), family, settings, correction)
-        results.append(Comparison(rule.name, cohort, state, est.effect, est.lower, est.upper, nb, nc, rule.margin,
-                                  reason + f" ({'paired' if paired else 'unpaired'}, n={est.n})", paired, est.p_past,
-                                  rule.critical, rule.kind, past_margin=est.past))
+        selected = selected_ids.get(id(j), False)
+        state = ("fail" if selected else "inconclusive") if est.past else "pass" if est.within else "inconclusive"
+        # the reason is written when it is first read (see _LazyReason): {"reason": ...} is left out
+        results.append(_comparison({
+            "rule": rule.name, "cohort": cohort, "state": state, "effect": est.effect, "lower": est.lower,
+            "upper": est.upper, "n_baseline": nb, "n_candidate": nc, "margin": rule.margin,
+            "_why": (rule, est, selected, family, settings, correction, paired), "paired": paired,
+            "p_value": est.p_past, "critical": rule.critical, "kind": rule.kind, "no_input": False,
+            "past_margin": est.past}))
     verdict, reasons = _gate(results, settings, now, stats["first_candidate"])
     matched = stats["paired"].get((None, ALL), 0)
     pairs = {"matched": matched, **{f"unmatched_{r}": stats["keyed"].get(r, 0) - matched
@@ -200,22 +243,29 @@ def _no_input(j) -> bool:
     return est is None and nb == 0 and nc == 0
 
 
-def _state(rule: Rule, est: Estimate, selected: bool, family: int, settings: GateSettings,
-           correction: str | None = None) -> tuple[str, str]:
+def _reason(rule: Rule, est: Estimate, selected: bool, family: int, settings: GateSettings, correction: str | None,
+            paired: bool) -> str:
+    """An estimated result's Comparison.reason."""
+    return (_state_text(rule, est, selected, family, settings, correction)
+            + f" ({'paired' if paired else 'unpaired'}, n={est.n})")
+
+
+def _state_text(rule: Rule, est: Estimate, selected: bool, family: int, settings: GateSettings,
+                correction: str | None = None) -> str:
     ci, margin = describe(rule, est, settings.alpha)
     if correction is None:
         correction = f"e-BH over {family} results at {settings.fdr * 100:g}%"
     if est.past and selected:
-        return "fail", (f"{ci} is past the margin {margin} (p={est.p_past:.2g} that it is within the margin;"
-                        f" {correction})")
+        return (f"{ci} is past the margin {margin} (p={est.p_past:.2g} that it is within the margin;"
+                f" {correction})")
     if est.past:
-        return "inconclusive", (f"{ci} is past the margin {margin}, but not yet after the correction for looking"
-                                f" at every result (p={est.p_past:.2g} that it is within the margin; {correction})")
+        return (f"{ci} is past the margin {margin}, but not yet after the correction for looking"
+                f" at every result (p={est.p_past:.2g} that it is within the margin; {correction})")
     if est.within:
-        return "pass", f"{ci}: within the margin {margin}"
+        return f"{ci}: within the margin {margin}"
     if not est.tests:
-        return "inconclusive", f"no estimate yet (a quantile of 0 on a route); the margin is {margin}"
-    return "inconclusive", f"{ci}: cannot yet tell it from the margin {margin}"
+        return f"no estimate yet (a quantile of 0 on a route); the margin is {margin}"
+    return f"{ci}: cannot yet tell it from the margin {margin}"
 
 
 def readable_duration(seconds: float) -> str:

@@ -167,6 +167,42 @@ def test_digits_grow_until_a_bound_next_to_the_margin_reads_apart_from_it():
     assert _decimals((-0.0412, -0.02004, -0.06), -0.02, 100.0) == 3      # -2.004 points vs -2.000
 
 
+
+def test_a_reason_written_when_first_read_reads_like_any_other_field():
+    """judge() writes an estimated result's reason on its first read (the refresh itself needs none): a
+    copy, a pickle, concurrent readers and the verdict's own reasons all see the one text."""
+    import dataclasses
+    import pickle
+    import threading
+
+    frame = simulate(1500, seed=11, effect=Effect(cost_x=1.2))
+    ci = r"x\d\.\d\d \(95% CS x\d\.\d\d\.\.x\d\.\d\d\)"
+    steps = ci + r": within the margin x1\.20 \(paired, n=1500\)"
+    cost = ci + r" is past the margin x1\.10 \(p=\S+ that it is within the margin; e-BH over 30 results at 5%\)"
+
+    texts, start = [], threading.Barrier(8)
+    r = result(judge(frame), "steps")
+
+    def read():
+        start.wait()
+        texts.append(r.reason)
+    readers = [threading.Thread(target=read) for _ in range(8)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    assert len(set(texts)) == 1 and re.fullmatch(steps, texts[0]), texts
+
+    copied = pickle.loads(pickle.dumps(result(judge(frame), "steps")))       # pickled before any read
+    replaced = dataclasses.replace(result(judge(frame), "steps"), state="insufficient_data")    # as fleet.py does
+    assert copied.reason == replaced.reason == texts[0]
+    assert copied == r and hash(copied) == hash(r) and replaced != r
+
+    v = judge(frame)
+    failing = result(v, "cost_per_trace")
+    assert failing.state == "fail" and re.fullmatch(cost + r" \(paired, n=1500\)", failing.reason), failing.reason
+    assert f"cost_per_trace fails for all: {failing.reason}" in v.reasons
+
 # ------------------------------------------------------------------ power: planted regressions are blocked
 
 def first_fail(effect, rule, looks, seed, **options):
