@@ -32,6 +32,7 @@ the stores), ``--gate skip`` leaves it out.
 Usage:
   python bench/footprint.py                                  # full: ~5 min
   python bench/footprint.py --quick                          # ~2 min (shorter phases)
+  python bench/footprint.py --quick --saturation 0 --gate skip --no-compact   # idle and 1k/s only, ~1.5 min
   python bench/footprint.py --json bench/results/footprint.json
   python bench/footprint.py --server-env SHADOWLENS_X__Y=z   # extra server env (repeatable)
 
@@ -503,8 +504,9 @@ def parse_args(argv=None):
     ap.add_argument("--keep-data", action="store_true")
     add_json_arg(ap)
     a = ap.parse_args(argv)
-    if a.quick:
-        a.warmup, a.idle, a.paced, a.saturation, a.settle = 10.0, 20.0, 30.0, 20.0, 5.0
+    if a.quick:     # shorter defaults; a phase's length given on the command line still wins (--saturation 0)
+        ap.set_defaults(warmup=10.0, idle=20.0, paced=30.0, saturation=20.0, settle=5.0)
+        a = ap.parse_args(argv)
     a.extra_env = {}
     for kv in a.server_env:
         if "=" not in kv:
