@@ -57,6 +57,8 @@ def serve(config_file, data_dir, print_config, ready_file) -> None:
         click.echo(cfg.to_yaml(), nl=False)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .collector.ingest import memory
+    memory.set_environment()        # before serve's modules load pyarrow, which reads it once
     from .serve import run
     from .startup import StartupError
     # the data dir as the user wrote it ("./data"), not as a normalised Path ("data")

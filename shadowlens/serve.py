@@ -45,6 +45,7 @@ from .collector import security
 from .collector.counters import IngestCounters
 from .collector.decode.normalize import Normalizer
 from .collector.decode.pricing import PriceTable
+from .collector.ingest import memory
 from .collector.ingest.messages import IngestSettings
 from .collector.ingest.supervisor import IngestSupervisor
 from .collector.store.compaction import Compactor
@@ -208,6 +209,7 @@ def run(cfg: Config, data_dir_text: str | None = None, ready_file: str | None = 
     # The GIL is handed over every 1 ms instead of 5 ms: the store writer (DuckDB's binding takes the
     # GIL back often) gets it back sooner from the analyzer threads that share this process.
     sys.setswitchinterval(0.001)
+    memory.limit_arenas()       # before the components start their threads
     footprint = startup.StoreFootprint(cfg.store.data_dir)
     stop = threading.Event()
     child_died = threading.Event()

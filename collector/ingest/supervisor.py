@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
-import os
 import pickle
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from multiprocessing.connection import Connection
 
 from ..counters import sum_snapshots
 from ..errors import SetAside
-from . import decoder, frontend
+from . import decoder, frontend, memory
 from .messages import Ack, Barrier, Batch, Counters, Failed, IngestSettings, Nack, Ready, Stop, Stopped, Undecodable
 
 log = logging.getLogger("shadowlens.ingest")
@@ -111,7 +110,8 @@ class IngestSupervisor:
     def start(self) -> None:
         # glibc gives each thread that allocates its own malloc arena (up to 8 per core); with
         # 30-odd receiver threads holding 1 MB requests that was ~150 MB of RSS in the frontend.
-        os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+        # The children inherit the environment (memory.py: also the decoder's Arrow buffers from malloc).
+        memory.set_environment()
         fe_parent, fe_child = multiprocessing.Pipe(duplex=True)
         dec_in, fe_to_dec = multiprocessing.Pipe(duplex=False)        # frontend -> decoder
         dec_parent, dec_out = multiprocessing.Pipe(duplex=False)      # decoder -> supervisor

@@ -1,0 +1,83 @@
+"""Allocator settings of serve's processes (collector/ingest/memory.py): what each process runs with."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from shadowlens.collector.ingest import memory
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def test_set_environment_fills_in_what_the_user_did_not_set(monkeypatch):
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    memory.set_environment()
+    assert os.environ["ARROW_DEFAULT_MEMORY_POOL"] == "system"
+    assert os.environ["MALLOC_ARENA_MAX"] == "4"
+
+
+def test_serve_and_its_children_allocate_arrow_buffers_with_malloc(serve_factory):
+    """Both children start with the settings (the decoder builds Arrow columns), and serve's process
+    has no mimalloc: its first Arrow buffer (during imports) came after the variable was set."""
+    srv = serve_factory()
+    for kid in _children(srv.proc.pid):
+        env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{kid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+        assert env[b"ARROW_DEFAULT_MEMORY_POOL"] == b"system"
+        assert env[b"MALLOC_ARENA_MAX"] == b"2"
+    # what `shadowlens serve` does before it loads serve's modules, in a fresh interpreter
+    code = ("from shadowlens.collector.ingest import memory; memory.set_environment(); import shadowlens.serve; "
+            "import pyarrow; print(pyarrow.default_memory_pool().backend_name)")
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["system"]
+
+
+def test_limit_arenas_caps_the_arenas_of_threads_started_after_it():
+    """glibc creates an arena for each new thread that allocates, up to 8 per core; after limit_arenas()
+    eight threads share two. malloc_stats() lists one "Arena N:" block per arena on stderr."""
+    script = textwrap.dedent("""
+        import ctypes, sys, threading
+        from shadowlens.collector.ingest import memory
+        if sys.argv[1] == "limit":
+            assert memory.limit_arenas()
+        hold = []
+        barrier = threading.Barrier(8)
+        def work():
+            barrier.wait()                                     # all alive at once
+            hold.append([bytes(1000 + i) for i in range(200)])  # above pymalloc's 512 bytes: malloc
+            barrier.wait()
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        ctypes.CDLL(None).malloc_stats()
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    counts = {}
+    for mode in ("limit", "default"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, env=env, check=True)
+        counts[mode] = sum(line.startswith("Arena ") for line in out.stderr.splitlines())
+    assert counts["limit"] <= memory.ARENA_MAX
+    assert counts["default"] > memory.ARENA_MAX + 2, counts
+
+
+def test_the_writers_duckdb_starts_one_async_io_thread_not_eight(tmp_path):
+    """DuckDB 2 starts ``async_threads`` (default 8) threads per database whatever ``threads`` says."""
+    from shadowlens.collector.store.database import connect_writer
+
+    before = len(os.listdir("/proc/self/task"))
+    con = connect_writer(tmp_path / "s.duckdb", {"threads": 1, "memory_limit": "128MB"})
+    try:
+        assert con.execute("SELECT current_setting('async_threads')").fetchone()[0] == 1
+        assert len(os.listdir("/proc/self/task")) - before <= 1
+    finally:
+        con.close()
