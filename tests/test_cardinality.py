@@ -206,9 +206,10 @@ def test_metrics_at_every_cap_render_within_the_stated_bound(tmp_path):
     agg.add(CompletedTraces(traces, evals, models, 0, 0))
     con = duckdb.connect(str(tmp_path / "w.duckdb"))
     con.register("t_", traces.with_columns(pl.lit(time.time()).alias("s")).to_arrow())
-    con.execute("CREATE TABLE traces AS SELECT * EXCLUDE (s), make_timestamp((s * 1e6)::BIGINT) AS completed_at FROM t_")
+    con.execute("CREATE TABLE traces AS SELECT * EXCLUDE (s), make_timestamp((s * 1e6)::BIGINT) AS completed_at,"
+                " 1::BIGINT AS min_ingest_seq FROM t_")
     con.register("e_", evals.to_arrow())
-    con.execute("CREATE TABLE evals AS SELECT trace_id, name, passed FROM e_")
+    con.execute("CREATE TABLE evals AS SELECT trace_id, name, passed, 1::BIGINT AS ingest_seq FROM e_")
     window = WindowQuery(lambda: con.cursor(), limiter, 900, combos=agg.combos, eval_names=agg.eval_names).refresh()
     results = [Comparison(rule, "all", "pass", 1.0, 0.9, 1.1, 500, 500, 0.1, "")
                for rule in ("r1", "r2", "r3", "r4", "r5")]
