@@ -30,6 +30,17 @@ class WindowSnapshot:
     oldest: float | None = None   # completed_at of the window's oldest trace (epoch s): it leaves at oldest + window
 
 
+def series_key(values) -> str:
+    """One string per combination of cohort values, as the window's SQL builds it: each value prefixed
+    with its length in characters, so that no two combinations share a key whatever their values hold
+    (a separator could be forged by a value that contains it, and let an extra series past the cap).
+
+    >>> series_key(("a:b", "c")), series_key(("a", "b:c"))
+    ('3:a:b1:c', '1:a3:b:c')
+    """
+    return "".join(f"{len(v)}:{v}" for v in values)
+
+
 def _label_expr(label: str) -> str:
     return (f'CASE WHEN list_contains($allowed_{label}, coalesce("{label}", \'unknown\')) '
             f'THEN coalesce("{label}", \'unknown\') ELSE \'{OVERFLOW}\' END AS "{label}"')
@@ -52,16 +63,21 @@ class WindowQuery:
         cohort = ", ".join(_label_expr(label) for label in self.labels)
         quoted = [f'"{label}"' for label in self.labels]
         group = ", ".join(["route", *quoted])
-        # a combination of cohort values past cohorts.max_series is __overflow__ in every label
-        combo = ", ".join(f"CASE WHEN list_contains($allowed_series, [{', '.join(quoted)}]) THEN {q} "
-                          f"ELSE '{OVERFLOW}' END AS {q}" for q in quoted) if combos is not None and quoted else \
+        # A combination of cohort values past cohorts.max_series is __overflow__ in every label. The kept
+        # combinations are matched as one string each (series_key): a list of lists compared per row made
+        # the two window queries 3x slower (210 -> 66 ms over 62k traces of the bench traffic).
+        # The membership is computed once per row (_kept), not once per label.
+        capped = combos is not None and bool(quoted)
+        key = "concat(" + ", ".join(f"length({q})::VARCHAR, ':', {q}" for q in quoted) + ")"
+        kept = f", {key} IN (SELECT unnest($allowed_series)) AS _kept" if capped else ""
+        combo = ", ".join(f"CASE WHEN _kept THEN {q} ELSE '{OVERFLOW}' END AS {q}" for q in quoted) if capped else \
             ", ".join(quoted)
         sep = ", " if quoted else ""
 
         def windowed(cols: str) -> str:
             return f"""w0 AS (SELECT {route}{sep}{cohort}, {cols}
                        FROM traces WHERE completed_at >= make_timestamp($cutoff::BIGINT)),
-                 w AS (SELECT route{sep}{combo}, {cols} FROM w0)"""
+                 w AS (SELECT route{sep}{combo}, {cols} FROM (SELECT *{kept} FROM w0))"""
         self._sql_traces = f"""
             WITH {windowed("duration_seconds, steps, cost_usd, refused, escalated, completed_at, min_ingest_seq")}
             SELECT {group}, count(*) AS n, epoch_us(min(completed_at)) AS _oldest_us,
@@ -95,7 +111,7 @@ class WindowQuery:
                 as_label.append(mapped)
             if self.combos is not None and self.labels:
                 kept = list(dict.fromkeys(tuple(m[v] for m, v in zip(as_label, c)) for c in combos))
-                params["allowed_series"] = [list(c) for c, m in zip(kept, self.combos.map("series", kept, count=False))
+                params["allowed_series"] = [series_key(c) for c, m in zip(kept, self.combos.map("series", kept, count=False))
                                             if m != OVERFLOW]
             traces = frame(con, self._sql_traces, params)
             # The window's evals came with or after the first span of its oldest trace: their ingest_seq
