@@ -585,23 +585,23 @@ class GateState:
         pair_keys, pair_rows, _ = _pool_rows(
             pair_tot, [cohort(lab, value) if live[slot] else None for (lab, value), slot in pair_slots.items()])
         paired = out["paired"]
-        for name, row in zip(pair_keys, pair_rows):
+        cols = [(col, 1 + 6 * i, 7 + 6 * i) for i, col in enumerate(self.moment_cols)]
+        for name, row in zip(pair_keys, pair_rows):      # ~200 cohorts x 4 columns a refresh: one slice each
             paired[(None, name)] = int(row[0])
-            for i, col in enumerate(self.moment_cols):
-                j = 1 + 6 * i
-                paired[(col, name)] = {"n": int(row[j]), "sb": row[j + 1], "sc": row[j + 2], "sbb": row[j + 3],
-                                       "scc": row[j + 4], "sbc": row[j + 5]}
+            for col, j, end in cols:
+                n, sb, sc, sbb, scc, sbc = row[j:end]
+                paired[(col, name)] = {"n": int(n), "sb": sb, "sc": sc, "sbb": sbb, "scc": scc, "sbc": sbc}
         return out
 
     def _unpaired(self, sides: dict[str, list], unpaired: dict) -> None:
         """Per moment column and cohort, the two routes' n, sum and sum of squares (0 for a route without
         traces, as sufficient_stats gives)."""
+        cols = [(col, 1 + 3 * i, 4 + 3 * i) for i, col in enumerate(self.moment_cols)]
         for name, (b, c) in sides.items():
-            for i, col in enumerate(self.moment_cols):
-                j = 1 + 3 * i
-                unpaired[(col, name)] = {"nb": int(b[j]) if b else 0, "nc": int(c[j]) if c else 0,
-                                         "sb": b[j + 1] if b else 0, "sc": c[j + 1] if c else 0,
-                                         "sbb": b[j + 2] if b else 0, "scc": c[j + 2] if c else 0}
+            for col, j, end in cols:
+                nb, sb, sbb = b[j:end] if b else (0, 0, 0)
+                nc, sc, scc = c[j:end] if c else (0, 0, 0)
+                unpaired[(col, name)] = {"nb": int(nb), "nc": int(nc), "sb": sb, "sc": sc, "sbb": sbb, "scc": scc}
 
     def _quantiles(self, keys: list, rows: list, members: list, sketches: list, quantiles: dict) -> None:
         """Per quantile column and (route, cohort): the count of values > 0 and the grid read off the sketch
@@ -609,11 +609,12 @@ class GateState:
         m = len(self.moment_cols)
         for qi, col in enumerate(self.quantile_cols):
             wanted: list = []         # ((col, cohort), route, sketch) whose grid is read
+            at, have = 1 + 3 * m + qi, sketches[qi]
             for (route, name), row, slots in zip(keys, rows, members):
-                qn = int(row[1 + 3 * m + qi])
+                qn = int(row[at])
                 quantiles.setdefault((col, name), {})[route] = (qn, None)
                 if qn:
-                    parts = [sketches[qi][s] for s in slots if s in sketches[qi]]
+                    parts = [have[s] for s in slots if s in have]
                     wanted.append(((col, name), route, parts[0] if len(parts) == 1 else _merged(parts, self.alpha)))
             grids = QuantileSketch.quantiles_many([sk for _, _, sk in wanted], self._grids[col])
             for (key, route, _), grid in zip(wanted, grids):
