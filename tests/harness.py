@@ -62,6 +62,15 @@ def free_port() -> int:
             return port
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started (serve's frontend and decoder), from /proc."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
 def wait_for(pred: Callable[[], T], timeout: float = 60.0, interval: float = 0.1, what: str = "condition",
              detail: Callable[[], str] | None = None) -> T:
     """Call ``pred`` until it returns something truthy and return that; after ``timeout`` seconds fail the

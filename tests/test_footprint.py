@@ -9,21 +9,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import footprint  # noqa: E402
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            out += [int(c) for c in f.read().split()]
-    return out
+from harness import child_pids  # noqa: E402
 
 
 def test_serve_is_three_processes_without_multiprocessings_resource_tracker(serve_factory):
     """The frontend and decoder share no semaphores or shared memory: a resource tracker process (~8 MB)
     beside them was memory for nothing, and the children do not import the CLI (click) to start."""
     srv = serve_factory()
-    kids = _children(srv.proc.pid)
+    kids = child_pids(srv.proc.pid)
     cmdlines = [Path(f"/proc/{k}/cmdline").read_bytes().replace(b"\0", b" ").decode() for k in kids]
     assert len(kids) == 2, cmdlines
     assert not any("resource_tracker" in c or "multiprocessing" in c for c in cmdlines), cmdlines

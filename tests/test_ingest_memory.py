@@ -7,15 +7,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+from harness import child_pids
+
 from shadowlens.collector.ingest import memory
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            out += [int(c) for c in f.read().split()]
-    return out
 
 
 def test_set_environment_fills_in_what_the_user_did_not_set(monkeypatch):
@@ -30,7 +24,7 @@ def test_serve_and_its_children_allocate_arrow_buffers_with_malloc(serve_factory
     """Both children start with the settings (the decoder builds Arrow columns), and serve's process
     has no mimalloc: its first Arrow buffer (during imports) came after the variable was set."""
     srv = serve_factory()
-    for kid in _children(srv.proc.pid):
+    for kid in child_pids(srv.proc.pid):
         env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{kid}/environ").read_bytes().split(b"\0") if b"=" in kv)
         assert env[b"ARROW_DEFAULT_MEMORY_POOL"] == b"system"
         assert env[b"MALLOC_ARENA_MAX"] == b"2"
