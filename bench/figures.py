@@ -215,6 +215,16 @@ def render_footprint(results: Path) -> str:
         (f"CPU at {_n(p['rate'])} spans/s", cores(s["cpu_paced_cores"])
          + (f" ({ph['paced']['us_per_span']:.0f} µs per span)" if ph.get("paced", {}).get("us_per_span") else ""),
          f"≤ {g['cpu_paced_cores']} cores", _met(s["cpu_paced_cores"], g["cpu_paced_cores"])),
+    ]
+    if s.get("cpu_paced_full_cores") is not None:     # results from before the phase existed have none
+        rows += [
+            (f"memory at {_n(p['rate'])} spans/s, the window full (median)",
+             _mb(s["pss_paced_full_mb"]) + f" ({procs('paced_full')})",
+             f"≤ {g['pss_paced_full_mb']} MB", _met(s["pss_paced_full_mb"], g["pss_paced_full_mb"])),
+            (f"CPU at {_n(p['rate'])} spans/s, the window full", cores(s["cpu_paced_full_cores"]),
+             f"≤ {g['cpu_paced_full_cores']} cores", _met(s["cpu_paced_full_cores"], g["cpu_paced_full_cores"])),
+        ]
+    rows += [
         (f"disk at rest, bytes per stored span ({_n(disk.get('stored_spans'))} spans"
          + (", the last payload segment compressed by a restart" if "disk_compacted" in ph else "") + ")",
          f"{_n(per.get('total'))} (payload log {_n(per.get('segments'))}, DuckDB {_n(per.get('duckdb'))})",
