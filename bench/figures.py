@@ -217,11 +217,15 @@ def render_footprint(results: Path) -> str:
          f"≤ {g['cpu_paced_cores']} cores", _met(s["cpu_paced_cores"], g["cpu_paced_cores"])),
     ]
     if s.get("cpu_paced_full_cores") is not None:     # results from before the phase existed have none
+        gen = d["results"].get("generator", {})
+        traces, per_trace = ph["paced_full"].get("window_traces"), gen.get("spans", 0) / max(gen.get("traces", 0), 1)
+        full = "" if not traces or not per_trace else (
+            f" ({_n(traces)} traces, what {traces * per_trace / p['rate'] / 60:.0f} minutes at this rate leave)")
         rows += [
             (f"memory at {_n(p['rate'])} spans/s, the window full (median)",
              _mb(s["pss_paced_full_mb"]) + f" ({procs('paced_full')})",
              f"≤ {g['pss_paced_full_mb']} MB", _met(s["pss_paced_full_mb"], g["pss_paced_full_mb"])),
-            (f"CPU at {_n(p['rate'])} spans/s, the window full", cores(s["cpu_paced_full_cores"]),
+            (f"CPU at {_n(p['rate'])} spans/s, the window full{full}", cores(s["cpu_paced_full_cores"]),
              f"≤ {g['cpu_paced_full_cores']} cores", _met(s["cpu_paced_full_cores"], g["cpu_paced_full_cores"])),
         ]
     rows += [
