@@ -142,6 +142,7 @@ def _fmt(rule: Rule, x: float | None, decimals: int = 2, unit: bool = True) -> s
     return f"{x * 100:+.{decimals}f}{' points' if unit else ''}"
 
 
+_UNITS = {d: 2 * 10.0 ** -d for d in range(2, 7)}     # two units of the d-th decimal (see _decimals)
 # (bound * scale, decimals) -> the bound as printed: the same few margins are printed for ~1,000 results a refresh
 _SHOWN: dict[tuple[float, int], str] = {}
 
@@ -175,8 +176,6 @@ def _decimals(values, bound: float, scale: float = 1.0) -> int:
             return d
     return 6
 
-
-_UNITS = {d: 2 * 10.0 ** -d for d in range(2, 7)}
 
 
 _LEVELS: dict[float, str] = {}       # alpha -> "95% CS"

@@ -388,9 +388,10 @@ def run(args) -> dict:
         out["drain_s"] = wait_drained(server, 300)
         out["settle_s"] = wait_settled(server.data_dir, args.settle, args.settle_max)
         if args.paced > 0 and args.saturation > 0:
-            # The paced phase again, now that the window holds the saturation's traces (~12 minutes of
-            # 1,000 spans/s): the window's and the gate's refreshes cost what they cost in a sidecar that
-            # has run for a while, which the first paced phase (an empty window) does not show.
+            # The paced phase again, now that the window holds the saturation's traces (10-20 minutes' worth
+            # of 1,000 spans/s on the bench machine; window_traces says how many): the window's and the gate's
+            # refreshes cost what they cost in a sidecar that has run for a while, which the first paced phase
+            # (an empty window) does not show.
             in_window = server.scrape().get("shadowlens_traces_total")     # the run is shorter than the window
             out["paced_full"] = load_phase(server, roles, args, args.paced, args.rate, 1, 1)
             out["paced_full"]["window_traces"] = None if in_window is None else int(in_window)
