@@ -3,15 +3,16 @@
 The size limit is checked on the declared length, while reading a chunked body, and again
 after decompression. Errors answer with a google.rpc.Status body in the request's encoding.
 
-Every connection has a thread, so every way a client can hold one is bounded: a connection waits
-at most ``idle_timeout`` for its next request line, a request's headers and body must arrive within
-``read_timeout``, and at most ``max_connections`` threads exist. At the cap the oldest idle
+Every connection has a worker thread, so every way a client can hold one is bounded: a connection
+waits at most ``idle_timeout`` for its next request line, a request's headers and body must arrive
+within ``read_timeout``, and at most ``max_connections`` workers exist. At the cap the oldest idle
 connection is closed to make room, and otherwise new connections wait in the listen backlog.
 """
 from __future__ import annotations
 
 import io
 import logging
+import queue
 import re
 import socket
 import threading
@@ -33,6 +34,7 @@ WRITE_TIMEOUT_S = 30.0          # a reply is a few hundred bytes; a client that 
 RECLAIM_IDLE_AFTER_S = 1.0      # younger idle connections are left alone: their request may be on its way
 MAX_TRAILER_BYTES = 64 << 10
 LISTEN_BACKLOG = 1024           # where connections wait while every connection thread is taken
+WORKER_IDLE_S = 60.0            # a connection worker with nothing to do for this long ends
 
 # RFC 9112: Content-Length is 1*DIGIT and a chunk size 1*HEXDIG. int() would also take "-1", "+5",
 # "1_0" and " 0x1", and a negative length made rfile.read() read until the client closed.
@@ -256,12 +258,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(TLSServerMixin, ThreadingHTTPServer):
-    """A thread per connection, at most ``max_connections`` of them.
+    """A connection per worker thread, at most ``max_connections`` of them.
+
+    Workers are kept: one that finished a connection takes the next. A thread per connection, started
+    as the last one's slot freed, briefly made cap + 1 threads while the old one was still exiting
+    (under churn, as idle connections are closed to make room; CPython cannot join an OS thread). A
+    worker idle for ``WORKER_IDLE_S`` ends, so a burst's workers do not stay.
 
     At the cap the acceptor stops accepting, so a new connection waits in the listen backlog (its
-    request is served as soon as a thread is free) rather than being answered 503: OTLP exporters
+    request is served as soon as a worker is free) rather than being answered 503: OTLP exporters
     give an export one timeout (10 s by default) and a 503 costs them a back-off of a second or more,
-    while a thread frees in milliseconds under a burst. To free one, the acceptor closes the
+    while a worker frees in milliseconds under a burst. To free one, the acceptor closes the
     connection that has waited longest for its next request (an idle keep-alive connection, or one
     that sent no complete request line); connections inside a request are bounded by read_timeout.
     """
@@ -275,10 +282,8 @@ class _Server(TLSServerMixin, ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         self._lock = threading.Lock()
         self._idle: dict[_Handler, float] = {}      # insertion order = longest idle first
-        # Threads that gave back their slot but may still be exiting: a slot is released in the
-        # thread's last Python frame, and the acceptor joins the thread before starting the next one,
-        # or under churn (idle connections closed to make room) cap + 1 threads briefly existed.
-        self._finished: list[threading.Thread] = []
+        self._work: queue.SimpleQueue = queue.SimpleQueue()     # accepted connections for the workers
+        self._workers = 0               # alive, under _lock
         self.closing = False
         super().__init__(address, handler_cls)
 
@@ -311,26 +316,35 @@ class _Server(TLSServerMixin, ThreadingHTTPServer):
             if self.closing:
                 self.shutdown_request(request)
                 return
-        self._join_finished()
         try:
-            super().process_request(request, client_address)
+            with self._lock:
+                self._work.put((request, client_address))
+                # Below the cap a new worker is started, even if one is idle: counting idle workers races
+                # with their taking work. At the cap none is needed: each queued connection holds a slot a
+                # worker gave back on its way to take the next one.
+                start = self._workers < self.max_connections
+                if start:
+                    self._workers += 1
+            if start:
+                threading.Thread(target=self._worker, name="otlp-http-worker", daemon=True).start()
         except BaseException:
             self._slots.release()
             raise
 
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._lock:
-                self._finished.append(threading.current_thread())
-            self._slots.release()
-
-    def _join_finished(self) -> None:
-        with self._lock:
-            finished, self._finished = self._finished, []
-        for thread in finished:
-            thread.join()
+    def _worker(self) -> None:
+        while True:
+            try:
+                request, client_address = self._work.get(timeout=WORKER_IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if not self._work.qsize():       # otherwise one came as the wait ended
+                        self._workers -= 1
+                        return
+                continue
+            try:
+                self.process_request_thread(request, client_address)
+            finally:
+                self._slots.release()
 
     def handle_error(self, request, client_address) -> None:
         # A connection that breaks (reset, closed to make room) is the client's business; the
