@@ -127,6 +127,11 @@ class TraceAssembler:
         self.max_open = max_open
         self.poll_s = poll_s
         self.sinks = list(sinks or [])
+        # Called after each round's write with what the ``traces`` table now holds for the round: every row
+        # written (first completions, revisions, call units), the evals read for them, and the trace ids whose
+        # earlier rows the write replaced. A sink sees first completions only; a follower of the table (the
+        # window's in-memory copy) needs the revisions too.
+        self.writes: list[Callable[[pl.DataFrame, pl.DataFrame, list[str]], None]] = []
         self.now = now
         self.routes = RouteResolver(routes)
         self.content = ContentPairer(content_pairing_s, max_s)
@@ -355,6 +360,8 @@ class TraceAssembler:
         written = rows if units is None else pl.concat([rows, units], how="diagonal_relaxed")
         # the store's writer deletes the revised traces' rows (and units) and inserts the new ones in one transaction
         self.store.write(replace_traces(written.to_arrow(), list(old), min(revisit.values()) if old else None)).result()
+        for follower in self.writes:
+            follower(written, evals, list(old))
         new_ids = [t for t in rows["trace_id"].to_list() if t not in old]
         self._forget_finalized(due, rows, now_us)
         late = 0
