@@ -114,7 +114,7 @@ class Handover:
         return self.store.submit(batch, (seg, off, len(batch.payload)), self.log.segment)
 
     def commit(self, request: bytes | NormalizedBatch, timeout: float = 30.0):
-        """``submit``, then commit now: the writer lingers up to a second for a bigger group (fewer commits at
+        """``submit``, then commit now: the writer lingers up to writer.GROUP_LINGER_S for a bigger group (fewer commits at
         low rates), which a test that commits one request at a time need not wait for. The commit's result."""
         future = self.submit(request)
         self.store.flush(timeout)

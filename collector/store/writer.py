@@ -47,10 +47,14 @@ log = logging.getLogger("shadowlens.store")
 MAX_GROUP_SPANS = 32768
 MIN_GROUP_SPANS = 16384
 # Bounds the time to visibility of acknowledged spans, unless a reader asks (flush: read-your-acks,
-# and the assembler's round before the window or the gate refreshes, cut it short). 0.2 s made a
-# commit of each 512-span request at 1,000 spans/s, and a commit's fixed cost was most of the
-# writer's 0.05 cores there (bench/footprint.py); under load a group fills long before.
-GROUP_LINGER_S = 1.0
+# and the assembler's round before the window or the gate refreshes, cut it short). A commit has a
+# fixed cost of ~20 ms of the writer's CPU whatever its size (statement binding in this DuckDB
+# binding, the commit itself): at 1,000 spans/s a 1 s linger made a commit of ~1,000 spans a second,
+# 0.037 cores; 5 s makes ~5,000-span commits, 0.016 cores (the tree 0.142 -> 0.103 cores, 2 alternating
+# runs each: per-thread CPU in the paced phase of bench/footprint.py). The window's refresh
+# (analyzers.window_refresh, 5 s) flushes first, so spans reach the assembler at most one window refresh
+# after they were acknowledged (1 s before). Under load a group fills long before.
+GROUP_LINGER_S = 5.0
 SLOW_COMMIT_S = 0.5
 REPLAY_META_KEY = "replay_from_segment"
 
