@@ -75,3 +75,42 @@ def test_the_writers_duckdb_starts_one_async_io_thread_not_eight(tmp_path):
         assert len(os.listdir("/proc/self/task")) - before <= 1
     finally:
         con.close()
+
+
+def test_heap_trim_gives_back_what_a_burst_left_in_the_heap():
+    """A burst of ~1 MB buffers freed below a live chunk stays resident (glibc trims only the heap's top);
+    HeapTrim gives it back once more than free_bytes are held, and not again before every_s."""
+    script = textwrap.dedent("""
+        import ctypes, json, os
+        from shadowlens.collector.ingest import memory
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 8 << 20)        # M_MMAP_THRESHOLD: 1 MB chunks from the heap, as after a burst's frees
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        now = [0.0]
+        trim = memory.HeapTrim(free_bytes=16 << 20, every_s=10.0, clock=lambda: now[0])
+        chunks = [libc.malloc(1 << 20) for _ in range(48)]
+        for c in chunks:
+            ctypes.memset(c, 1, 1 << 20)     # resident
+        pin = libc.malloc(300_000)           # from the top, above them: the freed chunks are not the heap's top
+        small = trim.maybe()                 # 48 MB in use, nothing free: no trim
+        now[0] += 10.0
+        for c in chunks:
+            libc.free(c)
+        held, before = trim.free_held(), rss()
+        trimmed = trim.maybe()
+        after, held_after = rss(), trim.free_held()
+        now[0] += 1.0
+        again = trim.maybe()
+        print(json.dumps(dict(small=small, held=held, before=before, trimmed=trimmed, after=after,
+                              again=again, trims=trim.trims, available=trim.available)))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    r = __import__("json").loads(out.stdout)
+    assert r["available"]
+    assert r["small"] is False
+    assert r["held"] >= 40 << 20, r                       # the freed chunks are held by the process
+    assert r["trimmed"] is True and r["trims"] == 1
+    assert r["before"] - r["after"] >= 40 << 20, r        # and given back
+    assert r["again"] is False                             # not again within every_s

@@ -33,6 +33,7 @@ def main(conn, decoder_conn, settings: IngestSettings, first_segment: int) -> No
     from ..store.diskfull import WriteHealth
     from ..store.segments import SEGMENTS_DIR, SegmentLog
     from .intake import Intake
+    from .memory import HeapTrim
 
     stats = IngestCounters()
     segments = SegmentLog(settings.data_dir / SEGMENTS_DIR, first_segment, health=WriteHealth("payload log", stats))
@@ -44,9 +45,12 @@ def main(conn, decoder_conn, settings: IngestSettings, first_segment: int) -> No
         os._exit(2)
     stop = threading.Event()
 
+    trim = HeapTrim()
+
     def report_counters() -> None:
         last = None
         while not stop.wait(STATS_INTERVAL_S):
+            trim.maybe()         # what a burst's receive buffers left in the heap goes back (memory.py)
             stats.store_sync_seconds = segments.sync_seconds     # the write-ahead fdatasyncs happen here
             segments.recheck()       # after a full disk, readiness returns with the space, not with a client
             counters = intake.counters()
