@@ -1,8 +1,9 @@
 """Exact statistics over the sliding window (default 15 min), per route and cohort.
 
-Computed by DuckDB over the ``traces`` rows completed in the window, on a refresh interval in
-the background; a scrape only reads the last result. Quantiles are exact and interpolated
-(``quantile_cont``, numpy's default 'linear' method).
+Computed over the ``traces`` rows completed in the window, on a refresh interval in the background;
+a scrape only reads the last result. ``WindowQuery`` computes them with DuckDB over the store: the
+reference, and how ``WindowState`` (analyzers/window_state.py: serve's in-memory copy of the window's
+rows) is seeded. Quantiles are exact and interpolated (``quantile_cont``, numpy's default 'linear' method).
 """
 from __future__ import annotations
 
@@ -46,6 +47,27 @@ def _label_expr(label: str) -> str:
             f'THEN coalesce("{label}", \'unknown\') ELSE \'{OVERFLOW}\' END AS "{label}"')
 
 
+def window_evals(rows: str) -> str:
+    """CTEs ending in ``window_evals(trace_id, name, passed)``: the evals the window counts for the trace ids
+    of ``rows`` (trace_id, evals_total; the window's rows), bounded below by ``$evals_from``.
+
+    Those are the evals each trace's row was written with: the assembler reads a trace's evals up to the
+    commit it completes at (a revision: completes again at), and the row's ``evals_total`` counts them. An
+    eval logged after that is in none of the trace's statistics (its row, the eval counters, the gate) until
+    a late span revises the trace: the window agrees with them. Joining every eval of the trace, as before,
+    counted it in the window alone, and ``WindowState`` (fed the rows as they are written) never sees it. In
+    the evals table they are the trace's first ``evals_total`` by ingest_seq: a round reads a range of
+    commits, so evals of one commit are all in or all out and ties do not matter. (Not exact for an eval
+    committed before any span of its trace, which a round reads or not depending on the other traces due
+    with it.) A trace's call units carry evals_total 0: the bound is its own row's."""
+    return f"""_lim AS (SELECT trace_id, max(evals_total) AS k FROM {rows} GROUP BY trace_id),
+                 _ranked AS (SELECT trace_id, name, passed,
+                                    row_number() OVER (PARTITION BY trace_id ORDER BY ingest_seq) AS i
+                             FROM evals SEMI JOIN _lim USING (trace_id) WHERE ingest_seq >= $evals_from),
+                 window_evals AS (SELECT r.trace_id, r.name, r.passed FROM _ranked r JOIN _lim USING (trace_id)
+                                  WHERE r.i <= _lim.k)"""
+
+
 class WindowQuery:
     def __init__(self, cursor_factory, limiter: CohortLimiter, window_s: float,
                  now: Callable[[], float] = time.time, combos: CohortLimiter | None = None,
@@ -87,11 +109,21 @@ class WindowQuery:
                    avg(refused::INTEGER) AS refusal_ratio, avg(escalated::INTEGER) AS escalation_ratio
             FROM w GROUP BY ALL"""
         self._sql_evals = f"""
-            WITH {windowed("trace_id")}
+            WITH {windowed("trace_id, evals_total")}, {window_evals("w0")}
             SELECT {group}, e.name AS eval, avg(CASE WHEN e.passed = false THEN 1.0 ELSE 0.0 END) AS fail_ratio,
                    count(*) AS n
-            FROM w JOIN evals e USING (trace_id) WHERE e.name IS NOT NULL AND e.ingest_seq >= $evals_from
+            FROM w JOIN window_evals e USING (trace_id) WHERE e.name IS NOT NULL
             GROUP BY ALL"""
+        # the window's rows and their evals as they are, for WindowState's seed
+        cohorts = "".join(f", {q}" for q in quoted)
+        self.seed_rows_sql = f"""
+            SELECT trace_id, route{cohorts}, duration_seconds, steps, cost_usd, refused, escalated, completed_at,
+                   min_ingest_seq
+            FROM traces WHERE completed_at >= make_timestamp($cutoff::BIGINT)"""
+        self.seed_evals_sql = f"""
+            WITH w0 AS (SELECT trace_id, evals_total FROM traces WHERE completed_at >= make_timestamp($cutoff::BIGINT)),
+                 {window_evals("w0")}
+            SELECT trace_id, name, passed, count(*)::BIGINT AS n FROM window_evals GROUP BY ALL"""
         raw = ", ".join(f"coalesce({q}, 'unknown')" for q in quoted) or "1"
         self._distinct = f"SELECT DISTINCT {raw} FROM traces WHERE completed_at >= make_timestamp($cutoff::BIGINT)"
 
@@ -141,7 +173,11 @@ class WindowQuery:
 class WindowRefresher(Periodic):
     """Component: refreshes the window on an interval and forgets cohorts unseen for two windows.
 
-    ``generation``: a number that changes whenever the store's tables do (``StoreWriter.generation``).
+    ``stats``: what computes the snapshot (``refresh()``, ``now``, ``window_s``): a ``WindowQuery`` over the
+    store, or serve's ``WindowState`` (analyzers/window_state.py).
+
+    ``generation``: a number that changes whenever the store's tables do (``StoreWriter.generation``; for
+    a ``WindowState``, its own ``generation``: the writes it is fed, and the derived writes it does not follow).
     With it, a tick recomputes only when something was written since the last result or its oldest
     trace has left the window; otherwise the result is the same and the queries are not run again
     (an idle sidecar ran them every ``interval_s``). None: every tick recomputes."""

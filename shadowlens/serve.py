@@ -34,6 +34,7 @@ from shadowlens.analyzers.pairing import PairingSink
 from shadowlens.analyzers.reprice import reprice_write
 from shadowlens.analyzers.rules import GateSettings
 from shadowlens.analyzers.window import WindowQuery, WindowRefresher
+from shadowlens.analyzers.window_state import WindowState
 from shadowlens.exporters.analysis import AnalysisMetrics, GateMetrics
 from shadowlens.exporters.http import MetricsServer
 from shadowlens.exporters.parquet import ExportCollector, ParquetRunner, store_source
@@ -175,9 +176,12 @@ def _analyzers(cfg: Config, gate: GateSettings, store: StoreWriter, metrics: Met
             each.forget_stale()
         sketch.forget()
 
-    window = WindowRefresher(WindowQuery(store.cursor, limiter, cfg.window_s, combos=aggregates.combos,
-                                         eval_names=aggregates.eval_names), cfg.analyzers.window_refresh_s,
-                             forget=forget, generation=store.generation)
+    # the window's rows in memory, fed by the assembler's writes: a refresh no longer reads the window from
+    # DuckDB (analyzers/window_state.py)
+    state = WindowState(WindowQuery(store.cursor, limiter, cfg.window_s, combos=aggregates.combos,
+                                    eval_names=aggregates.eval_names), derived=store.derived.done)
+    assembler.writes.append(state.on_write)
+    window = WindowRefresher(state, cfg.analyzers.window_refresh_s, forget=forget, generation=state.generation)
     verdicts = GateRefresher(store.cursor, gate, cfg.cohort_labels, trace_url=cfg.links.trace_url, sink=gate_state)
     # rounds wait for more due traces at low rates (assembly.ROUND_MIN_DUE); these readers never do
     window.before = verdicts.before = assembler.round_now

@@ -207,7 +207,7 @@ def test_metrics_at_every_cap_render_within_the_stated_bound(tmp_path):
     con = duckdb.connect(str(tmp_path / "w.duckdb"))
     con.register("t_", traces.with_columns(pl.lit(time.time()).alias("s")).to_arrow())
     con.execute("CREATE TABLE traces AS SELECT * EXCLUDE (s), make_timestamp((s * 1e6)::BIGINT) AS completed_at,"
-                " 1::BIGINT AS min_ingest_seq FROM t_")
+                f" 1::BIGINT AS min_ingest_seq, {2 * len(names)}::BIGINT AS evals_total FROM t_")
     con.register("e_", evals.to_arrow())
     con.execute("CREATE TABLE evals AS SELECT trace_id, name, passed, 1::BIGINT AS ingest_seq FROM e_")
     window = WindowQuery(lambda: con.cursor(), limiter, 900, combos=agg.combos, eval_names=agg.eval_names).refresh()

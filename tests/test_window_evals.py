@@ -24,7 +24,8 @@ NOW = time.time()
 def store(tmp_path_factory) -> Path:
     """A store file (trace ids are random hex, as real ones are, so no id range prunes a scan): old traces
     and their evals (ingest_seq 1..OLD_TRACES), then the window's traces, each with a task_completion eval
-    that fails for every third trace and a tone eval that fails for every fifth."""
+    that fails for every third trace and a tone eval that fails for every fifth (both counted in its row's
+    evals_total: the window counts the evals a row was written with, analyzers/window.py)."""
     data = tmp_path_factory.mktemp("window-evals")
     path = data / "store.duckdb"
     con = duckdb.connect(str(path))
@@ -32,9 +33,9 @@ def store(tmp_path_factory) -> Path:
     migrate(con, LABELS)
     con.execute(f"""
         INSERT INTO traces (trace_id, route, intent, language, tier, duration_seconds, steps, cost_usd, refused,
-                            escalated, completed_at, min_ingest_seq, max_ingest_seq, incomplete, revision)
+                            escalated, completed_at, min_ingest_seq, max_ingest_seq, incomplete, revision, evals_total)
         SELECT md5('old-' || i), 'baseline', 'faq', 'en', 'free', 1.0, 2, 0.01, false, false,
-               make_timestamp({int((NOW - 86400) * 1e6)}::BIGINT), i, i, false, 0
+               make_timestamp({int((NOW - 86400) * 1e6)}::BIGINT), i, i, false, 0, 1
         FROM range(1, {OLD_TRACES} + 1) t(i)""")
     con.execute("""
         INSERT INTO evals (trace_id, span_id, name, passed, source, ingest_seq)
@@ -42,10 +43,10 @@ def store(tmp_path_factory) -> Path:
     first_new = OLD_TRACES + 1
     con.execute(f"""
         INSERT INTO traces (trace_id, route, intent, language, tier, duration_seconds, steps, cost_usd, refused,
-                            escalated, completed_at, min_ingest_seq, max_ingest_seq, incomplete, revision)
+                            escalated, completed_at, min_ingest_seq, max_ingest_seq, incomplete, revision, evals_total)
         SELECT md5('new-' || i), CASE WHEN i % 2 = 0 THEN 'baseline' ELSE 'candidate' END, 'faq', 'en', 'free',
                1.0, 2, 0.01, false, false, make_timestamp({int((NOW - 60) * 1e6)}::BIGINT), {first_new} + i // 100,
-               {first_new} + i // 100, false, 0
+               {first_new} + i // 100, false, 0, 2
         FROM range({NEW_TRACES}) t(i)""")
     con.execute(f"""
         INSERT INTO evals (trace_id, span_id, name, passed, source, ingest_seq)

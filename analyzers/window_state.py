@@ -1,0 +1,382 @@
+"""The window's trace rows in memory, columnar, fed by the trace assembler's writes (``TraceAssembler.writes``).
+
+``WindowQuery.refresh`` read the whole window from DuckDB every ``analyzers.window_refresh``: 160-170 ms at
+62k-100k traces, ~0.045 cores of serve at 1,000 spans/s with the window full. ``WindowState`` keeps what the
+snapshot needs of each row (its route and cohort values as one code, duration, steps, cost, refused,
+escalated, completed_at; ~9 MB at 100k traces) and of each row's evals (name code, failed, count), and computes
+the same ``WindowSnapshot`` (a refresh at 100k traces: ~30 ms of CPU on a loaded 2-core machine, the SQL 130):
+
+* every write to ``traces`` by the assembler (first completions, revisions, call units) replaces the rows of
+  its trace ids, as ``derived.replace_traces`` does in the table (a trace's rows, its own and its call units',
+  share its trace id and are always written together);
+* rows leave at the window's edge (``completed_at < now - window``), their evals with them;
+* the state is seeded from the store at start (``WindowQuery.seed_rows_sql`` and ``seed_evals_sql``) and
+  seeded again after any other derived write that can change trace rows: a reprice (costs), an unknown
+  name. Retention deletes trace rows only when the disk budget removes whole segments (by age it deletes
+  spans, evals and logs, not traces): after a retention write one count of the window's rows in the store
+  tells whether it removed any, and only then is the state seeded again.
+
+The eval fail ratios count the evals each trace row was written with (see ``window.window_evals``).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Mapping
+
+import numpy as np
+import polars as pl
+
+from shadowlens.collector.store.database import frame
+
+from .aggregates import ROUTES
+from .cohorts import OVERFLOW
+from .window import QUANTILES, WindowQuery, WindowSnapshot
+
+log = logging.getLogger("shadowlens.window")
+
+OTHER_ROUTE = "other"
+# Derived writes that never change trace rows the state could not see: the assembler's own (followed
+# through TraceAssembler.writes) and quarantine's (rows of the quarantine table).
+_FOLLOWED = frozenset({"traces", "quarantine"})
+_RETENTION = "retention"
+
+
+class WindowState:
+    """The window's rows in memory; ``refresh()`` gives what ``WindowQuery.refresh()`` gives over the store.
+
+    ``derived``: the store's counts of committed derived writes by name (``StoreWriter.derived.done``);
+    None: the state is seeded once and follows the assembler's writes only."""
+
+    def __init__(self, query: WindowQuery, derived: Mapping[str, int] | None = None):
+        self.query = query
+        self.labels = query.labels
+        self.window_s = query.window_s
+        self.now: Callable[[], float] = query.now
+        self.derived = derived
+        self._lock = threading.Lock()
+        self._pending: list[tuple[pl.DataFrame, pl.DataFrame, list[str]]] = []     # guarded by _lock
+        self._writes = 0                   # assembler writes received (guarded by _lock)
+        self._seen: dict[str, int] | None = None   # the derived counts at the last seed (None: never seeded)
+        self._next_key = 0                 # trace keys: a row's evals refer to it by key, not by its trace id
+        self._combos: list[tuple] = []     # (route, *cohort values) by code
+        self._combo_ids: dict[tuple, int] = {}
+        self._names: list[str] = []        # eval names by code
+        self._name_ids: dict[str, int] = {}
+        self._seeded_us = -1               # rows completed up to this time may be in the last seed
+        self._rows = self._empty_rows()
+        self._evals = self._empty_evals()
+        self.seeds = 0                     # times seeded from the store (tests, and a log line)
+
+    # -- the assembler's side ----------------------------------------------------------------------
+    def on_write(self, written: pl.DataFrame, evals: pl.DataFrame, replaced: list[str]) -> None:
+        """``TraceAssembler.writes`` follower, on the assembler's thread: only queued here, so that nothing
+        in it can fail a round whose rows are already committed (the round's sinks would then miss them)."""
+        with self._lock:
+            self._pending.append((written, evals, replaced))
+            self._writes += 1
+
+    # -- the refresher's side ----------------------------------------------------------------------
+    def generation(self) -> int:
+        """Changes whenever the result may: an assembler write, or a derived write the state does not follow."""
+        with self._lock:
+            writes = self._writes
+        return writes + sum(self._others().values())
+
+    def refresh(self) -> WindowSnapshot:
+        t0 = time.perf_counter()
+        now = self.now()
+        cutoff_us = int((now - self.window_s) * 1e6)
+        others = self._others()
+        if self._seen is None or self._rewritten(others):
+            self._seed(cutoff_us, others)
+        else:
+            try:
+                self._apply(self._take())
+            except Exception:       # a write it cannot read: the store has the rows, read them there
+                log.exception("the window could not apply the assembler's writes; reading the window from the store")
+                self._seed(cutoff_us, others)
+            self._expire(cutoff_us)
+            if others.get(_RETENTION, 0) != self._seen.get(_RETENTION, 0):
+                self._seen[_RETENTION] = others.get(_RETENTION, 0)
+                if self._deleted_elsewhere(cutoff_us):
+                    log.info("retention deleted trace rows of the window; reading the window from the store")
+                    self._seed(cutoff_us, others)
+        self._expire(cutoff_us)
+        traces, evals, oldest = self._stats()
+        return WindowSnapshot(traces, evals, now, time.perf_counter() - t0, oldest)
+
+    def _rewritten(self, others: dict[str, int]) -> bool:
+        """Whether a derived write other than retention (a reprice, a name unknown here) committed since the seed."""
+        return any(others.get(k, 0) != self._seen.get(k, 0) for k in others.keys() | self._seen.keys()
+                   if k != _RETENTION)
+
+    def rows(self) -> int:
+        return self._rows.height
+
+    def footprint(self) -> int:
+        """Bytes held by the state's columns (an estimate: polars' buffers)."""
+        return int(self._rows.estimated_size() + self._evals.estimated_size())
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _others(self) -> dict[str, int]:
+        if self.derived is None:
+            return {}
+        while True:
+            try:
+                return {k: v for k, v in dict(self.derived).items() if k not in _FOLLOWED}
+            except RuntimeError:     # the writer counted a new name meanwhile: read again
+                continue
+
+    def _take(self) -> list[tuple[pl.DataFrame, pl.DataFrame, list[str]]]:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        return pending
+
+    def _seed(self, cutoff_us: int, others: dict[str, int]) -> None:
+        # Writes queued before this point are in the store already (a follower is called after the commit);
+        # a write queued after it may be too: applying it again replaces its traces' rows by the same rows.
+        self._take()
+        con = self.query.cursor_factory()
+        try:
+            con.execute("BEGIN TRANSACTION READ ONLY")      # the rows and their evals from one snapshot
+            try:
+                rows = frame(con, self.query.seed_rows_sql, {"cutoff": cutoff_us})
+                evals_from = int(rows["min_ingest_seq"].min() or 0) if rows.height else 0
+                evals = frame(con, self.query.seed_evals_sql, {"cutoff": cutoff_us, "evals_from": evals_from}) \
+                    if rows.height else self._raw_evals()
+            finally:
+                con.execute("ROLLBACK")
+        finally:
+            con.close()
+        self._rows, self._evals, self._seeded_us = self._empty_rows(), self._empty_evals(), -1
+        self._apply([(rows, evals, [])])
+        # the assembler's clock (completed_at), not the window's: a round that started before this may have
+        # committed before the read above
+        self._seeded_us = int(time.time() * 1e6)
+        self._seen = dict(others)
+        self.seeds += 1
+
+    def _deleted_elsewhere(self, cutoff_us: int) -> bool:
+        """Whether the store lost rows of the window the state holds. Rows the state has not seen yet were
+        completed after its newest row (a round's time follows the previous round's write), so the store
+        holds exactly the state's rows up to that one unless something deleted some (or a revision in
+        flight replaced one: then the state is read again for nothing)."""
+        if not self._rows.height:
+            return False
+        newest = int(self._rows["completed_us"].max())
+        con = self.query.cursor_factory()
+        try:
+            n = con.execute("SELECT count(*) FROM traces WHERE completed_at >= make_timestamp($cutoff::BIGINT)"
+                            " AND completed_at <= make_timestamp($newest::BIGINT)",
+                            {"cutoff": cutoff_us, "newest": newest}).fetchone()[0]
+        finally:
+            con.close()
+        return n != self._rows.height
+
+    def _apply(self, writes: list[tuple[pl.DataFrame, pl.DataFrame, list[str]]]) -> None:
+        """As ``replace_traces`` in the table: a write deletes the rows of the trace ids it revises, then adds its
+        rows. Rows that may be in the last seed already (completed before it read the store) replace their
+        trace's seeded rows instead of doubling them."""
+        writes = [w for w in writes if w[0].height or w[2]]
+        if not writes:
+            return
+        # one frame for the batch: polars' fixed cost per operation, not the rows, is most of a refresh's
+        rows = self._shape_rows(_stack([w[0] for w in writes], _ROW_COLUMNS + self.labels))
+        rows = rows.with_columns(_write_index([w[0].height for w in writes]),
+                                 pl.Series("combo", self._codes(rows), pl.Int32))
+        revised = [(t, i) for i, w in enumerate(writes) for t in w[2]]
+        gone = {t for t, _ in revised}
+        if rows.height and rows["completed_us"].min() <= self._seeded_us:
+            gone.update(rows.filter(pl.col("completed_us") <= self._seeded_us)["trace_id"].to_list())
+        if revised:       # a later write of the batch revises an earlier one's trace
+            last = pl.DataFrame(revised, schema={"trace_id": pl.String, "_r": pl.Int32}, orient="row").group_by(
+                "trace_id").agg(pl.col("_r").max())
+            rows = rows.join(last, on="trace_id", how="left").filter(
+                pl.col("_r").is_null() | (pl.col("_w") >= pl.col("_r"))).drop("_r")
+        if gone and self._rows.height:
+            hit = pl.col("trace_id").is_in(pl.Series(list(gone), dtype=pl.String).implode())
+            dropped = self._rows.filter(hit)["key"]
+            if dropped.len():
+                self._rows = self._rows.filter(~hit)
+                self._evals = self._evals.filter(~pl.col("key").is_in(dropped.implode()))
+        keys = rows.select("trace_id", "_w").unique(maintain_order=True).with_columns(
+            (pl.int_range(pl.len(), dtype=pl.Int64) + self._next_key).alias("key"))
+        self._next_key += keys.height
+        rows = rows.join(keys, on=["trace_id", "_w"], how="inner", maintain_order="left")
+        evals = self._shape_evals(_stack([w[1] for w in writes], ("trace_id", "name", "passed", "n")).with_columns(
+            _write_index([w[1].height for w in writes])))
+        if evals.height:
+            # each of a trace's rows (its own, its call units') counts the trace's evals, as the SQL's join does
+            evals = evals.join(rows.select("trace_id", "_w", "key", "combo", "completed_us"), on=["trace_id", "_w"],
+                               how="inner").select(self._evals.columns)
+            self._evals = pl.concat([self._evals, evals], how="vertical")
+        self._rows = pl.concat([self._rows, rows.select(self._rows.columns)], how="vertical")
+
+    def _codes(self, rows: pl.DataFrame) -> list[int]:
+        """One number per (route, cohort values): the rows keep it, not their strings."""
+        codes, combos = self._combo_ids, self._combos
+        out = []
+        for combo in zip(rows["route"].to_list(), *(rows[label].to_list() for label in self.labels)):
+            code = codes.get(combo)
+            if code is None:
+                code = codes[combo] = len(combos)
+                combos.append(combo)
+            out.append(code)
+        return out
+
+    def _expire(self, cutoff_us: int) -> None:
+        if self._rows.height and self._rows["completed_us"].min() < cutoff_us:
+            self._rows = self._rows.filter(pl.col("completed_us") >= cutoff_us)
+            self._evals = self._evals.filter(pl.col("completed_us") >= cutoff_us)
+        if len(self._combos) > 2 * max(1000, len(self._live_combos())):
+            self._recode()
+        if len(self._names) > 2 * max(100, self._evals["name"].n_unique()):
+            self._rename()
+
+    def _live_combos(self) -> np.ndarray:
+        return np.flatnonzero(np.bincount(self._rows["combo"].to_numpy(), minlength=len(self._combos)))
+
+    def _recode(self) -> None:
+        """Combinations of cohort values no row has any more are forgotten (values come from clients)."""
+        live = self._live_combos()
+        new = np.full(len(self._combos), -1, np.int32)
+        new[live] = np.arange(len(live), dtype=np.int32)
+        self._combos = [self._combos[i] for i in live]
+        self._combo_ids = {c: i for i, c in enumerate(self._combos)}
+        remap = lambda col: pl.Series("combo", new[col.to_numpy()], pl.Int32)
+        self._rows = self._rows.with_columns(remap(self._rows["combo"]))
+        self._evals = self._evals.with_columns(remap(self._evals["combo"]))
+
+    def _rename(self) -> None:
+        """Eval names no eval of the window has any more are forgotten (names come from clients)."""
+        live = np.unique(self._evals["name"].to_numpy())
+        new = np.full(len(self._names), -1, np.int32)
+        new[live] = np.arange(len(live), dtype=np.int32)
+        self._names = [self._names[i] for i in live]
+        self._name_ids = {n: i for i, n in enumerate(self._names)}
+        self._evals = self._evals.with_columns(pl.Series("name", new[self._evals["name"].to_numpy()], pl.Int32))
+
+    def _shape_rows(self, rows: pl.DataFrame) -> pl.DataFrame:
+        route = pl.col("route")
+        return rows.select(
+            pl.col("trace_id").cast(pl.String),
+            pl.when(route.is_in(list(ROUTES))).then(route).otherwise(pl.lit(OTHER_ROUTE)).alias("route"),
+            *[pl.col(label).cast(pl.String).fill_null("unknown").alias(label) for label in self.labels],
+            pl.col("duration_seconds").cast(pl.Float64), pl.col("steps").cast(pl.Int64),
+            pl.col("cost_usd").cast(pl.Float64), pl.col("refused").cast(pl.Boolean),
+            pl.col("escalated").cast(pl.Boolean), _epoch_us(rows, "completed_at").alias("completed_us"))
+
+    def _shape_evals(self, evals: pl.DataFrame) -> pl.DataFrame:
+        schema = {"trace_id": pl.String, "name": pl.Int32, "failed": pl.Boolean, "_w": pl.Int32, "n": pl.Int64}
+        evals = evals.filter(pl.col("name").is_not_null())
+        if not evals.height:
+            return pl.DataFrame(schema=schema)
+        ids, names = self._name_ids, self._names
+        codes = []
+        for name in evals["name"].cast(pl.String).to_list():
+            code = ids.get(name)
+            if code is None:
+                code = ids[name] = len(names)
+                names.append(name)
+            codes.append(code)
+        return (evals.with_columns(pl.Series("name", codes, pl.Int32))
+                .group_by(pl.col("trace_id").cast(pl.String), "name",
+                          (pl.col("passed") == False).fill_null(False).alias("failed"), "_w")  # noqa: E712
+                .agg(pl.col("n").sum().cast(pl.Int64)).cast(schema))
+
+    @staticmethod
+    def _empty_rows() -> pl.DataFrame:
+        return pl.DataFrame(schema={"trace_id": pl.String, "combo": pl.Int32, "duration_seconds": pl.Float64,
+                                    "steps": pl.Int64, "cost_usd": pl.Float64, "refused": pl.Boolean,
+                                    "escalated": pl.Boolean, "completed_us": pl.Int64, "key": pl.Int64})
+
+    @staticmethod
+    def _empty_evals() -> pl.DataFrame:
+        return pl.DataFrame(schema={"key": pl.Int64, "combo": pl.Int32, "name": pl.Int32, "failed": pl.Boolean,
+                                    "n": pl.Int64, "completed_us": pl.Int64})
+
+    @staticmethod
+    def _raw_evals() -> pl.DataFrame:
+        return pl.DataFrame(schema={"trace_id": pl.String, "name": pl.String, "passed": pl.Boolean, "n": pl.Int64})
+
+    def _stats(self) -> tuple[pl.DataFrame, pl.DataFrame, float | None]:
+        labels = list(self.labels)
+        rows = self._rows
+        traces_schema = {"route": pl.String, **{label: pl.String for label in labels}, "n": pl.Int64,
+                         "q": pl.List(pl.Float64), "steps_mean": pl.Float64, "cost_mean": pl.Float64,
+                         "refusal_ratio": pl.Float64, "escalation_ratio": pl.Float64}
+        evals_schema = {"route": pl.String, **{label: pl.String for label in labels}, "eval": pl.String,
+                        "fail_ratio": pl.Float64, "n": pl.Int64}
+        if not rows.height:
+            return pl.DataFrame(schema=traces_schema), pl.DataFrame(schema=evals_schema), None
+        group_of, shown = self._groups()
+        # the shown combinations: several combinations past a cap share one (__overflow__)
+        groups = pl.DataFrame(shown, schema={"route": pl.String, **{label: pl.String for label in labels}},
+                              orient="row").with_row_index("g")
+        g = pl.Series("g", group_of[rows["combo"].to_numpy()], pl.UInt32)
+        traces = rows.select(g, "duration_seconds", "steps", "cost_usd", "refused", "escalated").group_by("g").agg(
+            pl.len().cast(pl.Int64).alias("n"),
+            pl.concat_list([pl.col("duration_seconds").quantile(x, interpolation="linear") for x in QUANTILES]).alias("q"),
+            pl.col("steps").mean().alias("steps_mean"), pl.col("cost_usd").mean().alias("cost_mean"),
+            pl.col("refused").cast(pl.Float64).mean().alias("refusal_ratio"),
+            pl.col("escalated").cast(pl.Float64).mean().alias("escalation_ratio"))
+        traces = groups.join(traces, on="g", how="inner").cast(traces_schema).select(list(traces_schema))
+        evals = pl.DataFrame(schema=evals_schema)
+        if self._evals.height:
+            k = len(self._names)
+            cell = group_of[self._evals["combo"].to_numpy()].astype(np.int64) * k + self._evals["name"].to_numpy()
+            n = self._evals["n"].to_numpy().astype(np.float64)
+            total = np.bincount(cell, weights=n, minlength=len(shown) * k)
+            failed = np.bincount(cell, weights=n * self._evals["failed"].to_numpy(), minlength=len(shown) * k)
+            hit = np.flatnonzero(total)
+            evals = pl.DataFrame({"g": (hit // k).astype(np.uint32), "eval": [self._names[i] for i in hit % k],
+                                  "fail_ratio": failed[hit] / total[hit], "n": total[hit].astype(np.int64)})
+            evals = self.query._cap_evals(groups.join(evals, on="g", how="inner").cast(evals_schema)
+                                          .select(list(evals_schema)))
+        return traces, evals, int(rows["completed_us"].min()) / 1e6
+
+    def _groups(self) -> tuple[np.ndarray, list[tuple]]:
+        """Each combination's shown group (an index into the list of shown (route, cohort values)), as the SQL
+        path maps them: the limiter per label, then the series cap."""
+        q = self.query
+        live = self._live_combos()
+        combos = [self._combos[i] for i in live]
+        as_label = []
+        for i, label in enumerate(self.labels, start=1):
+            distinct = list(dict.fromkeys(c[i] for c in combos))
+            as_label.append(dict(zip(distinct, q.limiter.map(label, distinct, count=False))))
+        shown = [tuple(m[v] for m, v in zip(as_label, c[1:])) for c in combos]
+        if q.combos is not None and self.labels:
+            order = list(dict.fromkeys(shown))
+            kept = {c for c, m in zip(order, q.combos.map("series", order, count=False)) if m != OVERFLOW}
+            shown = [c if c in kept else (OVERFLOW,) * len(self.labels) for c in shown]
+        index: dict[tuple, int] = {}
+        group_of = np.zeros(len(self._combos), np.uint32)
+        for code, combo, labels in zip(live, combos, shown):
+            group_of[code] = index.setdefault((combo[0], *labels), len(index))
+        return group_of, list(index)
+
+
+_ROW_COLUMNS = ("trace_id", "route", "duration_seconds", "steps", "cost_usd", "refused", "escalated", "completed_at")
+
+
+def _stack(frames: list[pl.DataFrame], columns) -> pl.DataFrame:
+    """The columns the state keeps of several writes' frames, one after the other."""
+    columns = list(dict.fromkeys(columns))
+    return pl.concat([f.select(columns) for f in frames], how="vertical_relaxed")
+
+
+def _write_index(heights: list[int]) -> pl.Series:
+    """Which write of a batch each stacked row came from."""
+    return pl.Series("_w", np.repeat(np.arange(len(heights), dtype=np.int32), heights), pl.Int32)
+
+
+def _epoch_us(rows: pl.DataFrame, column: str) -> pl.Expr:
+    """completed_at as microseconds since the epoch, whatever form the frame holds it in (a datetime, or
+    the seed query's integer)."""
+    dtype = rows.schema[column]
+    if dtype.is_integer():
+        return pl.col(column).cast(pl.Int64)
+    return pl.col(column).dt.epoch("us")
