@@ -133,3 +133,27 @@ def test_a_flush_commits_a_lingering_group_at_once(tmp_path, monkeypatch):
         assert _count(store, "SELECT count(*) FROM spans_core") == 4
     finally:
         store.shutdown()
+
+
+def test_a_quiet_writer_checkpoints_the_wal_that_a_burst_left(tmp_path, monkeypatch):
+    """The rows of DuckDB's WAL stay in its memory until a checkpoint; DuckDB's own checkpoint waits for
+    store.checkpoint_threshold (64MB), which a sidecar that went quiet after a burst may never reach again.
+    Once the writer has less than a group queued, it checkpoints from QUIET_CHECKPOINT_BYTES on."""
+    from shadowlens.collector.store import writer
+    from shadowlens.collector.store.database import db_path
+
+    monkeypatch.setattr(writer, "QUIET_CHECKPOINT_BYTES", 64 << 10)
+    store = _store(tmp_path)
+    wal = db_path(tmp_path).with_name(db_path(tmp_path).name + ".wal")
+    try:
+        assert store.checkpoint_bytes == 64_000_000        # the default 64MB, far above this test's WAL
+        grew = []
+        for i in range(6):
+            _commit(store, random_spans(80, random.Random(i)))
+            store.flush(10.0)
+            grew.append(wal.stat().st_size if wal.exists() else 0)
+        wait_for(lambda: not wal.exists() or wal.stat().st_size < 64 << 10, 10, interval=0.05,
+                 what=f"the WAL to be checkpointed (sizes after each commit: {grew})")
+        assert _count(store, "SELECT count(*) FROM spans_core") == 6 * 80
+    finally:
+        store.shutdown()

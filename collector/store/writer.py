@@ -26,7 +26,7 @@ from .. import schema
 from ..counters import IngestCounters
 from ..decode.normalize import NormalizedBatch
 from ..errors import SetAside, ShuttingDown
-from ..settings import StoreSettings, default_store
+from ..settings import StoreSettings, byte_count, default_store
 from . import dedup, diskfull
 from .commit import CommitReceipt, CommittedRows
 from .database import SEGMENTS_DIR, SegmentPayloads, connect_writer, db_path, drop_torn_payloads, migrate, register_functions
@@ -55,6 +55,13 @@ MIN_GROUP_SPANS = 16384
 # (analyzers.window_refresh, 5 s) flushes first, so spans reach the assembler at most one window refresh
 # after they were acknowledged (1 s before). Under load a group fills long before.
 GROUP_LINGER_S = 5.0
+# While the writer lingers (less than a group queued: a quiet sidecar, or a low rate), it checkpoints
+# from this much WAL on instead of ``store.checkpoint_threshold``: the rows of a WAL stay in DuckDB's
+# memory until their checkpoint (~2 MB of memory per MB of WAL on the bench traffic: 31 MB of DuckDB's
+# at 15 MB of WAL), and 64MB of WAL took a minute at 1,000 spans/s to build, holding ~100 MB. Under load
+# the larger threshold stands (fewer checkpoints: docs/performance.md).
+QUIET_CHECKPOINT_BYTES = 16 << 20
+CHECKPOINT_RETRY_S = 1.0
 SLOW_COMMIT_S = 0.5
 REPLAY_META_KEY = "replay_from_segment"
 
@@ -80,6 +87,9 @@ class StoreWriter:
         self.now = now
         self.duckdb_settings = {"threads": settings.duckdb_threads, "memory_limit": settings.duckdb_memory_limit,
                                 "checkpoint_threshold": settings.checkpoint_threshold}
+        self.checkpoint_bytes = byte_count(settings.checkpoint_threshold, "store.checkpoint_threshold")
+        self._wal = Path(f"{db_path(self.data_dir)}.wal")
+        self._checkpoint_retry_at: float | None = None   # a checkpoint was postponed: try again from then
         keys = settings.dedup_max_keys if dedup_max_keys is None else dedup_max_keys
         self._dedup = RecentKeys(keys) if keys else None
         self._queue: deque[_Task] = deque()
@@ -247,6 +257,7 @@ class StoreWriter:
         while (taken := self._take_group()) is not None:
             group, spans, low = taken
             results = self._commit_group(group, spans, low)
+            self._checkpoint_if_due()
             failed = [t.payload_ref[0] for t, r in zip(group, results)
                       if isinstance(r, BaseException) and not isinstance(r, SetAside)]
             with self._cond:
@@ -262,15 +273,53 @@ class StoreWriter:
                 self._finished_tasks += len(group)
                 self._commit_cond.notify_all()
 
+    def _checkpoint_if_due(self, held: threading.Condition | None = None, quiet: bool = False) -> None:
+        """Checkpoint once the WAL has grown past ``store.checkpoint_threshold`` (``quiet``: past
+        QUIET_CHECKPOINT_BYTES, if smaller). DuckDB's automatic
+        checkpoint at a commit is skipped while another connection has a transaction open, and the
+        analyzers nearly always have one: after a saturation burst the WAL stayed at 77-82 MB (the
+        threshold 64MB) and its rows in memory (98 MB of DuckDB's, kept while the sidecar went quiet)
+        until the next commit that happened to run alone. An explicit CHECKPOINT runs beside readers.
+        ``held``: the writer's lock, held by the caller and released while the checkpoint runs."""
+        limit = min(self.checkpoint_bytes, QUIET_CHECKPOINT_BYTES) if quiet else self.checkpoint_bytes
+        if self._checkpoint_retry_at is not None and time.monotonic() < self._checkpoint_retry_at:
+            return
+        try:
+            if self._wal.stat().st_size < limit:
+                return
+        except OSError:          # no WAL: nothing to checkpoint
+            return
+        t0 = time.perf_counter()
+        if held is not None:
+            held.release()
+        try:
+            self.con.execute("CHECKPOINT")
+        except duckdb.Error as exc:
+            # "other write transactions active" (a reader's registered Arrow view counts as one): the commits
+            # stand, and the writer tries again in a second, also when nothing else arrives
+            if self._checkpoint_retry_at is None:
+                log.info("checkpoint postponed: %s", exc)
+            self._checkpoint_retry_at = time.monotonic() + CHECKPOINT_RETRY_S
+            return
+        finally:
+            if held is not None:
+                held.acquire()
+        self._checkpoint_retry_at = None
+        took = time.perf_counter() - t0
+        if took > SLOW_COMMIT_S:
+            log.info("a checkpoint took %.2f s", took)
+
     def _take_group(self) -> tuple[list[_Task], int, int] | None:
         """Wait for a group to commit (running derived writes meanwhile): (records, spans, the lowest
         segment a record may still come from); None once stopping with nothing queued."""
         with self._cond:
             while True:
                 self.derived.run_pending(self.con, self._cond)      # releases the lock while each runs
+                # trace rows keep coming after a burst's last spans
+                self._checkpoint_if_due(self._cond, quiet=self._queued_spans < MIN_GROUP_SPANS)
                 if self._queue or self._stopping:
                     break
-                self._cond.wait()
+                self._cond.wait(None if self._checkpoint_retry_at is None else CHECKPOINT_RETRY_S)
             if not self._queue and self._stopping:
                 return None
             # Linger for a bigger group: fewer, larger commits (the clients have their acks already).
@@ -279,6 +328,7 @@ class StoreWriter:
                    and (left := deadline - time.monotonic()) > 0):
                 self._cond.wait(left)
                 self.derived.run_pending(self.con, self._cond)      # a linger's idle time is theirs
+                self._checkpoint_if_due(self._cond, quiet=True)
             group, spans = [], 0
             while self._queue and spans < MAX_GROUP_SPANS:
                 task = self._queue.popleft()
