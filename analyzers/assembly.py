@@ -38,7 +38,7 @@ from shadowlens.collector.store.commit import CommittedRows
 from shadowlens.collector.store.database import frame
 from shadowlens.collector.store.derived import replace_traces
 
-from .rollup import EVALS_SQL, MODELS_SQL, NO_EVALS, RouteResolver, rollup_sql, trace_rows
+from .rollup import EVALS_SQL, NO_EVALS, RouteResolver, models_of, rollup, spans_sql, trace_rows
 from .units import CALLS_SQL, GATEWAY_SCOPES, ROOT_CALLS_SQL, CallUnits, ContentPairer, call_units
 
 _GATEWAY_SCOPES = pa.array(GATEWAY_SCOPES, pa.string())
@@ -139,7 +139,7 @@ class TraceAssembler:
         # traffic without one pays no extra query
         self._gateway: set[str] = set()
         self.stats = AssemblyCounters()
-        self._sql = rollup_sql(self.cohort_labels)
+        self._sql = spans_sql(self.cohort_labels)
         self._open: dict[str, _Open] = {}                         # insertion order = first_seen order
         self._by_last: OrderedDict[str, None] = OrderedDict()     # least recently updated first
         # Recently completed traces: (had a root, completed_at in us). A late span re-opens its trace
@@ -405,9 +405,8 @@ class TraceAssembler:
             if old:
                 lo = min([lo] + [o["lo"] for o in old.values() if o["lo"] is not None])
                 evals_hi = self._seq      # a revision counts evals that came after the first completion
-            rows = frame(con, self._sql.replace("$now::TIMESTAMP", f"make_timestamp({now_us}::BIGINT)"), {"lo": lo, "hi": hi})
+            spans = frame(con, self._sql, {"lo": lo, "hi": hi})
             evals = frame(con, EVALS_SQL, {"lo": lo, "evals_hi": evals_hi}) if evals_hi >= lo else NO_EVALS
-            models = frame(con, MODELS_SQL, {"lo": lo, "hi": hi})
             # a revision of a trace with units or a request id is read again (its late span may be the app's)
             gateway = not self._gateway.isdisjoint(due) or any(o["units"] or o["rid"] for o in old.values())
             calls = frame(con, CALLS_SQL, {"lo": lo, "hi": hi}) if gateway else None
@@ -415,6 +414,8 @@ class TraceAssembler:
         finally:
             con.execute("ROLLBACK")       # read only: nothing to keep
             con.unregister("done")
+        # the rows and the models from one read of the spans (analyzers/rollup.py says why not in SQL)
+        rows, models = rollup(spans, self.cohort_labels, now_us), models_of(spans)
         rows = self._finish_rows(trace_rows(rows, evals, models), old)
         cu = call_units(rows, calls, self.cohort_labels) if calls is not None else CallUnits(rows, None, 0)
         kept = {t: o["rid"] for t, o in old.items() if o["rid"]}

@@ -1,18 +1,18 @@
-"""Spans of completed traces -> one ``traces`` row each, computed by DuckDB in one statement.
+"""Spans of completed traces -> one ``traces`` row each.
 
 Per-trace measures (CONTRACT §4–5): duration is first start -> last end; steps are the distinct
 ``agent.trajectory.step`` values, else the number of LLM and TOOL spans; tokens and cost are
 summed over LLM spans only (NULL when no LLM span knows them); trace-level concepts come from the
 root span, else any span; a missing cohort value is ``unknown``.
 
-Distinct values are taken with ``list_distinct(list(...))``, not ``DISTINCT`` aggregates: DuckDB
-plans each DISTINCT aggregate as its own group-by over a materialized copy of the spans, which
-makes a round's rollup ~2x slower (measured on 1,300 traces / 37k spans: docs/performance.md).
+A round reads the due traces' spans once (``spans_sql``: one join, only the columns used) and
+computes the rows (``rollup``) and the per-(trace, model) table (``models_of``) from them in polars.
+Computed by DuckDB (``rollup_sql`` and ``MODELS_SQL``, the reference definitions the tests compare
+against) the ~40 filtered aggregates and the second join cost ~38 ms of a round of 450 traces (5,100
+spans), most of the assembler's CPU at 1,000 spans/s: the read and polars cost ~19 ms.
 
 The eval and model columns come from the two small per-(trace, eval) and per-(trace, model)
-tables the metrics need anyway (``EVALS_SQL``, ``MODELS_SQL``), joined in by ``trace_rows``:
-computed inside the rollup they cost a second pass over the evals and two list aggregates,
-about a third of its time.
+tables the metrics need anyway (``EVALS_SQL``, ``models_of``), joined in by ``trace_rows``.
 """
 from __future__ import annotations
 
@@ -88,6 +88,72 @@ MODELS_SQL = (
     "sum(output_tokens)::BIGINT AS output_tokens, sum(cost_usd) AS cost_usd "
     f"FROM spans_core JOIN {with_trace_id_ints('done')} d USING (trace_id_hi, trace_id_lo) "
     "WHERE ingest_seq BETWEEN $lo AND $hi AND span_kind = 'LLM' GROUP BY ALL")
+
+
+# the spans_core columns ``rollup`` and ``models_of`` read
+_SPAN_COLUMNS = ("route", "request_id", "start_time", "end_time", "step", "span_kind", "input_tokens", "output_tokens",
+                 "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "cost_usd", "refused", "escalated",
+                 "session_id", "service_name", "name", "ingest_seq", "request_model", "model")
+_TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+
+
+def spans_sql(cohort_labels) -> str:
+    """SELECT of the spans of the trace ids in relation ``done(trace_id, evicted)``, with ``is_root``:
+    the input of ``rollup`` and ``models_of``. Parameters $lo and $hi as ``rollup_sql``'s."""
+    cols = ", ".join(f'sc."{c}"' for c in (*_SPAN_COLUMNS, *cohort_labels))
+    return (f"SELECT d.trace_id, d.evicted, sc.parent_span_id_int IS NULL AS is_root, {cols} "
+            f"FROM spans_core sc JOIN {with_trace_id_ints('done')} d USING (trace_id_hi, trace_id_lo) "
+            "WHERE sc.ingest_seq BETWEEN $lo AND $hi")
+
+
+def _sum_or_null(col: str, when: pl.Expr) -> pl.Expr:
+    """SQL's sum(col) FILTER (WHERE when): NULL, not 0, when no such row has a value."""
+    kept = pl.col(col).filter(when)
+    return pl.when(kept.count() > 0).then(kept.sum())
+
+
+def rollup(spans: pl.DataFrame, cohort_labels, now_us: int) -> pl.DataFrame:
+    """``rollup_sql``'s rows (same columns, types and values) from ``spans_sql``'s rows."""
+    root = pl.col("is_root")
+    llm = pl.col("span_kind") == "LLM"
+    # NULL-safe as the SQL's: max() skips nulls, and an empty filtered max is null
+    prefer_root = lambda c, when=root: pl.coalesce(pl.col(c).filter(when).max(), pl.col(c).max()).alias(c)
+    steps = pl.col("step").drop_nulls()
+    decimal = pl.Decimal(38, 0)     # DuckDB's sum of BIGINT (HUGEINT), as the rows had it
+    out = spans.group_by("trace_id").agg(
+        prefer_root("route"), prefer_root("request_id"),
+        *(pl.coalesce(prefer_root(c), pl.lit("unknown")).alias(c) for c in cohort_labels),
+        pl.col("start_time").min(), pl.col("end_time").max(),
+        pl.when(steps.len() > 0).then(steps.n_unique())
+        .otherwise(pl.col("span_kind").is_in(["LLM", "TOOL"]).sum()).cast(pl.Int64).alias("steps"),
+        llm.sum().cast(pl.Int64).alias("llm_calls"),
+        (pl.col("span_kind") == "TOOL").sum().cast(pl.Int64).alias("tool_calls"),
+        *(_sum_or_null(c, llm).cast(decimal).alias(c) for c in _TOKENS),
+        pl.coalesce(_sum_or_null("cost_usd", llm), pl.col("cost_usd").filter(root).max()).alias("cost_usd"),
+        pl.col("refused").any(), pl.col("escalated").any(),
+        (~root.any() | pl.col("evicted").any()).alias("incomplete"),
+        pl.len().cast(pl.Int64).alias("span_count"),
+        prefer_root("session_id"), prefer_root("service_name"),
+        pl.col("name").filter(root).max().alias("root_name"),
+        pl.col("ingest_seq").min().alias("min_ingest_seq"), pl.col("ingest_seq").max().alias("max_ingest_seq"),
+        prefer_root("request_model", llm).alias("_request_model"),
+    )
+    start_ns, end_ns = pl.col("start_time").dt.epoch("ns"), pl.col("end_time").dt.epoch("ns")
+    return out.with_columns(
+        ((end_ns - start_ns) / 1e9).alias("duration_seconds"),
+        pl.lit(now_us, dtype=pl.Int64).cast(pl.Datetime("us")).alias("completed_at"),
+    ).select("trace_id", "route", "request_id", *cohort_labels, "start_time", "end_time", "duration_seconds", "steps",
+             "llm_calls", "tool_calls", *_TOKENS, "cost_usd", "refused", "escalated", "incomplete", "span_count",
+             "session_id", "service_name", "root_name", "min_ingest_seq", "max_ingest_seq", "completed_at",
+             "_request_model")
+
+
+def models_of(spans: pl.DataFrame) -> pl.DataFrame:
+    """``MODELS_SQL``'s rows from ``spans_sql``'s rows."""
+    return spans.filter(pl.col("span_kind") == "LLM").group_by("trace_id", "model").agg(
+        pl.len().cast(pl.Int64).alias("calls"),
+        *(_sum_or_null(c, pl.lit(True)).cast(pl.Int64).alias(c) for c in ("input_tokens", "output_tokens")),
+        _sum_or_null("cost_usd", pl.lit(True)).alias("cost_usd"))
 
 
 def trace_rows(rollup: pl.DataFrame, evals: pl.DataFrame, models: pl.DataFrame) -> pl.DataFrame:

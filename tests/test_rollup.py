@@ -1,0 +1,105 @@
+"""A round's trace rows computed in polars from one read of the spans (``spans_sql`` -> ``rollup``,
+``models_of``) equal what the reference SQL (``rollup_sql``, ``MODELS_SQL``) computes in DuckDB.
+
+The traces are random over what the definitions branch on: a root or none, concepts on the root, on a
+child or nowhere, LLM / TOOL / other spans, steps repeated or absent, tokens and costs known or not, an
+evicted trace. They go through the store writer (the real decoder and DDL), so the column types are the
+store's.
+"""
+from __future__ import annotations
+
+import random
+
+import polars as pl
+import pytest
+from otlp_builders import T0, span_request
+from pipeline import Handover
+from polars.testing import assert_frame_equal
+
+from shadowlens.analyzers.rollup import MODELS_SQL, models_of, rollup, rollup_sql, spans_sql
+from shadowlens.collector.counters import IngestCounters
+from shadowlens.collector.store.database import frame
+from shadowlens.collector.store.writer import StoreWriter
+from shadowlens.config import default_config
+
+LABELS = default_config().cohort_labels
+NOW_US = 1_700_000_000_123_456
+
+
+def _maybe(rng: random.Random, p: float, value):
+    return value if rng.random() < p else None
+
+
+def _trace(rng: random.Random, start: int) -> list[dict]:
+    tid = rng.randbytes(16)
+    root_id = rng.randbytes(8)
+    spans = []
+    has_root = rng.random() < 0.8
+    for i in range(rng.randint(1, 7)):
+        is_root = i == 0 and has_root
+        attrs = {k: v for k, v in {
+            "openinference.span.kind": rng.choice(["LLM", "LLM", "TOOL", "CHAIN", None]) if not is_root else
+            rng.choice(["AGENT", None, "LLM"]),
+            "agent.trajectory.step": _maybe(rng, 0.4, rng.randint(0, 3)),
+            "llm.model_name": _maybe(rng, 0.7, rng.choice(["gpt-4o", "gpt-4o-mini", "claude"])),
+            "gen_ai.request.model": _maybe(rng, 0.5, rng.choice(["gpt-4o", "claude"])),
+            "llm.token_count.prompt": _maybe(rng, 0.7, rng.randint(0, 5000)),
+            "llm.token_count.completion": _maybe(rng, 0.6, rng.randint(0, 900)),
+            "llm.token_count.prompt_details.cache_read": _maybe(rng, 0.3, rng.randint(0, 900)),
+            "llm.token_count.prompt_details.cache_write": _maybe(rng, 0.2, rng.randint(0, 900)),
+            "llm.token_count.completion_details.reasoning": _maybe(rng, 0.2, rng.randint(0, 900)),
+            "llm.cost.total": _maybe(rng, 0.3, round(rng.random(), 6)),
+            "agent.refused": _maybe(rng, 0.2, rng.random() < 0.5),
+            "agent.escalated": _maybe(rng, 0.2, rng.random() < 0.5),
+            "shadow.route": _maybe(rng, 0.6 if is_root else 0.2, rng.choice(["baseline", "candidate"])),
+            "shadow.request_id": _maybe(rng, 0.5, f"r{rng.randint(0, 50)}"),
+            "session.id": _maybe(rng, 0.3, f"s{rng.randint(0, 5)}"),
+            **{f"cohort.{c}": _maybe(rng, 0.5, rng.choice(["a", "b"])) for c in LABELS},
+        }.items() if v is not None}
+        t = start + rng.randint(0, 10**9)
+        spans.append({"trace_id": tid, "span_id": root_id if is_root else rng.randbytes(8),
+                      "parent": None if is_root else (root_id if has_root else rng.randbytes(8)),
+                      "name": rng.choice(["agent.run", "chat", "tool"]), "start": t, "end": t + rng.randint(0, 10**9),
+                      "attrs": attrs})
+    return spans
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = StoreWriter(tmp_path_factory.mktemp("rollup"), LABELS, IngestCounters())
+    store.start()
+    handover = Handover(store)
+    rng = random.Random(7)
+    spans = [s for i in range(400) for s in _trace(rng, T0 + i * 10**9)]
+    # a trace's spans in several requests, as they arrive over time
+    rng.shuffle(spans)
+    for k in range(0, len(spans), 300):
+        handover.commit(span_request(spans[k:k + 300]).SerializeToString())
+    yield store
+    store.shutdown()
+    handover.close()
+
+
+def test_the_polars_rollup_equals_the_reference_sql(store):
+    con = store.cursor()
+    try:
+        ids = [r[0] for r in con.execute("SELECT DISTINCT trace_id FROM spans_core ORDER BY 1").fetchall()]
+        assert len(ids) == 400
+        rng = random.Random(3)
+        due = ids[::2]         # a round's traces among others: the others' spans are not read
+        con.register("done", pl.DataFrame({"trace_id": due, "evicted": [rng.random() < 0.1 for _ in due]}).to_arrow())
+        params = {"lo": 0, "hi": 2**62}
+        expected = frame(con, rollup_sql(LABELS), {**params, "now": "2023-11-14 22:13:20.123456"})
+        expected_models = frame(con, MODELS_SQL, params)
+        spans = frame(con, spans_sql(LABELS), params)
+    finally:
+        con.close()
+    got = rollup(spans, LABELS, NOW_US)
+    assert got.height == len(due)
+    # the random traces reach every branch the definitions have
+    assert expected["incomplete"].sum() > 0 and (~expected["incomplete"]).sum() > 0
+    assert expected["input_tokens"].null_count() > 0 and expected["cost_usd"].null_count() > 0
+    assert expected["route"].null_count() > 0 and expected["refused"].sum() > 0
+    assert_frame_equal(got.sort("trace_id"), expected.sort("trace_id"), check_dtypes=True)
+    key = ["trace_id", "model"]
+    assert_frame_equal(models_of(spans).sort(key, nulls_last=True), expected_models.sort(key, nulls_last=True))
