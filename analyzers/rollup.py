@@ -7,9 +7,9 @@ root span, else any span; a missing cohort value is ``unknown``.
 
 A round reads the due traces' spans once (``spans_sql``: one join, only the columns used) and
 computes the rows (``rollup``) and the per-(trace, model) table (``models_of``) from them in polars.
-Computed by DuckDB (``rollup_sql`` and ``MODELS_SQL``, the reference definitions the tests compare
-against) the ~40 filtered aggregates and the second join cost ~38 ms of a round of 450 traces (5,100
-spans), most of the assembler's CPU at 1,000 spans/s: the read and polars cost ~19 ms.
+Computed by DuckDB (``rollup_sql`` and ``MODELS_SQL``, the reference definitions tests/test_rollup.py
+compares against) the ~40 filtered aggregates and the second join cost 17-19 ms of CPU per round of 450
+traces, most of the assembler's CPU at 1,000 spans/s; the one read and polars cost 10-11 ms.
 
 The eval and model columns come from the two small per-(trace, eval) and per-(trace, model)
 tables the metrics need anyway (``EVALS_SQL``, ``models_of``), joined in by ``trace_rows``.

@@ -219,8 +219,9 @@ def render_footprint(results: Path) -> str:
     if s.get("cpu_paced_full_cores") is not None:     # results from before the phase existed have none
         gen = d["results"].get("generator", {})
         traces, per_trace = ph["paced_full"].get("window_traces"), gen.get("spans", 0) / max(gen.get("traces", 0), 1)
+        # serve's default window (window: 15m): the saturation's traces fill it as this many spans/s would
         full = "" if not traces or not per_trace else (
-            f" ({_n(traces)} traces, what {traces * per_trace / p['rate'] / 60:.0f} minutes at this rate leave)")
+            f" ({_n(traces)} traces: the 15-minute window of {_n(traces * per_trace / 900)} spans/s)")
         rows += [
             (f"memory at {_n(p['rate'])} spans/s, the window full (median)",
              _mb(s["pss_paced_full_mb"]) + f" ({procs('paced_full')})",
