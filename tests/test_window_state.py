@@ -244,12 +244,16 @@ def test_rows_leave_at_the_windows_edge(tmp_path):
     assert state.rows() == 0
 
 
-def test_a_reprice_reseeds_and_the_new_costs_show(tmp_path):
+def _watched_store(tmp_path, seed: int):
+    """A store, the window's state over it (told of the store's derived writes) and traffic into both."""
     store = Store(tmp_path)
-    lims = _limiters(max_values=50, max_series=1000, max_evals=50)
-    query = WindowQuery(store.cursor, lims[0], WINDOW_S)
+    query = WindowQuery(store.cursor, _limiters(max_values=50, max_series=1000, max_evals=50)[0], WINDOW_S)
     state = WindowState(query, derived=store.done)
-    traffic = Traffic(store, state, random.Random(9), _values(None))
+    return store, state, Traffic(store, state, random.Random(seed), _values(None))
+
+
+def test_a_reprice_reseeds_and_the_new_costs_show(tmp_path):
+    store, state, traffic = _watched_store(tmp_path, 9)
     traffic.round(time.time() - 30, new=20)
     before = state.refresh()
     assert state.seeds == 1
@@ -262,11 +266,7 @@ def test_a_reprice_reseeds_and_the_new_costs_show(tmp_path):
 
 
 def test_retention_reseeds_only_when_it_deleted_rows_of_the_window(tmp_path):
-    store = Store(tmp_path)
-    lims = _limiters(max_values=50, max_series=1000, max_evals=50)
-    query = WindowQuery(store.cursor, lims[0], WINDOW_S)
-    state = WindowState(query, derived=store.done)
-    traffic = Traffic(store, state, random.Random(11), _values(None))
+    store, state, traffic = _watched_store(tmp_path, 11)
     traffic.round(time.time() - 60, new=10)
     traffic.round(time.time() - 30, new=10)
     state.refresh()
@@ -279,7 +279,7 @@ def test_retention_reseeds_only_when_it_deleted_rows_of_the_window(tmp_path):
     snap = state.refresh()
     assert state.seeds == 2
     assert int(snap.traces["n"].sum()) == store.con.execute("SELECT count(*) FROM traces").fetchone()[0]
-    assert_same(snap, query.refresh())
+    assert_same(snap, state.query.refresh())
 
 
 def test_an_eval_logged_after_its_trace_completed_counts_only_once_a_revision_reads_it(tmp_path):
