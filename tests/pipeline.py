@@ -39,6 +39,7 @@ class Pipeline:
             ("receivers", "http", "endpoint"): f"127.0.0.1:{free_port()}",
             ("store", "data_dir"): str(data_dir), ("store", "queue_max_spans"): queue_max_spans})
         self.stats = IngestCounters()
+        writer_kwargs.setdefault("settings", self.cfg.store)     # as serve builds it (store.queue_max_spans ...)
         self.store = StoreWriter(Path(data_dir), self.cfg.cohort_labels, self.stats, **writer_kwargs)
         self.child_counters: dict = {}
         self.ingest = IngestSupervisor(self.store, ingest_settings(self.cfg), self.child_counters)

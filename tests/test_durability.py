@@ -160,7 +160,7 @@ def test_full_queue_answers_unavailable_with_retry_info_and_503(tmp_path):
         assert st.details[0].Unpack(info) and info.retry_delay.seconds >= 1
         status, headers, _ = http_post(f"{p.http_url}/v1/traces", body)
         assert status == 503 and int(headers["Retry-After"]) >= 1
-        p.store.start()                # the writer drains: its commit frees the room
-        p.export(body)
+        p.store.start()                # the writer drains: its commit frees the room, without lingering for a
+        p.export(body)                 # bigger group while clients may wait for room (they wait 5 s, as a linger)
         p.sync()
         assert p.query("select count(*) from spans_core") == [(16,)]

@@ -94,6 +94,10 @@ class StoreWriter:
         self._dedup = RecentKeys(keys) if keys else None
         self._queue: deque[_Task] = deque()
         self._queued_spans = 0
+        # a group lingers only while it holds less than half of what the frontend admits unacknowledged by
+        # the store (store.queue_max_spans): past that, clients may be waiting for room (ADMIT_WAIT_S, 5 s,
+        # as long as a linger), and a smaller queue than a group must not stall them
+        self._linger_below = min(MIN_GROUP_SPANS, max(1, settings.queue_max_spans // 2))
         self._queued_tasks = 0          # ever queued / ever finished (committed or failed): flush()
         self._finished_tasks = 0
         self._frontend_low = 0          # lowest segment the frontend may still send records of
@@ -324,7 +328,7 @@ class StoreWriter:
                 return None
             # Linger for a bigger group: fewer, larger commits (the clients have their acks already).
             deadline = time.monotonic() + GROUP_LINGER_S
-            while (self._queued_spans < MIN_GROUP_SPANS and not self._stopping and not self._flushing
+            while (self._queued_spans < self._linger_below and not self._stopping and not self._flushing
                    and (left := deadline - time.monotonic()) > 0):
                 self._cond.wait(left)
                 self.derived.run_pending(self.con, self._cond)      # a linger's idle time is theirs
