@@ -216,6 +216,40 @@ def test_serve_refresh_reads_evidence_only_when_the_failing_set_changes(regressi
     assert len(opened) == 2
 
 
+def test_a_result_flipping_in_and_out_of_the_failing_set_reads_no_evidence(regression):
+    """A borderline cohort that stops failing and fails again keeps the evidence the last read found for it
+    (the results still failing carry theirs, a recovered one none); a result the last read did not explain
+    is read at once."""
+    import dataclasses
+
+    from shadowlens.analyzers.gate import GateRefresher
+    _, con = regression
+    opened = []
+
+    def cursor():
+        opened.append(1)
+        return con.cursor()
+    refresher = GateRefresher(cursor, SETTINGS, LABELS, now=lambda: NOW, sink=GateStateSink(GateState(SETTINGS, LABELS)),
+                              evidence_every_s=1e9)
+    first = refresher.refresh_now()
+    fails = [(r.rule, r.cohort) for r in first.results if r.state == "fail"]
+    assert len(fails) >= 2 and len(opened) == 1
+    flipped = fails[0]
+
+    def with_states(change):
+        results = tuple(dataclasses.replace(r, state=change.get((r.rule, r.cohort), r.state)) for r in first.results)
+        return dataclasses.replace(first, results=results)
+    fewer = refresher._with_evidence(with_states({flipped: "pass"}), NOW)
+    assert len(opened) == 1
+    assert set(fewer.examples) == set(fails) - {flipped} and flipped not in fewer.explained_by
+    assert all(fewer.examples[k] == first.examples[k] for k in fewer.examples)
+    back = refresher._with_evidence(with_states({}), NOW)
+    assert len(opened) == 1 and back.examples == first.examples and back.explained_by == first.explained_by
+    passing = next((r.rule, r.cohort) for r in first.results if r.state == "pass")
+    refresher._with_evidence(with_states({passing: "fail"}), NOW)
+    assert len(opened) == 2
+
+
 def test_first_refresh_answers_from_sql_before_the_rebuild(regression):
     """While the restart's rebuild runs, ``latest`` already holds the SQL evaluation's verdict (serve's /gate
     reads it), not the "first gate evaluation is still running" placeholder."""
