@@ -7,9 +7,9 @@ root span, else any span; a missing cohort value is ``unknown``.
 
 A round reads the due traces' spans once (``spans_sql``: one join, only the columns used) and
 computes the rows (``rollup``) and the per-(trace, model) table (``models_of``) from them in polars.
-Computed by DuckDB (``rollup_sql`` and ``MODELS_SQL``, the reference definitions tests/test_rollup.py
-compares against) the ~40 filtered aggregates and the second join cost 17-19 ms of CPU per round of 450
-traces, most of the assembler's CPU at 1,000 spans/s; the one read and polars cost 10-11 ms.
+Computed by DuckDB (the SQL tests/test_rollup.py keeps as the reference definition) the ~40 filtered
+aggregates and the second join cost 17-19 ms of CPU per round of 450 traces, most of the assembler's CPU at
+1,000 spans/s; the one read and polars cost 10-11 ms.
 
 The eval and model columns come from the two small per-(trace, eval) and per-(trace, model)
 tables the metrics need anyway (``EVALS_SQL``, ``models_of``), joined in by ``trace_rows``.
@@ -27,68 +27,11 @@ from shadowlens.collector.schema import with_trace_id_ints
 _DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 
 
-def rollup_sql(cohort_labels) -> str:
-    """SELECT producing trace rows for the trace ids in relation ``done(trace_id, evicted)``.
-
-    Parameters: $lo and $hi (the lowest and highest ingest_seq of the spans involved: zonemaps
-    skip the row groups outside), $now (completion time, TIMESTAMP). The eval and model columns
-    are added by ``trace_rows``.
-    """
-    cohort_cols = "".join(
-        f""", coalesce(max(s."{c}") FILTER (WHERE s.is_root), max(s."{c}"), 'unknown') AS "{c}\""""
-        for c in cohort_labels)
-    return f"""
-WITH s AS (
-    SELECT d.trace_id, d.evicted, sc.* EXCLUDE (trace_id, span_id, parent_span_id), sc.parent_span_id_int IS NULL AS is_root
-    FROM spans_core sc JOIN {with_trace_id_ints("done")} d USING (trace_id_hi, trace_id_lo)
-    WHERE sc.ingest_seq BETWEEN $lo AND $hi
-)
-SELECT s.trace_id,
-    coalesce(max(s.route) FILTER (WHERE s.is_root), max(s.route)) AS route,
-    coalesce(max(s.request_id) FILTER (WHERE s.is_root), max(s.request_id)) AS request_id
-    {cohort_cols},
-    min(s.start_time) AS start_time, max(s.end_time) AS end_time,
-    (epoch_ns(max(s.end_time)) - epoch_ns(min(s.start_time))) / 1e9 AS duration_seconds,
-    CASE WHEN count(s.step) > 0 THEN len(list_distinct(list(s.step)))
-         ELSE count(*) FILTER (WHERE s.span_kind IN ('LLM', 'TOOL')) END AS steps,
-    count(*) FILTER (WHERE s.span_kind = 'LLM') AS llm_calls,
-    count(*) FILTER (WHERE s.span_kind = 'TOOL') AS tool_calls,
-    sum(s.input_tokens) FILTER (WHERE s.span_kind = 'LLM') AS input_tokens,
-    sum(s.output_tokens) FILTER (WHERE s.span_kind = 'LLM') AS output_tokens,
-    sum(s.cache_read_tokens) FILTER (WHERE s.span_kind = 'LLM') AS cache_read_tokens,
-    sum(s.cache_write_tokens) FILTER (WHERE s.span_kind = 'LLM') AS cache_write_tokens,
-    sum(s.reasoning_tokens) FILTER (WHERE s.span_kind = 'LLM') AS reasoning_tokens,
-    coalesce(sum(s.cost_usd) FILTER (WHERE s.span_kind = 'LLM'),
-             max(s.cost_usd) FILTER (WHERE s.is_root)) AS cost_usd,
-    coalesce(bool_or(s.refused), false) AS refused,
-    coalesce(bool_or(s.escalated), false) AS escalated,
-    NOT bool_or(s.is_root) OR bool_or(s.evicted) AS incomplete,
-    count(*) AS span_count,
-    coalesce(max(s.session_id) FILTER (WHERE s.is_root), max(s.session_id)) AS session_id,
-    coalesce(max(s.service_name) FILTER (WHERE s.is_root), max(s.service_name)) AS service_name,
-    max(s.name) FILTER (WHERE s.is_root) AS root_name,
-    min(s.ingest_seq) AS min_ingest_seq,
-    max(s.ingest_seq) AS max_ingest_seq,
-    $now::TIMESTAMP AS completed_at,
-    coalesce(max(s.request_model) FILTER (WHERE s.span_kind = 'LLM'), max(s.request_model)) AS _request_model
-FROM s
-GROUP BY s.trace_id
-"""
-
-
 # One row per (trace, eval name, outcome): the evals of the traces in ``done`` (by log, they may
 # come after the spans: $evals_hi is the last ingest_seq that carried one of them).
 EVALS_SQL = ("SELECT trace_id, name, passed, count(*)::BIGINT AS n FROM evals SEMI JOIN done USING (trace_id) "
              "WHERE ingest_seq BETWEEN $lo AND $evals_hi GROUP BY ALL")
 NO_EVALS = pl.DataFrame(schema={"trace_id": pl.Utf8, "name": pl.Utf8, "passed": pl.Boolean, "n": pl.Int64})
-
-# One row per (trace, model) over LLM spans, as the token and cost counters are labelled.
-MODELS_SQL = (
-    "SELECT d.trace_id, model, count(*)::BIGINT AS calls, sum(input_tokens)::BIGINT AS input_tokens, "
-    "sum(output_tokens)::BIGINT AS output_tokens, sum(cost_usd) AS cost_usd "
-    f"FROM spans_core JOIN {with_trace_id_ints('done')} d USING (trace_id_hi, trace_id_lo) "
-    "WHERE ingest_seq BETWEEN $lo AND $hi AND span_kind = 'LLM' GROUP BY ALL")
-
 
 # the spans_core columns ``rollup`` and ``models_of`` read
 _SPAN_COLUMNS = ("route", "request_id", "start_time", "end_time", "step", "span_kind", "input_tokens", "output_tokens",
@@ -99,7 +42,8 @@ _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_to
 
 def spans_sql(cohort_labels) -> str:
     """SELECT of the spans of the trace ids in relation ``done(trace_id, evicted)``, with ``is_root``:
-    the input of ``rollup`` and ``models_of``. Parameters $lo and $hi as ``rollup_sql``'s."""
+    the input of ``rollup`` and ``models_of``. Parameters $lo and $hi: the lowest and highest ingest_seq of
+    the spans involved (zonemaps skip the row groups outside)."""
     cols = ", ".join(f'sc."{c}"' for c in (*_SPAN_COLUMNS, *cohort_labels))
     return (f"SELECT d.trace_id, d.evicted, sc.parent_span_id_int IS NULL AS is_root, {cols} "
             f"FROM spans_core sc JOIN {with_trace_id_ints('done')} d USING (trace_id_hi, trace_id_lo) "
@@ -121,7 +65,8 @@ def _owned(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def rollup(spans: pl.DataFrame, cohort_labels, now_us: int) -> pl.DataFrame:
-    """``rollup_sql``'s rows (same columns, types and values) from ``spans_sql``'s rows."""
+    """One row per trace of ``spans_sql``'s rows, completed at ``now_us``; the eval and model columns are
+    added by ``trace_rows``."""
     root = pl.col("is_root")
     llm = pl.col("span_kind") == "LLM"
     # NULL-safe as the SQL's: max() skips nulls, and an empty filtered max is null
@@ -157,7 +102,8 @@ def rollup(spans: pl.DataFrame, cohort_labels, now_us: int) -> pl.DataFrame:
 
 
 def models_of(spans: pl.DataFrame) -> pl.DataFrame:
-    """``MODELS_SQL``'s rows from ``spans_sql``'s rows."""
+    """One row per (trace, model) over the LLM spans of ``spans_sql``'s rows, as the token and cost counters
+    are labelled."""
     return _owned(spans.filter(pl.col("span_kind") == "LLM").group_by("trace_id", "model").agg(
         pl.len().cast(pl.Int64).alias("calls"),
         *(_sum_or_null(c, pl.lit(True)).cast(pl.Int64).alias(c) for c in ("input_tokens", "output_tokens")),
@@ -165,7 +111,7 @@ def models_of(spans: pl.DataFrame) -> pl.DataFrame:
 
 
 def trace_rows(rollup: pl.DataFrame, evals: pl.DataFrame, models: pl.DataFrame) -> pl.DataFrame:
-    """``rollup_sql``'s rows with the eval columns (``refused`` also when a ``refusal`` eval failed)
+    """``rollup``'s rows with the eval columns (``refused`` also when a ``refusal`` eval failed)
     and ``model`` (the most frequent over LLM spans, ties to the first in sort order) / ``models``
     (the distinct ones, sorted, comma-separated; NULL when no LLM span names one)."""
     failed = pl.col("passed") == False  # noqa: E712 (a polars expression, not a Python comparison)

@@ -44,7 +44,7 @@ CALLS = "calls"        # the route of a trace whose calls are compared instead (
 _SCOPES_SQL = ", ".join(f"'{s}'" for s in GATEWAY_SCOPES)
 
 # The due traces' gateway LLM calls under a parent that has a candidate call among its children.
-# Parameters $lo / $hi as rollup_sql's; relation ``done(trace_id, evicted)``.
+# Parameters $lo / $hi as rollup.spans_sql's; relation ``done(trace_id, evicted)``.
 CALLS_SQL = f"""
 WITH c AS (
     SELECT d.trace_id, printf('%016x', sc.span_id_int) AS span_id,

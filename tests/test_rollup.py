@@ -1,5 +1,6 @@
 """A round's trace rows computed in polars from one read of the spans (``spans_sql`` -> ``rollup``,
-``models_of``) equal what the reference SQL (``rollup_sql``, ``MODELS_SQL``) computes in DuckDB.
+``models_of``) equal what the reference SQL below (``rollup_sql``, ``MODELS_SQL``: the assembler's statements
+until the polars rollup replaced them) computes in DuckDB.
 
 The traces are random over what the definitions branch on: a root or none, concepts on the root, on a
 child or nowhere, LLM / TOOL / other spans, steps repeated or absent, tokens and costs known or not, an
@@ -18,14 +19,76 @@ from otlp_builders import T0, span_request
 from pipeline import Handover
 from polars.testing import assert_frame_equal
 
-from shadowlens.analyzers.rollup import MODELS_SQL, NO_EVALS, models_of, rollup, rollup_sql, spans_sql, trace_rows
+from shadowlens.analyzers.rollup import NO_EVALS, models_of, rollup, spans_sql, trace_rows
 from shadowlens.collector.counters import IngestCounters
+from shadowlens.collector.schema import with_trace_id_ints
 from shadowlens.collector.store.database import frame
 from shadowlens.collector.store.writer import StoreWriter
 from shadowlens.config import default_config
 
 LABELS = default_config().cohort_labels
 NOW_US = 1_700_000_000_123_456
+
+
+# -- the reference definitions, in DuckDB ---------------------------------------------------------------
+
+def rollup_sql(cohort_labels) -> str:
+    """SELECT producing trace rows for the trace ids in relation ``done(trace_id, evicted)``.
+
+    Parameters: $lo and $hi (the lowest and highest ingest_seq of the spans involved: zonemaps
+    skip the row groups outside), $now (completion time, TIMESTAMP). The eval and model columns
+    are added by ``trace_rows``.
+    """
+    cohort_cols = "".join(
+        f""", coalesce(max(s."{c}") FILTER (WHERE s.is_root), max(s."{c}"), 'unknown') AS "{c}\""""
+        for c in cohort_labels)
+    return f"""
+WITH s AS (
+    SELECT d.trace_id, d.evicted, sc.* EXCLUDE (trace_id, span_id, parent_span_id), sc.parent_span_id_int IS NULL AS is_root
+    FROM spans_core sc JOIN {with_trace_id_ints("done")} d USING (trace_id_hi, trace_id_lo)
+    WHERE sc.ingest_seq BETWEEN $lo AND $hi
+)
+SELECT s.trace_id,
+    coalesce(max(s.route) FILTER (WHERE s.is_root), max(s.route)) AS route,
+    coalesce(max(s.request_id) FILTER (WHERE s.is_root), max(s.request_id)) AS request_id
+    {cohort_cols},
+    min(s.start_time) AS start_time, max(s.end_time) AS end_time,
+    (epoch_ns(max(s.end_time)) - epoch_ns(min(s.start_time))) / 1e9 AS duration_seconds,
+    CASE WHEN count(s.step) > 0 THEN len(list_distinct(list(s.step)))
+         ELSE count(*) FILTER (WHERE s.span_kind IN ('LLM', 'TOOL')) END AS steps,
+    count(*) FILTER (WHERE s.span_kind = 'LLM') AS llm_calls,
+    count(*) FILTER (WHERE s.span_kind = 'TOOL') AS tool_calls,
+    sum(s.input_tokens) FILTER (WHERE s.span_kind = 'LLM') AS input_tokens,
+    sum(s.output_tokens) FILTER (WHERE s.span_kind = 'LLM') AS output_tokens,
+    sum(s.cache_read_tokens) FILTER (WHERE s.span_kind = 'LLM') AS cache_read_tokens,
+    sum(s.cache_write_tokens) FILTER (WHERE s.span_kind = 'LLM') AS cache_write_tokens,
+    sum(s.reasoning_tokens) FILTER (WHERE s.span_kind = 'LLM') AS reasoning_tokens,
+    coalesce(sum(s.cost_usd) FILTER (WHERE s.span_kind = 'LLM'),
+             max(s.cost_usd) FILTER (WHERE s.is_root)) AS cost_usd,
+    coalesce(bool_or(s.refused), false) AS refused,
+    coalesce(bool_or(s.escalated), false) AS escalated,
+    NOT bool_or(s.is_root) OR bool_or(s.evicted) AS incomplete,
+    count(*) AS span_count,
+    coalesce(max(s.session_id) FILTER (WHERE s.is_root), max(s.session_id)) AS session_id,
+    coalesce(max(s.service_name) FILTER (WHERE s.is_root), max(s.service_name)) AS service_name,
+    max(s.name) FILTER (WHERE s.is_root) AS root_name,
+    min(s.ingest_seq) AS min_ingest_seq,
+    max(s.ingest_seq) AS max_ingest_seq,
+    $now::TIMESTAMP AS completed_at,
+    coalesce(max(s.request_model) FILTER (WHERE s.span_kind = 'LLM'), max(s.request_model)) AS _request_model
+FROM s
+GROUP BY s.trace_id
+"""
+
+
+
+
+# One row per (trace, model) over LLM spans, as the token and cost counters are labelled.
+MODELS_SQL = (
+    "SELECT d.trace_id, model, count(*)::BIGINT AS calls, sum(input_tokens)::BIGINT AS input_tokens, "
+    "sum(output_tokens)::BIGINT AS output_tokens, sum(cost_usd) AS cost_usd "
+    f"FROM spans_core JOIN {with_trace_id_ints('done')} d USING (trace_id_hi, trace_id_lo) "
+    "WHERE ingest_seq BETWEEN $lo AND $hi AND span_kind = 'LLM' GROUP BY ALL")
 
 
 def _maybe(rng: random.Random, p: float, value):
