@@ -32,6 +32,11 @@ RECEIVERS: dict[str, Any] = {
     "http": {"endpoint": "127.0.0.1:4318", "max_body_mib": 64,
              "read_timeout": "30s", "idle_timeout": "60s", "max_connections": 128, "tls": dict(_NO_TLS)},
     "scanner": "auto",          # auto | c | python: the OTLP wire scanner (decode/scan.py)
+    # decoder_process: where acknowledged requests are decoded (collector/ingest/supervisor.py). auto: in
+    # serve's process while decoding takes under a quarter of a core, in a decoder process of its own
+    # (started then, stopped after 5 minutes under a twentieth) when it takes more; always: in the decoder
+    # process from the start; never: in serve's process only.
+    "decoder_process": "auto",
     "auth": {"bearer_token_file": ""},
 }
 
@@ -81,6 +86,7 @@ class ReceiversSettings:
     http: Endpoint
     http_max_bytes: int
     scanner: str
+    decoder_process: str                # auto | always | never
     grpc_tls: TLSFiles | None
     http_tls: TLSFiles | None
     token_file: str | None              # receivers.auth.bearer_token_file
@@ -244,6 +250,7 @@ def parse_receivers(r: Mapping[str, Any]) -> ReceiversSettings:
         http=endpoint(http["endpoint"], "receivers.http.endpoint"),
         http_max_bytes=integer(http["max_body_mib"], "receivers.http.max_body_mib", minimum=1) << 20,
         scanner=choice(r["scanner"], ("auto", "c", "python"), "receivers.scanner"),
+        decoder_process=choice(r["decoder_process"], ("auto", "always", "never"), "receivers.decoder_process"),
         grpc_tls=tls_files(grpc.get("tls"), "receivers.grpc.tls"),
         http_tls=tls_files(http.get("tls"), "receivers.http.tls"),
         token_file=token_file(r.get("auth"), "receivers.auth"),

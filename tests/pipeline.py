@@ -1,8 +1,8 @@
 """The production ingest pipeline inside a test: frontend -> decoder -> store, as ``serve`` wires it.
 
 A StoreWriter runs in the test's process (so a test can inject a clock, a failing connection, or
-read the store directly), and the IngestSupervisor starts the real frontend and decoder processes
-on free loopback ports. Requests go in over OTLP/gRPC, exactly as a client sends them.
+read the store directly), and the IngestSupervisor starts the real frontend process (and the decoder
+process, as ``receivers.decoder_process`` says) on free loopback ports. Requests go in over OTLP/gRPC, exactly as a client sends them.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from shadowlens.collector.counters import IngestCounters
 from shadowlens.collector.decode.batch import NormalizedBatch
 from shadowlens.collector.decode.normalize import Normalizer
-from shadowlens.collector.ingest.supervisor import IngestSupervisor
+from shadowlens.collector.ingest.supervisor import DecodePolicy, IngestSupervisor
 from shadowlens.collector.store.database import SEGMENTS_DIR
 from shadowlens.collector.store.segments import SegmentLog
 from shadowlens.collector.store.writer import StoreWriter
@@ -32,17 +32,20 @@ METHODS = {"traces": ("/opentelemetry.proto.collector.trace.v1.TraceService/Expo
 class Pipeline:
     """``export`` a request, ``sync`` (read-your-acks), then read ``store``; ``shutdown`` stops it all."""
 
-    def __init__(self, data_dir: Path, queue_max_spans: int = 262144, **writer_kwargs):
-        """``writer_kwargs``: StoreWriter's keyword arguments (``now``, ``dedup_max_keys`` ...)."""
+    def __init__(self, data_dir: Path, queue_max_spans: int = 262144, decoder_process: str = "auto",
+                 policy: DecodePolicy = DecodePolicy(), **writer_kwargs):
+        """``decoder_process``: as the key (auto, always, never); ``policy``: when auto starts and stops it.
+        ``writer_kwargs``: StoreWriter's keyword arguments (``now``, ``dedup_max_keys`` ...)."""
         self.cfg = load(None, env={}, overrides={
             ("receivers", "grpc", "endpoint"): f"127.0.0.1:{free_port()}",
             ("receivers", "http", "endpoint"): f"127.0.0.1:{free_port()}",
+            ("receivers", "decoder_process"): decoder_process,
             ("store", "data_dir"): str(data_dir), ("store", "queue_max_spans"): queue_max_spans})
         self.stats = IngestCounters()
         writer_kwargs.setdefault("settings", self.cfg.store)     # as serve builds it (store.queue_max_spans ...)
         self.store = StoreWriter(Path(data_dir), self.cfg.cohort_labels, self.stats, **writer_kwargs)
         self.child_counters: dict = {}
-        self.ingest = IngestSupervisor(self.store, ingest_settings(self.cfg), self.child_counters)
+        self.ingest = IngestSupervisor(self.store, ingest_settings(self.cfg), self.child_counters, policy=policy)
         self._channel: grpc.Channel | None = None
 
     def start(self, writer: bool = True) -> "Pipeline":

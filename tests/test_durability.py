@@ -100,7 +100,7 @@ def test_a_dead_decoder_stops_serve_with_status_1_and_a_restart_keeps_every_ack(
     import os
     import re
     import signal
-    srv = serve_factory(data_dir=tmp_path / "d")
+    srv = serve_factory(data_dir=tmp_path / "d", env={"SHADOWLENS_RECEIVERS__DECODER_PROCESS": "always"})
     client = RecordingClient(srv.grpc_endpoint).start()
     client.wait_for(2000)
     decoder_pid = int(re.search(r"decoder pid (\d+)", srv.log()).group(1))
@@ -119,14 +119,15 @@ def _queue_gauge(srv) -> float:
     return float(line.split()[1])
 
 
-def test_acks_do_not_wait_for_the_decoder_and_the_queue_gauge_counts_what_waits(server):
-    """With the decoder paused, Exports are still acknowledged (durable in the payload log) and
+def test_acks_do_not_wait_for_the_decoder_and_the_queue_gauge_counts_what_waits(serve_factory):
+    """With the decoder (process) paused, Exports are still acknowledged (durable in the payload log) and
     shadowlens_ingest_queue_spans shows them waiting; resumed, they are stored and the gauge drops."""
     import os
     import re
     import signal
 
     from test_receivers import grpc_export
+    server = serve_factory(env={"SHADOWLENS_RECEIVERS__DECODER_PROCESS": "always"})
     decoder_pid = int(re.search(r"decoder pid (\d+)", server.log()).group(1))
     os.kill(decoder_pid, signal.SIGSTOP)
     try:

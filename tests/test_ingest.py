@@ -1,10 +1,13 @@
 """Ingest's processes and their messages: an acknowledged record is never dropped silently."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from otlp_builders import random_spans, span_request
 from pipeline import Pipeline
 
 from shadowlens.collector.ingest import messages as m
+from shadowlens.collector.ingest.supervisor import DecodePolicy
 from shadowlens.collector.store.database import SEGMENTS_DIR
 from shadowlens.collector.store.segments import read_frames, segment_path
 
@@ -26,19 +30,43 @@ def test_every_message_crosses_a_pipe_unchanged_as_its_class_and_fields(msg):
     assert pickle.loads(pickle.dumps(msg)) == msg
 
 
-def test_an_acknowledged_record_the_decoder_cannot_decode_is_set_aside_counted_and_named(tmp_path):
+@contextlib.contextmanager
+def decoding_held(p: Pipeline, monkeypatch):
+    """Records wait before they are decoded until the block ends: the decoder process stopped
+    (SIGSTOP), or serve's own decoding held before it reads the payload."""
+    decoder = p.ingest.pid("decoder")
+    if decoder is not None:
+        os.kill(decoder, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(decoder, signal.SIGCONT)
+        return
+    from shadowlens.collector.ingest.decoder import RecordDecoder
+    go = threading.Event()
+    decode = RecordDecoder.__call__
+    monkeypatch.setattr(RecordDecoder, "__call__", lambda self, rec: go.wait(30) and decode(self, rec))
+    try:
+        yield
+    finally:
+        go.set()
+
+
+@pytest.mark.parametrize("decoder_process", ["always", "never"])
+def test_an_acknowledged_record_the_decoder_cannot_decode_is_set_aside_counted_and_named(tmp_path, decoder_process,
+                                                                                          monkeypatch):
     """The rule (shadowlens.collector.ingest): the payload's bytes change on disk after the acknowledgement
     (as a failing disk would); the decoder cannot decode them. The record is not lost silently: its bytes
     are kept in the quarantine, a row says where and why, the counter counts it, and the frontend's queue
-    lets go of it. Ingest goes on, and a restart neither fails on it nor counts it again."""
+    lets go of it. Ingest goes on, and a restart neither fails on it nor counts it again. So whether the
+    decoder process decodes or serve's own process does."""
     rng = random.Random(17)
     requests = [span_request(random_spans(5, rng)).SerializeToString() for _ in range(3)]
-    with Pipeline(tmp_path) as p:
+    with Pipeline(tmp_path, decoder_process=decoder_process) as p:
         p.export(requests[0])
         p.sync()
-        decoder = p.ingest.pid("decoder")
-        os.kill(decoder, signal.SIGSTOP)           # the record waits in the decoder's pipe
-        try:
+        assert (p.ingest.pid("decoder") is None) == (decoder_process == "never")
+        with decoding_held(p, monkeypatch):       # the record waits to be decoded
             p.export(requests[1])                  # acknowledged: durable in the payload log
             seg = p.store.first_segment
             off = next(off for off, _, payload in read_frames(tmp_path / SEGMENTS_DIR, seg) if payload == requests[1])
@@ -48,8 +76,6 @@ def test_an_acknowledged_record_the_decoder_cannot_decode_is_set_aside_counted_a
                 os.pwrite(fd, garbage, off)
             finally:
                 os.close(fd)
-        finally:
-            os.kill(decoder, signal.SIGCONT)
         p.export(requests[2])
         p.sync()
         rows = p.query("select segment, byte_offset, stage, reason, file from quarantine")
@@ -64,3 +90,46 @@ def test_an_acknowledged_record_the_decoder_cannot_decode_is_set_aside_counted_a
         assert p.query("select count(*) from quarantine") == [(1,)]
         assert p.query("select count(*) from spans_core") == [(10,)]
         assert p.stats.records_quarantined == {}
+
+
+def _unpriced_request(seed: int) -> tuple[bytes, int]:
+    """A request whose chat spans name a model no price table knows, and how many chat spans it has."""
+    spans = random_spans(12, random.Random(seed))
+    for sp in spans:
+        if "gen_ai.request.model" in sp["attrs"]:
+            sp["attrs"]["gen_ai.request.model"] = "house-model-1"
+    return span_request(spans).SerializeToString(), sum("gen_ai.request.model" in sp["attrs"] for sp in spans)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_auto_decodes_here_starts_the_decoder_process_under_load_and_stops_it_once_quiet(tmp_path):
+    """receivers.decoder_process: auto. Records are decoded in serve's own process until decoding takes more
+    of a core than the policy allows; then the decoder process starts and takes the next records; once its
+    load would be small here again for long enough, it stops and decoding comes back. Every record is
+    stored once, read-your-acks holds across each switch, and what the decoders counted is summed."""
+    policy = DecodePolicy(start_busy=1e-9, stop_busy=10.0, window_s=0.2, stop_after_s=1.5)
+    requests = [_unpriced_request(seed) for seed in range(4)]
+    with Pipeline(tmp_path, policy=policy) as p:
+        p.export(requests[0][0])
+        p.sync()
+        assert p.ingest.pid("decoder") is None          # decoded here
+        time.sleep(policy.window_s * 1.5)
+        p.export(requests[1][0])                          # decoded here; the window past: the process starts
+        wait_for(lambda: p.ingest.pid("decoder") is not None, 10, what="the decoder process started")
+        child = p.ingest.pid("decoder")
+        p.export(requests[2][0])                          # passed to it
+        p.sync()
+        assert p.query("select count(*) from spans_core") == [(36,)]
+        wait_for(lambda: p.ingest.pid("decoder") is None, 15, what="the decoder process stopped")
+        wait_for(lambda: not _alive(child), 10, what=f"pid {child} exited")
+        p.export(requests[3][0])                          # decoded here again
+        p.sync()
+        assert p.query("select count(*) from spans_core") == [(48,)]
+        assert p.child_counters["unpriced_spans"] == {"house-model-1": sum(n for _, n in requests)}

@@ -1,11 +1,14 @@
-"""The decoder process's entry point: acknowledged Records -> Arrow columns for the writer.
+"""Acknowledged Records -> Arrow columns for the writer: RecordDecoder, and the decoder process's main.
 
-Started by the supervisor beside the frontend. The frontend has already made each payload
-durable and acknowledged it; this process reads the bytes back from the segment file (they are
-in the page cache, and leave it once read: see SegmentReader.read), normalizes them (the
-GIL-bound part of ingest) and sends a Batch to the supervisor. A record it cannot decode goes
-back as Undecodable, and the supervisor sets it aside (the rule: ``shadowlens.collector.ingest``).
-It exits when the frontend's end of its input pipe closes, after passing on everything before.
+The frontend has already made each payload durable and acknowledged it; the decoder reads the bytes
+back from the segment file (they are in the page cache, and leave it once read: see
+SegmentReader.read), normalizes them (the GIL-bound part of ingest) and hands a Batch to the
+supervisor. A record it cannot decode goes back as Undecodable, and the supervisor sets it aside
+(the rule: ``shadowlens.collector.ingest``).
+
+Serve decodes in its own process while decoding takes a small share of a core, and runs ``main`` in
+a decoder process of its own beside it when decoding needs more (``receivers.decoder_process``,
+supervisor.py). The process exits when its input pipe closes, after passing on everything before.
 """
 from __future__ import annotations
 
@@ -22,17 +25,41 @@ STATS_INTERVAL_S = 0.5
 log = logging.getLogger("shadowlens.decoder")
 
 
+class RecordDecoder:
+    """Record -> Batch, or Undecodable when the payload does not decode; counts the spans it could not
+    price and the gateways' mixed spans into ``stats``. The decoder process runs one, and serve's own
+    process another while it decodes in-process (supervisor.py)."""
+
+    def __init__(self, settings: IngestSettings, stats) -> None:
+        from ..decode.litellm import MixedSpansWarning
+        from ..store.segments import SEGMENTS_DIR, SegmentReader
+
+        self.stats = stats
+        self._mixed_warning = MixedSpansWarning()      # one log line per interval, not per span
+        self._decode = _record_decoder(settings, SegmentReader(settings.data_dir / SEGMENTS_DIR))
+
+    def __call__(self, rec: Record) -> tuple[Batch | Undecodable, bool]:
+        """The record's Batch (or Undecodable), and whether ``stats`` changed."""
+        out = self._decode(rec)
+        counted = False
+        if isinstance(out, Batch) and out.batch.unpriced:
+            self.stats.add_many("unpriced_spans", out.batch.unpriced)
+            counted = True
+        if isinstance(out, Batch) and out.batch.mixed:
+            self.stats.add_many("mixed_spans", out.batch.mixed)
+            self._mixed_warning.note(sum(out.batch.mixed.values()))
+            counted = True
+        return out, counted
+
+
 def main(conn_in, conn_out, settings: IngestSettings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ..counters import IngestCounters
-    from ..decode.litellm import MixedSpansWarning
-    from ..store.segments import SEGMENTS_DIR, SegmentReader
 
     stats = IngestCounters(max_models=settings.metrics_max_models)
-    mixed_warning = MixedSpansWarning()      # one log line per interval, not per span
-    decode = _record_decoder(settings, SegmentReader(settings.data_dir / SEGMENTS_DIR))
+    decode = RecordDecoder(settings, stats)
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)     # decoding allocates many short-lived objects (see frontend.py)
 
@@ -56,14 +83,8 @@ def main(conn_in, conn_out, settings: IngestSettings) -> None:
         except (EOFError, OSError):
             break
         if isinstance(msg, Record):
-            out = decode(msg)
-            if isinstance(out, Batch) and out.batch.unpriced:
-                stats.add_many("unpriced_spans", out.batch.unpriced)
-                dirty = True
-            if isinstance(out, Batch) and out.batch.mixed:
-                stats.add_many("mixed_spans", out.batch.mixed)
-                mixed_warning.note(sum(out.batch.mixed.values()))
-                dirty = True
+            out, counted = decode(msg)
+            dirty = dirty or counted
             send(out)
         elif isinstance(msg, Barrier):
             send(Counters(stats.snapshot()))
