@@ -2,7 +2,8 @@
 
 A StoreWriter runs in the test's process (so a test can inject a clock, a failing connection, or
 read the store directly), and the IngestSupervisor starts the real frontend process (and the decoder
-process, as ``receivers.decoder_process`` says) on free loopback ports. Requests go in over OTLP/gRPC, exactly as a client sends them.
+process, as ``receivers.decoder_process`` says) on free loopback ports. Requests go in over OTLP/gRPC,
+exactly as a client sends them.
 """
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
 """Allocator settings of serve's processes (collector/ingest/memory.py): what each process runs with."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from harness import child_pids
 
 from shadowlens.collector.ingest import memory
@@ -23,7 +25,8 @@ def test_set_environment_fills_in_what_the_user_did_not_set(monkeypatch):
 def test_serve_and_its_children_allocate_arrow_buffers_with_malloc(serve_factory):
     """Both children start with the settings (the decoder builds Arrow columns), and serve's process
     has no mimalloc: its first Arrow buffer (during imports) came after the variable was set."""
-    srv = serve_factory()
+    srv = serve_factory(env={"SHADOWLENS_RECEIVERS__DECODER_PROCESS": "always"})
+    assert len(child_pids(srv.proc.pid)) == 2
     for kid in child_pids(srv.proc.pid):
         env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{kid}/environ").read_bytes().split(b"\0") if b"=" in kv)
         assert env[b"ARROW_DEFAULT_MEMORY_POOL"] == b"system"
@@ -116,3 +119,54 @@ def test_heap_trim_gives_back_what_a_burst_left_in_the_heap():
     assert r["trimmed"] is True and r["trims"] == 1
     assert r["before"] - r["after"] >= 40 << 20, r        # and given back
     assert r["again"] is False                             # not again within every_s
+
+
+def test_release_code_pages_gives_back_the_library_code_a_process_does_not_run_and_it_comes_back_when_run():
+    """polars' library is 170 MB on disk; importing and running it leaves tens of MB of it resident. After
+    release_code_pages the kernel has taken back what this process alone mapped, the process goes on,
+    and the pages it runs again are read back in."""
+    script = textwrap.dedent("""
+        import json, re, polars as pl
+        from shadowlens.collector.ingest import memory
+        def resident(part):       # kB resident of the mappings whose file name has ``part``
+            kb, take = 0, False
+            for line in open("/proc/self/smaps"):
+                if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+                    take = part in line
+                elif take and line.startswith("Rss:"):
+                    kb += int(line.split()[1])
+            return kb
+        def work():
+            return pl.DataFrame({"k": ["a", "b"] * 500, "v": range(1000)}).group_by("k").agg(pl.col("v").sum()).height
+        assert work() == 2
+        before = resident("_polars_runtime")
+        advised = memory.release_code_pages()
+        after = resident("_polars_runtime")
+        assert work() == 2
+        again = resident("_polars_runtime")
+        print(json.dumps({"advised": advised, "before": before, "after": after, "again": again}))
+    """)
+    out = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    if out["advised"] == 0:
+        pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4)")
+    assert out["before"] > 8_000, out                        # kB: the import and the query ran plenty of it
+    assert out["after"] < out["before"] / 4, out
+    assert out["again"] > out["after"], out                  # what the query runs came back
+
+
+def test_idle_release_releases_once_per_quiet_spell():
+    now = [100.0]
+    calls = []
+    idle = memory.IdleRelease(idle_s=30, clock=lambda: now[0], release=lambda: calls.append(now[0]) or 4096)
+    assert idle.wait_s() == 30 and not idle.maybe()
+    now[0] = 129.9
+    assert not idle.maybe() and idle.wait_s() == pytest.approx(0.1)
+    now[0] = 130.0
+    assert idle.maybe() and calls == [130.0] and idle.released_bytes == 4096
+    now[0] = 500.0
+    assert idle.wait_s() is None and not idle.maybe()          # nothing more until work comes
+    idle.busy()
+    now[0] = 529.0
+    assert not idle.maybe()
+    now[0] = 530.0
+    assert idle.maybe() and calls == [130.0, 530.0]

@@ -57,6 +57,7 @@ def main(conn_in, conn_out, settings: IngestSettings) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ..counters import IngestCounters
+    from .memory import IdleRelease
 
     stats = IngestCounters(max_models=settings.metrics_max_models)
     decode = RecordDecoder(settings, stats)
@@ -71,15 +72,19 @@ def main(conn_in, conn_out, settings: IngestSettings) -> None:
 
     last_sent = time.monotonic()
     dirty = False
+    idle = IdleRelease()
     while True:
         try:
-            # with no counters to send, block until a record comes: an idle decoder does not wake
-            if not conn_in.poll(STATS_INTERVAL_S if dirty else None):
+            # with no counters to send, block until a record comes (or it is time to give back the
+            # library code only startup ran, memory.py): an idle decoder does not wake
+            if not conn_in.poll(STATS_INTERVAL_S if dirty else idle.wait_s()):
                 if dirty:              # counters of the last records, also when no more arrive
                     send(Counters(stats.snapshot()))
                     dirty = False
+                idle.maybe()
                 continue
             msg = conn_in.recv()
+            idle.busy()
         except (EOFError, OSError):
             break
         if isinstance(msg, Record):

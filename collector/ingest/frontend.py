@@ -33,7 +33,7 @@ def main(conn, decoder_conn, settings: IngestSettings, first_segment: int) -> No
     from ..store.diskfull import WriteHealth
     from ..store.segments import SEGMENTS_DIR, SegmentLog
     from .intake import Intake
-    from .memory import HeapTrim
+    from .memory import HeapTrim, IdleRelease
 
     stats = IngestCounters()
     segments = SegmentLog(settings.data_dir / SEGMENTS_DIR, first_segment, health=WriteHealth("payload log", stats))
@@ -46,6 +46,7 @@ def main(conn, decoder_conn, settings: IngestSettings, first_segment: int) -> No
     stop = threading.Event()
 
     trim = HeapTrim()
+    idle = IdleRelease()
 
     def report_counters() -> None:
         last = None
@@ -57,6 +58,9 @@ def main(conn, decoder_conn, settings: IngestSettings, first_segment: int) -> No
             if counters.values != last:      # unchanged (an idle sidecar): the supervisor has them already
                 intake.send(counters)
                 last = counters.values
+                idle.busy()
+            else:
+                idle.maybe()     # at rest: the library code only startup ran goes back (memory.py)
 
     threading.Thread(target=report_counters, name="counters", daemon=True).start()
     # Decoding allocates many short-lived objects; the default gen-0 threshold (700) ran the

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 
 ARENA_MAX = 2
 M_ARENA_MAX = -8          # glibc's malloc.h
 TRIM_FREE_BYTES = 16 << 20
 TRIM_EVERY_S = 10.0
+IDLE_RELEASE_S = 30.0
+MADV_PAGEOUT = 21         # Linux 5.4's <asm-generic/mman-common.h>
 
 
 def set_environment() -> None:
@@ -94,4 +97,64 @@ class HeapTrim:
             return False
         self._trim(0)
         self.trims += 1
+        return True
+
+
+def release_code_pages() -> int:
+    """Ask the kernel to reclaim this process's pages of read-only file mappings (its libraries' code and
+    constants) that no other process maps; the bytes of the mappings advised (0 where MADV_PAGEOUT is
+    unknown: before Linux 5.4, or not Linux).
+
+    Importing pyarrow, polars, DuckDB and gRPC touches far more of their code than serving uses: serve's
+    process held ~65 MB of library pages at rest that it does not run again, which the kernel reclaims
+    only under memory pressure, so they count in the pod's memory until then. A page that is used again
+    is read back in (a page fault, from the page cache or the disk) and stays: what remains resident is
+    what the process runs. Writable mappings (a library's data, the heap) are not touched."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    advised = 0
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) < 6 or not fields[5].startswith("/") or "w" in fields[1]:
+                    continue
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if madvise(start, end - start, MADV_PAGEOUT) == 0:
+                    advised += end - start
+    except OSError:
+        return advised
+    return advised
+
+
+class IdleRelease:
+    """Once a process has had no work for ``idle_s``, ``release_code_pages`` once, until the next work.
+
+    ``busy()`` when work comes; ``maybe()`` from the loop that waits for it, at least every ``wait_s()``
+    seconds (None: nothing to release until more work). The pages that startup alone touched go back to
+    the kernel half a minute after start or after a burst, and the periodic work of a sidecar at rest
+    (scrapes, the gate's refresh) reads back the few it runs."""
+
+    def __init__(self, idle_s: float = IDLE_RELEASE_S, clock=time.monotonic, release=release_code_pages):
+        self.idle_s, self.clock, self._release = idle_s, clock, release
+        self._last = clock()
+        self._released = False
+        self.released_bytes = 0
+
+    def busy(self) -> None:
+        self._last = self.clock()
+        self._released = False
+
+    def wait_s(self) -> float | None:
+        return None if self._released else max(0.0, self._last + self.idle_s - self.clock())
+
+    def maybe(self) -> bool:
+        """Release if the process has been idle long enough and has not released since its last work."""
+        if self._released or self.clock() - self._last < self.idle_s:
+            return False
+        self._released = True
+        self.released_bytes = self._release()
         return True

@@ -214,6 +214,7 @@ class IngestSupervisor:
         decoder process while it runs; DecodePolicy starts and stops it (``receivers.decoder_process``)."""
         from .decoder import RecordDecoder
         local = None          # built at the first record decoded here
+        idle = memory.IdleRelease()
         policy = self.policy
         window_start, busy, passed = time.monotonic(), 0.0, 0
         seconds_per_byte = None
@@ -221,9 +222,16 @@ class IngestSupervisor:
         while True:
             msg = None
             try:
-                # an idle sidecar does not wake; with the decoder process running, wake to judge its load
-                if conn.poll(policy.window_s if self._decoder is not None and self.mode == "auto" else None):
+                # an idle sidecar does not wake, but to give back the library code only startup ran
+                # (memory.py); with the decoder process running, it wakes to judge its load
+                wait = idle.wait_s()
+                if self._decoder is not None and self.mode == "auto":
+                    wait = policy.window_s if wait is None else min(wait, policy.window_s)
+                if conn.poll(wait):
                     msg = conn.recv()
+                    idle.busy()
+                else:
+                    idle.maybe()
             except (EOFError, OSError):
                 break
             if isinstance(msg, Record):
