@@ -99,10 +99,10 @@ class Roles:
     def _learn(self, pid: int) -> None:
         try:
             text = Path(self.server.log_path).read_text(errors="replace")
-            m = re.search(r"frontend pid (\d+), decoder pid (\d+)", text)
-            if m:
-                self.known[int(m.group(1))] = "frontend"
-                self.known[int(m.group(2))] = "decoder"
+            # "frontend pid N, decoder pid M" at start, "decoder pid M started" when auto starts one
+            for role in ("frontend", "decoder"):
+                for m in re.finditer(rf"{role} pid (\d+)", text):
+                    self.known[int(m.group(1))] = role
         except OSError:
             pass
         if pid not in self.known:
