@@ -3,8 +3,8 @@ stops them upstream-first on SIGTERM/SIGINT (stop accepting, drain, commit, exit
 
     frontend process:  receivers (gRPC, HTTP) -> ExportHandler (check) -> Intake: payload log (fsync) -> acknowledge
                                                    | the record's place over a pipe
-    decoder process:   payload -> normalize -> Arrow batch
-                                                   | a Batch over a pipe; Acks go back to the frontend
+    decoding:          payload -> normalize -> Arrow batch (in this process; in the decoder process under load)
+                                                   | a Batch; Acks go back to the frontend
     this process:      IngestSupervisor -> StoreWriter (grouped inserts) -> DuckDB -> TraceAssembler -> aggregates
                                                                                -> PairingSink (pairs, sums)
                                                                                -> GateStateSink (the gate's sums)
