@@ -114,22 +114,24 @@ def test_auto_decodes_here_starts_the_decoder_process_under_load_and_stops_it_on
     of a core than the policy allows; then the decoder process starts and takes the next records; once its
     load would be small here again for long enough, it stops and decoding comes back. Every record is
     stored once, read-your-acks holds across each switch, and what the decoders counted is summed."""
-    policy = DecodePolicy(start_busy=1e-9, stop_busy=10.0, window_s=0.2, stop_after_s=1.5)
+    policy = DecodePolicy(start_busy=1e-9, stop_busy=10.0, window_s=0.2, stop_after_s=3.0)
     requests = [_unpriced_request(seed) for seed in range(4)]
     with Pipeline(tmp_path, policy=policy) as p:
-        p.export(requests[0][0])
+        p.export(requests[0][0])                          # decoded here: nothing has started the process yet
         p.sync()
-        assert p.ingest.pid("decoder") is None          # decoded here
         time.sleep(policy.window_s * 1.5)
-        p.export(requests[1][0])                          # decoded here; the window past: the process starts
+        p.export(requests[1][0])                          # by now a window has passed: its decoding starts it
         wait_for(lambda: p.ingest.pid("decoder") is not None, 10, what="the decoder process started")
         child = p.ingest.pid("decoder")
         p.export(requests[2][0])                          # passed to it
         p.sync()
         assert p.query("select count(*) from spans_core") == [(36,)]
+        assert p.ingest.records_passed >= 1
         wait_for(lambda: p.ingest.pid("decoder") is None, 15, what="the decoder process stopped")
         wait_for(lambda: not _alive(child), 10, what=f"pid {child} exited")
+        passed = p.ingest.records_passed
         p.export(requests[3][0])                          # decoded here again
         p.sync()
+        assert p.ingest.records_passed == passed
         assert p.query("select count(*) from spans_core") == [(48,)]
         assert p.child_counters["unpriced_spans"] == {"house-model-1": sum(n for _, n in requests)}

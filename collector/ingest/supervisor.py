@@ -142,6 +142,7 @@ class IngestSupervisor:
         self._barrier_ids = itertools.count(1)
         self._stopping = False
         self._child_died = False
+        self.records_passed = 0       # records decoded by a decoder process, not here
         self.on_child_exit = None     # called once if a child process ends without being asked to
 
     def start(self) -> None:
@@ -238,6 +239,7 @@ class IngestSupervisor:
                 if self._decoder is not None:
                     self._pass(msg)
                     passed += msg.length
+                    self.records_passed += 1
                 else:
                     if local is None:
                         local = RecordDecoder(self.settings, self._decoded)
