@@ -135,3 +135,16 @@ def test_auto_decodes_here_starts_the_decoder_process_under_load_and_stops_it_on
         assert p.ingest.records_passed == passed
         assert p.query("select count(*) from spans_core") == [(48,)]
         assert p.child_counters["unpriced_spans"] == {"house-model-1": sum(n for _, n in requests)}
+
+
+def test_auto_keeps_decoding_here_while_decoding_takes_less_than_the_policys_share(tmp_path):
+    """The decoder process is for load: with decoding under ``start_busy`` of a core (here no rate could
+    reach 10 cores), records across several windows are decoded in serve's process."""
+    policy = DecodePolicy(start_busy=10.0, window_s=0.1)
+    with Pipeline(tmp_path, policy=policy) as p:
+        for seed in range(4):
+            p.export(_unpriced_request(seed)[0])
+            time.sleep(policy.window_s)
+        p.sync()
+        assert p.ingest.pid("decoder") is None and p.ingest.records_passed == 0
+        assert p.query("select count(*) from spans_core") == [(48,)]

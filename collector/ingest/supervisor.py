@@ -259,15 +259,21 @@ class IngestSupervisor:
                     self._dispatch("decoder", msg)
             now = time.monotonic()
             elapsed = now - window_start
-            if self.mode != "auto" or elapsed < policy.window_s:
+            if self.mode != "auto":
                 continue
             if self._decoder is None:
-                if busy / elapsed > policy.start_busy:
-                    log.info("decoding took %.0f%% of a core in this process over %.0f s: starting the decoder process",
-                             100 * busy / elapsed, elapsed)
+                # at once when this window's decoding already exceeds the share of a whole window: under a
+                # sudden load the process starts after ~start_busy * window_s of decoding, not a window later
+                if busy > policy.start_busy * max(elapsed, policy.window_s):
+                    log.info("decoding took %.1f s of %.1f s in this process: starting the decoder process",
+                             busy, elapsed)
                     self._start_decoder()
                     quiet_since = None
+                elif elapsed < policy.window_s:
+                    continue
             else:
+                if elapsed < policy.window_s:
+                    continue
                 share = passed * (seconds_per_byte or 0.0) / elapsed
                 if share >= policy.stop_busy:
                     quiet_since = None
