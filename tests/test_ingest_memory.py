@@ -1,4 +1,4 @@
-"""Allocator settings of serve's processes (collector/ingest/memory.py): what each process runs with."""
+"""Memory settings of serve's processes (collector/ingest/memory.py): allocators, and the code pages given back at rest."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,8 @@
-"""Allocator settings of serve's three processes (issue 18, part 4: the sidecar's memory).
+"""Memory settings of serve's processes (issue 18, part 4: the sidecar's memory): allocators, and the
+library code a process at rest gives back (``release_code_pages``, ``IdleRelease``, at the end).
 
-Each is applied before the allocator it tunes first runs, and a value the user set in the environment wins.
+The allocator settings are applied before the allocator each tunes first runs, and a value the user set in
+the environment wins.
 Measured with bench/footprint.py (summed PSS of the three processes, distinct pages; medians of 2 runs,
 old and new back to back; 40 s at 1,000 spans/s), both together with DuckDB's async_threads (database.py):
 idle 236 -> 230 MB, 1,000 spans/s 312 -> 305 MB.
