@@ -230,12 +230,12 @@ class IngestSupervisor:
                     wait = policy.window_s if wait is None else min(wait, policy.window_s)
                 if conn.poll(wait):
                     msg = conn.recv()
-                    idle.busy()
                 else:
                     idle.maybe()
             except (EOFError, OSError):
                 break
             if isinstance(msg, Record):
+                idle.busy()         # a reader's barrier (read-your-acks) is not work
                 if self._decoder is not None:
                     self._pass(msg)
                     passed += msg.length
