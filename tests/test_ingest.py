@@ -148,3 +148,19 @@ def test_auto_keeps_decoding_here_while_decoding_takes_less_than_the_policys_sha
         p.sync()
         assert p.ingest.pid("decoder") is None and p.ingest.records_passed == 0
         assert p.query("select count(*) from spans_core") == [(48,)]
+
+
+def test_a_decoder_process_that_auto_started_and_died_is_reported_as_a_dead_child(tmp_path):
+    """Fail fast holds for a decoder process started on demand too: records passed to it are acknowledged
+    and not yet stored, so the supervisor tells serve (which exits for its supervisor to restart it)."""
+    policy = DecodePolicy(start_busy=1e-9, window_s=0.1)
+    with Pipeline(tmp_path, policy=policy) as p:
+        died = threading.Event()
+        p.ingest.on_child_exit = died.set
+        p.export(_unpriced_request(0)[0])
+        time.sleep(policy.window_s * 2)
+        p.export(_unpriced_request(1)[0])
+        wait_for(lambda: p.ingest.pid("decoder") is not None, 10, what="the decoder process started")
+        assert not died.is_set()
+        os.kill(p.ingest.pid("decoder"), signal.SIGKILL)
+        assert died.wait(10)

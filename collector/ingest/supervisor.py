@@ -317,7 +317,7 @@ class IngestSupervisor:
         child.gone.wait(timeout)
         child.proc.join(timeout)
         if self._procs.get("decoder") is child.proc:
-            del self._procs["decoder"]
+            self._procs.pop("decoder", None)
 
     def _read_decoder(self, child: _DecoderChild, conn) -> None:
         while True:
@@ -426,7 +426,7 @@ class IngestSupervisor:
         self._kill()
 
     def _kill(self) -> None:
-        for p in self._procs.values():
+        for p in list(self._procs.values()):     # the decoding thread may stop its process meanwhile
             if p.is_alive():
                 p.kill()
             p.join(1)
