@@ -12,22 +12,23 @@ import footprint  # noqa: E402
 from harness import child_pids  # noqa: E402
 
 
+def _child_cmdlines(srv) -> dict[int, str]:
+    return {k: Path(f"/proc/{k}/cmdline").read_bytes().replace(b"\0", b" ").decode() for k in child_pids(srv.proc.pid)}
+
+
 def test_serve_is_two_processes_at_rest_and_the_decoder_process_has_only_what_it_needs(serve_factory):
     """At the default (receivers.decoder_process: auto) serve decodes in its own process until decoding
     needs more than a small share of a core: a sidecar at rest or at a typical rate is two processes,
     not three (the decoder's interpreter was ~50 MB). No multiprocessing resource tracker beside them
     (~8 MB for nothing: they share no semaphores or shared memory), and the children do not import the
     CLI (click), nor polars or DuckDB, to start."""
-    srv = serve_factory()
-    kids = child_pids(srv.proc.pid)
-    cmdlines = [Path(f"/proc/{k}/cmdline").read_bytes().replace(b"\0", b" ").decode() for k in kids]
-    assert [c.split("_child_main()")[1].split()[0] for c in cmdlines] == ["frontend"], cmdlines
-    always = serve_factory(env={"SHADOWLENS_RECEIVERS__DECODER_PROCESS": "always"})
-    kids = child_pids(always.proc.pid)
-    cmdlines = [Path(f"/proc/{k}/cmdline").read_bytes().replace(b"\0", b" ").decode() for k in kids]
+    cmdlines = _child_cmdlines(serve_factory())
+    assert [c.split("_child_main()")[1].split()[0] for c in cmdlines.values()] == ["frontend"], cmdlines
+    cmdlines = _child_cmdlines(serve_factory(env={"SHADOWLENS_RECEIVERS__DECODER_PROCESS": "always"}))
+    kids = list(cmdlines)
     assert len(kids) == 2, cmdlines
-    assert not any("resource_tracker" in c or "multiprocessing" in c for c in cmdlines), cmdlines
-    roles = sorted(c.split("_child_main()")[1].split()[0] for c in cmdlines)
+    assert not any("resource_tracker" in c or "multiprocessing" in c for c in cmdlines.values()), cmdlines
+    roles = sorted(c.split("_child_main()")[1].split()[0] for c in cmdlines.values())
     assert roles == ["decoder", "frontend"]
     for k in kids:
         maps = Path(f"/proc/{k}/maps").read_text()

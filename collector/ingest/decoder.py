@@ -84,10 +84,10 @@ def main(conn_in, conn_out, settings: IngestSettings) -> None:
                 idle.maybe()
                 continue
             msg = conn_in.recv()
-            idle.busy()
         except (EOFError, OSError):
             break
         if isinstance(msg, Record):
+            idle.busy()         # a reader's barrier (read-your-acks) is not work
             out, counted = decode(msg)
             dirty = dirty or counted
             send(out)

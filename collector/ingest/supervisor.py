@@ -373,6 +373,7 @@ class IngestSupervisor:
             self._failure = msg.message
         elif isinstance(msg, Stopped):
             self._stopped[name].set()
+
     def set_aside(self, msg: Undecodable) -> str:
         """Keep a record the decoder could not decode (quarantine file, row, counter, log line); where it is."""
         try:
