@@ -155,6 +155,8 @@ LOGS_DDL = ("CREATE TABLE IF NOT EXISTS logs (trace_id VARCHAR, span_id VARCHAR,
 PAYLOADS_DDL = ("CREATE TABLE IF NOT EXISTS payloads (payload_id BIGINT PRIMARY KEY, segment INTEGER, byte_offset BIGINT,"
                 " length INTEGER, signal VARCHAR, received_at TIMESTAMP, ingest_seq BIGINT)")
 META_DDL = "CREATE TABLE IF NOT EXISTS shadowlens_meta (key VARCHAR PRIMARY KEY, value VARCHAR)"
+# Where a start replays the payload log from (store/writer.py): appended to, never updated (why: writer.py).
+REPLAY_FROM_DDL = "CREATE TABLE IF NOT EXISTS shadowlens_replay_from (segment BIGINT)"
 
 
 def spans_view_ddl(cohort_labels) -> str:

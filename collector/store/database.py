@@ -49,6 +49,7 @@ def sandbox(con: duckdb.DuckDBPyConnection) -> None:
 
 def migrate(con: duckdb.DuckDBPyConnection, cohort_labels) -> None:
     con.execute(schema.META_DDL)
+    con.execute(schema.REPLAY_FROM_DDL)
     _migrate_text_ids(con)
     con.execute(schema.spans_core_ddl(cohort_labels))
     existing = {r[0] for r in con.execute(

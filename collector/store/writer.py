@@ -137,15 +137,19 @@ class StoreWriter:
         # A fresh segment per start: a torn tail from a crash is never appended to.
         drop_torn_payloads(self.con, self.data_dir / SEGMENTS_DIR)
         self.first_segment = (existing[-1] + 1) if existing else 1
-        rows = self.con.execute("SELECT value FROM shadowlens_meta WHERE key = ?", [REPLAY_META_KEY]).fetchall()
-        # A store without the key predates framed segments: nothing in it can be replayed.
-        self.replay_from = int(rows[0][0]) if rows else self.first_segment
+        self.replay_from = self._read_replay_from()
         self._frontend_low = self.first_segment
         if self._dedup is not None:
             dedup.seed(self._dedup, self.con, self.now())
         from .replay import replay
         replay(self, self.data_dir / SEGMENTS_DIR, self.replay_from, self.first_segment)
+        # one row from now on: the earlier ones (and an older store's key) are history, replaced at start,
+        # before anything else reads the store (_write_replay_from says why not later)
+        self.con.begin()
+        self.con.execute("DELETE FROM shadowlens_replay_from")
+        self.con.execute("DELETE FROM shadowlens_meta WHERE key = ?", [REPLAY_META_KEY])
         self._write_replay_from(self.first_segment)
+        self.con.commit()
         self.replay_from = self.first_segment
 
     def start(self) -> None:
@@ -299,7 +303,8 @@ class StoreWriter:
         try:
             self.con.execute("CHECKPOINT")
         except duckdb.Error as exc:
-            # "other write transactions active" (a reader's registered Arrow view counts as one): the commits
+            # "other write transactions active" (a reader's transaction that started before a commit that changed
+            # a row: _write_replay_from): the commits
             # stand, and the writer tries again in a second, also when nothing else arrives
             if self._checkpoint_retry_at is None:
                 log.info("checkpoint postponed: %s", exc)
@@ -418,9 +423,27 @@ class StoreWriter:
         except duckdb.Error:      # no transaction open (it failed in COMMIT, or before BEGIN)
             pass
 
+    def _read_replay_from(self) -> int:
+        """The segment the last run recorded (the newest row: rows are only appended while it runs)."""
+        rows = self.con.execute("SELECT max(segment) FROM shadowlens_replay_from").fetchall()
+        if rows[0][0] is not None:
+            return int(rows[0][0])
+        # a store written before the table: the key in shadowlens_meta; a store without it predates framed
+        # segments, and nothing in it can be replayed
+        rows = self.con.execute("SELECT value FROM shadowlens_meta WHERE key = ?", [REPLAY_META_KEY]).fetchall()
+        return int(rows[0][0]) if rows else self.first_segment
+
     def _write_replay_from(self, segment: int) -> None:
-        """Record in the open transaction (or auto-commit) that segments below ``segment`` are all in DuckDB."""
-        self.con.execute("INSERT OR REPLACE INTO shadowlens_meta VALUES (?, ?)", [REPLAY_META_KEY, str(segment)])
+        """Record in the open transaction (or auto-commit) that segments below ``segment`` are all in DuckDB.
+
+        A row appended, not a value replaced (INSERT OR REPLACE on ``shadowlens_meta`` before; an UPDATE
+        did the same): DuckDB keeps a committed transaction that changed a row, and with it a share of its
+        checkpoint lock, until every transaction that started before the commit has ended, and under load
+        the analyzers' reads overlap without a gap. Every CHECKPOINT, ours and DuckDB's own, then
+        failed ("other write transactions active") for as long as the load lasted: after 60 s of
+        saturation the WAL held 236 MB (tests/test_store_checkpoint.py). One row per segment the frontend
+        moves past (256 MB of payloads); the rows before the newest go at the next start."""
+        self.con.execute("INSERT INTO shadowlens_replay_from VALUES (?)", [segment])
 
     def _commit(self, group: list[_Task], low: int | None = None) -> list[CommitReceipt]:
         seq = self.committed_seq + 1
