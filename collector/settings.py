@@ -55,9 +55,13 @@ STORE: dict[str, Any] = {
     "retention_check": "1m",
     # One DuckDB thread and a larger checkpoint threshold: with 2 cores shared with the decoder, parallel
     # inserts and frequent checkpoints cost more than they give (measured: 53k -> 65k spans/s for the commit
-    # path alone). The memory limit bounds the sidecar's RSS.
+    # path alone). The memory limit bounds the sidecar's RSS: DuckDB keeps the blocks it read and wrote
+    # cached up to it. 64MB since checkpoints run under load (store/writer.py, _write_replay_from): a
+    # closed loop's median 548 -> 515 MB, with the window full 368 -> 346 MB in serve's main process,
+    # and the same acknowledged rate (bench/ingest.py, alternating: 88.2k and 88.2k with 128MB, 94.0k and
+    # 87.7k with 64MB). Before, the rows of a WAL that never checkpointed had to fit in it.
     "duckdb_threads": 1,
-    "duckdb_memory_limit": "128MB",
+    "duckdb_memory_limit": "64MB",
     "checkpoint_threshold": "64MB",
 }
 
