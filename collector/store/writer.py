@@ -303,9 +303,9 @@ class StoreWriter:
         try:
             self.con.execute("CHECKPOINT")
         except duckdb.Error as exc:
-            # "other write transactions active" (a reader's transaction that started before a commit that changed
-            # a row: _write_replay_from): the commits
-            # stand, and the writer tries again in a second, also when nothing else arrives
+            # "other write transactions active" (a reader's transaction older than a commit that changed a row:
+            # _write_replay_from): the commits stand, and the writer tries again in a second, also when nothing
+            # else arrives
             if self._checkpoint_retry_at is None:
                 log.info("checkpoint postponed: %s", exc)
             self._checkpoint_retry_at = time.monotonic() + CHECKPOINT_RETRY_S
