@@ -12,14 +12,16 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
+from pathlib import Path
 
 import duckdb
 from otlp_builders import random_spans, span_request
 
 from shadowlens.collector.counters import IngestCounters
 from shadowlens.collector.decode.normalize import Normalizer
+from shadowlens.collector.store import replay as replay_module
 from shadowlens.collector.store.database import db_path
-from shadowlens.collector.store.writer import StoreWriter
+from shadowlens.collector.store.writer import REPLAY_META_KEY, StoreWriter
 from shadowlens.config import default_config
 
 COMMITS = 30
@@ -59,19 +61,41 @@ def test_checkpoints_run_beside_readers_and_the_wal_stays_small(tmp_path):
             # segment a restart replays from
             store.submit(batch, (i + 1, 0, len(batch.payload)), low_segment=i + 1)
             assert store.flush(30)
-        wal = store._wal.stat().st_size if store._wal.exists() else 0
+        wal_file = Path(f"{db_path(tmp_path)}.wal")
+        wal = wal_file.stat().st_size if wal_file.exists() else 0
     finally:
         stop.set()
         for t in readers:
             t.join(10)
-    stored = store.cursor().execute("SELECT count(*) FROM spans_core").fetchone()[0]
+    stored = _query(store, "SELECT count(*) FROM spans_core")
     store.shutdown()
-    assert stored == COMMITS * 200
+    assert stored == [(COMMITS * 200,)]
     # 30 commits of ~100 KB of WAL each against a 256 KB threshold: checkpoints kept it near the threshold
     assert wal < 4 * 256 * 1024, f"the WAL grew to {wal} bytes: no checkpoint could run beside the readers"
 
 
-def test_a_restart_replays_from_the_last_recorded_segment(tmp_path):
+def _query(store: StoreWriter, sql: str) -> list[tuple]:
+    cur = store.cursor()
+    try:
+        return cur.execute(sql).fetchall()
+    finally:
+        cur.close()
+
+
+def _replays_from(monkeypatch) -> list[int]:
+    """The segment each start replays from (the argument StoreWriter.open gives replay)."""
+    seen: list[int] = []
+    real = replay_module.replay
+
+    def recording(writer, segments_dir, replay_from, first_segment):
+        seen.append(replay_from)
+        return real(writer, segments_dir, replay_from, first_segment)
+    monkeypatch.setattr(replay_module, "replay", recording)
+    return seen
+
+
+def test_a_restart_replays_from_the_last_recorded_segment(tmp_path, monkeypatch):
+    replayed = _replays_from(monkeypatch)
     cfg = default_config()
     store = StoreWriter(tmp_path, cfg.cohort_labels, IngestCounters())
     store.start()
@@ -86,6 +110,27 @@ def test_a_restart_replays_from_the_last_recorded_segment(tmp_path):
         assert con.execute("SELECT max(segment) FROM shadowlens_replay_from").fetchone()[0] == first + 3
     again = StoreWriter(tmp_path, cfg.cohort_labels, IngestCounters())
     again.start()
-    rows = again.cursor().execute("SELECT segment FROM shadowlens_replay_from").fetchall()
+    rows = _query(again, "SELECT segment FROM shadowlens_replay_from")
     again.shutdown()
+    assert replayed[-1] == first + 3
     assert rows == [(again.first_segment,)]       # one row left: the history goes at start
+
+
+def test_a_store_from_before_the_table_replays_from_its_meta_key_once(tmp_path, monkeypatch):
+    """An upgrade: the store recorded the segment as a ``shadowlens_meta`` key. The first start replays from
+    it, and from then on the table holds it (the key is gone, so no later start reads a stale one)."""
+    replayed = _replays_from(monkeypatch)
+    cfg = default_config()
+    store = StoreWriter(tmp_path, cfg.cohort_labels, IngestCounters())
+    store.start()
+    store.shutdown()
+    with duckdb.connect(str(db_path(tmp_path))) as con:      # as the old writer left it
+        con.execute("DELETE FROM shadowlens_replay_from")
+        con.execute("INSERT INTO shadowlens_meta VALUES (?, '7')", [REPLAY_META_KEY])
+    upgraded = StoreWriter(tmp_path, cfg.cohort_labels, IngestCounters())
+    upgraded.start()
+    rows = _query(upgraded, "SELECT segment FROM shadowlens_replay_from")
+    key = _query(upgraded, f"SELECT count(*) FROM shadowlens_meta WHERE key = '{REPLAY_META_KEY}'")
+    upgraded.shutdown()
+    assert replayed[-1] == 7
+    assert rows == [(upgraded.first_segment,)] and key == [(0,)]

@@ -1,13 +1,14 @@
 """Restart recovery: records in the segment log (the write-ahead log) that DuckDB never got.
 
 ``serve`` acknowledges an Export once its payload is fdatasynced in a segment and inserts the
-columns into DuckDB a little later. After ``kill -9`` or a power cut in between, those records
-are only in the segments: this walks every segment from the store's replay segment (``shadowlens_replay_from``) on,
-decodes each record no ``payloads`` row points at, and inserts it like a new request
-(deduplicated, so a record the client also retried is stored once). A record that fails to
-decode or to insert is set aside, counted and logged (the rule: ``shadowlens.collector.ingest``),
-never a reason for ``serve`` not to start; so are bytes between records that do not frame as one
-(``stage="read"``), since a record damaged on disk after its acknowledgement looks like that.
+columns into DuckDB a little later. After ``kill -9`` or a power cut in between, those records are
+only in the segments: this walks every segment from the store's replay segment (the newest row of
+``shadowlens_replay_from``) on, decodes each record no ``payloads`` row points at, and inserts it
+like a new request (deduplicated, so a record the client also retried is stored once). A record that
+fails to decode or to insert is set aside, counted and logged (the rule:
+``shadowlens.collector.ingest``), never a reason for ``serve`` not to start; so are bytes between
+records that do not frame as one (``stage="read"``), since a record damaged on disk after its
+acknowledgement looks like that.
 """
 from __future__ import annotations
 
