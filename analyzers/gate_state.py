@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
+from .buckets import compact_counts, compact_rows, pack, unpack
 from .effects import quantile_grid
 from .rules import GateSettings
 from .sketch import DEFAULT_ALPHA, QuantileSketch
@@ -57,46 +58,13 @@ class _Bucket:
     pair: list = field(default_factory=list)
     keyed: np.ndarray = field(default_factory=lambda: np.zeros(2))
     first: list = field(default_factory=lambda: [math.inf, math.inf])     # min start per route
-    sketch: dict = field(default_factory=dict)     # quantile column index -> [(codes, counts)], see _code
+    sketch: dict = field(default_factory=dict)     # quantile column index -> [(codes, counts)], see buckets.pack
 
 
-_KEY_BIAS = 1 << 31
 # rebuild_sql's sketch rows: ((bucket * 2 + candidate) << _SKETCH_SHIFT) + key + _SKETCH_BIAS; a double's key
 # (alpha 1 %) is within +-36,000 of 0, and a minute bucket of any date fits in the 42 bits left
 _SKETCH_SHIFT = 21
 _SKETCH_BIAS = 1 << 20
-
-
-def _code(slots: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """(route slot, sketch key) as one int64: a bucket's sketch counts cost 12 bytes a (slot, key), not 24."""
-    return (slots.astype(np.int64) << 32) | (keys.astype(np.int64) + _KEY_BIAS)
-
-
-def _decode(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return codes >> 32, (codes & 0xFFFFFFFF) - _KEY_BIAS
-
-
-def _compact_codes(chunks: list) -> list:
-    """Chunks of (codes, counts) summed per code into one chunk."""
-    if len(chunks) <= 1:
-        return chunks
-    codes = np.concatenate([c for c, _ in chunks])
-    uniq, inv = np.unique(codes, return_inverse=True)
-    counts = np.bincount(inv, weights=np.concatenate([n for _, n in chunks]), minlength=uniq.size)
-    return [(uniq, counts.astype(np.int32))]
-
-
-def _compact(chunks: list, width: int) -> list:
-    """Chunks of (slots, rows) summed per slot into one chunk."""
-    if len(chunks) <= 1:
-        return chunks
-    slots = np.concatenate([s for s, _ in chunks])
-    rows = np.concatenate([r for _, r in chunks])
-    uniq, inv = np.unique(slots, return_inverse=True)
-    out = np.empty((uniq.size, width))
-    for j in range(width):
-        out[:, j] = np.bincount(inv, weights=rows[:, j], minlength=uniq.size)
-    return [(uniq, out)]
 
 
 class GateState:
@@ -252,7 +220,7 @@ class GateState:
         rkeys = rows["_key"].to_numpy()
         counts = rows["len"].to_numpy().astype(np.float64)
         buckets = rows["_bucket"].to_numpy()
-        codes = _code(slots, rkeys)
+        codes = pack(slots, rkeys)
         order = _stable_order(buckets)       # one slice per bucket, not a mask per bucket
         buckets, codes_o, counts_o = buckets[order], codes[order], counts[order]
         cuts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
@@ -511,7 +479,7 @@ class GateState:
         for b in [b for b in self._buckets if b < first]:
             for qi, chunks in self._buckets.pop(b).sketch.items():
                 for codes, counts in chunks:
-                    self._apply_sketch(qi, *_decode(codes), counts.astype(np.float64), -1)
+                    self._apply_sketch(qi, *unpack(codes), counts.astype(np.float64), -1)
         if self._pending is not None:
             self._pending = self._pending.filter(pl.col("_bucket") >= first)
 
@@ -524,10 +492,10 @@ class GateState:
             keyed = np.zeros(2)
             first = [math.inf, math.inf]
             for bucket in self._buckets.values():
-                bucket.route = _compact(bucket.route, self.route_width)
-                bucket.pair = _compact(bucket.pair, self.pair_width)
+                bucket.route = compact_rows(bucket.route, self.route_width)
+                bucket.pair = compact_rows(bucket.pair, self.pair_width)
                 for qi, chunks in bucket.sketch.items():
-                    bucket.sketch[qi] = _compact_codes(chunks)
+                    bucket.sketch[qi] = compact_counts(chunks)
                 for slots, rows in bucket.route:
                     route_tot[slots] += rows
                 for slots, rows in bucket.pair:

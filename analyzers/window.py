@@ -114,12 +114,13 @@ class WindowQuery:
                    count(*) AS n
             FROM w JOIN window_evals e USING (trace_id) WHERE e.name IS NOT NULL
             GROUP BY ALL"""
-        # the window's rows and their evals as they are, for WindowState's seed
+        # the window's rows and their evals as they are, for WindowState's seed (oldest first: it folds the
+        # rows of all but the newest traces into sums)
         cohorts = "".join(f", {q}" for q in quoted)
         self.seed_rows_sql = f"""
             SELECT trace_id, route{cohorts}, duration_seconds, steps, cost_usd, refused, escalated, completed_at,
                    min_ingest_seq
-            FROM traces WHERE completed_at >= make_timestamp($cutoff::BIGINT)"""
+            FROM traces WHERE completed_at >= make_timestamp($cutoff::BIGINT) ORDER BY completed_at"""
         self.seed_evals_sql = f"""
             WITH w0 AS (SELECT trace_id, evals_total FROM traces WHERE completed_at >= make_timestamp($cutoff::BIGINT)),
                  {window_evals("w0")}

@@ -32,8 +32,11 @@ import polars as pl
 from shadowlens.collector.store.database import frame
 
 from .aggregates import ROUTES
+from .assembly import RECENT_COMPLETED
+from .buckets import unpack
 from .cohorts import OVERFLOW
 from .window import QUANTILES, WindowQuery, WindowSnapshot
+from .window_buckets import MEASURES, SUMS, ZERO_KEY, FoldedRows, quantiles_by_group
 
 log = logging.getLogger("shadowlens.window")
 
@@ -42,15 +45,25 @@ OTHER_ROUTE = "other"
 # through TraceAssembler.writes) and quarantine's (rows of the quarantine table).
 _FOLLOWED = frozenset({"traces", "quarantine"})
 _RETENTION = "retention"
+# the window's edge in this many buckets of folded rows (at least a second): 15 s for the default 15 minutes
+_BUCKETS_PER_WINDOW = 60
+
+
+class _Unreachable(Exception):
+    """A write revises a trace whose earlier row was folded into sums: the state is read from the store again."""
 
 
 class WindowState:
     """The window's rows in memory; ``refresh()`` gives what ``WindowQuery.refresh()`` gives over the store.
 
     ``derived``: the store's counts of committed derived writes by name (``StoreWriter.derived.done``);
-    None: the state is seeded once and follows the assembler's writes only."""
+    None: the state is seeded once and follows the assembler's writes only.
 
-    def __init__(self, query: WindowQuery, derived: Mapping[str, int] | None = None):
+    ``exact_traces``: the newest traces kept as rows (the assembler's horizon of revisions); older ones are folded
+    into sums per ``bucket_s`` of completed_at (analyzers/window_buckets.py; default: the window / 60)."""
+
+    def __init__(self, query: WindowQuery, derived: Mapping[str, int] | None = None, *,
+                 exact_traces: int = RECENT_COMPLETED, bucket_s: float | None = None):
         self.query = query
         self.labels = query.labels
         self.window_s = query.window_s
@@ -69,6 +82,9 @@ class WindowState:
         self._group_cache: dict | None = None   # _groups' work for the last set of live combinations
         self._rows = self._empty_rows()
         self._evals = self._empty_evals()
+        self.exact_traces = exact_traces
+        self._bucket_s = bucket_s if bucket_s is not None else max(1.0, self.window_s / _BUCKETS_PER_WINDOW)
+        self._folded = FoldedRows(self._bucket_s)
         self.seeds = 0                     # times seeded from the store (tests, and a log line)
 
     # -- the assembler's side ----------------------------------------------------------------------
@@ -96,6 +112,9 @@ class WindowState:
         else:
             try:
                 self._apply(self._take())
+            except _Unreachable as e:
+                log.info("%s; reading the window from the store", e)
+                self._seed(cutoff_us, others)
             except Exception:       # a write it cannot read: the store has the rows, read them there
                 log.exception("the window could not apply the assembler's writes; reading the window from the store")
                 self._seed(cutoff_us, others)
@@ -106,6 +125,7 @@ class WindowState:
                     log.info("retention deleted trace rows of the window; reading the window from the store")
                     self._seed(cutoff_us, others)
         self._expire(cutoff_us)
+        self._fold()
         traces, evals, oldest = self._stats()
         return WindowSnapshot(traces, evals, now, time.perf_counter() - t0, oldest)
 
@@ -115,11 +135,15 @@ class WindowState:
                    if k != _RETENTION)
 
     def rows(self) -> int:
+        """Trace rows the window counts: kept as rows, and folded into sums."""
+        return self._rows.height + (self._folded.rows() if self._folded else 0)
+
+    def exact_rows(self) -> int:
         return self._rows.height
 
     def footprint(self) -> int:
-        """Bytes held by the state's columns (an estimate: polars' buffers)."""
-        return int(self._rows.estimated_size() + self._evals.estimated_size())
+        """Bytes held by the state's columns and sums (an estimate: polars' buffers)."""
+        return int(self._rows.estimated_size() + self._evals.estimated_size() + self._folded.nbytes())
 
     # -- internals ---------------------------------------------------------------------------------
     def _others(self) -> dict[str, int]:
@@ -153,6 +177,7 @@ class WindowState:
         finally:
             con.close()
         self._rows, self._evals, self._seeded_us = self._empty_rows(), self._empty_evals(), -1
+        self._folded = FoldedRows(self._bucket_s)
         self._apply([(rows, evals, [])])
         # the assembler's clock (completed_at), not the window's: a round that started before this may have
         # committed before the read above
@@ -164,18 +189,22 @@ class WindowState:
         """Whether the store lost rows of the window the state holds. Rows the state has not seen yet were
         completed after its newest row (a round's time follows the previous round's write), so the store
         holds exactly the state's rows up to that one unless something deleted some (or a revision in
-        flight replaced one: then the state is read again for nothing)."""
-        if not self._rows.height:
+        flight replaced one: then the state is read again for nothing). Counted from the first bucket of
+        folded rows inside the window (they are counted per bucket)."""
+        folded = self._folded
+        if not self._rows.height and not folded:
             return False
-        newest = int(self._rows["completed_us"].max())
+        start = -(-cutoff_us // folded.bucket_us) * folded.bucket_us if folded else cutoff_us
+        newest = max(int(self._rows["completed_us"].max()) if self._rows.height else 0, folded.newest_us() or 0)
+        held = self._rows.filter(pl.col("completed_us") >= start).height + (folded.rows_from(start) if folded else 0)
         con = self.query.cursor_factory()
         try:
-            n = con.execute("SELECT count(*) FROM traces WHERE completed_at >= make_timestamp($cutoff::BIGINT)"
+            n = con.execute("SELECT count(*) FROM traces WHERE completed_at >= make_timestamp($start::BIGINT)"
                             " AND completed_at <= make_timestamp($newest::BIGINT)",
-                            {"cutoff": cutoff_us, "newest": newest}).fetchone()[0]
+                            {"start": start, "newest": newest}).fetchone()[0]
         finally:
             con.close()
-        return n != self._rows.height
+        return n != held
 
     def _apply(self, writes: list[tuple[pl.DataFrame, pl.DataFrame, list[str]]]) -> None:
         """As ``replace_traces`` in the table: a write deletes the rows of the trace ids it revises, then adds its
@@ -189,6 +218,8 @@ class WindowState:
         rows = rows.with_columns(_write_index([w[0].height for w in writes]),
                                  pl.Series("combo", self._codes(rows), pl.Int32))
         revised = [(t, i) for i, w in enumerate(writes) for t in w[2]]
+        if revised and self._folded:
+            self._check_reachable(rows, revised)
         gone = {t for t, _ in revised}
         if rows.height and rows["completed_us"].min() <= self._seeded_us:
             gone.update(rows.filter(pl.col("completed_us") <= self._seeded_us)["trace_id"].to_list())
@@ -216,6 +247,32 @@ class WindowState:
             self._evals = pl.concat([self._evals, evals], how="vertical")
         self._rows = pl.concat([self._rows, rows.select(self._rows.columns)], how="vertical")
 
+    def _check_reachable(self, rows: pl.DataFrame, revised: list[tuple[str, int]]) -> None:
+        """Raises _Unreachable if a revised trace's earlier row is neither a row here nor in an earlier write of
+        the batch: it may be in the folded sums, which cannot take one row away."""
+        ids = pl.Series([t for t, _ in revised], dtype=pl.String).implode()
+        held = set(self._rows.filter(pl.col("trace_id").is_in(ids))["trace_id"].to_list())
+        first = dict(rows.filter(pl.col("trace_id").is_in(ids)).group_by("trace_id").agg(pl.col("_w").min()).iter_rows())
+        missing = sum(1 for t, i in revised if t not in held and first.get(t, i) >= i)
+        if missing:
+            raise _Unreachable(f"{missing} revised trace(s) older than the window's {self.exact_traces} newest "
+                               "(folded into its sums)")
+
+    def _fold(self) -> None:
+        """The rows of all but the newest ``exact_traces`` traces go into the folded sums (in chunks of an
+        eighth of them: a fold is a few polars passes whatever its size)."""
+        limit = self.exact_traces + self.exact_traces // 8
+        if self._rows.height <= limit:
+            return
+        keys = self._rows["key"].unique().sort().to_numpy()
+        if keys.size <= limit:
+            return
+        edge = keys[-self.exact_traces] if self.exact_traces else keys[-1] + 1
+        old = pl.col("key") < edge
+        self._folded.fold(self._rows.filter(old), self._evals.filter(old))
+        self._rows = self._rows.filter(~old).rechunk()
+        self._evals = self._evals.filter(~old).rechunk()
+
     def _codes(self, rows: pl.DataFrame) -> list[int]:
         """One number per (route, cohort values): the rows keep it, not their strings."""
         codes, combos = self._combo_ids, self._combos
@@ -233,13 +290,17 @@ class WindowState:
             # one chunk again: the statistics' passes over a frame of many chunks took half as long again
             self._rows = self._rows.filter(pl.col("completed_us") >= cutoff_us).rechunk()
             self._evals = self._evals.filter(pl.col("completed_us") >= cutoff_us).rechunk()
+        self._folded.expire(cutoff_us)
         if len(self._combos) > 2 * max(1000, len(self._live_combos())):
             self._recode()
         if len(self._names) > 2 * max(100, self._evals["name"].n_unique()):
             self._rename()
 
     def _live_combos(self) -> np.ndarray:
-        return np.flatnonzero(np.bincount(self._rows["combo"].to_numpy(), minlength=len(self._combos)))
+        counts = np.bincount(self._rows["combo"].to_numpy(), minlength=len(self._combos))
+        if self._folded:
+            counts[self._folded.totals().combos] += 1
+        return np.flatnonzero(counts)
 
     def _recode(self) -> None:
         """Combinations of cohort values no row has any more are forgotten (values come from clients)."""
@@ -252,15 +313,18 @@ class WindowState:
         remap = lambda col: pl.Series("combo", new[col.to_numpy()], pl.Int32)
         self._rows = self._rows.with_columns(remap(self._rows["combo"]))
         self._evals = self._evals.with_columns(remap(self._evals["combo"]))
+        self._folded.recode(new)
 
     def _rename(self) -> None:
         """Eval names no eval of the window has any more are forgotten (names come from clients)."""
-        live = np.unique(self._evals["name"].to_numpy())
+        folded = self._folded.names() if self._folded else np.zeros(0, np.int64)
+        live = np.union1d(self._evals["name"].to_numpy(), folded).astype(np.int64)
         new = np.full(len(self._names), -1, np.int32)
         new[live] = np.arange(len(live), dtype=np.int32)
         self._names = [self._names[i] for i in live]
         self._name_ids = {n: i for i, n in enumerate(self._names)}
         self._evals = self._evals.with_columns(pl.Series("name", new[self._evals["name"].to_numpy()], pl.Int32))
+        self._folded.recode(None, new)
 
     def _shape_rows(self, rows: pl.DataFrame) -> pl.DataFrame:
         route = pl.col("route")
@@ -313,31 +377,82 @@ class WindowState:
                          "refusal_ratio": pl.Float64, "escalation_ratio": pl.Float64}
         evals_schema = {"route": pl.String, **{label: pl.String for label in labels}, "eval": pl.String,
                         "fail_ratio": pl.Float64, "n": pl.Int64}
-        if not rows.height:
+        folded = self._folded.totals() if self._folded else None
+        if not rows.height and folded is None:
             return pl.DataFrame(schema=traces_schema), pl.DataFrame(schema=evals_schema), None
         # the shown combinations: several combinations past a cap share one (__overflow__)
         group_of, groups = self._groups()
-        g = pl.Series("g", group_of[rows["combo"].to_numpy()], pl.UInt32)
-        traces = rows.select(g, "duration_seconds", "steps", "cost_usd", "refused", "escalated").group_by("g").agg(
-            pl.len().cast(pl.Int64).alias("n"),
-            pl.concat_list([pl.col("duration_seconds").quantile(x, interpolation="linear") for x in QUANTILES]).alias("q"),
-            pl.col("steps").mean().alias("steps_mean"), pl.col("cost_usd").mean().alias("cost_mean"),
-            pl.col("refused").cast(pl.Float64).mean().alias("refusal_ratio"),
-            pl.col("escalated").cast(pl.Float64).mean().alias("escalation_ratio"))
+        n_groups = groups.height
+        g = group_of[rows["combo"].to_numpy()]
+        # the rows' sums per group, and their exact quantiles; the folded sums are added to the sums
+        exact = rows.select(pl.Series("g", g, pl.UInt32), "duration_seconds", "steps", "cost_usd", "refused",
+                            "escalated").group_by("g").agg(
+            pl.len().cast(pl.Float64).alias("n"),
+            *[e for m in MEASURES for e in (pl.col(m).count().cast(pl.Float64).alias(f"{m}_known"),
+                                             pl.col(m).cast(pl.Float64).sum().alias(f"{m}_sum"))],
+            pl.concat_list([pl.col("duration_seconds").quantile(x, interpolation="linear") for x in QUANTILES]).alias("q"))
+        sums = np.zeros((n_groups, len(SUMS)))
+        q = np.full((n_groups, len(QUANTILES)), np.nan)
+        at = exact["g"].to_numpy().astype(np.int64)
+        sums[at] = exact.select(SUMS).to_numpy()
+        if at.size:
+            q[at] = np.array(exact["q"].to_list(), dtype=np.float64).reshape(at.size, len(QUANTILES))
+        if folded is not None:
+            np.add.at(sums, group_of[folded.combos], folded.sums)
+            self._sketched_quantiles(q, g, group_of, folded)
+        present = np.flatnonzero(sums[:, 0])
+        ratio = lambda m: pl.Series(_ratio(sums[present, SUMS.index(f"{m}_sum")],
+                                           sums[present, SUMS.index(f"{m}_known")])).fill_nan(None)
+        traces = pl.DataFrame({"g": present.astype(np.uint32), "n": sums[present, 0].astype(np.int64),
+                               "q": [[None if x != x else x for x in r] for r in q[present].tolist()],
+                               "steps_mean": ratio("steps"), "cost_mean": ratio("cost_usd"),
+                               "refusal_ratio": ratio("refused"), "escalation_ratio": ratio("escalated")},
+                              schema_overrides={"q": pl.List(pl.Float64)})
         traces = groups.join(traces, on="g", how="inner").cast(traces_schema).select(list(traces_schema))
         evals = pl.DataFrame(schema=evals_schema)
+        k = len(self._names)
+        cells, weights, failures = [], [], []
         if self._evals.height:
-            k = len(self._names)
-            cell = group_of[self._evals["combo"].to_numpy()].astype(np.int64) * k + self._evals["name"].to_numpy()
+            cells.append(group_of[self._evals["combo"].to_numpy()].astype(np.int64) * k + self._evals["name"].to_numpy())
             n = self._evals["n"].to_numpy().astype(np.float64)
-            total = np.bincount(cell, weights=n, minlength=groups.height * k)
-            failed = np.bincount(cell, weights=n * self._evals["failed"].to_numpy(), minlength=groups.height * k)
+            weights.append(n)
+            failures.append(n * self._evals["failed"].to_numpy())
+        if folded is not None and folded.evals.size:
+            combo, name = unpack(folded.evals)
+            cells.append(group_of[combo].astype(np.int64) * k + name)
+            weights.append(folded.eval_sums[:, 0])
+            failures.append(folded.eval_sums[:, 1])
+        if cells:
+            cell = np.concatenate(cells)
+            total = np.bincount(cell, weights=np.concatenate(weights), minlength=n_groups * k)
+            failed = np.bincount(cell, weights=np.concatenate(failures), minlength=n_groups * k)
             hit = np.flatnonzero(total)
             evals = pl.DataFrame({"g": (hit // k).astype(np.uint32), "eval": [self._names[i] for i in hit % k],
                                   "fail_ratio": failed[hit] / total[hit], "n": total[hit].astype(np.int64)})
             evals = self.query._cap_evals(groups.join(evals, on="g", how="inner").cast(evals_schema)
                                           .select(list(evals_schema)))
-        return traces, evals, int(rows["completed_us"].min()) / 1e6
+        oldest = [int(rows["completed_us"].min())] if rows.height else []
+        if folded is not None:
+            oldest.append(self._folded.leaves_at())
+        return traces, evals, min(oldest) / 1e6
+
+    def _sketched_quantiles(self, q: np.ndarray, g: np.ndarray, group_of: np.ndarray, folded) -> None:
+        """The quantiles of the groups with folded durations, read off sketch counts: the folded ones and the
+        rows' own (within the sketch's relative error of the exact ones)."""
+        combo, keys = unpack(folded.durations)
+        fg = group_of[combo].astype(np.int64)
+        mine = np.isin(g, np.unique(fg))
+        d = self._rows["duration_seconds"].to_numpy()
+        mine &= ~np.isnan(d)
+        values = d[mine]
+        own = np.full(values.size, ZERO_KEY, np.int64)
+        positive = values > 0
+        own[positive] = self._folded.sketch.keys(values[positive])
+        read = quantiles_by_group(np.concatenate([fg, g[mine].astype(np.int64)]), np.concatenate([keys, own]),
+                                  np.concatenate([folded.counts, np.ones(own.size, np.int32)]), q.shape[0],
+                                  QUANTILES, self._folded.sketch.gamma)
+        sketched = np.unique(fg)
+        q[sketched] = read[sketched]
 
     def _groups(self) -> tuple[np.ndarray, pl.DataFrame]:
         """Each combination's shown group (a row of the frame of shown (g, route, cohort values)), as the SQL
@@ -376,6 +491,11 @@ class WindowState:
             cache["groups"] = pl.DataFrame(list(index), schema={"route": pl.String, **{x: pl.String for x in self.labels}},
                                            orient="row").with_row_index("g")
         return cache["group_of"], cache["groups"]
+
+
+def _ratio(total: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """sum / known values, nan where none is known (null, as avg over no values)."""
+    return np.divide(total, known, out=np.full(total.shape, np.nan), where=known > 0)
 
 
 _ROW_COLUMNS = ("trace_id", "route", "duration_seconds", "steps", "cost_usd", "refused", "escalated", "completed_at")

@@ -92,7 +92,10 @@ class Traffic:
         self.traces: dict[str, dict] = {}      # trace_id -> its cohort values, first seq, units
         self.n = 0
 
-    def round(self, completed_s: float, new: int, revise: int = 0, late_evals: int = 0) -> None:
+    def round(self, completed_s: float, new: int, revise: int = 0, late_evals: int = 0,
+              revise_from: int | None = None, revise_these: list[str] | None = None) -> None:
+        """``revise_from``: revisions pick among the newest that many traces (the assembler's horizon);
+        ``revise_these``: the traces to revise."""
         rng, store = self.rng, self.store
         ids = []
         for _ in range(new):
@@ -104,7 +107,10 @@ class Traffic:
                                 "units": rng.random() < 0.15, "revision": -1}
             ids.append(tid)
         known = [t for t in self.traces if t not in ids]
-        revised = rng.sample(known, min(revise, len(known)))
+        known = known[-revise_from:] if revise_from else known
+        revised = list(revise_these) if revise_these else rng.sample(known, min(revise, len(known)))
+        for tid in revised:           # the newest written last, as the assembler remembers them
+            self.traces[tid] = self.traces.pop(tid)
         # evals logged while the traces were open, in a few commits
         for _ in range(3):
             store.log_evals([(t, rng.choice(EVAL_NAMES + (None,)), rng.choice([True, False, False, None]))
@@ -172,7 +178,7 @@ def assert_same(got: WindowSnapshot, want: WindowSnapshot) -> None:
     assert g.select(keys, "n").rows() == w.select(keys, "n").rows()
     for col in ("steps_mean", "cost_mean", "refusal_ratio", "escalation_ratio"):
         _close(g[col].to_list(), w[col].to_list(), col)
-    for a, b in zip(g["q"].to_list(), w["q"].to_list()):
+    for a, b in zip(g["q"].to_list() if "q" in g.columns else [], w["q"].to_list() if "q" in w.columns else []):
         _close(a, b, "q")
     ge, we = got.evals.sort([*keys, "eval"]), want.evals.sort([*keys, "eval"])
     assert ge.columns == we.columns and ge.schema == we.schema
@@ -213,6 +219,120 @@ def test_the_state_gives_the_snapshot_the_sql_gives_over_the_same_writes(tmp_pat
     assert "other" in snap.traces["route"].to_list()
     # a new state seeded from the store agrees too (serve's start)
     assert_same(WindowState(query, derived=store.done).refresh(), snap)
+
+
+def assert_close(got: WindowSnapshot, want: WindowSnapshot) -> None:
+    """As assert_same, for a state with folded rows: the quantiles within the sketch's relative error (1 %),
+    the rest as exactly; ``oldest`` is when the oldest bucket leaves, not its oldest trace."""
+    strip = lambda snap: WindowSnapshot(snap.traces.drop("q"), snap.evals, snap.as_of, snap.seconds)
+    assert_same(strip(got), strip(want))
+    keys = ["route", *LABELS]
+    for a, b in zip(got.traces.sort(keys)["q"].to_list(), want.traces.sort(keys)["q"].to_list()):
+        assert a == pytest.approx(b, rel=0.01 + 1e-9)
+
+
+BUCKET_S = 50.0
+
+
+def _aligned_now() -> list[float]:
+    """A clock on a bucket boundary: rounds 50 s apart then fill whole buckets, and the window's edge falls
+    between them, where the folded sums' edge and the SQL's agree."""
+    return [float(int(time.time()) // int(BUCKET_S) * int(BUCKET_S))]
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_rows_past_the_newest_traces_fold_into_sums_that_give_the_sqls_snapshot(tmp_path, seed):
+    rng = random.Random(seed)
+    now = _aligned_now()
+    clock = lambda: now[0]
+    store = Store(tmp_path)
+    values = _values(rng)
+    lims = _limiters(now=clock)
+    _prime(lims, values)
+    query = WindowQuery(store.cursor, lims[0], WINDOW_S, now=clock, combos=lims[1], eval_names=lims[2])
+    state = WindowState(query, derived=store.done, exact_traces=40, bucket_s=BUCKET_S)
+    traffic = Traffic(store, state, rng, values)
+    t0 = now[0] - 1200
+    for k in range(24):               # the first rounds leave the window, most of the rest are folded
+        traffic.round(t0 + 50 * k, new=rng.randint(5, 40), revise=rng.randint(0, 4) if k else 0,
+                      late_evals=rng.randint(0, 5), revise_from=40)
+        if k % 6 == 5:
+            assert_close(state.refresh(), query.refresh())
+            assert k < 11 or state.exact_rows() < state.rows()
+    snap = state.refresh()
+    assert_close(snap, query.refresh())
+    assert state.seeds == 1, "the state was read from the store again without a reason"
+    assert OVERFLOW in snap.traces["intent"].to_list() and OVERFLOW in snap.evals["eval"].to_list()
+    # the quantiles of the groups with folded rows are read off the sketch: not all of them equal the SQL's
+    exact = query.refresh().traces.sort("route", *LABELS)["q"].to_list()
+    assert snap.traces.sort("route", *LABELS)["q"].to_list() != exact
+    # serve's start: a state seeded from the store folds all but the newest traces too
+    fresh = WindowState(query, derived=store.done, exact_traces=40, bucket_s=BUCKET_S)
+    assert_close(fresh.refresh(), snap)
+    assert fresh.exact_rows() < fresh.rows() == state.rows()
+
+
+def test_the_rows_kept_are_bounded_by_the_newest_traces_whatever_the_window_holds(tmp_path):
+    """A closed loop held for minutes filled the window with ~1M traces, all kept as rows (~180 bytes each in
+    serve): the rows kept are now the newest exact_traces traces (and an eighth more before a fold)."""
+    now = _aligned_now()
+    store = Store(tmp_path)
+    query = WindowQuery(store.cursor, _limiters(max_values=50, max_series=1000, max_evals=50)[0], WINDOW_S,
+                        now=lambda: now[0])
+    state = WindowState(query, derived=store.done, exact_traces=100, bucket_s=BUCKET_S)
+    traffic = Traffic(store, state, random.Random(8), _values(None))
+    held = []
+    for k in range(16):
+        traffic.round(now[0] - 800 + 50 * k, new=60)
+        state.refresh()
+        held.append(state._rows["trace_id"].n_unique())
+        assert state.rows() == store.con.execute("SELECT count(*) FROM traces").fetchone()[0]
+    assert max(held) <= 100 + 100 // 8 and held[-1] >= 100
+
+
+def test_a_revision_of_a_folded_trace_reads_the_window_from_the_store(tmp_path):
+    now = _aligned_now()
+    store = Store(tmp_path)
+    query = WindowQuery(store.cursor, _limiters(max_values=50, max_series=1000, max_evals=50)[0], WINDOW_S,
+                        now=lambda: now[0])
+    state = WindowState(query, derived=store.done, exact_traces=5, bucket_s=BUCKET_S)
+    traffic = Traffic(store, state, random.Random(12), _values(None))
+    for k in range(4):
+        traffic.round(now[0] - 400 + 50 * k, new=10)
+    state.refresh()
+    assert state.exact_rows() < state.rows() and state.seeds == 1
+    traffic.round(now[0] - 100, new=3, revise=2, revise_from=5)      # the newest: rows still
+    assert_close(state.refresh(), query.refresh())
+    assert state.seeds == 1
+    traffic.round(now[0] - 50, new=0, revise_these=[next(iter(traffic.traces))])     # the oldest: folded
+    snap = state.refresh()
+    assert state.seeds == 2
+    assert_close(snap, query.refresh())
+
+
+def test_folded_rows_leave_with_their_bucket(tmp_path):
+    now = _aligned_now()
+    store = Store(tmp_path)
+    query = WindowQuery(store.cursor, _limiters(max_values=50, max_series=1000, max_evals=50)[0], WINDOW_S,
+                        now=lambda: now[0])
+    state = WindowState(query, derived=store.done, exact_traces=0, bucket_s=BUCKET_S)
+    traffic = Traffic(store, state, random.Random(6), _values(None))
+    traffic.round(now[0] - 100, new=3)
+    traffic.round(now[0] - 80, new=2)           # the same bucket of 50 s
+    traffic.round(now[0] - 50, new=4)
+    rows_at = lambda s: store.con.execute("SELECT count(*) FROM traces WHERE completed_at = ?",
+                                          [_ts(s)]).fetchone()[0]
+    first, second, third = rows_at(now[0] - 100), rows_at(now[0] - 80), rows_at(now[0] - 50)
+    counted = lambda snap: int(snap.traces["n"].sum()) if snap.traces.height else 0
+    snap = state.refresh()
+    assert state.exact_rows() == 0 and counted(snap) == first + second + third
+    assert snap.oldest == now[0] - 50           # the first bucket leaves when the edge passes its end
+    now[0] += WINDOW_S - 80                     # the edge is past the first round's rows, not the bucket's end
+    assert counted(state.refresh()) == first + second + third
+    now[0] += 30                                # the edge at the bucket's end: both rounds leave
+    snap = state.refresh()
+    assert counted(snap) == third
+    assert_close(snap, query.refresh())
 
 
 def test_rows_leave_at_the_windows_edge(tmp_path):
@@ -352,3 +472,25 @@ def test_serve_window_follows_the_assembler_and_a_reprice(serve_factory, tmp_pat
     after = window_costs()
     assert any(after[k] != pytest.approx(before[k], rel=1e-6) for k in before if before[k]), \
         "the reprice changed no cost the window shows"
+
+
+def test_forgetting_combinations_and_names_keeps_the_folded_sums(tmp_path):
+    """Cohort values and eval names come from clients: codes no row has any more are forgotten (renumbered),
+    the folded sums' codes with them."""
+    now = _aligned_now()
+    store = Store(tmp_path)
+    query = WindowQuery(store.cursor, _limiters(max_values=50, max_series=1000, max_evals=50)[0], WINDOW_S,
+                        now=lambda: now[0])
+    state = WindowState(query, derived=store.done, exact_traces=10, bucket_s=BUCKET_S)
+    traffic = Traffic(store, state, random.Random(14), _values(None))
+    for k in range(6):
+        traffic.round(now[0] - 850 + 50 * k, new=15)
+    state.refresh()
+    now[0] += 200                      # the first rounds leave: their combinations and names with them
+    before = state.refresh()
+    combos, names = len(state._combos), len(state._names)
+    state._recode()
+    state._rename()
+    assert len(state._combos) < combos and len(state._names) <= names
+    assert_same(state.refresh(), before)
+    assert_close(before, query.refresh())
