@@ -16,7 +16,6 @@ count where a (slot, key, count) triple would take 24. Adding is appending a chu
 from __future__ import annotations
 
 import numpy as np
-import polars as pl
 
 _KEY_BIAS = 1 << 31
 
@@ -34,21 +33,20 @@ def compact_counts(chunks: list) -> list:
     """Chunks of (codes, counts) summed per code into one chunk, codes ascending."""
     if len(chunks) <= 1:
         return chunks
-    summed = _sum_by(np.concatenate([c for c, _ in chunks]), np.concatenate([n for _, n in chunks])[:, None])
-    return [(summed[0], summed[1][:, 0].astype(np.int32))]
+    codes = np.concatenate([c for c, _ in chunks])
+    uniq, inv = np.unique(codes, return_inverse=True)
+    counts = np.bincount(inv, weights=np.concatenate([n for _, n in chunks]), minlength=uniq.size)
+    return [(uniq, counts.astype(np.int32))]
 
 
 def compact_rows(chunks: list, width: int) -> list:
     """Chunks of (slots, rows) summed per slot into one chunk, slots ascending."""
     if len(chunks) <= 1:
         return chunks
-    slots, rows = _sum_by(np.concatenate([s for s, _ in chunks]), np.concatenate([r for _, r in chunks]))
-    return [(slots, rows.reshape(-1, width))]
-
-
-def _sum_by(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows summed per key, keys ascending (polars' grouping: numpy's unique took ~8 ms for 60,000 keys)."""
-    cols = [f"c{j}" for j in range(rows.shape[1])]
-    frame = pl.DataFrame({"k": keys, **{c: rows[:, j].astype(np.float64) for j, c in enumerate(cols)}})
-    out = frame.group_by("k").agg(pl.col(cols).sum()).sort("k")
-    return out["k"].to_numpy(), out.select(cols).to_numpy()
+    slots = np.concatenate([s for s, _ in chunks])
+    rows = np.concatenate([r for _, r in chunks])
+    uniq, inv = np.unique(slots, return_inverse=True)
+    out = np.empty((uniq.size, width))
+    for j in range(width):
+        out[:, j] = np.bincount(inv, weights=rows[:, j], minlength=uniq.size)
+    return [(uniq, out)]

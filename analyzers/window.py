@@ -1,4 +1,4 @@
-"""Exact statistics over the sliding window (default 15 min), per route and cohort.
+"""Statistics over the sliding window (default 15 min), per route and cohort: exact here, over the store.
 
 Computed over the ``traces`` rows completed in the window, on a refresh interval in the background;
 a scrape only reads the last result. ``WindowQuery`` computes them with DuckDB over the store: the
@@ -28,7 +28,9 @@ class WindowSnapshot:
     evals: pl.DataFrame        # route, <cohorts>, eval, fail_ratio
     as_of: float
     seconds: float             # how long the refresh took
-    oldest: float | None = None   # completed_at of the window's oldest trace (epoch s): it leaves at oldest + window
+    # completed_at of the window's oldest trace (epoch s): it leaves at oldest + window (WindowState's folded
+    # rows: the end of their oldest bucket, which leaves then)
+    oldest: float | None = None
 
 
 def series_key(values) -> str:

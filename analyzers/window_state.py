@@ -11,6 +11,12 @@ applied: ~35 ms of CPU on a loaded 2-core machine, where the SQL took 115-130):
   its trace ids, as ``derived.replace_traces`` does in the table (a trace's rows, its own and its call units',
   share its trace id and are always written together);
 * rows leave at the window's edge (``completed_at < now - window``), their evals with them;
+* the rows of all but the newest ``exact_traces`` traces (the assembler's horizon of revisions) are folded
+  into sums per bucket of completed_at (analyzers/window_buckets.py), so the state does not grow with rate x
+  window (a closed loop held 150 s kept ~1M traces' rows); a folded bucket leaves when all of it is past the
+  edge, a combination with folded rows reads its quantiles off sketch counts (within 1 %), and a write that
+  revises a folded trace reads the state from the store again (at 300k traces of 128 combinations: 8 MB held
+  where the rows took 31, a refresh after 5,000 new traces 35 ms against 46);
 * the state is seeded from the store at start (``WindowQuery.seed_rows_sql`` and ``seed_evals_sql``) and
   seeded again after any other derived write that can change trace rows: a reprice (costs), an unknown
   name. Retention deletes trace rows only when the disk budget removes whole segments (by age it deletes
