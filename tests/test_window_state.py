@@ -192,18 +192,24 @@ def _close(got: list, want: list, what: str) -> None:
     assert [v for v in got if v is not None] == pytest.approx([v for v in want if v is not None], rel=1e-12), what
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_the_state_gives_the_snapshot_the_sql_gives_over_the_same_writes(tmp_path, seed):
-    rng = random.Random(seed)
-    now = [time.time()]
+def _capped(tmp_path, rng: random.Random, now: list[float], **state_args):
+    """A store, the SQL over it and the window's state with small caps (both paths given the same decided
+    limiters, on the clock ``now``), and random traffic into both."""
     clock = lambda: now[0]
     store = Store(tmp_path)
     values = _values(rng)
     lims = _limiters(now=clock)
     _prime(lims, values)
     query = WindowQuery(store.cursor, lims[0], WINDOW_S, now=clock, combos=lims[1], eval_names=lims[2])
-    state = WindowState(query, derived=store.done)
-    traffic = Traffic(store, state, rng, values)
+    state = WindowState(query, derived=store.done, **state_args)
+    return store, query, state, Traffic(store, state, rng, values)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_state_gives_the_snapshot_the_sql_gives_over_the_same_writes(tmp_path, seed):
+    rng = random.Random(seed)
+    now = [time.time()]
+    store, query, state, traffic = _capped(tmp_path, rng, now)
     t0 = now[0] - 1200
     for k in range(24):               # 24 rounds 50 s apart: the first ones leave the window
         traffic.round(t0 + 50 * k, new=rng.randint(5, 40), revise=rng.randint(0, 4) if k else 0,
@@ -240,18 +246,22 @@ def _aligned_now() -> list[float]:
     return [float(int(time.time()) // int(BUCKET_S) * int(BUCKET_S))]
 
 
+def _folding(tmp_path, exact_traces: int, seed: int):
+    """A clock on a bucket boundary, a store, the window's state over it folding all but the newest
+    ``exact_traces`` traces into buckets of BUCKET_S, and traffic into both."""
+    now = _aligned_now()
+    store = Store(tmp_path)
+    query = WindowQuery(store.cursor, _limiters(max_values=50, max_series=1000, max_evals=50)[0], WINDOW_S,
+                        now=lambda: now[0])
+    state = WindowState(query, derived=store.done, exact_traces=exact_traces, bucket_s=BUCKET_S)
+    return now, store, query, state, Traffic(store, state, random.Random(seed), _values(None))
+
+
 @pytest.mark.parametrize("seed", [4, 5])
 def test_rows_past_the_newest_traces_fold_into_sums_that_give_the_sqls_snapshot(tmp_path, seed):
     rng = random.Random(seed)
     now = _aligned_now()
-    clock = lambda: now[0]
-    store = Store(tmp_path)
-    values = _values(rng)
-    lims = _limiters(now=clock)
-    _prime(lims, values)
-    query = WindowQuery(store.cursor, lims[0], WINDOW_S, now=clock, combos=lims[1], eval_names=lims[2])
-    state = WindowState(query, derived=store.done, exact_traces=40, bucket_s=BUCKET_S)
-    traffic = Traffic(store, state, rng, values)
+    store, query, state, traffic = _capped(tmp_path, rng, now, exact_traces=40, bucket_s=BUCKET_S)
     t0 = now[0] - 1200
     for k in range(24):               # the first rounds leave the window, most of the rest are folded
         traffic.round(t0 + 50 * k, new=rng.randint(5, 40), revise=rng.randint(0, 4) if k else 0,
@@ -275,12 +285,7 @@ def test_rows_past_the_newest_traces_fold_into_sums_that_give_the_sqls_snapshot(
 def test_the_rows_kept_are_bounded_by_the_newest_traces_whatever_the_window_holds(tmp_path):
     """A closed loop held for minutes filled the window with ~1M traces, all kept as rows (~180 bytes each in
     serve): the rows kept are now the newest exact_traces traces (and an eighth more before a fold)."""
-    now = _aligned_now()
-    store = Store(tmp_path)
-    query = WindowQuery(store.cursor, _limiters(max_values=50, max_series=1000, max_evals=50)[0], WINDOW_S,
-                        now=lambda: now[0])
-    state = WindowState(query, derived=store.done, exact_traces=100, bucket_s=BUCKET_S)
-    traffic = Traffic(store, state, random.Random(8), _values(None))
+    now, store, query, state, traffic = _folding(tmp_path, exact_traces=100, seed=8)
     held = []
     for k in range(16):
         traffic.round(now[0] - 800 + 50 * k, new=60)
@@ -291,12 +296,7 @@ def test_the_rows_kept_are_bounded_by_the_newest_traces_whatever_the_window_hold
 
 
 def test_a_revision_of_a_folded_trace_reads_the_window_from_the_store(tmp_path):
-    now = _aligned_now()
-    store = Store(tmp_path)
-    query = WindowQuery(store.cursor, _limiters(max_values=50, max_series=1000, max_evals=50)[0], WINDOW_S,
-                        now=lambda: now[0])
-    state = WindowState(query, derived=store.done, exact_traces=5, bucket_s=BUCKET_S)
-    traffic = Traffic(store, state, random.Random(12), _values(None))
+    now, store, query, state, traffic = _folding(tmp_path, exact_traces=5, seed=12)
     for k in range(4):
         traffic.round(now[0] - 400 + 50 * k, new=10)
     state.refresh()
@@ -311,12 +311,7 @@ def test_a_revision_of_a_folded_trace_reads_the_window_from_the_store(tmp_path):
 
 
 def test_folded_rows_leave_with_their_bucket(tmp_path):
-    now = _aligned_now()
-    store = Store(tmp_path)
-    query = WindowQuery(store.cursor, _limiters(max_values=50, max_series=1000, max_evals=50)[0], WINDOW_S,
-                        now=lambda: now[0])
-    state = WindowState(query, derived=store.done, exact_traces=0, bucket_s=BUCKET_S)
-    traffic = Traffic(store, state, random.Random(6), _values(None))
+    now, store, query, state, traffic = _folding(tmp_path, exact_traces=0, seed=6)
     traffic.round(now[0] - 100, new=3)
     traffic.round(now[0] - 80, new=2)           # the same bucket of 50 s
     traffic.round(now[0] - 50, new=4)
@@ -477,12 +472,7 @@ def test_serve_window_follows_the_assembler_and_a_reprice(serve_factory, tmp_pat
 def test_forgetting_combinations_and_names_keeps_the_folded_sums(tmp_path):
     """Cohort values and eval names come from clients: codes no row has any more are forgotten (renumbered),
     the folded sums' codes with them."""
-    now = _aligned_now()
-    store = Store(tmp_path)
-    query = WindowQuery(store.cursor, _limiters(max_values=50, max_series=1000, max_evals=50)[0], WINDOW_S,
-                        now=lambda: now[0])
-    state = WindowState(query, derived=store.done, exact_traces=10, bucket_s=BUCKET_S)
-    traffic = Traffic(store, state, random.Random(14), _values(None))
+    now, store, query, state, traffic = _folding(tmp_path, exact_traces=10, seed=14)
     for k in range(6):
         traffic.round(now[0] - 850 + 50 * k, new=15)
     state.refresh()
