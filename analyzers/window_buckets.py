@@ -47,8 +47,9 @@ SUMS = ("n", *(f"{m}_{what}" for m in MEASURES for what in ("known", "sum")))
 EVAL_SUMS = ("n", "failed")
 # the sketch key of durations <= 0 (read as 0): below any key of a double > 0
 ZERO_KEY = -(1 << 30)
-# quantiles_by_group's dense table at most this many cells (8 bytes each)
-_DENSE_CELLS = 4_000_000
+# quantiles_by_group's dense table at most this many cells (8 bytes each, a few copies while it is read): ~300
+# groups (routes x cohorts.max_series 100) over the ~1,150 keys of 1 us..3 h fit; more take the sorted path
+_DENSE_CELLS = 1_000_000
 
 
 @dataclass
