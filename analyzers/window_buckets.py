@@ -52,6 +52,13 @@ ZERO_KEY = -(1 << 30)
 _DENSE_CELLS = 1_000_000
 
 
+def sum_exprs() -> list[pl.Expr]:
+    """The SUMS of a group of rows, as polars aggregations (floats: they are added to folded sums)."""
+    return [pl.len().cast(pl.Float64).alias("n"),
+            *[e for m in MEASURES for e in (pl.col(m).count().cast(pl.Float64).alias(f"{m}_known"),
+                                            pl.col(m).cast(pl.Float64).sum().alias(f"{m}_sum"))]]
+
+
 @dataclass
 class _Bucket:
     sums: list = field(default_factory=list)      # (combination codes, rows of SUMS)
@@ -98,17 +105,10 @@ class FoldedRows:
         if not rows.height:
             return
         bucket = (pl.col("completed_us") // self.bucket_us).alias("_b")
-        sums = rows.group_by(bucket, "combo").agg(
-            pl.len().cast(pl.Float64).alias("n"),
-            *[e for m in MEASURES for e in (pl.col(m).count().cast(pl.Float64).alias(f"{m}_known"),
-                                            pl.col(m).cast(pl.Float64).sum().alias(f"{m}_sum"))],
-            pl.col("completed_us").max().alias("_last"))
+        sums = rows.group_by(bucket, "combo").agg(*sum_exprs(), pl.col("completed_us").max().alias("_last"))
         d = rows["duration_seconds"].cast(pl.Float64)
         known = d.is_not_null().to_numpy()
-        values = d.to_numpy()[known]
-        keys = np.full(values.size, ZERO_KEY, np.int64)
-        positive = values > 0
-        keys[positive] = self.sketch.keys(values[positive])
+        keys = self.keys(d.to_numpy()[known])
         durations = pl.DataFrame({
             "_b": rows["completed_us"].to_numpy()[known] // self.bucket_us,
             "code": pack(rows["combo"].to_numpy()[known], keys)}).group_by("_b", "code").agg(pl.len().alias("c"))
@@ -129,6 +129,13 @@ class FoldedRows:
                 self._buckets[int(b)].evals.append((pack(part["combo"].to_numpy(), part["name"].to_numpy()),
                                                     part.select(EVAL_SUMS).to_numpy()))
         self._totals = None
+
+    def keys(self, durations: np.ndarray) -> np.ndarray:
+        """The sketch keys of known durations: ZERO_KEY for those <= 0."""
+        keys = np.full(durations.size, ZERO_KEY, np.int64)
+        positive = durations > 0
+        keys[positive] = self.sketch.keys(durations[positive])
+        return keys
 
     def expire(self, cutoff_us: int) -> None:
         """Buckets that end at or before the window's edge leave."""

@@ -16,7 +16,7 @@ applied: ~35 ms of CPU on a loaded 2-core machine, where the SQL took 115-130):
   window (a closed loop held 150 s kept ~1M traces' rows); a folded bucket leaves when all of it is past the
   edge, a combination with folded rows reads its quantiles off sketch counts (within 1 %), and a write that
   revises a folded trace reads the state from the store again (at 300k traces of 128 combinations: 8 MB held
-  where the rows took 31, a refresh after 5,000 new traces 35 ms against 46);
+  where the rows took 31, a refresh after 5,000 new traces as costly, one with nothing new half as);
 * the state is seeded from the store at start (``WindowQuery.seed_rows_sql`` and ``seed_evals_sql``) and
   seeded again after any other derived write that can change trace rows: a reprice (costs), an unknown
   name. Retention deletes trace rows only when the disk budget removes whole segments (by age it deletes
@@ -42,7 +42,7 @@ from .assembly import RECENT_COMPLETED
 from .buckets import unpack
 from .cohorts import OVERFLOW
 from .window import QUANTILES, WindowQuery, WindowSnapshot
-from .window_buckets import MEASURES, SUMS, ZERO_KEY, FoldedRows, quantiles_by_group
+from .window_buckets import SUMS, FoldedRows, quantiles_by_group, sum_exprs
 
 log = logging.getLogger("shadowlens.window")
 
@@ -393,9 +393,7 @@ class WindowState:
         # the rows' sums per group, and their exact quantiles; the folded sums are added to the sums
         exact = rows.select(pl.Series("g", g, pl.UInt32), "duration_seconds", "steps", "cost_usd", "refused",
                             "escalated").group_by("g").agg(
-            pl.len().cast(pl.Float64).alias("n"),
-            *[e for m in MEASURES for e in (pl.col(m).count().cast(pl.Float64).alias(f"{m}_known"),
-                                             pl.col(m).cast(pl.Float64).sum().alias(f"{m}_sum"))],
+            *sum_exprs(),
             pl.concat_list([pl.col("duration_seconds").quantile(x, interpolation="linear") for x in QUANTILES]).alias("q"))
         sums = np.zeros((n_groups, len(SUMS)))
         q = np.full((n_groups, len(QUANTILES)), np.nan)
@@ -450,10 +448,7 @@ class WindowState:
         mine = np.isin(g, np.unique(fg))
         d = self._rows["duration_seconds"].to_numpy()
         mine &= ~np.isnan(d)
-        values = d[mine]
-        own = np.full(values.size, ZERO_KEY, np.int64)
-        positive = values > 0
-        own[positive] = self._folded.sketch.keys(values[positive])
+        own = self._folded.keys(d[mine])
         read = quantiles_by_group(np.concatenate([fg, g[mine].astype(np.int64)]), np.concatenate([keys, own]),
                                   np.concatenate([folded.counts, np.ones(own.size, np.int32)]), q.shape[0],
                                   QUANTILES, self._folded.sketch.gamma)
