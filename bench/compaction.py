@@ -30,7 +30,7 @@ from shadowlens.collector.store import compaction
 from shadowlens.collector.store.segments import SegmentLog, segment_path
 
 
-def _segment(directory: str, seg: int, payloads: list[bytes], total: int) -> int:
+def plain_segment(directory: str, seg: int, payloads: list[bytes], total: int) -> int:
     log = SegmentLog(directory, seg, segment_bytes=1 << 40)
     n = 0
     for i in range(total):
@@ -45,7 +45,7 @@ def compress_figures(payloads: list[bytes], levels: list[int], tmp: str) -> list
     src = os.path.join(tmp, "src")
     os.makedirs(src)
     records = len(payloads)
-    _segment(src, 1, payloads, records)
+    plain_segment(src, 1, payloads, records)
     size = os.path.getsize(segment_path(src, 1))
     out = []
     for level in levels:
@@ -61,6 +61,27 @@ def compress_figures(payloads: list[bytes], levels: list[int], tmp: str) -> list
             f"{size / c.seconds / 1e6:,.0f} MB/s ({spans / c.seconds:,.0f} spans/s) incl. fsync and read-back")
         shutil.rmtree(d)
     return out
+
+
+def cpu_per_byte(payloads: list[bytes], level: int, tmp: str, repeats: int = 3) -> float:
+    """CPU seconds serve's compactor spends per byte of payload log (compact_segment: compress, fsync, read
+    back and check), median of ``repeats`` runs in this process on one plain segment of ``payloads``.
+    bench/footprint.py charges it to its paced phases, whose payload stays in the live segment."""
+    src = os.path.join(tmp, "cpu-src")
+    os.makedirs(src)
+    plain_segment(src, 1, payloads, len(payloads))
+    size = os.path.getsize(segment_path(src, 1))
+    costs = []
+    for i in range(repeats):
+        d = os.path.join(tmp, f"cpu-{i}")
+        os.makedirs(d)
+        shutil.copy(segment_path(src, 1), segment_path(d, 1))
+        t0 = time.process_time()
+        compaction.compact_segment(d, 1, level)
+        costs.append((time.process_time() - t0) / size)
+        shutil.rmtree(d)
+    shutil.rmtree(src)
+    return statistics.median(costs)
 
 
 def _compact_forever(src: str, work: str, stop, level: int, idle: bool) -> None:
@@ -109,7 +130,7 @@ def ack_figures(payloads: list[bytes], seconds: float, rounds: int, level: int, 
     src, work, acks = (os.path.join(tmp, n) for n in ("csrc", "cwork", "acks"))
     for d in (src, work, acks):
         os.makedirs(d)
-    _segment(src, 1, payloads, 64)       # ~85 MB: one compaction ~0.3 s, then again
+    plain_segment(src, 1, payloads, 64)       # ~85 MB: one compaction ~0.3 s, then again
     rates: dict[str, list[float]] = {"alone": [], "nice": [], "idle": []}
     ctx = mp.get_context("spawn")
     for r in range(rounds):

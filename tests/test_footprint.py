@@ -67,3 +67,35 @@ def test_gate_figures_read_the_shapes_bench_gate_writes():
     footprint._collect_gate({"windows": [{"traces": 8_000_000, "refresh_s": {"median": 0.02}}]}, found)
     footprint._collect_gate({"traces": 2_000_000, "serve_refresh": {"refresh_s": {"median": 0.011, "n": 7}}}, found)
     assert found == {"cli_s": {"1000000": 0.76}, "refresh_s": {"1000000": 0.004, "8000000": 0.02, "2000000": 0.011}}
+
+
+def test_a_paced_phase_is_charged_the_compression_of_the_payload_it_wrote(monkeypatch):
+    """A paced phase's payload stays in the live segment, compressed only once it is closed: the bench adds
+    the compactor's cost per MB for the bytes the phase acknowledged (2 requests of 512 spans, 1,000 and
+    3,000 bytes: 3.90625 bytes per span)."""
+    from pool import Template
+    import clients
+    pool = [Template(b"x" * 1000, (), (), 512), Template(b"y" * 3000, (), (), 512)]
+    monkeypatch.setattr(clients, "POOL", pool)
+    out = {"paced": {"acked": 1_024_000, "seconds": 40.0, "cores": 0.05},
+           "paced_full": {"acked": 0, "seconds": 40.0, "cores": 0.07}}
+    footprint.charge_compression(out, {"level": 3, "cpu_s_per_mb": 0.01})
+    bytes_per_s = 1_024_000 * (4000 / 1024) / 40.0                 # 100,000 bytes/s
+    assert out["paced"]["payload_bytes_per_s"] == 100_000 == round(bytes_per_s)
+    assert out["paced"]["compression_cores"] == 0.001               # 0.1 MB/s x 0.01 s/MB
+    assert out["paced"]["steady_cores"] == 0.051
+    assert "steady_cores" not in out["paced_full"]                  # nothing acknowledged: nothing to charge
+    s = footprint.summary(out, None)
+    assert s["cpu_paced_steady_cores"] == 0.051 and s["met"]["cpu_paced_steady_cores"] is False
+
+
+def test_compressing_the_payload_log_costs_cpu_per_byte_of_the_real_compactor(tmp_path):
+    """bench/compaction.py's cpu_per_byte runs the product's compact_segment: the segment it compressed is
+    replaced by a .segz, and the cost is a positive CPU time per byte, far below a second per MB."""
+    import compaction as bench_compaction
+    payloads = [bytes(range(256)) * 4000 for _ in range(4)]          # 4 x 1 MB, compressible
+    per_byte = bench_compaction.cpu_per_byte(payloads, 3, str(tmp_path), repeats=1)
+    assert 0 < per_byte * 1e6 < 1.0
+    assert list(tmp_path.iterdir()) == []                            # its segments are gone
+    assert footprint.compression_level({"SHADOWLENS_STORE__COMPRESSION_LEVEL": "0"}) == 0
+    assert footprint.compression_cost(0, str(tmp_path)) == {"level": 0, "cpu_s_per_mb": 0.0}
