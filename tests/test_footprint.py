@@ -73,8 +73,8 @@ def test_a_paced_phase_is_charged_the_compression_of_the_payload_it_wrote(monkey
     """A paced phase's payload stays in the live segment, compressed only once it is closed: the bench adds
     the compactor's cost per MB for the bytes the phase acknowledged (2 requests of 512 spans, 1,000 and
     3,000 bytes: 3.90625 bytes per span)."""
-    from pool import Template
     import clients
+    from pool import Template
     pool = [Template(b"x" * 1000, (), (), 512), Template(b"y" * 3000, (), (), 512)]
     monkeypatch.setattr(clients, "POOL", pool)
     out = {"paced": {"acked": 1_024_000, "seconds": 40.0, "cores": 0.05},
