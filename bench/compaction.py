@@ -41,6 +41,18 @@ def plain_segment(directory: str, seg: int, payloads: list[bytes], total: int) -
     return n
 
 
+def _compact_copy(src: str, work: str, level: int) -> tuple[compaction.Compacted, float]:
+    """compact_segment on a copy of ``src``'s plain segment 1 in the fresh directory ``work`` (removed after);
+    returns what it did and the CPU seconds it took in this process."""
+    os.makedirs(work)
+    shutil.copy(segment_path(src, 1), segment_path(work, 1))
+    t0 = time.process_time()
+    c = compaction.compact_segment(work, 1, level)
+    cpu = time.process_time() - t0
+    shutil.rmtree(work)
+    return c, cpu
+
+
 def compress_figures(payloads: list[bytes], levels: list[int], tmp: str) -> list[dict]:
     src = os.path.join(tmp, "src")
     os.makedirs(src)
@@ -49,17 +61,13 @@ def compress_figures(payloads: list[bytes], levels: list[int], tmp: str) -> list
     size = os.path.getsize(segment_path(src, 1))
     out = []
     for level in levels:
-        d = os.path.join(tmp, f"level{level}")
-        os.makedirs(d)
-        shutil.copy(segment_path(src, 1), segment_path(d, 1))
-        c = compaction.compact_segment(d, 1, level)
+        c, _ = _compact_copy(src, os.path.join(tmp, f"level{level}"), level)
         spans = records * SPANS_PER_REQUEST
         out.append({"level": level, "input_bytes": size, "output_bytes": c.output_bytes,
                     "ratio": round(size / c.output_bytes, 2), "bytes_per_span": round(c.output_bytes / spans, 1),
                     "mb_per_s": round(size / c.seconds / 1e6, 1), "spans_per_s": round(spans / c.seconds)})
         say(f"  level {level}: {size / c.output_bytes:.2f}x, {c.output_bytes / spans:,.0f} B/span compressed, "
             f"{size / c.seconds / 1e6:,.0f} MB/s ({spans / c.seconds:,.0f} spans/s) incl. fsync and read-back")
-        shutil.rmtree(d)
     return out
 
 
@@ -71,15 +79,7 @@ def cpu_per_byte(payloads: list[bytes], level: int, tmp: str, repeats: int = 3) 
     os.makedirs(src)
     plain_segment(src, 1, payloads, len(payloads))
     size = os.path.getsize(segment_path(src, 1))
-    costs = []
-    for i in range(repeats):
-        d = os.path.join(tmp, f"cpu-{i}")
-        os.makedirs(d)
-        shutil.copy(segment_path(src, 1), segment_path(d, 1))
-        t0 = time.process_time()
-        compaction.compact_segment(d, 1, level)
-        costs.append((time.process_time() - t0) / size)
-        shutil.rmtree(d)
+    costs = [_compact_copy(src, os.path.join(tmp, f"cpu-{i}"), level)[1] / size for i in range(repeats)]
     shutil.rmtree(src)
     return statistics.median(costs)
 

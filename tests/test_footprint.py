@@ -90,8 +90,8 @@ def test_a_paced_phase_is_charged_the_compression_of_the_payload_it_wrote(monkey
 
 
 def test_compressing_the_payload_log_costs_cpu_per_byte_of_the_real_compactor(tmp_path):
-    """bench/compaction.py's cpu_per_byte runs the product's compact_segment: the segment it compressed is
-    replaced by a .segz, and the cost is a positive CPU time per byte, far below a second per MB."""
+    """bench/compaction.py's cpu_per_byte runs the product's compact_segment on copies it removes after: the
+    cost is a positive CPU time per byte, far below a second per MB; no compression (level 0) costs nothing."""
     import compaction as bench_compaction
     payloads = [bytes(range(256)) * 4000 for _ in range(4)]          # 4 x 1 MB, compressible
     per_byte = bench_compaction.cpu_per_byte(payloads, 3, str(tmp_path), repeats=1)
